@@ -1,0 +1,370 @@
+"""Every setting mpllama has, as frozen dataclasses, and the strict YAML loader.
+
+Defaults live here and nowhere else: YAML overrides them, the CLI's ``--set`` overrides
+YAML. No torch, no Ray: the driver, the CLI and the tests read settings without either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from .errors import ConfigError
+
+# ---------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The architecture, named exactly as Meta's ``params.json`` names it."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # absent = n_heads (no grouped-query attention)
+    vocab_size: int = -1  # -1 = the tokenizer's
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], source: str = "params.json") -> ModelArgs:
+        if not isinstance(params, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(params).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown key(s) {unknown}; known keys are {sorted(known)}. "
+                "Is this a LLaMA-family params.json (Llama 2, LLaMA-1, Code Llama)?"
+            )
+        args = _build(cls, params, source)
+        args.validate(source)
+        return args
+
+    def validate(self, source: str = "params.json") -> None:
+        for name in ("dim", "n_layers", "n_heads", "multiple_of"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{source}: {name} must be >= 1, got {getattr(self, name)}")
+        if self.n_kv_heads is not None and (
+            self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads
+        ):
+            raise ConfigError(
+                f"{source}: n_kv_heads={self.n_kv_heads} must be >= 1 and divide "
+                f"n_heads={self.n_heads}"
+            )
+        if self.dim % self.n_heads or self.head_dim % 2:
+            raise ConfigError(
+                f"{source}: dim={self.dim} must split into n_heads={self.n_heads} heads of "
+                "even size (rotary embeddings rotate pairs)"
+            )
+        if self.vocab_size != -1 and self.vocab_size < 1:
+            raise ConfigError(f"{source}: vocab_size must be -1 or >= 1, got {self.vocab_size}")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ConfigError(f"{source}: norm_eps and rope_theta must be > 0")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """SwiGLU width as Meta computes it: 2/3 of 4*dim, scaled, rounded up."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def to_params(self) -> dict[str, Any]:
+        """The params.json form (optional keys left out when unset, as Meta's files do)."""
+        out = dataclasses.asdict(self)
+        if out["n_kv_heads"] is None:
+            del out["n_kv_heads"]
+        if out["ffn_dim_multiplier"] is None:
+            del out["ffn_dim_multiplier"]
+        return out
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded (names as vLLM users know them)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # None = derived from the engine seed and the request index
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False  # return the log-probability of each generated token
+    echo: bool = False  # include the prompt in the returned text
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        _check_types(self, "SamplingParams")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed must be >= 0 or None, got {self.seed}")
+        if any(s == "" for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        return dataclasses.replace(self, **changes)
+
+
+# ------------------------------------------------------------------------ run settings
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+BACKENDS = ("auto", "gloo", "nccl")
+PLACEMENT_STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    checkpoint_dir: str = ""
+    tokenizer_path: str | None = None  # None = tokenizer.model beside the shards, or one up
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    model_parallel_size: int | None = None  # None = the checkpoint's shard count
+    backend: str = "auto"  # auto = nccl when the rank has a GPU and torch has NCCL, else gloo
+    placement_strategy: str = "PACK"
+    ray_address: str | None = None  # None = $RAY_ADDRESS, else a local Ray for this run
+    cpus_per_rank: float = 1.0  # also the rank's thread count (Ray sets OMP_NUM_THREADS)
+    gpus_per_rank: float | None = None  # None = 1 when the cluster has GPUs, else 0
+    placement_timeout_s: float = 60.0
+    call_timeout_s: float = 600.0  # longest a rank may take for one batch
+    collective_timeout_s: float = 60.0  # a rank waiting this long on a peer gives up
+    max_restarts: int = 2  # gang rebuilds after a rank failure before giving up
+    restart_backoff_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.model_parallel_size is not None and self.model_parallel_size < 1:
+            raise ConfigError(f"model_parallel_size must be >= 1, got {self.model_parallel_size}")
+        _one_of("backend", self.backend, BACKENDS)
+        _one_of("placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
+        if self.cpus_per_rank <= 0:
+            raise ConfigError(f"cpus_per_rank must be > 0, got {self.cpus_per_rank}")
+        for name in ("placement_timeout_s", "call_timeout_s", "collective_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.max_restarts < 0:
+            raise ConfigError(f"max_restarts must be >= 0, got {self.max_restarts}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "auto"  # auto = cuda when the rank has a GPU, else cpu
+    dtype: str = "auto"  # auto = bf16 (or fp16) on GPU, float32 on CPU
+    max_batch_size: int = 8
+    max_seq_len: int = 512
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        _one_of("device", self.device, DEVICES)
+        _one_of("dtype", self.dtype, DTYPES)
+        if self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_seq_len < 2:
+            raise ConfigError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    input: str | None = None  # JSONL, one request per line
+    output: str | None = None  # JSONL, one result per line, appended as requests finish
+    on_bad_line: str = "stop"  # stop | skip (skipped lines are reported, never silent)
+    progress: bool | None = None  # None = a progress bar only when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        _one_of("on_bad_line", self.on_bad_line, ("stop", "skip"))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One YAML job file: everything a run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    job: JobConfig = field(default_factory=JobConfig)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "parallel": ParallelConfig,
+                             "runtime": RuntimeConfig, "sampling": SamplingParams,
+                             "job": JobConfig}
+PATH_KEYS = {("model", "checkpoint_dir"), ("model", "tokenizer_path"), ("job", "input"),
+             ("job", "output")}
+
+
+def load_run_config(
+    path: str | os.PathLike[str], overrides: list[str] | dict[str, dict[str, Any]] | None = None
+) -> RunConfig:
+    """Read a YAML job file strictly; relative paths resolve from the file's folder.
+
+    ``overrides`` are ``section.key=value`` strings (values parsed as YAML) or a nested
+    dict; they win over the file, and their relative paths resolve from the current folder.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections {sorted(SECTIONS)}")
+    data = _resolve_paths(raw, path.parent.resolve(), str(path))
+    extra = parse_overrides(overrides) if not isinstance(overrides, dict) else overrides or {}
+    for section, values in _resolve_paths(extra, Path.cwd(), "--set").items():
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"{path}: section '{section}' must be a mapping")
+        data[section] = {**data[section], **values}
+    return run_config_from_dict(data, str(path))
+
+
+def run_config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; allowed: {sorted(SECTIONS)}")
+    built = {}
+    for name, cls in SECTIONS.items():
+        section = data.get(name) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: section '{name}' must be a mapping, got {section!r}")
+        built[name] = _build(cls, section, f"{source}: {name}")
+    return RunConfig(**built)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``["runtime.seed=3", "sampling.stop=[\"\\n\"]"]`` -> ``{"runtime": {"seed": 3}, ...}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. runtime.seed=3")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            parsed = value
+        out.setdefault(section, {})[name] = parsed
+    return out
+
+
+# ------------------------------------------------------------------------ checking
+
+
+def _resolve_paths(data: dict[str, Any], base: Path, source: str) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for section, key in PATH_KEYS:
+        value = out.get(section, {}).get(key) if isinstance(out.get(section), dict) else None
+        if isinstance(value, str) and value:
+            expanded = Path(os.path.expanduser(os.path.expandvars(value)))
+            out[section][key] = str(expanded if expanded.is_absolute() else base / expanded)
+    return out
+
+
+def _build(cls: type, values: dict[str, Any], source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; allowed keys: {sorted(allowed)}")
+    kwargs = {k: _coerce(v, hints[k], f"{source}.{k}") for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check a YAML/JSON value against a field's type; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not {_describe(hint)}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return tuple(_coerce(v, typing.get_args(hint)[0], where) for v in value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (str, bool) and type(value) is hint:
+        return value
+    raise ConfigError(f"{where}: {value!r} is not {_describe(hint)}")
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return "a list of strings"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+            type(None): "null"}.get(hint, str(hint))
+
+
+def _check_types(obj: Any, source: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        try:
+            _coerce(getattr(obj, f.name), hints[f.name], f"{source}.{f.name}")
+        except ConfigError as exc:
+            raise TypeError(str(exc)) from None
+        if hints[f.name] is float or typing.get_args(hints[f.name]) == (float, type(None)):
+            value = getattr(obj, f.name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(obj, f.name, float(value))
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")

@@ -1,0 +1,130 @@
+"""Where a rank runs and how ranks talk: device, dtype and backend choice, the
+process group and fairscale's model-parallel state, set up and torn down.
+
+The only module (with config.py) that reads or sets environment variables.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from fairscale.nn.model_parallel import initialize as fs_init
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto``: the rank's GPU when it has one, else the CPU.
+
+    Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so a rank's GPU is cuda:0.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' was asked for but this rank sees no GPU "
+                              "(torch.cuda.is_available() is False); use device: auto or cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+    if device == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"device must be auto, cpu or cuda, got {device!r}")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on GPUs that support it, else fp16 on GPU; float32 on CPU (bf16
+    matrix products are far slower than fp32 on most CPUs)."""
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ConfigError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}") from None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto``: NCCL when the rank has a GPU and torch was built with NCCL, else Gloo."""
+    nccl = dist.is_nccl_available()
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" and nccl else "gloo"
+    if backend == "nccl" and (not nccl or device.type != "cuda"):
+        raise ConfigError(
+            "backend 'nccl' needs a GPU rank and a torch built with NCCL "
+            f"(device={device}, NCCL available={nccl}); use backend: auto or gloo"
+        )
+    if backend not in ("gloo", "nccl"):
+        raise ConfigError(f"backend must be auto, gloo or nccl, got {backend!r}")
+    return backend
+
+
+def interface_for_ip(ip: str) -> str | None:
+    """The network interface that carries ``ip``, so Gloo binds the address Ray uses."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == ip for a in addresses):
+            return name
+    return None
+
+
+def open_store(host: str, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """Rank 0's rendezvous store on ``host`` with a port the OS picks (never a fixed one)."""
+    return dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def init_ranks(rank: int, world_size: int, host: str, port: int, backend: str, node_ip: str,
+               timeout_s: float, store: dist.TCPStore | None = None) -> None:
+    """Join the process group through rank 0's store and set up fairscale's groups."""
+    iface = interface_for_ip(node_ip)
+    if iface is not None:
+        # Gloo (and NCCL's bootstrap) otherwise bind whatever the hostname resolves
+        # to, which on many clusters is loopback or the wrong network.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if store is None:
+        store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timeout)
+    fs_init.initialize_model_parallel(world_size)
+    log.info("rank %d/%d joined via %s:%d (%s, interface %s)", rank, world_size, host, port,
+             backend, iface or "default")
+
+
+def init_single(backend: str = "gloo") -> None:
+    """A one-rank group in this process (tests, and world size 1 without Ray)."""
+    if dist.is_initialized():
+        return
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    fs_init.initialize_model_parallel(1)
+
+
+def teardown() -> None:
+    if fs_init.model_parallel_is_initialized():
+        fs_init.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_from_lead(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank gets model-parallel rank 0's ``tensor`` (in place; returned for chaining)."""
+    if fs_init.get_model_parallel_world_size() > 1:
+        dist.broadcast(tensor, src=fs_init.get_model_parallel_src_rank(),
+                       group=fs_init.get_model_parallel_group())
+    return tensor
+
+
+def set_threads(num_threads: int) -> None:
+    """Match torch's intra-op threads to the CPUs the rank was given."""
+    torch.set_num_threads(max(1, num_threads))

@@ -1,0 +1,180 @@
+"""The Ray side: one placement group and one actor per model-parallel rank, rendezvous
+through rank 0, and the one way the driver talks to ranks, ``call_all``.
+
+Any failure of any rank (an exception, a dead process, a call past its timeout) takes
+the whole gang down: a surviving rank would otherwise sit in its next collective forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .config import ParallelConfig
+from .errors import PlacementError, WorkerError
+from .worker import RankSpec, RankWorker, configure_rank_logging
+
+log = logging.getLogger(__name__)
+
+
+class RankActor(RankWorker):
+    """RankWorker inside a Ray actor: adds what only Ray knows (the node's address)."""
+
+    def __init__(self, rank: int, spec: RankSpec) -> None:
+        configure_rank_logging(rank)
+        super().__init__(rank, spec)
+
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def setup_on_node(self, host: str, port: int) -> dict[str, Any]:
+        return self.setup(host, port, self.node_ip())
+
+
+_RemoteRank = ray.remote(max_restarts=0, max_task_retries=0)(RankActor)
+
+
+class Engine:
+    """A gang of rank actors for one checkpoint. Needs ``ray.init`` to have run."""
+
+    def __init__(self, spec: RankSpec, parallel: ParallelConfig) -> None:
+        self.spec = spec
+        self.parallel = parallel
+        self.world_size = spec.world_size
+        self.actors: list[Any] = []
+        self.pg: Any = None
+        self.rank_info: list[dict[str, Any]] = []
+        self.start()
+
+    # ------------------------------------------------------------------ life cycle
+
+    def bundle(self) -> dict[str, float]:
+        gpus = self.parallel.gpus_per_rank
+        if gpus is None:
+            has_gpu = ray.cluster_resources().get("GPU", 0) > 0 and self.spec.device != "cpu"
+            gpus = 1.0 if has_gpu else 0.0
+        bundle = {"CPU": float(self.parallel.cpus_per_rank)}
+        if gpus:
+            bundle["GPU"] = float(gpus)
+        return bundle
+
+    def start(self) -> None:
+        """Reserve the placement group, start the actors, rendezvous, load the shards."""
+        bundle = self.bundle()
+        strategy = self.parallel.placement_strategy
+        self.pg = placement_group([dict(bundle)] * self.world_size, strategy=strategy)
+        ready, _ = ray.wait([self.pg.ready()], timeout=self.parallel.placement_timeout_s)
+        if not ready:
+            available = {k: v for k, v in ray.available_resources().items()
+                         if k in ("CPU", "GPU", "memory")}
+            self.shutdown()
+            raise PlacementError(
+                f"could not place {self.world_size} rank(s) of {bundle} each ({strategy}) "
+                f"within {self.parallel.placement_timeout_s:g}s; the cluster has {available} "
+                "free. Check `ray status`, lower parallel.cpus_per_rank / gpus_per_rank, "
+                "or use a looser placement_strategy"
+            )
+        # Ray sets OMP_NUM_THREADS from num_cpus; torch's own thread count follows it.
+        threads = max(1, math.floor(self.parallel.cpus_per_rank))
+        spec = self.spec if self.spec.threads == threads else _with_threads(self.spec, threads)
+        self.actors = [
+            _RemoteRank.options(
+                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=rank),
+            ).remote(rank, spec)
+            for rank in range(self.world_size)
+        ]
+        timeout = self.parallel.call_timeout_s
+        host = self.call_one(0, "node_ip", timeout=timeout)
+        port = self.call_one(0, "open_store", host, timeout=timeout)
+        self.rank_info = self.call_all("setup_on_node", host, port, timeout=timeout)
+        log.info("engine up: %d rank(s) %s", self.world_size,
+                 [(i["device"], i["backend"]) for i in self.rank_info])
+
+    def shutdown(self) -> None:
+        """Kill every actor and free the placement group. Safe to call twice."""
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already dead, or Ray is shutting down
+                pass
+        self.actors = []
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+            self.pg = None
+
+    def restart(self) -> None:
+        self.shutdown()
+        self.start()
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.actors)
+
+    # ------------------------------------------------------------------ calls
+
+    def call_one(self, rank: int, method: str, *args: Any, timeout: float | None = None) -> Any:
+        return self._gather({rank: getattr(self.actors[rank], method).remote(*args)}, method,
+                            timeout)[0]
+
+    def call_all(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        """Call ``method`` on every rank; return each rank's result, in rank order.
+
+        The first failure (or the timeout) tears the gang down and raises WorkerError
+        naming the rank and method, with the remote traceback.
+        """
+        if not self.actors:
+            raise WorkerError(f"cannot call {method}: the engine has been shut down",
+                              method=method)
+        refs = {rank: getattr(a, method).remote(*args) for rank, a in enumerate(self.actors)}
+        return self._gather(refs, method, timeout)
+
+    def _gather(self, refs: dict[int, Any], method: str, timeout: float | None) -> list[Any]:
+        timeout = self.parallel.call_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        rank_of = {ref: rank for rank, ref in refs.items()}
+        pending = list(refs.values())
+        results: dict[int, Any] = {}
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1,
+                                      timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                late = sorted(rank_of[r] for r in pending)
+                self.shutdown()
+                raise WorkerError(f"rank(s) {late} did not finish {method} within {timeout:g}s "
+                                  "(parallel.call_timeout_s); the gang was stopped",
+                                  rank=late[0], method=method)
+            for ref in ready:
+                rank = rank_of[ref]
+                try:
+                    results[rank] = ray.get(ref)
+                except (RayTaskError, RayActorError, GetTimeoutError) as exc:
+                    self.shutdown()
+                    raise _worker_error(exc, rank, method) from None
+        return [results[rank] for rank in sorted(results)]
+
+
+def _worker_error(exc: Exception, rank: int, method: str) -> WorkerError:
+    if isinstance(exc, RayTaskError) and not isinstance(exc, RayActorError):
+        cause = getattr(exc, "cause", None) or exc
+        message = f"rank {rank} raised {type(cause).__name__} in {method}: {cause}"
+        return WorkerError(message, rank=rank, method=method, remote_traceback=str(exc))
+    return WorkerError(f"rank {rank} died during {method}: {str(exc).splitlines()[0]}",
+                       rank=rank, method=method, remote_traceback=str(exc))
+
+
+def _with_threads(spec: RankSpec, threads: int) -> RankSpec:
+    from dataclasses import replace
+
+    return replace(spec, threads=threads)

@@ -1,0 +1,233 @@
+"""The LLaMA transformer (Meta's architecture) on fairscale's tensor-parallel layers.
+
+Pure model code: no device strings, no files, no Ray, no sampling. The model is built on
+the meta device and its weights are assigned from a loaded state dict (``materialize``),
+so a rank never allocates a weight it is about to overwrite.
+
+Shapes in comments: B batch rows, T new tokens this call, S cached positions, H local
+heads, K local key/value heads, D head size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+)
+from torch import nn
+
+from .config import ModelArgs
+
+# fairscale 0.4.13 allocates each parallel layer's weight with the legacy torch.Tensor()
+# constructor (which ignores the meta device) and, with more than one rank, initialises
+# a full-size master weight to copy this rank's slice from. Loading a 70B shard that way
+# would allocate and randomise the whole model first. These builders set the attributes
+# the layers' forward() reads and give them meta weights instead; fairscale is pinned
+# and no longer released, so its attribute names are stable.
+
+
+def _meta_weight(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
+
+
+def _bare(cls: type[nn.Module], **attrs: object) -> nn.Module:
+    layer = cls.__new__(cls)
+    nn.Module.__init__(layer)
+    for name, value in attrs.items():
+        setattr(layer, name, value)
+    layer.register_parameter("bias", None) if cls is not ParallelEmbedding else None
+    return layer
+
+
+def column_parallel(in_features: int, out_features: int, gather_output: bool) -> nn.Module:
+    per_rank = out_features // get_model_parallel_world_size()
+    return _bare(ColumnParallelLinear, in_features=in_features, out_features=out_features,
+                 gather_output=gather_output, output_size_per_partition=per_rank,
+                 master_weight=None, weight=_meta_weight(per_rank, in_features))
+
+
+def row_parallel(in_features: int, out_features: int) -> nn.Module:
+    per_rank = in_features // get_model_parallel_world_size()
+    return _bare(RowParallelLinear, in_features=in_features, out_features=out_features,
+                 input_is_parallel=True, input_size_per_partition=per_rank,
+                 master_weight=None, weight=_meta_weight(out_features, per_rank))
+
+
+def parallel_embedding(num_embeddings: int, embedding_dim: int) -> nn.Module:
+    per_rank = embedding_dim // get_model_parallel_world_size()
+    return _bare(ParallelEmbedding, num_embeddings=num_embeddings, embedding_dim=embedding_dim,
+                 padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
+                 sparse=False, _weight=None, embedding_dim_per_partition=per_rank,
+                 weight=_meta_weight(num_embeddings, per_rank))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = _meta_weight(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the model dtype: fp16 squares overflow.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every (position, pair) angle, [max_seq_len, head_dim // 2] float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) as Meta's layout does. x [B,T,H,D]; cos [B,T,D/2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B,T,H,D/2,2]
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        world = get_model_parallel_world_size()
+        self.n_local_heads = args.n_heads // world
+        self.n_local_kv_heads = args.kv_heads // world
+        self.head_dim = args.head_dim
+        self.wq = column_parallel(args.dim, args.n_heads * args.head_dim, gather_output=False)
+        self.wk = column_parallel(args.dim, args.kv_heads * args.head_dim, gather_output=False)
+        self.wv = column_parallel(args.dim, args.kv_heads * args.head_dim, gather_output=False)
+        self.wo = row_parallel(args.n_heads * args.head_dim, args.dim)
+        self.cache_k: torch.Tensor | None = None  # [B_max, S_max, K, D]
+        self.cache_v: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        assert self.cache_k is not None and self.cache_v is not None, "call setup_caches first"
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        # Each row writes its own positions, so rows of a batch can sit at different
+        # lengths; padding beyond a row's length is written too but never attended to.
+        rows = torch.arange(B, device=x.device)[:, None]
+        self.cache_k[rows, positions] = k
+        self.cache_v[rows, positions] = v
+        S = mask.shape[-1]
+        keys = self.cache_k[:B, :S].transpose(1, 2)  # [B,K,S,D]
+        values = self.cache_v[:B, :S].transpose(1, 2)
+        repeat = self.n_local_heads // self.n_local_kv_heads
+        if repeat > 1:  # grouped-query attention: each K/V head serves `repeat` query heads
+            keys = keys.repeat_interleave(repeat, dim=1)
+            values = values.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.w1 = column_parallel(args.dim, args.ffn_dim, gather_output=False)
+        self.w2 = row_parallel(args.ffn_dim, args.dim)
+        self.w3 = column_parallel(args.dim, args.ffn_dim, gather_output=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), positions, cos, sin, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Built on the meta device; ``materialize`` gives it weights, ``setup_caches`` a cache.
+
+    Needs fairscale's model-parallel state to be initialised (world size 1 included).
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        if args.vocab_size < 1:
+            raise ValueError("ModelArgs.vocab_size must be resolved (take the tokenizer's)")
+        self.args = args
+        self.tok_embeddings = parallel_embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = column_parallel(args.dim, args.vocab_size, gather_output=True)
+        self.max_batch_size = 0
+        self.max_seq_len = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.output.weight.device
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Allocate the KV cache and RoPE tables on the weights' device and dtype."""
+        weight = self.output.weight
+        if weight.is_meta:
+            raise RuntimeError("materialize() the weights before setup_caches()")
+        for layer in self.layers:
+            attn = layer.attention
+            shape = (max_batch_size, max_seq_len, attn.n_local_kv_heads, attn.head_dim)
+            attn.cache_k = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
+            attn.cache_v = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
+        self.rope_cos, self.rope_sin = rope_tables(self.args.head_dim, max_seq_len,
+                                                   self.args.rope_theta, weight.device)
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: torch.Tensor,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Run T new tokens per row and return float32 logits.
+
+        tokens [B,T]; start_pos [B], each row's first new position (its cached length);
+        logits_at [B] (optional), the one index in 0..T-1 per row whose logits are wanted.
+        Returns [B,T,V], or [B,V] with ``logits_at``.
+        """
+        B, T = tokens.shape
+        if B > self.max_batch_size or T > self.max_seq_len:
+            raise ValueError(f"batch {B}x{T} exceeds the cache "
+                             f"{self.max_batch_size}x{self.max_seq_len}")
+        positions = start_pos[:, None] + torch.arange(T, device=tokens.device)  # [B,T]
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B,T,D/2]
+        S = int(positions.max()) + 1
+        # A query at position p sees keys at positions <= p of its own row: [B,1,T,S].
+        mask = (torch.arange(S, device=tokens.device) <= positions[:, :, None])[:, None]
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, positions, cos, sin, mask)
+        if logits_at is not None:
+            h = h[torch.arange(B, device=h.device), logits_at]  # [B,dim]
+        return self.output(self.norm(h)).float()
+
+
+def materialize(model: Transformer, state: dict[str, torch.Tensor], device: torch.device,
+                dtype: torch.dtype) -> Transformer:
+    """Assign loaded weights into a meta-built model, moving only what must move.
+
+    Tensors already on ``device`` in ``dtype`` (e.g. memory-mapped shards) are used as
+    they are, so nothing is allocated twice. Keys must match exactly.
+    """
+    moved = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(moved, strict=True, assign=True)
+    return model.eval()
