@@ -75,6 +75,7 @@ class RankWorker:
         # Every rank seeded alike (the lead's choices are what count, but any randomness
         # a rank uses on its own must not make it differ from the others).
         torch.manual_seed(spec.seed)
+        rss_before = peak_rss_mb()
         shards = checkpoint.find_shards(spec.checkpoint_dir)
         state = checkpoint.load_rank_state(shards, spec.args, self.rank, spec.world_size)
         self.model = materialize(Transformer(spec.args), state, device, dtype)
@@ -82,6 +83,7 @@ class RankWorker:
         self.model.setup_caches(spec.max_batch_size, spec.max_seq_len)
         info = {"rank": self.rank, "device": str(device), "dtype": str(dtype).split(".")[-1],
                 "backend": backend, "load_s": round(time.perf_counter() - started, 3),
+                "load_rss_mb": round(peak_rss_mb() - rss_before, 1),
                 "peak_rss_mb": peak_rss_mb(), "pid": os.getpid()}
         log.info("ready: %s", info)
         return info

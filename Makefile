@@ -1,0 +1,41 @@
+# mpllama developer tasks. On a fresh machine: `make run` (the demo), `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Tests run on local Ray with auth off; real clusters keep Ray's token auth on.
+TEST_ENV := RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+
+.PHONY: install test run bench lint soak clean
+
+# Create .venv in the repo and install mpllama editable with its test and cluster extras.
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# Run the whole test suite (CPU, Gloo, one shared local Ray; a few minutes on 2 cores).
+test: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -q
+
+# The demo: make the tiny 2-shard checkpoint if missing, run configs/jobs/demo.yaml on two ranks.
+run: $(STAMP)
+	$(TEST_ENV) $(VENV)/bin/mpllama run configs/jobs/demo.yaml
+
+# Speed and memory benchmarks, printed as ratios against baselines from the same run.
+bench: $(STAMP)
+	$(TEST_ENV) $(PY) benchmarks/bench.py
+
+# Lint and format check with ruff.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mpllama tests benchmarks launch
+	$(VENV)/bin/ruff format --check mpllama tests benchmarks launch
+
+# The slow soak test: thousands of requests while ranks are killed at random.
+soak: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -q -m slow
+
+# Remove the venv, the demo checkpoint and caches.
+clean:
+	rm -rf $(VENV) demo .pytest_cache .ruff_cache

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny checkpoints made by the project's own writer, one local Ray
+runtime for the whole session, and a one-rank process group for in-process model tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Tests that start their own Ray cluster run last, after the shared runtime's users.
+    items.sort(key=lambda item: item.get_closest_marker("own_ray") is not None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "own_ray: starts its own Ray runtime; runs last")
+
+
+@pytest.fixture(scope="session")
+def ckpt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ckpt")
+
+
+def _make(root: Path, name: str, parts: int) -> Path:
+    from mpllama.checkpoint import init_checkpoint
+
+    out = root / name
+    if not (out / "params.json").exists():
+        init_checkpoint(out, "tiny", parts=parts, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(ckpt_root: Path) -> Path:
+    """The tiny preset (GQA, 2 layers), sharded 2 ways, with its own tokenizer."""
+    return _make(ckpt_root, "tiny2", 2)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpts(ckpt_root: Path) -> dict[int, Path]:
+    """The same weights sharded 1, 2 and 4 ways."""
+    return {n: _make(ckpt_root, f"tiny{n}", n) for n in (1, 2, 4)}
+
+
+@pytest.fixture(scope="session")
+def single_rank() -> None:
+    """A one-rank Gloo group with fairscale state, for in-process model tests."""
+    from mpllama import dist
+
+    dist.init_single("gloo")
+
+
+@pytest.fixture(scope="session")
+def ray_runtime():
+    """The session's local Ray runtime, started on first use (ray.init costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
+    return ray

@@ -1,0 +1,61 @@
+"""Test helpers shared by several test files (imported as `from helpers import ...`)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from mpllama import checkpoint
+from mpllama.config import ModelArgs
+
+PROMPTS = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "a",
+    "Numbers 12345 and 你好 🦙",
+]
+
+
+def make_checkpoint(
+    out: Path, args: ModelArgs, tokenizer_from: Path, parts: int = 1, seed: int = 0
+) -> Path:
+    """A random checkpoint with custom ModelArgs, borrowing an existing tokenizer."""
+    if not (out / "params.json").exists():
+        shutil.copy(tokenizer_from / "tokenizer.model", out.mkdir(parents=True) or out)
+        checkpoint.write_checkpoint(out, args, checkpoint.random_state(args, seed), parts)
+    return out
+
+
+def full_state(ckpt: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    args = checkpoint.read_params(ckpt)
+    return args, checkpoint.load_rank_state(checkpoint.find_shards(ckpt), args, 0, 1)
+
+
+def hf_model(ckpt: Path):
+    """transformers' LlamaForCausalLM (fp32, eager attention) on the checkpoint's weights."""
+    from transformers import LlamaForCausalLM
+
+    from mpllama.convert import hf_config, meta_to_hf
+
+    args, state = full_state(ckpt)
+    model = LlamaForCausalLM(hf_config(args))
+    model.load_state_dict(meta_to_hf(state, args), strict=True)
+    model.set_attn_implementation("eager")
+    return model.float().eval()
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt_ids: list[int], max_new: int) -> tuple[list[int], list[float]]:
+    """Greedy continuation and its log-probs, recomputing the whole sequence each step
+    (no cache): an independent path from mpllama's KV-cached, batched loop."""
+    seq = list(prompt_ids)
+    tokens, logprobs = [], []
+    for _ in range(max_new):
+        logits = model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+        token = int(logits.argmax())
+        tokens.append(token)
+        logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+        seq.append(token)
+    return tokens, logprobs
