@@ -35,7 +35,8 @@ class RankActor(RankWorker):
         return ray.util.get_node_ip_address()
 
     def setup_on_node(self, host: str, port: int) -> dict[str, Any]:
-        return self.setup(host, port, self.node_ip())
+        info = self.setup(host, port, self.node_ip())
+        return {**info, "node_id": ray.get_runtime_context().get_node_id()}
 
 
 _RemoteRank = ray.remote(max_restarts=0, max_task_retries=0)(RankActor)

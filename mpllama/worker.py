@@ -49,6 +49,7 @@ class RankWorker:
         self.model: Transformer | None = None
         self.tokenizer = Tokenizer.from_bytes(spec.tokenizer_proto)
         self._store: Any = None
+        self._rss_before_load = 0.0
 
     # --------------------------------------------------------------- set-up
 
@@ -75,7 +76,7 @@ class RankWorker:
         # Every rank seeded alike (the lead's choices are what count, but any randomness
         # a rank uses on its own must not make it differ from the others).
         torch.manual_seed(spec.seed)
-        rss_before = peak_rss_mb()
+        self._rss_before_load = peak_rss_mb()
         shards = checkpoint.find_shards(spec.checkpoint_dir)
         state = checkpoint.load_rank_state(shards, spec.args, self.rank, spec.world_size)
         self.model = materialize(Transformer(spec.args), state, device, dtype)
@@ -83,7 +84,7 @@ class RankWorker:
         self.model.setup_caches(spec.max_batch_size, spec.max_seq_len)
         info = {"rank": self.rank, "device": str(device), "dtype": str(dtype).split(".")[-1],
                 "backend": backend, "load_s": round(time.perf_counter() - started, 3),
-                "load_rss_mb": round(peak_rss_mb() - rss_before, 1),
+                "rss_before_load_mb": self._rss_before_load,
                 "peak_rss_mb": peak_rss_mb(), "pid": os.getpid()}
         log.info("ready: %s", info)
         return info
@@ -102,7 +103,10 @@ class RankWorker:
         return self.rank
 
     def memory(self) -> dict[str, float]:
-        return {"peak_rss_mb": peak_rss_mb()}
+        """Peak resident memory, and how much of it came after the process had started
+        (weights actually touched, KV cache, activations)."""
+        peak = peak_rss_mb()
+        return {"peak_rss_mb": peak, "growth_mb": round(peak - self._rss_before_load, 1)}
 
     def shutdown(self) -> None:
         self.model = None

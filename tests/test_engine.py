@@ -100,3 +100,21 @@ def test_prompt_token_ids_chat_and_per_prompt_params(llm2: LLM) -> None:
     assert len(chat.token_ids) == GREEDY.max_tokens
     echoed = llm2.generate(PROMPTS[0], GREEDY.replace(echo=True))[0]
     assert echoed.text == PROMPTS[0] + by_text.text
+
+
+def test_each_rank_holds_about_half_the_model_at_mp2(
+    ckpt_root: Path, tiny_ckpt: Path, ray_runtime
+) -> None:
+    from helpers import make_checkpoint
+
+    from mpllama.checkpoint import PRESETS, full_shapes
+
+    args = PRESETS["small"].__class__(**{**PRESETS["small"].__dict__, "vocab_size": 512})
+    ckpt = make_checkpoint(ckpt_root / "small2", args, tiny_ckpt, parts=2)
+    full_mb = sum(torch.Size(s).numel() for s in full_shapes(args).values()) * 4 / 2**20
+    with LLM(ckpt, cpus_per_rank=0.5, max_seq_len=32, max_batch_size=1) as llm:
+        llm.generate("touch every weight", SamplingParams(temperature=0, max_tokens=2))
+        growth = [m["growth_mb"] for m in llm.engine.call_all("memory")]
+    # Each rank touched its half (plus cache and activations), never the whole model.
+    for rank_mb in growth:
+        assert 0.3 * full_mb < rank_mb < 0.75 * full_mb, (growth, full_mb)
