@@ -1,0 +1,63 @@
+"""Device, dtype and backend choice, and the interface Gloo binds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mpllama import dist
+from mpllama.errors import ConfigError
+
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none"
+)
+
+
+def test_auto_on_a_cpu_machine_is_cpu_float32_gloo() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; see the gpu-marked test")
+    device = dist.resolve_device("auto")
+    assert device == torch.device("cpu")
+    assert dist.resolve_dtype("auto", device) is torch.float32
+    assert dist.resolve_backend("auto", device) == "gloo"
+
+
+def test_explicit_dtypes_and_errors() -> None:
+    cpu = torch.device("cpu")
+    assert dist.resolve_dtype("bfloat16", cpu) is torch.bfloat16
+    assert dist.resolve_dtype("float16", cpu) is torch.float16
+    with pytest.raises(ConfigError, match="dtype must be one of"):
+        dist.resolve_dtype("float64", cpu)
+
+
+def test_nccl_on_a_cpu_rank_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="backend 'nccl' needs a GPU rank"):
+        dist.resolve_backend("nccl", torch.device("cpu"))
+    assert dist.resolve_backend("gloo", torch.device("cpu")) == "gloo"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="sees no GPU"):
+        dist.resolve_device("cuda")
+
+
+def test_interface_for_ip_finds_loopback_and_nothing_for_unknown() -> None:
+    assert dist.interface_for_ip("127.0.0.1") is not None
+    assert dist.interface_for_ip("203.0.113.254") is None
+
+
+def test_store_port_is_chosen_by_the_os() -> None:
+    a = dist.open_store("127.0.0.1", 2, 5.0)
+    b = dist.open_store("127.0.0.1", 2, 5.0)
+    assert a.port > 0 and b.port > 0 and a.port != b.port
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_auto_on_a_gpu_is_cuda_bf16_or_fp16_nccl() -> None:
+    device = dist.resolve_device("auto")
+    assert device.type == "cuda"
+    assert dist.resolve_dtype("auto", device) in (torch.bfloat16, torch.float16)
+    expected = "nccl" if torch.distributed.is_nccl_available() else "gloo"
+    assert dist.resolve_backend("auto", device) == expected
