@@ -39,7 +39,6 @@ def _bare(cls: type[nn.Module], **attrs: object) -> nn.Module:
     nn.Module.__init__(layer)
     for name, value in attrs.items():
         setattr(layer, name, value)
-    layer.register_parameter("bias", None) if cls is not ParallelEmbedding else None
     return layer
 
 
@@ -47,14 +46,14 @@ def column_parallel(in_features: int, out_features: int, gather_output: bool) ->
     per_rank = out_features // get_model_parallel_world_size()
     return _bare(ColumnParallelLinear, in_features=in_features, out_features=out_features,
                  gather_output=gather_output, output_size_per_partition=per_rank,
-                 master_weight=None, weight=_meta_weight(per_rank, in_features))
+                 master_weight=None, weight=_meta_weight(per_rank, in_features), bias=None)
 
 
 def row_parallel(in_features: int, out_features: int) -> nn.Module:
     per_rank = in_features // get_model_parallel_world_size()
     return _bare(RowParallelLinear, in_features=in_features, out_features=out_features,
                  input_is_parallel=True, input_size_per_partition=per_rank,
-                 master_weight=None, weight=_meta_weight(out_features, per_rank))
+                 master_weight=None, weight=_meta_weight(out_features, per_rank), bias=None)
 
 
 def parallel_embedding(num_embeddings: int, embedding_dim: int) -> nn.Module:
