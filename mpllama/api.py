@@ -25,8 +25,9 @@ from .config import (
     RuntimeConfig,
     SamplingParams,
     load_run_config,
+    ray_address_from_env,
 )
-from .errors import ConfigError, PromptError, WorkerError
+from .errors import CheckpointError, ConfigError, PlacementError, PromptError, WorkerError
 from .generate import Completion, Request
 from .tokenizer import Dialog, Tokenizer, encode_dialog
 from .worker import RankSpec
@@ -94,6 +95,7 @@ class LLM:
         world = parallel.model_parallel_size or len(shards)
         checkpoint.check_model_parallel(self.args, world)
         checkpoint.shard_plan(len(shards), world)
+        _check_shards(shards, self.args)
         self.world_size = world
         self.spec = RankSpec(
             checkpoint_dir=str(Path(model.checkpoint_dir).resolve()), args=self.args,
@@ -110,6 +112,7 @@ class LLM:
             self.close()
             raise
         _LIVE.add(self)
+        _close_at_exit()
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str],
@@ -126,15 +129,17 @@ class LLM:
         if ray.is_initialized():
             return  # the caller's runtime: use it, leave it running
         address = self.config.parallel.ray_address
-        if address is None and os.environ.get("RAY_ADDRESS"):
-            address = os.environ["RAY_ADDRESS"]
+        if address is None:
+            address = ray_address_from_env()
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
             # A local runtime sized for the gang, even on a laptop with fewer cores: a
             # rank's CPUs are a scheduling share, not a hard reservation.
             need = math.ceil(self.world_size * self.config.parallel.cpus_per_rank)
-            ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
+            # address="local": never attach to a cluster `ray start` left on this machine.
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need),
+                     include_dashboard=False,
                      logging_level=logging.WARNING)
         self._owns_ray = True
 
@@ -228,7 +233,7 @@ class LLM:
                 if not self.engine.alive:
                     self.engine.start()
                 return self.engine.call_all("generate", batch)[0]
-            except WorkerError as exc:
+            except (WorkerError, PlacementError) as exc:
                 if attempt == parallel.max_restarts:
                     raise
                 delay = parallel.restart_backoff_s * 2 ** attempt
@@ -236,6 +241,11 @@ class LLM:
                             str(exc).splitlines()[0], delay, attempt + 1, parallel.max_restarts)
                 self.engine.shutdown()
                 time.sleep(delay)
+            except BaseException:
+                # Ctrl-C (or any error of ours) mid-batch: the ranks would go on computing
+                # a batch nobody reads and delay the next call; stop them, rebuild later.
+                self.engine.shutdown()
+                raise
         raise AssertionError("unreachable")
 
     def _output(self, index: int, prompt: str | None, request: Request,
@@ -288,6 +298,27 @@ def _inspect_checkpoint(checkpoint_dir: str, tokenizer_path: str | None
     return tokenizer, args, shards
 
 
+def _check_shards(shards: list[Path], args: ModelArgs) -> None:
+    """Every shard's keys and shapes, read on the driver before any actor starts.
+
+    Shards are memory-mapped, so this reads the pickled index of each file, not the
+    weights: milliseconds even for a 70B checkpoint. A truncated file, one that would
+    run code, or one that does not match params.json fails here, with the same
+    CheckpointError the rank would raise.
+    """
+    expected = checkpoint.shard_shapes(args, len(shards))
+    for path in shards:
+        state = checkpoint.load_shard(path)
+        try:
+            checkpoint.check_state(state, expected, str(path))
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"{exc}. The shards were written for another model or are damaged: "
+                "re-download or re-convert the checkpoint (mpllama convert / reshard)"
+            ) from None
+        del state
+
+
 def _per_request(sampling_params: SamplingParams | Sequence[SamplingParams] | None,
                  n: int) -> list[SamplingParams]:
     if sampling_params is None:
@@ -327,10 +358,20 @@ def _derive_seed(engine_seed: int, index: int) -> int:
 _LIVE: weakref.WeakSet[LLM] = weakref.WeakSet()
 
 
-@atexit.register
 def _close_all() -> None:
     for llm in list(_LIVE):
         try:
             llm.close()
         except Exception:
             pass
+
+
+def _close_at_exit() -> None:
+    """(Re-)register ``_close_all`` so it runs before Ray's own exit hook: atexit runs
+    the last registered first, and Ray registers its hook when first imported, which
+    may be after mpllama was. Closing after Ray has shut down could not kill anything."""
+    atexit.unregister(_close_all)
+    atexit.register(_close_all)
+
+
+atexit.register(_close_all)

@@ -229,6 +229,12 @@ PATH_KEYS = {("model", "checkpoint_dir"), ("model", "tokenizer_path"), ("job", "
              ("job", "output")}
 
 
+def ray_address_from_env() -> str | None:
+    """The cluster a run joins when no ray_address is configured: $RAY_ADDRESS, as with
+    Ray's own tools (``ray job submit`` sets it for the jobs it starts)."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
 def load_run_config(
     path: str | os.PathLike[str], overrides: list[str] | dict[str, dict[str, Any]] | None = None
 ) -> RunConfig:

@@ -61,5 +61,5 @@ def ray_runtime():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING")
     return ray
