@@ -87,16 +87,18 @@ def shard_shapes(args: ModelArgs, parts: int) -> dict[str, tuple[int, ...]]:
 
 def check_model_parallel(args: ModelArgs, size: int) -> None:
     """Raise ConfigError unless ``size`` ranks can split every sharded dimension evenly."""
+    if size < 1:
+        raise ConfigError(f"model_parallel_size={size}: it must be >= 1")
     dims = {"n_heads": args.n_heads, "n_kv_heads": args.kv_heads, "FFN width": args.ffn_dim,
             "dim": args.dim}
     if args.vocab_size > 0:
         dims["vocab_size"] = args.vocab_size
     bad = [f"{name}={value}" for name, value in dims.items() if value % size]
-    if size < 1 or bad:
+    if bad:
         fits = [n for n in range(1, args.n_heads + 1)
                 if all(v % n == 0 for v in dims.values())]
         raise ConfigError(
-            f"model_parallel_size={size} does not divide {', '.join(bad) or 'anything'}; "
+            f"model_parallel_size={size} does not divide {', '.join(bad)}; "
             f"sizes that fit this model: {fits}"
         )
 

@@ -257,7 +257,8 @@ def load_run_config(
     data = _resolve_paths(raw, path.parent.resolve(), str(path))
     extra = parse_overrides(overrides) if not isinstance(overrides, dict) else overrides or {}
     for section, values in _resolve_paths(extra, Path.cwd(), "--set").items():
-        data.setdefault(section, {})
+        if data.get(section) is None:  # "sampling:" with nothing under it
+            data[section] = {}
         if not isinstance(data[section], dict):
             raise ConfigError(f"{path}: section '{section}' must be a mapping")
         data[section] = {**data[section], **values}
@@ -283,7 +284,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, dict[str, Any]]:
     for item in items or []:
         key, sep, value = item.partition("=")
         section, dot, name = key.strip().partition(".")
-        if not sep or not dot or not name:
+        if not sep or not dot or not section or not name:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. runtime.seed=3")
         try:
             parsed = yaml.safe_load(value) if value.strip() else None

@@ -1,0 +1,493 @@
+"""Shard-axis table, shape maths at real sizes, resharding N shards onto M ranks, strict
+checks on untrusted checkpoint folders, params.json and tokenizer discovery."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpllama import checkpoint
+from mpllama.checkpoint import (
+    PRESETS,
+    SHARD_AXES,
+    check_model_parallel,
+    find_shards,
+    find_tokenizer,
+    full_shapes,
+    load_rank_state,
+    load_shard,
+    read_params,
+    resolve_vocab,
+    shard_axis,
+    shard_plan,
+    shard_shapes,
+)
+from mpllama.config import ModelArgs
+from mpllama.errors import CheckpointError, ConfigError
+
+LLAMA2_70B = ModelArgs(
+    dim=8192,
+    n_layers=80,
+    n_heads=64,
+    n_kv_heads=8,
+    vocab_size=32000,
+    multiple_of=4096,
+    ffn_dim_multiplier=1.3,
+    norm_eps=1e-5,
+)
+COLUMN = (
+    "attention.wq.weight",
+    "attention.wk.weight",
+    "attention.wv.weight",
+    "feed_forward.w1.weight",
+    "feed_forward.w3.weight",
+    "output.weight",
+)
+ROW = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
+REPLICATED = ("norm.weight", "attention_norm.weight", "ffn_norm.weight")
+
+
+def tiny_args() -> ModelArgs:
+    return replace(PRESETS["tiny"], vocab_size=512)
+
+
+# ----------------------------------------------------------------- shard-axis table
+
+
+def test_every_weight_has_an_axis() -> None:
+    for args in (tiny_args(), LLAMA2_70B):
+        for key in full_shapes(args):
+            shard_axis(key)  # raises KeyError for a key the table lacks
+    assert set(SHARD_AXES) == set(COLUMN + ROW + REPLICATED)
+
+
+def test_axes_at_70b() -> None:
+    seen = {0: 0, 1: 0, None: 0}
+    for key in full_shapes(LLAMA2_70B):
+        name = key.split(".", 2)[-1] if key.startswith("layers.") else key
+        expected = 0 if name in COLUMN else 1 if name in ROW else None
+        assert name in COLUMN + ROW + REPLICATED, key
+        assert shard_axis(key) == expected, key
+        seen[expected] += 1
+    assert seen == {0: 5 * 80 + 1, 1: 2 * 80 + 1, None: 2 * 80 + 1}
+
+
+def test_unknown_weight_is_a_key_error() -> None:
+    with pytest.raises(KeyError, match="rope.freqs"):
+        shard_axis("rope.freqs")
+    with pytest.raises(KeyError, match="layers.0.attention.wqkv.weight"):
+        shard_axis("layers.0.attention.wqkv.weight")
+
+
+def test_full_shapes_tiny() -> None:
+    args = tiny_args()  # dim 128, 8 heads of 16, 4 kv heads, ffn 352
+    shapes = full_shapes(args)
+    assert len(shapes) == 2 + 9 * args.n_layers + 1
+    assert list(shapes)[0] == "tok_embeddings.weight" and list(shapes)[-1] == "output.weight"
+    assert shapes["tok_embeddings.weight"] == (512, 128)
+    assert shapes["layers.1.attention.wq.weight"] == (128, 128)
+    assert shapes["layers.1.attention.wk.weight"] == (64, 128)
+    assert shapes["layers.1.attention.wv.weight"] == (64, 128)
+    assert shapes["layers.1.attention.wo.weight"] == (128, 128)
+    assert shapes["layers.0.feed_forward.w1.weight"] == (args.ffn_dim, 128) == (352, 128)
+    assert shapes["layers.0.feed_forward.w2.weight"] == (128, 352)
+    assert shapes["norm.weight"] == (128,)
+
+
+def test_shard_shapes_llama2_70b_mp8_is_pure_shape_maths() -> None:
+    # 70B is ~69e9 parameters: this must not allocate a single weight.
+    shapes = shard_shapes(LLAMA2_70B, 8)
+    assert len(shapes) == 3 + 9 * 80
+    expected = {
+        "tok_embeddings.weight": (32000, 1024),
+        "output.weight": (4000, 8192),
+        "norm.weight": (8192,),
+        "layers.0.attention.wq.weight": (1024, 8192),
+        "layers.0.attention.wk.weight": (128, 8192),  # 8 kv heads / 8 ranks = 1 head
+        "layers.0.attention.wv.weight": (128, 8192),
+        "layers.0.attention.wo.weight": (8192, 1024),
+        "layers.79.feed_forward.w1.weight": (3584, 8192),
+        "layers.79.feed_forward.w2.weight": (8192, 3584),
+        "layers.79.feed_forward.w3.weight": (3584, 8192),
+        "layers.79.attention_norm.weight": (8192,),
+        "layers.79.ffn_norm.weight": (8192,),
+    }
+    for key, shape in expected.items():
+        assert shapes[key] == shape, key
+    full = full_shapes(LLAMA2_70B)
+    n_full = sum(_numel(s) for s in full.values())
+    assert 68.9e9 < n_full < 69.1e9  # the published 70B size
+    # Eight shards hold the whole model once, plus the replicated norms seven more times.
+    norms = sum(_numel(s) for k, s in full.items() if shard_axis(k) is None)
+    assert 8 * sum(_numel(s) for s in shapes.values()) == n_full + 7 * norms
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# --------------------------------------------------------------- check_model_parallel
+
+
+@pytest.mark.parametrize("size", [1, 2, 4, 8])
+def test_model_parallel_sizes_that_fit_70b(size: int) -> None:
+    check_model_parallel(LLAMA2_70B, size)
+
+
+@pytest.mark.parametrize(
+    "args, size, names, fits",
+    [
+        (LLAMA2_70B, 3, ["n_heads=64", "n_kv_heads=8"], [1, 2, 4, 8]),
+        (LLAMA2_70B, 16, ["n_kv_heads=8"], [1, 2, 4, 8]),
+        (tiny_args(), 8, ["n_kv_heads=4"], [1, 2, 4]),
+        (tiny_args(), 3, ["n_heads=8", "n_kv_heads=4"], [1, 2, 4]),
+    ],
+)
+def test_model_parallel_errors_list_sizes_that_fit(
+    args: ModelArgs, size: int, names: list[str], fits: list[int]
+) -> None:
+    with pytest.raises(ConfigError, match=f"model_parallel_size={size}") as info:
+        check_model_parallel(args, size)
+    message = str(info.value)
+    for name in names:
+        assert name in message
+    assert f"sizes that fit this model: {fits}" in message
+
+
+@pytest.mark.parametrize("size", [0, -2])
+def test_model_parallel_size_below_one(size: int) -> None:
+    with pytest.raises(ConfigError, match=f"model_parallel_size={size}"):
+        check_model_parallel(tiny_args(), size)
+
+
+# ------------------------------------------------------------------------ shard_plan
+
+
+@pytest.mark.parametrize(
+    "shards, world, plan",
+    [
+        (1, 1, [([0], 0, 1)]),
+        (1, 2, [([0], 0, 2), ([0], 1, 2)]),
+        (1, 4, [([0], 0, 4), ([0], 1, 4), ([0], 2, 4), ([0], 3, 4)]),
+        (2, 4, [([0], 0, 2), ([0], 1, 2), ([1], 0, 2), ([1], 1, 2)]),
+        (4, 2, [([0, 1], 0, 1), ([2, 3], 0, 1)]),
+        (4, 1, [([0, 1, 2, 3], 0, 1)]),
+        (2, 1, [([0, 1], 0, 1)]),
+        (2, 2, [([0], 0, 1), ([1], 0, 1)]),
+    ],
+)
+def test_shard_plan(shards: int, world: int, plan: list) -> None:
+    assert shard_plan(shards, world) == plan
+
+
+@pytest.mark.parametrize("shards, world", [(2, 3), (4, 3), (3, 2), (4, 6)])
+def test_shard_plan_refuses_incompatible(shards: int, world: int) -> None:
+    with pytest.raises(ConfigError, match=f"{shards} shard.*onto {world} rank") as info:
+        shard_plan(shards, world)
+    assert "reshard" in str(info.value)
+
+
+# ------------------------------------------------------------------- load_rank_state
+
+
+@pytest.fixture(scope="module")
+def full_state(tiny_ckpts: dict[int, Path]) -> dict[str, torch.Tensor]:
+    one = tiny_ckpts[1]
+    return load_rank_state(find_shards(one), read_params(one), 0, 1)
+
+
+def test_writer_matches_random_state(
+    full_state: dict[str, torch.Tensor], tiny_ckpts: dict[int, Path]
+) -> None:
+    args = read_params(tiny_ckpts[1])
+    assert args == tiny_args()
+    expected = checkpoint.random_state(args, seed=0)
+    assert list(full_state) == list(expected)
+    for key, value in expected.items():
+        assert torch.equal(full_state[key], value), key
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4])
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_ranks_together_hold_the_full_state(
+    tiny_ckpts: dict[int, Path], shards: int, world: int, full_state: dict[str, torch.Tensor]
+) -> None:
+    folder = tiny_ckpts[shards]
+    args = read_params(folder)
+    files = find_shards(folder)
+    assert len(files) == shards
+    ranks = [load_rank_state(files, args, r, world) for r in range(world)]
+    per_rank = shard_shapes(args, world)
+    for key, full in full_state.items():
+        for r, state in enumerate(ranks):
+            assert tuple(state[key].shape) == per_rank[key], (key, r)
+            assert state[key].dtype == full.dtype
+        axis = shard_axis(key)
+        if axis is None:
+            for state in ranks:
+                assert torch.equal(state[key], full), key
+        else:
+            joined = torch.cat([state[key] for state in ranks], dim=axis)
+            assert torch.equal(joined, full), key
+    assert all(set(state) == set(full_state) for state in ranks)
+
+
+def test_resharded_slices_do_not_pin_the_whole_shard(tiny_ckpts: dict[int, Path]) -> None:
+    # A rank's slice is its own tensor, not a view keeping the full mapped shard alive.
+    folder = tiny_ckpts[1]
+    state = load_rank_state(find_shards(folder), read_params(folder), 1, 4)
+    w = state["layers.0.feed_forward.w2.weight"]
+    assert w.is_contiguous()
+    assert w.untyped_storage().nbytes() == w.numel() * w.element_size()
+
+
+# ------------------------------------------------------------------- strict checks
+
+
+def copy_checkpoint(
+    src: Path,
+    dst: Path,
+    shards: list[dict[str, torch.Tensor]] | None = None,
+    params: str | None = None,
+) -> Path:
+    """``src``'s params.json and tokenizer, with ``shards`` (default: src's own) saved."""
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "tokenizer.model", dst / "tokenizer.model")
+    if params is None:
+        shutil.copy(src / "params.json", dst / "params.json")
+    else:
+        (dst / "params.json").write_text(params)
+    if shards is None:
+        for path in find_shards(src):
+            shutil.copy(path, dst / path.name)
+    else:
+        for i, shard in enumerate(shards):
+            torch.save(shard, dst / f"consolidated.{i:02d}.pth")
+    return dst
+
+
+def load_all(folder: Path, world: int = 1) -> None:
+    args = read_params(folder)
+    for r in range(world):
+        load_rank_state(find_shards(folder), args, r, world)
+
+
+def one_shard(src: Path) -> dict[str, torch.Tensor]:
+    return dict(torch.load(src / "consolidated.00.pth", weights_only=True))
+
+
+def test_missing_key_is_listed(tiny_ckpts: dict[int, Path], tmp_path: Path) -> None:
+    shard = one_shard(tiny_ckpts[1])
+    del shard["layers.1.feed_forward.w3.weight"]
+    folder = copy_checkpoint(tiny_ckpts[1], tmp_path / "c", [shard])
+    with pytest.raises(
+        CheckpointError, match=r"1 missing key.*layers\.1\.feed_forward\.w3"
+    ) as info:
+        load_all(folder)
+    assert "consolidated.00.pth" in str(info.value)
+
+
+def test_extra_key_is_listed(tiny_ckpts: dict[int, Path], tmp_path: Path) -> None:
+    shard = one_shard(tiny_ckpts[1])
+    shard["layers.2.attention.wq.weight"] = torch.zeros(128, 128)
+    folder = copy_checkpoint(tiny_ckpts[1], tmp_path / "c", [shard])
+    with pytest.raises(CheckpointError, match=r"unexpected key.*layers\.2\.attention\.wq"):
+        load_all(folder)
+
+
+def test_rope_freqs_is_ignored(tiny_ckpts: dict[int, Path], tmp_path: Path) -> None:
+    shard = one_shard(tiny_ckpts[1])
+    shard["rope.freqs"] = torch.zeros(8)  # Meta's files carry it; the model recomputes it
+    folder = copy_checkpoint(tiny_ckpts[1], tmp_path / "c", [shard])
+    state = load_rank_state(find_shards(folder), read_params(folder), 0, 2)
+    assert "rope.freqs" not in state
+
+
+def test_wrong_shape_is_listed(tiny_ckpts: dict[int, Path], tmp_path: Path) -> None:
+    shards = [dict(torch.load(p, weights_only=True)) for p in find_shards(tiny_ckpts[2])]
+    shards[1]["layers.0.attention.wk.weight"] = torch.zeros(64, 128)  # a full, not a half
+    folder = copy_checkpoint(tiny_ckpts[2], tmp_path / "c", shards)
+    with pytest.raises(
+        CheckpointError,
+        match=r"wrong shape.*layers\.0\.attention\.wk\.weight "
+        r"\(64, 128\) != \(32, 128\)",
+    ) as info:
+        load_all(folder, world=2)
+    assert "consolidated.01.pth" in str(info.value)
+
+
+def test_replicated_weights_must_agree(tiny_ckpts: dict[int, Path], tmp_path: Path) -> None:
+    shards = [dict(torch.load(p, weights_only=True)) for p in find_shards(tiny_ckpts[2])]
+    shards[1]["norm.weight"] = shards[1]["norm.weight"] + 1
+    folder = copy_checkpoint(tiny_ckpts[2], tmp_path / "c", shards)
+    with pytest.raises(CheckpointError, match=r"replicated weight norm\.weight differs"):
+        load_all(folder, world=1)
+
+
+def test_truncated_shard_names_the_file(tiny_ckpts: dict[int, Path], tmp_path: Path) -> None:
+    folder = copy_checkpoint(tiny_ckpts[2], tmp_path / "c")
+    path = folder / "consolidated.01.pth"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cannot read shard .*consolidated\.01\.pth"):
+        load_all(folder, world=2)
+
+
+def test_garbage_and_non_dict_shards(tmp_path: Path) -> None:
+    garbage = tmp_path / "consolidated.00.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=r"cannot read shard .*consolidated\.00\.pth"):
+        load_shard(garbage)
+    listed = tmp_path / "consolidated.01.pth"
+    torch.save([torch.zeros(2)], listed)
+    with pytest.raises(CheckpointError, match=r"consolidated\.01\.pth is not a state dict"):
+        load_shard(listed)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_shard(tmp_path / "consolidated.02.pth")
+
+
+class _RunsCode:
+    """Pickles to a call of os.system: what a malicious checkpoint would carry."""
+
+    def __init__(self, sentinel: Path) -> None:
+        self.command = f"touch {shlex.quote(str(sentinel))}"
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (self.command,))
+
+
+def test_shard_that_would_run_code_is_refused(tiny_ckpts: dict[int, Path], tmp_path: Path) -> None:
+    sentinel = tmp_path / "SENTINEL"
+    shard = one_shard(tiny_ckpts[1])
+    shard["norm.weight"] = _RunsCode(sentinel)  # type: ignore[assignment]
+    folder = copy_checkpoint(tiny_ckpts[1], tmp_path / "c", [shard])
+    with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth.*refused for safety"):
+        load_all(folder)
+    assert not sentinel.exists()
+    # The payload is real: an unsafe load would have run it.
+    torch.load(folder / "consolidated.00.pth", weights_only=False)
+    assert sentinel.exists()
+
+
+# ------------------------------------------------------------- folders and params.json
+
+
+def test_find_shards_in_order(tiny_ckpts: dict[int, Path]) -> None:
+    found = find_shards(tiny_ckpts[4])
+    assert [p.name for p in found] == [f"consolidated.0{i}.pth" for i in range(4)]
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"checkpoint folder .*nowhere does not exist"):
+        find_shards(tmp_path / "nowhere")
+
+
+def test_folder_without_shards(tmp_path: Path) -> None:
+    (tmp_path / "consolidated.pth").write_bytes(b"")  # not the naming scheme
+    (tmp_path / "params.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="holds no consolidated.NN.pth shards"):
+        find_shards(tmp_path)
+
+
+def test_gap_in_shard_numbering(tiny_ckpts: dict[int, Path], tmp_path: Path) -> None:
+    folder = copy_checkpoint(tiny_ckpts[4], tmp_path / "c")
+    (folder / "consolidated.02.pth").unlink()
+    with pytest.raises(CheckpointError, match=r"\['consolidated\.02\.pth'\] missing; found 3 of 4"):
+        find_shards(folder)
+
+
+def test_missing_params_json(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"params\.json is missing"):
+        read_params(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ('{"dim": 128,', "is not valid JSON"),
+        ("[128, 2]", "expected a JSON object"),
+        ('{"dim": 128, "n_layers": 2, "n_heads": 8, "moe": true}', r"unknown key.*'moe'"),
+        ('{"dim": "128"}', r"params\.json\.dim: '128' is not an integer"),
+        ('{"dim": 128, "n_heads": 8, "n_kv_heads": 3}', "n_kv_heads=3"),
+    ],
+)
+def test_bad_params_json(tmp_path: Path, text: str, words: str) -> None:
+    (tmp_path / "params.json").write_text(text)
+    with pytest.raises(CheckpointError, match=words) as info:
+        read_params(tmp_path)
+    assert str(tmp_path / "params.json") in str(info.value)
+
+
+def test_params_json_round_trip(tiny_ckpts: dict[int, Path]) -> None:
+    params = json.loads((tiny_ckpts[2] / "params.json").read_text())
+    assert params == tiny_args().to_params()
+    assert "ffn_dim_multiplier" not in params  # absent, as in Meta's files, when unset
+
+
+# --------------------------------------------------------------- tokenizer and vocab
+
+
+def test_find_tokenizer_beside_one_up_explicit_missing(tmp_path: Path) -> None:
+    model = tmp_path / "llama-2-7b"
+    model.mkdir()
+    with pytest.raises(CheckpointError, match="no tokenizer found") as info:
+        find_tokenizer(model)
+    assert str(model / "tokenizer.model") in str(info.value)
+    assert str(tmp_path / "tokenizer.model") in str(info.value)
+    (tmp_path / "tokenizer.model").write_bytes(b"up")
+    assert find_tokenizer(model) == tmp_path / "tokenizer.model"
+    (model / "tokenizer.model").write_bytes(b"beside")
+    assert find_tokenizer(model) == model / "tokenizer.model"  # beside wins
+    other = tmp_path / "other.model"
+    other.write_bytes(b"x")
+    assert find_tokenizer(model, other) == other
+    with pytest.raises(CheckpointError, match=r"missing\.model"):
+        find_tokenizer(model, tmp_path / "missing.model")
+
+
+def test_resolve_vocab() -> None:
+    args = replace(tiny_args(), vocab_size=-1)
+    assert resolve_vocab(args, 32000).vocab_size == 32000
+    same = replace(args, vocab_size=32016)
+    assert resolve_vocab(same, 32016) is same
+    with pytest.raises(CheckpointError, match=r"vocab_size=32016 .* 32000 pieces"):
+        resolve_vocab(same, 32000)
+
+
+# ------------------------------------------------------------------------- writers
+
+
+def test_split_state_and_writer_refuse_bad_parts(tmp_path: Path) -> None:
+    args = tiny_args()
+    state = checkpoint.random_state(args, seed=1)
+    shards = checkpoint.split_state(state, 4)
+    assert shards[3]["output.weight"].shape == (128, 128)
+    assert torch.equal(shards[2]["norm.weight"], state["norm.weight"])
+    with pytest.raises(ConfigError, match="model_parallel_size=3"):
+        checkpoint.write_checkpoint(tmp_path, args, state, 3)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_random_state_is_seeded() -> None:
+    args = tiny_args()
+    a, b = checkpoint.random_state(args, 0), checkpoint.random_state(args, 0)
+    c = checkpoint.random_state(args, 1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["output.weight"], c["output.weight"])
+    half = checkpoint.random_state(args, 0, torch.float16)
+    assert half["output.weight"].dtype == torch.float16
+
+
+def test_init_checkpoint_unknown_preset(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown preset 'huge'.*medium"):
+        checkpoint.init_checkpoint(tmp_path, "huge")

@@ -1,0 +1,482 @@
+"""ModelArgs from real params.json files, SamplingParams checks, strict YAML job loading."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from mpllama.config import (
+    JobConfig,
+    ModelArgs,
+    ParallelConfig,
+    RunConfig,
+    RuntimeConfig,
+    SamplingParams,
+    load_run_config,
+    parse_overrides,
+    run_config_from_dict,
+)
+from mpllama.errors import ConfigError
+
+# ------------------------------------------------------------------ released params.json
+
+# The files Meta ships, written out literally.
+LLAMA1_7B = {
+    "dim": 4096,
+    "multiple_of": 256,
+    "n_heads": 32,
+    "n_layers": 32,
+    "norm_eps": 1e-06,
+    "vocab_size": -1,
+}
+LLAMA2_7B = {
+    "dim": 4096,
+    "multiple_of": 256,
+    "n_heads": 32,
+    "n_layers": 32,
+    "norm_eps": 1e-05,
+    "vocab_size": -1,
+}
+LLAMA2_13B = {
+    "dim": 5120,
+    "multiple_of": 256,
+    "n_heads": 40,
+    "n_layers": 40,
+    "norm_eps": 1e-05,
+    "vocab_size": -1,
+}
+LLAMA2_70B = {
+    "dim": 8192,
+    "multiple_of": 4096,
+    "ffn_dim_multiplier": 1.3,
+    "n_heads": 64,
+    "n_kv_heads": 8,
+    "n_layers": 80,
+    "norm_eps": 1e-05,
+    "vocab_size": -1,
+}
+CODELLAMA_7B = {
+    "dim": 4096,
+    "n_layers": 32,
+    "n_heads": 32,
+    "multiple_of": 256,
+    "ffn_dim_multiplier": 1.0,
+    "norm_eps": 1e-5,
+    "rope_theta": 1000000,
+    "vocab_size": 32016,
+}
+CODELLAMA_34B = {
+    "dim": 8192,
+    "n_layers": 48,
+    "n_heads": 64,
+    "n_kv_heads": 8,
+    "multiple_of": 256,
+    "ffn_dim_multiplier": 1.0,
+    "norm_eps": 1e-5,
+    "rope_theta": 1000000,
+    "vocab_size": 32000,
+}
+
+# name: (params, ffn_dim, kv_heads, head_dim, rope_theta, vocab_size, norm_eps)
+RELEASED = {
+    "llama1-7b": (LLAMA1_7B, 11008, 32, 128, 10000.0, -1, 1e-6),
+    "llama2-7b": (LLAMA2_7B, 11008, 32, 128, 10000.0, -1, 1e-5),
+    "llama2-13b": (LLAMA2_13B, 13824, 40, 128, 10000.0, -1, 1e-5),
+    "llama2-70b": (LLAMA2_70B, 28672, 8, 128, 10000.0, -1, 1e-5),
+    "codellama-7b": (CODELLAMA_7B, 11008, 32, 128, 1e6, 32016, 1e-5),
+    "codellama-34b": (CODELLAMA_34B, 22016, 8, 128, 1e6, 32000, 1e-5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_params(name: str) -> None:
+    params, ffn_dim, kv_heads, head_dim, theta, vocab, eps = RELEASED[name]
+    args = ModelArgs.from_params(dict(params))
+    assert args.ffn_dim == ffn_dim
+    assert args.kv_heads == kv_heads
+    assert args.head_dim == head_dim
+    assert args.rope_theta == theta and isinstance(args.rope_theta, float)
+    assert args.vocab_size == vocab
+    assert args.norm_eps == eps
+    for key, value in params.items():
+        assert getattr(args, key) == value, key
+    # to_params is the inverse: optional keys stay absent when params.json lacks them.
+    again = ModelArgs.from_params(args.to_params())
+    assert again == args
+    assert ("n_kv_heads" in args.to_params()) == ("n_kv_heads" in params)
+
+
+def test_missing_keys_take_meta_defaults() -> None:
+    args = ModelArgs.from_params({"dim": 256, "n_layers": 2, "n_heads": 4})
+    assert args.n_kv_heads is None and args.kv_heads == 4
+    assert args.rope_theta == 10000.0 and args.vocab_size == -1
+    assert args.ffn_dim_multiplier is None
+
+
+def test_unknown_params_key_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"my/params\.json: unknown key.*'use_scaled_rope'"):
+        ModelArgs.from_params({**LLAMA2_7B, "use_scaled_rope": True}, "my/params.json")
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("dim", "4096"),
+        ("n_layers", 32.5),
+        ("norm_eps", "1e-5"),
+        ("n_kv_heads", True),
+        ("ffn_dim_multiplier", [1.3]),
+    ],
+)
+def test_wrong_params_type_names_the_key(key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        ModelArgs.from_params({**LLAMA2_70B, key: value}, "70b/params.json")
+    assert f"70b/params.json.{key}: {value!r} is not" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"n_kv_heads": 3}, "n_kv_heads=3"),
+        ({"n_heads": 0}, "n_heads"),
+        ({"dim": 4100}, "dim=4100"),
+        ({"vocab_size": 0}, "vocab_size"),
+        ({"norm_eps": 0.0}, "norm_eps"),
+    ],
+)
+def test_impossible_params(change: dict, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        ModelArgs.from_params({**LLAMA2_70B, **change})
+
+
+def test_params_must_be_an_object() -> None:
+    with pytest.raises(ConfigError, match="expected a JSON object, got list"):
+        ModelArgs.from_params([4096])  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------- SamplingParams
+
+
+@pytest.mark.parametrize(
+    "kwargs, shown",
+    [
+        ({"max_tokens": 0}, "0"),
+        ({"max_tokens": -3}, "-3"),
+        ({"temperature": -0.5}, "-0.5"),
+        ({"temperature": float("inf")}, "inf"),
+        ({"temperature": float("nan")}, "nan"),
+        ({"top_p": 0.0}, "0.0"),
+        ({"top_p": 1.5}, "1.5"),
+        ({"top_p": -0.1}, "-0.1"),
+        ({"top_k": -1}, "-1"),
+        ({"seed": -7}, "-7"),
+    ],
+)
+def test_sampling_value_errors_show_the_value(kwargs: dict, shown: str) -> None:
+    (name,) = kwargs
+    with pytest.raises(ValueError, match=name) as info:
+        SamplingParams(**kwargs)
+    assert shown in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, shown",
+    [
+        ({"max_tokens": "16"}, "'16'"),
+        ({"max_tokens": 2.5}, "2.5"),
+        ({"max_tokens": True}, "True"),
+        ({"temperature": "hot"}, "'hot'"),
+        ({"top_k": 1.0}, "1.0"),
+        ({"seed": "1"}, "'1'"),
+        ({"stop": ["ok", 3]}, "3"),
+        ({"ignore_eos": 1}, "1"),
+        ({"logprobs": "yes"}, "'yes'"),
+    ],
+)
+def test_sampling_type_errors_show_the_value(kwargs: dict, shown: str) -> None:
+    (name,) = kwargs
+    with pytest.raises(TypeError, match=name) as info:
+        SamplingParams(**kwargs)
+    assert shown in str(info.value)
+
+
+def test_empty_stop_string_is_refused() -> None:
+    with pytest.raises(ValueError, match="stop strings must not be empty"):
+        SamplingParams(stop=["a", ""])
+
+
+def test_stop_becomes_a_tuple() -> None:
+    assert SamplingParams(stop="\n").stop == ("\n",)
+    assert SamplingParams(stop=["a", "bc"]).stop == ("a", "bc")
+    assert SamplingParams(stop=("x",)).stop == ("x",)
+    assert SamplingParams().stop == ()
+    hash(SamplingParams(stop=["a"]))  # frozen and hashable once the list is a tuple
+
+
+def test_ints_become_floats() -> None:
+    p = SamplingParams(temperature=1, top_p=1)
+    assert isinstance(p.temperature, float) and isinstance(p.top_p, float)
+
+
+@pytest.mark.parametrize(
+    "kwargs, greedy",
+    [
+        ({}, False),
+        ({"temperature": 0}, True),
+        ({"temperature": 0.0, "top_k": 5}, True),
+        ({"temperature": 0.7, "top_k": 1}, True),
+        ({"temperature": 1e-4}, False),
+        ({"top_k": 2}, False),
+        ({"top_p": 1e-6}, False),
+    ],
+)
+def test_greedy_property(kwargs: dict, greedy: bool) -> None:
+    assert SamplingParams(**kwargs).greedy is greedy
+
+
+def test_replace_validates() -> None:
+    p = SamplingParams(max_tokens=4)
+    assert p.replace(top_k=3) == SamplingParams(max_tokens=4, top_k=3)
+    with pytest.raises(ValueError, match="-1"):
+        p.replace(top_k=-1)
+
+
+# ------------------------------------------------------------------- run settings
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, words",
+    [
+        (ParallelConfig, {"model_parallel_size": 0}, "model_parallel_size.*0"),
+        (ParallelConfig, {"backend": "mpi"}, "backend.*'mpi'"),
+        (ParallelConfig, {"placement_strategy": "pack"}, "placement_strategy.*'pack'"),
+        (ParallelConfig, {"cpus_per_rank": 0}, "cpus_per_rank.*0"),
+        (ParallelConfig, {"call_timeout_s": -1.0}, "call_timeout_s.*-1"),
+        (ParallelConfig, {"max_restarts": -1}, "max_restarts.*-1"),
+        (RuntimeConfig, {"device": "tpu"}, "device.*'tpu'"),
+        (RuntimeConfig, {"dtype": "fp16"}, "dtype.*'fp16'"),
+        (RuntimeConfig, {"max_batch_size": 0}, "max_batch_size.*0"),
+        (RuntimeConfig, {"max_seq_len": 1}, "max_seq_len.*1"),
+        (JobConfig, {"on_bad_line": "ignore"}, "on_bad_line.*'ignore'"),
+    ],
+)
+def test_run_settings_reject_impossible_values(cls: type, kwargs: dict, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------- YAML
+
+FULL_JOB = """\
+model:
+  checkpoint_dir: ckpt/tiny
+  tokenizer_path: ../tok/tokenizer.model
+parallel:
+  model_parallel_size: 2
+  backend: gloo
+  placement_strategy: SPREAD
+  cpus_per_rank: 2
+  call_timeout_s: 30
+  max_restarts: 0
+runtime:
+  device: cpu
+  dtype: float32
+  max_batch_size: 4
+  max_seq_len: 128
+  seed: 7
+sampling:
+  max_tokens: 32
+  temperature: 0.7
+  top_p: 0.9
+  top_k: 40
+  stop: ["\\n\\n", "###"]
+  logprobs: true
+job:
+  input: prompts.jsonl
+  output: /abs/out.jsonl
+  on_bad_line: skip
+  progress: false
+"""
+
+
+def write(folder: Path, text: str, name: str = "job.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def test_full_job_file_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path / "jobs", FULL_JOB)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # relative paths must not depend on the current folder
+    cfg = load_run_config(path)
+    folder = (tmp_path / "jobs").resolve()
+    assert cfg.model.checkpoint_dir == str(folder / "ckpt/tiny")
+    assert Path(cfg.model.tokenizer_path).resolve() == (tmp_path / "tok/tokenizer.model").resolve()
+    assert cfg.job.input == str(folder / "prompts.jsonl")
+    assert cfg.job.output == "/abs/out.jsonl"
+    assert cfg.parallel == ParallelConfig(
+        model_parallel_size=2,
+        backend="gloo",
+        placement_strategy="SPREAD",
+        cpus_per_rank=2.0,
+        call_timeout_s=30.0,
+        max_restarts=0,
+    )
+    assert isinstance(cfg.parallel.cpus_per_rank, float)
+    assert cfg.runtime == RuntimeConfig(
+        device="cpu", dtype="float32", max_batch_size=4, max_seq_len=128, seed=7
+    )
+    assert cfg.sampling == SamplingParams(
+        max_tokens=32, temperature=0.7, top_p=0.9, top_k=40, stop=("\n\n", "###"), logprobs=True
+    )
+    assert cfg.job == JobConfig(
+        input=str(folder / "prompts.jsonl"),
+        output="/abs/out.jsonl",
+        on_bad_line="skip",
+        progress=False,
+    )
+
+
+def test_empty_file_and_empty_sections_give_defaults(tmp_path: Path) -> None:
+    assert load_run_config(write(tmp_path, "")) == RunConfig()
+    assert load_run_config(write(tmp_path, "runtime:\nsampling: {}\n")) == RunConfig()
+
+
+def test_single_stop_string_in_yaml(tmp_path: Path) -> None:
+    cfg = load_run_config(write(tmp_path, "sampling:\n  stop: END\n"))
+    assert cfg.sampling.stop == ("END",)
+
+
+def test_home_and_env_vars_expand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MPLLAMA_TEST_MODELS", str(tmp_path / "models"))
+    cfg = load_run_config(
+        write(tmp_path / "a", "model:\n  checkpoint_dir: $MPLLAMA_TEST_MODELS/7b\n")
+    )
+    assert cfg.model.checkpoint_dir == str(tmp_path / "models/7b")
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("modle:\n  checkpoint_dir: x\n", r"unknown section.*'modle'"),
+        ("runtime:\n  max_batch: 4\n", r"runtime: unknown key.*'max_batch'"),
+        ("sampling:\n  temprature: 0.5\n", r"sampling: unknown key.*'temprature'"),
+        (
+            "runtime:\n  max_batch_size: four\n",
+            r"runtime\.max_batch_size: 'four' is not an integer",
+        ),
+        ("runtime:\n  max_batch_size: 4.5\n", r"runtime\.max_batch_size: 4\.5"),
+        ("sampling:\n  logprobs: 1\n", r"sampling\.logprobs: 1 is not true/false"),
+        ("sampling:\n  stop: [1, 2]\n", r"sampling\.stop"),
+        ("parallel:\n  cpus_per_rank: '2'\n", r"parallel\.cpus_per_rank: '2'"),
+        ("runtime:\n  max_batch_size: 0\n", r"runtime: max_batch_size must be >= 1, got 0"),
+        ("sampling:\n  top_p: 1.5\n", r"sampling: top_p .* got 1\.5"),
+        ("parallel:\n  backend: mpi\n", r"parallel: backend .*'mpi'"),
+        ("runtime: 4\n", r"section 'runtime' must be a mapping"),
+        ("- a\n- b\n", r"expected a mapping of sections"),
+        ("runtime: [unclosed\n", r"not valid YAML"),
+    ],
+)
+def test_bad_yaml_names_file_and_key(tmp_path: Path, text: str, words: str) -> None:
+    path = write(tmp_path, text, "bad-job.yaml")
+    with pytest.raises(ConfigError, match=words) as info:
+        load_run_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read config file .*nope\.yaml"):
+        load_run_config(tmp_path / "nope.yaml")
+
+
+# ------------------------------------------------------------------------ overrides
+
+
+def test_parse_overrides() -> None:
+    got = parse_overrides(
+        [
+            "runtime.seed=3",
+            'sampling.stop=["\\n", "###"]',
+            "sampling.temperature=0",
+            "model.tokenizer_path=",
+            "job.input = a=b.jsonl",
+            "runtime.dtype=float16",
+        ]
+    )
+    assert got == {
+        "runtime": {"seed": 3, "dtype": "float16"},
+        "sampling": {"stop": ["\n", "###"], "temperature": 0},
+        "model": {"tokenizer_path": None},
+        "job": {"input": "a=b.jsonl"},  # only the first '=' splits
+    }
+    assert parse_overrides(None) == {} == parse_overrides([])
+
+
+@pytest.mark.parametrize("item", ["runtime.seed", "seed=3", "runtime.=3", ".seed=3"])
+def test_parse_overrides_rejects_malformed(item: str) -> None:
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_overrides([item])
+
+
+def test_overrides_win_over_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path / "jobs", FULL_JOB)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    cfg = load_run_config(
+        path,
+        [
+            "runtime.seed=11",
+            "sampling.temperature=0",
+            "job.input=mine.jsonl",
+            "parallel.backend=auto",
+        ],
+    )
+    assert cfg.runtime.seed == 11
+    assert cfg.runtime.max_batch_size == 4  # the rest of the section is kept
+    assert cfg.sampling.temperature == 0.0 and cfg.sampling.greedy
+    assert cfg.sampling.top_k == 40
+    assert cfg.parallel.backend == "auto" and cfg.parallel.placement_strategy == "SPREAD"
+    # An override's relative path is the user's, so it resolves from the current folder.
+    assert cfg.job.input == str(cwd.resolve() / "mine.jsonl")
+    assert cfg.model.checkpoint_dir == str((tmp_path / "jobs").resolve() / "ckpt/tiny")
+
+
+def test_dict_overrides_and_new_sections(tmp_path: Path) -> None:
+    path = write(tmp_path, "runtime:\n  seed: 2\n")
+    cfg = load_run_config(path, {"runtime": {"seed": 5}, "sampling": {"max_tokens": 3}})
+    assert cfg.runtime.seed == 5 and cfg.sampling.max_tokens == 3
+
+
+def test_override_into_an_empty_section(tmp_path: Path) -> None:
+    # `sampling:` with nothing under it is a valid (empty) section in the file...
+    path = write(tmp_path, "sampling:\n")
+    assert load_run_config(path).sampling == SamplingParams()
+    # ...so --set must be able to fill it.
+    assert load_run_config(path, ["sampling.max_tokens=3"]).sampling.max_tokens == 3
+
+
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        ("runtime.max_batch_size=0", r"runtime: max_batch_size must be >= 1"),
+        ("runtime.seeds=3", r"runtime: unknown key.*'seeds'"),
+        ("runtim.seed=3", r"unknown section.*'runtim'"),
+        ("sampling.top_k=many", r"sampling\.top_k: 'many' is not an integer"),
+    ],
+)
+def test_bad_overrides_are_config_errors(tmp_path: Path, item: str, words: str) -> None:
+    path = write(tmp_path, "runtime:\n  seed: 2\n")
+    with pytest.raises(ConfigError, match=words):
+        load_run_config(path, [item])
+
+
+def test_run_config_from_dict_defaults() -> None:
+    cfg = run_config_from_dict({"sampling": {"temperature": 0}})
+    assert cfg.sampling.greedy and cfg.runtime == RuntimeConfig()
+    assert math.isclose(cfg.sampling.top_p, 1.0)

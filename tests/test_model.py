@@ -1,0 +1,279 @@
+"""The Transformer: built on meta, weights assigned without copies, a rank's memory is its
+slice only, RoPE in Meta's layout, and forward's per-row positions and logits_at."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpllama import checkpoint
+from mpllama import model as model_module
+from mpllama.checkpoint import PRESETS, shard_shapes
+from mpllama.config import ModelArgs
+from mpllama.model import Transformer, apply_rope, materialize, rope_tables
+
+CPU = torch.device("cpu")
+LLAMA2_70B = ModelArgs(
+    dim=8192,
+    n_layers=80,
+    n_heads=64,
+    n_kv_heads=8,
+    vocab_size=32000,
+    multiple_of=4096,
+    ffn_dim_multiplier=1.3,
+    norm_eps=1e-5,
+)
+
+
+def load(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, dict]:
+    args = checkpoint.read_params(folder)
+    state = checkpoint.load_rank_state(checkpoint.find_shards(folder), args, 0, 1)
+    return materialize(Transformer(args), state, CPU, dtype), state
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_ckpt: Path, single_rank: None) -> Transformer:
+    model, _ = load(tiny_ckpt)
+    return model
+
+
+def tokens(seed: int, *shape: int, vocab: int = 512) -> torch.Tensor:
+    return torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- meta and materialize
+
+
+def test_medium_preset_is_built_on_meta(single_rank: None) -> None:
+    args = replace(PRESETS["medium"], vocab_size=32000)
+    model = Transformer(args)
+    params = dict(model.named_parameters())
+    assert params and all(p.is_meta for p in params.values())
+    assert all(b.is_meta for b in model.buffers())
+    expected = shard_shapes(args, 1)
+    assert {k: tuple(p.shape) for k, p in params.items()} == expected
+    with pytest.raises(RuntimeError, match="materialize"):
+        model.setup_caches(1, 8)
+
+
+def test_meta_70b_at_mp8_matches_the_shard_table(
+    single_rank: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The model's layer choice and the checkpoint's axis table must agree at real shapes.
+    monkeypatch.setattr(model_module, "get_model_parallel_world_size", lambda: 8)
+    model = Transformer(LLAMA2_70B)
+    shapes = {k: tuple(p.shape) for k, p in model.named_parameters()}
+    assert shapes == shard_shapes(LLAMA2_70B, 8)
+    attn = model.layers[0].attention
+    assert (attn.n_local_heads, attn.n_local_kv_heads, attn.head_dim) == (8, 1, 128)
+
+
+def test_unresolved_vocab_is_refused(single_rank: None) -> None:
+    with pytest.raises(ValueError, match="vocab_size must be resolved"):
+        Transformer(PRESETS["tiny"])
+
+
+def test_materialize_assigns_mapped_tensors_without_copying(
+    tiny_ckpts: dict[int, Path], single_rank: None
+) -> None:
+    model, state = load(tiny_ckpts[1])
+    params = dict(model.named_parameters())
+    assert set(params) == set(state)
+    for key, value in state.items():
+        assert params[key].data_ptr() == value.data_ptr(), key
+        assert params[key].untyped_storage().data_ptr() == value.untyped_storage().data_ptr()
+    assert not model.training
+
+
+def test_materialize_converts_when_dtype_differs(
+    tiny_ckpts: dict[int, Path], single_rank: None
+) -> None:
+    model, state = load(tiny_ckpts[1], torch.bfloat16)
+    for key, param in model.named_parameters():
+        assert param.dtype == torch.bfloat16
+        assert param.data_ptr() != state[key].data_ptr()
+        torch.testing.assert_close(param.float(), state[key], atol=0.02, rtol=0.01)
+    model.setup_caches(2, 16)
+    assert model.layers[0].attention.cache_k.dtype == torch.bfloat16
+    assert model.layers[0].attention.cache_k.shape == (2, 16, 4, 16)
+
+
+def test_materialize_is_strict(tiny_ckpts: dict[int, Path], single_rank: None) -> None:
+    args = checkpoint.read_params(tiny_ckpts[1])
+    state = dict(checkpoint.load_rank_state(checkpoint.find_shards(tiny_ckpts[1]), args, 0, 1))
+    del state["layers.0.ffn_norm.weight"]
+    with pytest.raises(RuntimeError, match=r"layers\.0\.ffn_norm\.weight"):
+        materialize(Transformer(args), state, CPU, torch.float32)
+
+
+# ---------------------------------------------------------------------------- memory
+
+MEMORY_PROBE = textwrap.dedent("""
+    import json, sys
+    import torch
+    from mpllama import checkpoint, dist, model as M
+    from mpllama.model import Transformer, materialize
+
+    folder, world = sys.argv[1], int(sys.argv[2])
+    dist.init_single("gloo")
+    # Build rank 0's model at this world size (the layers read the size from here).
+    M.get_model_parallel_world_size = lambda: world
+
+    def status_kb(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    # getrusage's ru_maxrss is inherited through fork+exec (it would report the pytest
+    # process's peak); the kernel's VmHWM is this process's own peak, reset here.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    args = checkpoint.read_params(folder)
+    files = checkpoint.find_shards(folder)
+    rss0, anon0 = status_kb("VmRSS"), status_kb("RssAnon")
+    state = checkpoint.load_rank_state(files, args, 0, world)
+    model = materialize(Transformer(args), state, torch.device("cpu"), torch.float32)
+    del state
+    # Touch every weight, so each page this rank holds is really resident.
+    total = sum(float(p.double().sum()) for p in model.parameters())
+    peak, anon1 = status_kb("VmHWM"), status_kb("RssAnon")
+    rank_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(json.dumps({"peak_kb": peak - rss0, "anon_kb": anon1 - anon0,
+                      "rank_kb": rank_bytes // 1024, "finite": total == total}))
+""")
+
+
+@pytest.fixture(scope="module")
+def bigger_ckpts(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, Path], int]:
+    """The "small" preset (~97 MB in float32) as 1 and 2 shards, and its full size in kB."""
+    args = replace(PRESETS["small"], vocab_size=512)
+    state = checkpoint.random_state(args, seed=0)
+    root = tmp_path_factory.mktemp("bigger")
+    folders = {}
+    for parts in (1, 2):
+        folders[parts] = root / f"mp{parts}"
+        checkpoint.write_checkpoint(folders[parts], args, state, parts)
+    full_kb = sum(v.numel() * v.element_size() for v in state.values()) // 1024
+    return folders, full_kb
+
+
+def probe(folder: Path, world: int) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(folder), str(world)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_a_rank_holds_only_its_slice(bigger_ckpts: tuple[dict[int, Path], int]) -> None:
+    folders, full_kb = bigger_ckpts
+    got = probe(folders[2], 2)
+    assert got["finite"]
+    assert 0.45 * full_kb < got["rank_kb"] < 0.55 * full_kb
+    # Peak resident growth while loading and touching rank 0's half: its half, not the
+    # whole model (nor a full-size fairscale master weight per layer).
+    assert got["peak_kb"] < 0.75 * full_kb, (got, full_kb)
+    assert got["peak_kb"] > 0.3 * full_kb, "the probe should see the touched half"
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_resharding_allocates_only_the_slice(bigger_ckpts: tuple[dict[int, Path], int]) -> None:
+    # One shard onto two ranks: the shard is memory-mapped (page cache, shared by ranks
+    # on a node); what the rank allocates for itself is its half only.
+    folders, full_kb = bigger_ckpts
+    got = probe(folders[1], 2)
+    assert got["anon_kb"] < 0.75 * full_kb, (got, full_kb)
+
+
+# -------------------------------------------------------------------------------- RoPE
+
+
+def test_rope_matches_meta_complex_reference() -> None:
+    B, T, H, D = 2, 5, 3, 16
+    x = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(0))
+    cos, sin = rope_tables(D, 32, 10000.0, CPU)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])
+    got = apply_rope(x, cos[positions], sin[positions])
+    # Meta's reference: interleaved pairs as complex numbers times e^{i * pos * freq}.
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, D, 2)[: D // 2].float() / D))
+    angles = torch.outer(torch.arange(32).float(), freqs)
+    cis = torch.polar(torch.ones_like(angles), angles)[positions]  # [B,T,D/2]
+    ref = torch.view_as_real(
+        torch.view_as_complex(x.reshape(B, T, H, D // 2, 2)) * cis[:, :, None, :]
+    ).flatten(3)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(apply_rope(x, cos[positions * 0], sin[positions * 0]), x)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def test_logits_at_picks_rows_of_the_full_output(tiny: Transformer) -> None:
+    tiny.setup_caches(3, 32)
+    toks = tokens(0, 3, 9)
+    start = torch.zeros(3, dtype=torch.long)
+    full = tiny(toks, start)
+    assert full.shape == (3, 9, 512) and full.dtype == torch.float32
+    at = torch.tensor([8, 0, 4])
+    picked = tiny(toks, start, logits_at=at)
+    assert picked.shape == (3, 512)
+    torch.testing.assert_close(picked, full[torch.arange(3), at], atol=1e-5, rtol=0)
+    # Causal: a position's logits do not depend on later tokens.
+    changed = toks.clone()
+    changed[:, 5:] = tokens(1, 3, 4)
+    torch.testing.assert_close(tiny(changed, start)[:, :5], full[:, :5], atol=1e-5, rtol=0)
+
+
+def run_alone(model: Transformer, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Feed ``chunks`` of one row in turn from position 0; each chunk's last logits."""
+    out, pos = [], 0
+    for chunk in chunks:
+        out.append(model(chunk[None], torch.tensor([pos]))[0, -1])
+        pos += len(chunk)
+    return out
+
+
+def test_rows_at_different_positions_equal_running_them_alone(tiny: Transformer) -> None:
+    tiny.setup_caches(2, 32)
+    a, b = tokens(2, 5), tokens(3, 11)
+    a_more, b_more = tokens(4, 3), tokens(5, 3)
+    a_next, b_next = tokens(6, 1), tokens(7, 1)
+    want_a = run_alone(tiny, [a, a_more, a_next])
+    want_b = run_alone(tiny, [b, b_more, b_next])
+
+    # Prefill right-padded rows of different lengths in one call.
+    padded = torch.zeros(2, 11, dtype=torch.long)
+    padded[0, :5], padded[1] = a, b
+    zero = torch.zeros(2, dtype=torch.long)
+    got = tiny(padded, zero, logits_at=torch.tensor([4, 10]))
+    torch.testing.assert_close(got[0], want_a[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1], want_b[0], atol=1e-5, rtol=0)
+    # Three more tokens per row, starting at each row's own length (5 and 11).
+    pos = torch.tensor([5, 11])
+    got = tiny(torch.stack([a_more, b_more]), pos)[:, -1]
+    torch.testing.assert_close(got[0], want_a[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1], want_b[1], atol=1e-5, rtol=0)
+    # One decode step each, at positions 8 and 14.
+    got = tiny(torch.stack([a_next, b_next]), pos + 3, logits_at=zero)
+    torch.testing.assert_close(got[0], want_a[2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1], want_b[2], atol=1e-5, rtol=0)
+
+
+def test_forward_refuses_more_than_the_cache(tiny: Transformer) -> None:
+    tiny.setup_caches(2, 8)
+    with pytest.raises(ValueError, match="exceeds the cache 2x8"):
+        tiny(tokens(0, 3, 2), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceeds the cache 2x8"):
+        tiny(tokens(0, 1, 9), torch.zeros(1, dtype=torch.long))
