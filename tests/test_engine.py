@@ -118,3 +118,25 @@ def test_each_rank_holds_about_half_the_model_at_mp2(
     # Each rank touched its half (plus cache and activations), never the whole model.
     for rank_mb in growth:
         assert 0.3 * full_mb < rank_mb < 0.75 * full_mb, (growth, full_mb)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
+def test_gpu_ranks_use_cuda_and_match_transformers(
+    tiny_ckpts: dict[int, Path], reference, ray_runtime
+) -> None:
+    world = min(2, torch.cuda.device_count())
+    with LLM(
+        tiny_ckpts[2],
+        model_parallel_size=world,
+        device="auto",
+        dtype="float32",
+        max_seq_len=64,
+        max_batch_size=4,
+    ) as llm:
+        info = llm.engine.rank_info
+        outputs = llm.generate(PROMPTS, GREEDY)
+    assert {i["device"].split(":")[0] for i in info} == {"cuda"}
+    if world > 1 and torch.distributed.is_nccl_available():
+        assert {i["backend"] for i in info} == {"nccl"}
+    assert [o.token_ids for o in outputs] == [tokens for tokens, _ in reference]
