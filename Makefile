@@ -21,6 +21,7 @@ test: $(STAMP)
 
 # The demo: make the tiny 2-shard checkpoint if missing, run configs/jobs/demo.yaml on two ranks.
 run: $(STAMP)
+	$(VENV)/bin/mpllama init-checkpoint demo/tiny --preset tiny --mp 2 --if-missing
 	$(TEST_ENV) $(VENV)/bin/mpllama run configs/jobs/demo.yaml
 
 # Speed and memory benchmarks, printed as ratios against baselines from the same run.

@@ -40,6 +40,7 @@ class RankSpec:
     seed: int = 1
     threads: int = 1
     collective_timeout_s: float = 60.0
+    log_level: int = logging.WARNING  # the driver's level for mpllama's loggers
 
 
 class RankWorker:
@@ -119,8 +120,9 @@ def peak_rss_mb() -> float:
     return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
 
 
-def configure_rank_logging(rank: int) -> None:
-    """Put the rank in this process's log prefix (a rank's process is its own)."""
+def configure_rank_logging(rank: int, level: int = logging.INFO) -> None:
+    """Put the rank in this process's log prefix (a rank's process is its own), at the
+    driver's verbosity: ranks are never muted, just as chatty as the driver asked."""
     fmt = f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s"
     root = logging.getLogger()
     if not any(getattr(h, "_mpllama_rank", False) for h in root.handlers):
@@ -130,5 +132,4 @@ def configure_rank_logging(rank: int) -> None:
     for handler in root.handlers:
         if getattr(handler, "_mpllama_rank", False):
             handler.setFormatter(logging.Formatter(fmt))
-    if root.level > logging.INFO or root.level == logging.NOTSET:
-        root.setLevel(logging.INFO)
+    root.setLevel(level)

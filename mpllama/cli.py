@@ -1,0 +1,326 @@
+"""The ``mpllama`` command: run, generate, init-checkpoint, convert, reshard, check.
+
+The CLI has no defaults of its own: an option left out is not passed on, so the
+dataclass (or function) default applies. Errors are one line on stderr with exit code 1
+(2 for usage errors, from argparse); ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import MpllamaError
+
+log = logging.getLogger(__name__)
+
+_SHOWN_RESULTS = 3  # results `mpllama run` prints after the summary
+
+
+# ------------------------------------------------------------------------ commands
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from .config import load_run_config
+    from .jobs import run_job
+
+    config = load_run_config(ns.job, ns.set)
+    summary = run_job(config)
+    print(f"results: {summary.output}")
+    print(f"summary: {summary.describe()}")
+    for record in _head(summary.output, _SHOWN_RESULTS):
+        shown = record.get("text", "") if "error" not in record else f"ERROR {record['error']}"
+        print(f"  [{record['id']}] {_one_line(shown)}")
+    return 0
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from .api import LLM
+
+    with LLM.from_config(ns.config, ns.set) as llm:
+        outputs = llm.generate(ns.prompt, llm.config.sampling)
+    for i, out in enumerate(outputs):
+        if len(outputs) > 1:
+            print(f"--- [{i}] {_one_line(ns.prompt[i])}")
+        print(out.text)
+    return 0
+
+
+def cmd_init_checkpoint(ns: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import find_shards, init_checkpoint
+
+    out = Path(ns.out)
+    if ns.if_missing and (out / "params.json").is_file():
+        shards = find_shards(out)
+        print(f"{out} exists ({len(shards)} shard(s)); left as it is")
+        return 0
+    kwargs: dict[str, Any] = {}
+    if ns.preset is not None:
+        kwargs["preset"] = ns.preset
+    if ns.mp is not None:
+        kwargs["parts"] = ns.mp
+    if ns.seed is not None:
+        kwargs["seed"] = ns.seed
+    if ns.dtype is not None:
+        kwargs["dtype"] = getattr(torch, ns.dtype)
+    if ns.vocab_size is not None:
+        kwargs["vocab_size"] = ns.vocab_size
+    init_checkpoint(out, **kwargs)
+    print(f"wrote {out}: {len(find_shards(out))} shard(s), params.json, tokenizer.model")
+    return 0
+
+
+def cmd_convert(ns: argparse.Namespace) -> int:
+    from . import convert  # written alongside; imported only when asked for
+
+    if ns.to == "meta":
+        if ns.mp is None:
+            raise MpllamaError("convert --to meta needs --mp N (how many shards to write)")
+        out = convert.convert_hf_to_meta(ns.src, ns.out, ns.mp)
+    else:
+        if ns.mp is not None:
+            raise MpllamaError(
+                "--mp applies to --to meta only (a Hugging Face folder is not sharded by rank)"
+            )
+        out = convert.convert_meta_to_hf(ns.src, ns.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_reshard(ns: argparse.Namespace) -> int:
+    from .checkpoint import (
+        find_shards,
+        find_tokenizer,
+        load_rank_state,
+        read_params,
+        write_checkpoint,
+    )
+
+    src, out = Path(ns.dir), Path(ns.out)
+    if out.resolve() == src.resolve():
+        raise MpllamaError(f"reshard would overwrite its input {src}; give another OUT folder")
+    shards = find_shards(src)
+    args = read_params(src)
+    # Merges every shard into one full state dict: the whole model sits in memory at once
+    # (the shards are memory-mapped, the merged tensors are not). Fine up to host RAM.
+    full = load_rank_state(shards, args, 0, 1)
+    write_checkpoint(out, args, full, ns.mp)
+    try:
+        tokenizer = find_tokenizer(src)
+    except MpllamaError:
+        tokenizer = None
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, out / "tokenizer.model")
+    print(
+        f"wrote {out}: {len(shards)} shard(s) -> {ns.mp}"
+        + ("" if tokenizer else " (no tokenizer.model found to copy)")
+    )
+    return 0
+
+
+def cmd_check(ns: argparse.Namespace) -> int:
+    from .checkpoint import (
+        check_model_parallel,
+        check_state,
+        find_shards,
+        find_tokenizer,
+        load_shard,
+        read_params,
+        resolve_vocab,
+        shard_plan,
+        shard_shapes,
+    )
+    from .tokenizer import Tokenizer
+
+    folder = Path(ns.dir)
+    shards = find_shards(folder)
+    args = read_params(folder)
+    tok_path = find_tokenizer(folder, ns.tokenizer)
+    tokenizer = Tokenizer(tok_path)
+    args = resolve_vocab(args, tokenizer.n_words, str(folder / "params.json"))
+    check_model_parallel(args, len(shards))
+    expected = shard_shapes(args, len(shards))
+    n_params = 0
+    for path in shards:
+        state = load_shard(path)  # memory-mapped: cheap even for big shards
+        check_state(state, expected, str(path))
+        n_params += sum(t.numel() for t in state.values())
+    print(f"{folder}: ok")
+    print(
+        f"  shards:    {len(shards)} ({', '.join(p.name for p in shards[:4])}"
+        f"{', ...' if len(shards) > 4 else ''})"
+    )
+    print(
+        f"  model:     dim={args.dim} n_layers={args.n_layers} n_heads={args.n_heads} "
+        f"n_kv_heads={args.kv_heads} ffn={args.ffn_dim} rope_theta={args.rope_theta:g}"
+    )
+    print(f"  weights:   {len(expected)} tensors per shard, {n_params / 1e6:.2f}M values stored")
+    print(f"  tokenizer: {tok_path} ({tokenizer.n_words} pieces = vocab_size)")
+    if ns.mp is not None:
+        check_model_parallel(args, ns.mp)
+        shard_plan(len(shards), ns.mp)
+        print(f"  --mp {ns.mp}: ok ({len(shards)} shard(s) -> {ns.mp} rank(s))")
+    return 0
+
+
+# ------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --debug/-v work before or after the subcommand; SUPPRESS keeps a subparser from
+    # resetting what the main parser already read.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show tracebacks and debug logs",
+    )
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log progress at INFO level",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="mpllama", description="Model-parallel LLaMA inference on Ray."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Any, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    set_help = "override a setting of the YAML, e.g. --set runtime.seed=3 (repeatable)"
+
+    p = add(
+        "run",
+        cmd_run,
+        "Run a YAML batch job: JSONL requests in, JSONL results out "
+        "(resumable: ids already in the output are skipped).",
+    )
+    p.add_argument("job", metavar="JOB.yaml", help="the job file")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help=set_help)
+
+    p = add("generate", cmd_generate, "Complete one-off prompts and print them to stdout.")
+    p.add_argument(
+        "--config",
+        required=True,
+        metavar="X.yaml",
+        help="a job/model YAML (its model, parallel, runtime, sampling sections)",
+    )
+    p.add_argument(
+        "--prompt", action="append", required=True, metavar="TEXT", help="a prompt (repeatable)"
+    )
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help=set_help)
+
+    from .checkpoint import PRESETS
+
+    p = add(
+        "init-checkpoint",
+        cmd_init_checkpoint,
+        "Write a seeded random checkpoint (with its own tokenizer) for tests and demos.",
+    )
+    p.add_argument("out", metavar="OUT", help="folder to write")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model size")
+    p.add_argument("--mp", type=int, metavar="N", help="number of model-parallel shards")
+    p.add_argument("--seed", type=int, help="weight seed")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    p.add_argument("--vocab-size", type=int, help="tokenizer pieces to train")
+    p.add_argument(
+        "--if-missing", action="store_true", help="do nothing when OUT already holds a checkpoint"
+    )
+
+    p = add(
+        "convert", cmd_convert, "Convert between a Hugging Face safetensors folder and Meta shards."
+    )
+    p.add_argument("src", metavar="SRC", help="folder to read")
+    p.add_argument("out", metavar="OUT", help="folder to write")
+    p.add_argument("--to", required=True, choices=["meta", "hf"], help="format to write")
+    p.add_argument("--mp", type=int, metavar="N", help="shards to write (--to meta)")
+
+    p = add(
+        "reshard",
+        cmd_reshard,
+        "Rewrite a Meta checkpoint with another number of shards (holds the full model in memory).",
+    )
+    p.add_argument("dir", metavar="DIR", help="checkpoint folder to read")
+    p.add_argument("out", metavar="OUT", help="folder to write")
+    p.add_argument("--mp", type=int, required=True, metavar="N", help="shards to write")
+
+    p = add(
+        "check",
+        cmd_check,
+        "Validate a checkpoint and its tokenizer without starting Ray: shards, keys, "
+        "shapes, params.json, vocabulary.",
+    )
+    p.add_argument("dir", metavar="DIR", help="checkpoint folder")
+    p.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="tokenizer.model (default: beside the shards or one folder up)",
+    )
+    p.add_argument(
+        "--mp", type=int, metavar="N", help="also check that N model-parallel ranks can run it"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if ns.debug else logging.INFO if ns.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return ns.func(ns)
+    except KeyboardInterrupt:
+        print("mpllama: interrupted", file=sys.stderr)
+        return 130
+    except (MpllamaError, ValueError, TypeError, OSError) as exc:
+        if ns.debug:
+            traceback.print_exc()
+        message = str(exc).strip().splitlines()
+        line = message[0] if message else type(exc).__name__
+        hint = "" if ns.debug or len(message) <= 1 else " (--debug shows the details)"
+        print(f"mpllama {ns.command}: error: {line}{hint}", file=sys.stderr)
+        return 1
+
+
+def _head(path: Path, n: int) -> list[dict[str, Any]]:
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if len(out) == n:
+                    break
+                out.append(json.loads(line))
+    except (OSError, json.JSONDecodeError):
+        pass
+    return out
+
+
+def _one_line(text: str, width: int = 100) -> str:
+    # A random demo model emits control bytes: keep the terminal sane.
+    flat = "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The ``mpllama`` command: help, check, init-checkpoint, reshard, convert, generate, run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mpllama.checkpoint import find_shards, load_rank_state, read_params
+from mpllama.cli import main
+
+COMMANDS = ["run", "generate", "init-checkpoint", "convert", "reshard", "check"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    assert f"mpllama {command}" in capsys.readouterr().out
+
+
+def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["reshard", "only-one-arg"])
+    assert info.value.code == 2
+
+
+def error_line(capsys: pytest.CaptureFixture[str], command: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"mpllama {command}: error: ")
+    return lines[0]
+
+
+def test_check_good(tiny_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(tiny_ckpt), "--mp", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "ok" in out and "shards:    2" in out and "--mp 4: ok" in out
+
+
+def test_check_incompatible_mp(tiny_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(tiny_ckpt), "--mp", "3"]) == 1
+    assert "model_parallel_size=3" in error_line(capsys, "check")
+
+
+@pytest.fixture()
+def broken(tiny_ckpt: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "broken"
+    shutil.copytree(tiny_ckpt, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "damage, expect",
+    [
+        ("drop_last_shard", "does not match params.json"),
+        ("truncate_shard", "cannot read shard"),
+        ("bad_params", "not valid JSON"),
+        ("no_tokenizer", "no tokenizer found"),
+        ("unknown_key", "unknown key"),
+    ],
+)
+def test_check_broken(
+    broken: Path, damage: str, expect: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if damage == "drop_last_shard":
+        (broken / "consolidated.01.pth").unlink()  # 1 shard left, of half the width
+    elif damage == "truncate_shard":
+        shard = broken / "consolidated.00.pth"
+        shard.write_bytes(shard.read_bytes()[:1000])
+    elif damage == "bad_params":
+        (broken / "params.json").write_text("{dim: 1")
+    elif damage == "no_tokenizer":
+        (broken / "tokenizer.model").unlink()
+    elif damage == "unknown_key":
+        params = json.loads((broken / "params.json").read_text())
+        (broken / "params.json").write_text(json.dumps({**params, "moe": 8}))
+    assert main(["check", str(broken)]) == 1
+    assert expect in error_line(capsys, "check")
+
+
+def test_console_script_error(tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("mpllama")
+    proc = subprocess.run(
+        [str(exe), "check", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("mpllama check: error: checkpoint folder")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def full_state(folder: Path) -> dict[str, torch.Tensor]:
+    return load_rank_state(find_shards(folder), read_params(folder), 0, 1)
+
+
+def test_init_checkpoint_and_reshard_round_trip(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert main(["init-checkpoint", str(a), "--preset", "tiny", "--mp", "2", "--seed", "3"]) == 0
+    assert len(find_shards(a)) == 2
+    before = (a / "consolidated.00.pth").stat().st_mtime_ns
+    assert main(["init-checkpoint", str(a), "--mp", "4", "--if-missing"]) == 0
+    assert (a / "consolidated.00.pth").stat().st_mtime_ns == before  # left alone
+    assert len(find_shards(a)) == 2
+
+    assert main(["reshard", str(a), "--mp", "4", str(b)]) == 0
+    assert main(["reshard", str(b), str(c), "--mp", "1"]) == 0
+    assert len(find_shards(b)) == 4 and len(find_shards(c)) == 1
+    assert (b / "tokenizer.model").read_bytes() == (a / "tokenizer.model").read_bytes()
+    assert main(["check", str(b)]) == 0
+    original, merged = full_state(a), full_state(c)
+    assert original.keys() == merged.keys()
+    for key in original:
+        assert torch.equal(original[key], merged[key]), key
+    assert main(["reshard", str(a), "--mp", "3", str(tmp_path / "d")]) == 1
+    error_line(capsys, "reshard")
+
+
+def test_convert_round_trip(
+    tiny_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hf, meta = tmp_path / "hf", tmp_path / "meta"
+    assert main(["convert", str(tiny_ckpt), str(hf), "--to", "hf"]) == 0
+    assert (hf / "config.json").is_file()
+    assert main(["convert", str(hf), str(meta), "--to", "meta"]) == 1
+    assert "--mp" in error_line(capsys, "convert")
+    assert main(["convert", str(hf), str(meta), "--to", "meta", "--mp", "4"]) == 0
+    original, back = full_state(tiny_ckpt), full_state(meta)
+    for key in original:
+        assert torch.equal(original[key], back[key]), key
+
+
+def write_job(tmp_path: Path, ckpt: Path) -> Path:
+    rows = [{"id": i, "prompt": f"Prompt number {i}"} for i in range(5)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"checkpoint_dir": str(ckpt)},
+                "parallel": {"cpus_per_rank": 0.5, "backend": "gloo"},
+                "runtime": {"device": "cpu", "max_batch_size": 4, "max_seq_len": 64},
+                "sampling": {"temperature": 0, "max_tokens": 4},
+                "job": {"input": "in.jsonl", "output": "out/results.jsonl"},
+            }
+        )
+    )
+    return path
+
+
+def test_generate_and_run(
+    tmp_path: Path, tiny_ckpt: Path, ray_runtime: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_job(tmp_path, tiny_ckpt)
+    assert (
+        main(
+            [
+                "generate",
+                "--config",
+                str(path),
+                "--prompt",
+                "Hello",
+                "--prompt",
+                "World",
+                "--set",
+                "sampling.max_tokens=3",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "--- [0] Hello" in out and "--- [1] World" in out
+
+    assert main(["run", str(path), "--set", "sampling.max_tokens=2"]) == 0
+    out = capsys.readouterr().out
+    results = tmp_path / "out" / "results.jsonl"
+    assert f"results: {results}" in out and "5 request(s): 5 run now" in out
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    assert sorted(r["id"] for r in lines) == list(range(5))
+    assert all(r["completion_tokens"] <= 2 for r in lines)
+
+
+def test_run_reports_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 1
+    assert "cannot read config file" in error_line(capsys, "run")
+    path = write_job(tmp_path, tmp_path)
+    assert main(["run", str(path), "--set", "runtime.max_batch_size=0"]) == 1
+    assert "max_batch_size" in error_line(capsys, "run")
