@@ -125,11 +125,11 @@ class Attention(nn.Module):
         S = mask.shape[-1]
         keys = self.cache_k[:B, :S].transpose(1, 2)  # [B,K,S,D]
         values = self.cache_v[:B, :S].transpose(1, 2)
-        repeat = self.n_local_heads // self.n_local_kv_heads
-        if repeat > 1:  # grouped-query attention: each K/V head serves `repeat` query heads
-            keys = keys.repeat_interleave(repeat, dim=1)
-            values = values.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
+        # Grouped-query attention: each K/V head serves n_heads / n_kv_heads query heads;
+        # enable_gqa shares them without materialising repeated copies of the cache.
+        gqa = self.n_local_heads != self.n_local_kv_heads
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                             enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
