@@ -102,7 +102,8 @@ class LLM:
             tokenizer_proto=self.tokenizer.model_proto, world_size=world,
             device=runtime.device, dtype=runtime.dtype, backend=parallel.backend,
             max_batch_size=runtime.max_batch_size, max_seq_len=runtime.max_seq_len,
-            seed=runtime.seed, collective_timeout_s=parallel.collective_timeout_s)
+            seed=runtime.seed, collective_timeout_s=parallel.collective_timeout_s,
+            log_level=logging.getLogger("mpllama").getEffectiveLevel())
         self._start_ray()
         try:
             from .engine import Engine

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from typing import Any
 
@@ -28,7 +29,7 @@ class RankActor(RankWorker):
     """RankWorker inside a Ray actor: adds what only Ray knows (the node's address)."""
 
     def __init__(self, rank: int, spec: RankSpec) -> None:
-        configure_rank_logging(rank)
+        configure_rank_logging(rank, spec.log_level)
         super().__init__(rank, spec)
 
     def node_ip(self) -> str:
@@ -38,8 +39,15 @@ class RankActor(RankWorker):
         info = self.setup(host, port, self.node_ip())
         return {**info, "node_id": ray.get_runtime_context().get_node_id()}
 
+    @ray.method(concurrency_group="health")
+    def heartbeat(self) -> int:
+        """Answered on its own thread even mid-batch: silence means a stopped process."""
+        return self.rank
 
-_RemoteRank = ray.remote(max_restarts=0, max_task_retries=0)(RankActor)
+
+# Work (setup, generate) runs in order on one thread; heartbeats on another.
+_RemoteRank = ray.remote(max_restarts=0, max_task_retries=0,
+                         concurrency_groups={"health": 1})(RankActor)
 
 
 class Engine:
@@ -52,6 +60,7 @@ class Engine:
         self.actors: list[Any] = []
         self.pg: Any = None
         self.rank_info: list[dict[str, Any]] = []
+        self._up = False  # set once the gang is set up: heartbeats are checked from then on
         self.start()
 
     # ------------------------------------------------------------------ life cycle
@@ -67,7 +76,19 @@ class Engine:
         return bundle
 
     def start(self) -> None:
-        """Reserve the placement group, start the actors, rendezvous, load the shards."""
+        """Reserve the placement group, start the actors, rendezvous, load the shards.
+
+        Always a fresh gang: a new placement group, new actors, a new rendezvous port.
+        Whatever fails on the way (including Ctrl-C) leaves nothing behind.
+        """
+        self.shutdown()
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self) -> None:
         bundle = self.bundle()
         strategy = self.parallel.placement_strategy
         self.pg = placement_group([dict(bundle)] * self.world_size, strategy=strategy)
@@ -97,11 +118,13 @@ class Engine:
         host = self.call_one(0, "node_ip", timeout=timeout)
         port = self.call_one(0, "open_store", host, timeout=timeout)
         self.rank_info = self.call_all("setup_on_node", host, port, timeout=timeout)
+        self._up = True
         log.info("engine up: %d rank(s) %s", self.world_size,
                  [(i["device"], i["backend"]) for i in self.rank_info])
 
     def shutdown(self) -> None:
         """Kill every actor and free the placement group. Safe to call twice."""
+        self._up = False
         for actor in self.actors:
             try:
                 ray.kill(actor, no_restart=True)
@@ -147,9 +170,21 @@ class Engine:
         rank_of = {ref: rank for rank, ref in refs.items()}
         pending = list(refs.values())
         results: dict[int, Any] = {}
+        heartbeats = _Heartbeats(self, list(refs), self.parallel.collective_timeout_s)
         while pending:
+            left = deadline - time.monotonic()
             ready, pending = ray.wait(pending, num_returns=1,
-                                      timeout=max(0.0, deadline - time.monotonic()))
+                                      timeout=max(0.0, min(left, heartbeats.interval)))
+            if not ready and left > heartbeats.interval:
+                silent = heartbeats.check() if self._up else None
+                if silent is not None:
+                    self.shutdown()
+                    raise WorkerError(
+                        f"rank {silent} stopped answering during {method}: no heartbeat for "
+                        f"{heartbeats.limit:g}s (parallel.collective_timeout_s); the process "
+                        "is stopped or starved. The gang was stopped", rank=silent,
+                        method=method)
+                continue
             if not ready:
                 late = sorted(rank_of[r] for r in pending)
                 self.shutdown()
@@ -161,18 +196,71 @@ class Engine:
                 try:
                     results[rank] = ray.get(ref)
                 except (RayTaskError, RayActorError, GetTimeoutError) as exc:
+                    error = _worker_error(exc, rank, method)
+                    if not isinstance(exc, RayActorError) and pending:
+                        # A rank that raised may be a survivor whose collective broke
+                        # because a peer died: name the dead peer, the root cause.
+                        error = _dead_peer(pending, rank_of, method) or error
                     self.shutdown()
-                    raise _worker_error(exc, rank, method) from None
+                    raise error from None
         return [results[rank] for rank in sorted(results)]
 
 
+class _Heartbeats:
+    """One outstanding ``heartbeat`` call per rank while a long call runs. Gloo does not
+    time out a collective whose peer process is stopped (SIGSTOP, a frozen VM): without
+    this, such a rank would only be noticed after call_timeout_s."""
+
+    def __init__(self, engine: Engine, ranks: list[int], limit: float) -> None:
+        self.engine, self.ranks, self.limit = engine, ranks, limit
+        self.interval = min(1.0, limit / 4)
+        self.sent: dict[int, tuple[Any, float]] = {}  # rank -> (ref, when sent)
+
+    def check(self) -> int | None:
+        """Send a heartbeat to each rank without one in flight; return a rank whose
+        heartbeat has gone unanswered for ``limit`` seconds, if any."""
+        now = time.monotonic()
+        in_flight = [ref for ref, _ in self.sent.values()]
+        done = set(ray.wait(in_flight, num_returns=len(in_flight), timeout=0)[0]
+                   ) if in_flight else set()
+        for rank in self.ranks:
+            if rank in self.sent and self.sent[rank][0] in done:
+                del self.sent[rank]  # answered (or the rank died: the call itself says so)
+            if rank not in self.sent:
+                self.sent[rank] = (self.engine.actors[rank].heartbeat.remote(), now)
+            elif now - self.sent[rank][1] > self.limit:
+                return rank
+        return None
+
+
+# How long a failed call waits to see whether another rank died (the likelier root cause).
+_PEER_GRACE_S = 0.5
+
+
+def _dead_peer(pending: list[Any], rank_of: dict[Any, int], method: str) -> WorkerError | None:
+    ready, _ = ray.wait(pending, num_returns=len(pending), timeout=_PEER_GRACE_S)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except RayActorError as exc:
+            return _worker_error(exc, rank_of[ref], method)
+        except Exception:
+            pass
+    return None
+
+
 def _worker_error(exc: Exception, rank: int, method: str) -> WorkerError:
+    # Ray colours the task name for terminals; logs and error files want plain text.
+    remote = _ANSI.sub("", str(exc))
     if isinstance(exc, RayTaskError) and not isinstance(exc, RayActorError):
         cause = getattr(exc, "cause", None) or exc
         message = f"rank {rank} raised {type(cause).__name__} in {method}: {cause}"
-        return WorkerError(message, rank=rank, method=method, remote_traceback=str(exc))
-    return WorkerError(f"rank {rank} died during {method}: {str(exc).splitlines()[0]}",
-                       rank=rank, method=method, remote_traceback=str(exc))
+        return WorkerError(message, rank=rank, method=method, remote_traceback=remote)
+    return WorkerError(f"rank {rank} died during {method}: {remote.splitlines()[0]}",
+                       rank=rank, method=method, remote_traceback=remote)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _with_threads(spec: RankSpec, threads: int) -> RankSpec:
