@@ -3,8 +3,15 @@
 from .config import SamplingParams
 from .errors import CheckpointError, ConfigError, MpllamaError, PromptError, WorkerError
 
-__all__ = ["LLM", "SamplingParams", "MpllamaError", "ConfigError", "CheckpointError",
-           "PromptError", "WorkerError"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "MpllamaError",
+    "ConfigError",
+    "CheckpointError",
+    "PromptError",
+    "WorkerError",
+]
 
 
 def __getattr__(name: str):  # LLM pulls in Ray; import it only when asked for

@@ -60,19 +60,25 @@ class LLM:
     Their defaults live in those dataclasses.
     """
 
-    def __init__(self, checkpoint_dir: str | os.PathLike[str] | None = None,
-                 tokenizer_path: str | os.PathLike[str] | None = None, *,
-                 config: RunConfig | None = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        tokenizer_path: str | os.PathLike[str] | None = None,
+        *,
+        config: RunConfig | None = None,
+        **settings: Any,
+    ) -> None:
         config = config or RunConfig()
         unknown = sorted(set(settings) - set(_SECTIONS))
         if unknown:
-            raise TypeError(f"LLM() got unknown setting(s) {unknown}; allowed: "
-                            f"{sorted(_SECTIONS)}")
+            raise TypeError(f"LLM() got unknown setting(s) {unknown}; allowed: {sorted(_SECTIONS)}")
         try:
-            parallel = dataclasses.replace(config.parallel, **{
-                k: v for k, v in settings.items() if _SECTIONS[k] == "parallel"})
-            runtime = dataclasses.replace(config.runtime, **{
-                k: v for k, v in settings.items() if _SECTIONS[k] == "runtime"})
+            parallel = dataclasses.replace(
+                config.parallel, **{k: v for k, v in settings.items() if _SECTIONS[k] == "parallel"}
+            )
+            runtime = dataclasses.replace(
+                config.runtime, **{k: v for k, v in settings.items() if _SECTIONS[k] == "runtime"}
+            )
         except TypeError as exc:
             raise ConfigError(str(exc)) from None
         model = config.model
@@ -81,29 +87,38 @@ class LLM:
         if tokenizer_path is not None:
             model = dataclasses.replace(model, tokenizer_path=str(tokenizer_path))
         if not model.checkpoint_dir:
-            raise ConfigError("no checkpoint_dir given (LLM(checkpoint_dir=...) or "
-                              "model.checkpoint_dir in the YAML)")
-        self.config = dataclasses.replace(config, model=model, parallel=parallel,
-                                          runtime=runtime)
+            raise ConfigError(
+                "no checkpoint_dir given (LLM(checkpoint_dir=...) or "
+                "model.checkpoint_dir in the YAML)"
+            )
+        self.config = dataclasses.replace(config, model=model, parallel=parallel, runtime=runtime)
         self.engine: Any = None
         self._owns_ray = False
         self._closed = False
 
         # Everything that can be checked on the driver is checked before Ray starts.
-        self.tokenizer, self.args, shards = _inspect_checkpoint(model.checkpoint_dir,
-                                                                model.tokenizer_path)
+        self.tokenizer, self.args, shards = _inspect_checkpoint(
+            model.checkpoint_dir, model.tokenizer_path
+        )
         world = parallel.model_parallel_size or len(shards)
         checkpoint.check_model_parallel(self.args, world)
         checkpoint.shard_plan(len(shards), world)
         _check_shards(shards, self.args)
         self.world_size = world
         self.spec = RankSpec(
-            checkpoint_dir=str(Path(model.checkpoint_dir).resolve()), args=self.args,
-            tokenizer_proto=self.tokenizer.model_proto, world_size=world,
-            device=runtime.device, dtype=runtime.dtype, backend=parallel.backend,
-            max_batch_size=runtime.max_batch_size, max_seq_len=runtime.max_seq_len,
-            seed=runtime.seed, collective_timeout_s=parallel.collective_timeout_s,
-            log_level=logging.getLogger("mpllama").getEffectiveLevel())
+            checkpoint_dir=str(Path(model.checkpoint_dir).resolve()),
+            args=self.args,
+            tokenizer_proto=self.tokenizer.model_proto,
+            world_size=world,
+            device=runtime.device,
+            dtype=runtime.dtype,
+            backend=parallel.backend,
+            max_batch_size=runtime.max_batch_size,
+            max_seq_len=runtime.max_seq_len,
+            seed=runtime.seed,
+            collective_timeout_s=parallel.collective_timeout_s,
+            log_level=logging.getLogger("mpllama").getEffectiveLevel(),
+        )
         self._start_ray()
         try:
             from .engine import Engine
@@ -116,9 +131,12 @@ class LLM:
         _close_at_exit()
 
     @classmethod
-    def from_config(cls, path: str | os.PathLike[str],
-                    overrides: list[str] | dict[str, dict[str, Any]] | None = None,
-                    **settings: Any) -> LLM:
+    def from_config(
+        cls,
+        path: str | os.PathLike[str],
+        overrides: list[str] | dict[str, dict[str, Any]] | None = None,
+        **settings: Any,
+    ) -> LLM:
         """Build from a YAML job file; ``overrides`` are ``section.key=value`` strings."""
         return cls(config=load_run_config(path, overrides), **settings)
 
@@ -139,24 +157,32 @@ class LLM:
             # rank's CPUs are a scheduling share, not a hard reservation.
             need = math.ceil(self.world_size * self.config.parallel.cpus_per_rank)
             # address="local": never attach to a cluster `ray start` left on this machine.
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need),
-                     include_dashboard=False,
-                     logging_level=logging.WARNING)
+            ray.init(
+                address="local",
+                num_cpus=max(os.cpu_count() or 1, need),
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+            )
         self._owns_ray = True
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, prompts: str | Sequence[str] | None = None,
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 *, prompt_token_ids: Sequence[Sequence[int]] | None = None
-                 ) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+    ) -> list[RequestOutput]:
         """Complete every prompt (any number); results come back in input order."""
         requests = self._requests(prompts, prompt_token_ids, sampling_params)
         return [out for _, out in self._run(requests)]
 
-    def chat(self, dialogs: Dialog | Sequence[Dialog],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
-             ) -> list[RequestOutput]:
+    def chat(
+        self,
+        dialogs: Dialog | Sequence[Dialog],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
         """Llama 2 chat: each dialog is a list of {"role", "content"} messages."""
         if dialogs and isinstance(dialogs[0], dict):
             dialogs = [dialogs]  # type: ignore[list-item]
@@ -168,19 +194,24 @@ class LLM:
                 raise PromptError(f"dialog {i}: {exc}") from None
         return self.generate(sampling_params=sampling_params, prompt_token_ids=token_ids)
 
-    def stream(self, prompts: Sequence[str] | None = None,
-               sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-               *, prompt_token_ids: Sequence[Sequence[int]] | None = None
-               ) -> Iterator[RequestOutput]:
+    def stream(
+        self,
+        prompts: Sequence[str] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+    ) -> Iterator[RequestOutput]:
         """Like ``generate``, but yields each batch's results as soon as it is done."""
         requests = self._requests(prompts, prompt_token_ids, sampling_params)
         for _, out in self._run(requests):
             yield out
 
-    def _requests(self, prompts: str | Sequence[str] | None,
-                  prompt_token_ids: Sequence[Sequence[int]] | None,
-                  sampling_params: SamplingParams | Sequence[SamplingParams] | None
-                  ) -> list[tuple[str | None, Request]]:
+    def _requests(
+        self,
+        prompts: str | Sequence[str] | None,
+        prompt_token_ids: Sequence[Sequence[int]] | None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+    ) -> list[tuple[str | None, Request]]:
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("pass either prompts or prompt_token_ids (exactly one)")
         if isinstance(prompts, str):
@@ -188,13 +219,13 @@ class LLM:
         texts: list[str | None]
         if prompts is not None:
             if not isinstance(prompts, Sequence):
-                raise TypeError(f"prompts must be a string or a list of strings, got "
-                                f"{type(prompts).__name__}")
+                raise TypeError(
+                    f"prompts must be a string or a list of strings, got {type(prompts).__name__}"
+                )
             texts = list(prompts)
             ids = [self.encode_prompt(p, i) for i, p in enumerate(texts)]
         else:
-            ids = [_check_ids(t, i, self.args.vocab_size)
-                   for i, t in enumerate(prompt_token_ids)]  # type: ignore[arg-type]
+            ids = [_check_ids(t, i, self.args.vocab_size) for i, t in enumerate(prompt_token_ids)]  # type: ignore[arg-type]
             texts = [None] * len(ids)
         params = _per_request(sampling_params, len(ids))
         limit = self.config.runtime.max_seq_len
@@ -202,10 +233,13 @@ class LLM:
         if too_long:
             raise PromptError(
                 f"prompt(s) {', '.join(too_long[:5])} do not fit max_seq_len={limit} with room "
-                "to generate; shorten them or raise max_seq_len (runtime.max_seq_len)")
+                "to generate; shorten them or raise max_seq_len (runtime.max_seq_len)"
+            )
         seed = self.config.runtime.seed
-        return [(text, Request(t, p, p.seed if p.seed is not None else _derive_seed(seed, i)))
-                for i, (text, t, p) in enumerate(zip(texts, ids, params, strict=True))]
+        return [
+            (text, Request(t, p, p.seed if p.seed is not None else _derive_seed(seed, i)))
+            for i, (text, t, p) in enumerate(zip(texts, ids, params, strict=True))
+        ]
 
     def encode_prompt(self, prompt: Any, index: int = 0) -> list[int]:
         if not isinstance(prompt, str):
@@ -214,14 +248,14 @@ class LLM:
             raise PromptError(f"prompt #{index} is empty; give at least one character")
         return self.tokenizer.encode(prompt, bos=True, eos=False)
 
-    def _run(self, requests: list[tuple[str | None, Request]]
-             ) -> Iterator[tuple[int, RequestOutput]]:
+    def _run(
+        self, requests: list[tuple[str | None, Request]]
+    ) -> Iterator[tuple[int, RequestOutput]]:
         size = self.config.runtime.max_batch_size
         for start in range(0, len(requests), size):
-            batch = requests[start:start + size]
+            batch = requests[start : start + size]
             completions = self._run_batch([r for _, r in batch])
-            for offset, ((text, request), done) in enumerate(
-                    zip(batch, completions, strict=True)):
+            for offset, ((text, request), done) in enumerate(zip(batch, completions, strict=True)):
                 yield start + offset, self._output(start + offset, text, request, done)
 
     def _run_batch(self, batch: list[Request]) -> list[Completion]:
@@ -237,9 +271,14 @@ class LLM:
             except (WorkerError, PlacementError) as exc:
                 if attempt == parallel.max_restarts:
                     raise
-                delay = parallel.restart_backoff_s * 2 ** attempt
-                log.warning("%s; rebuilding the gang in %.1fs (retry %d of %d)",
-                            str(exc).splitlines()[0], delay, attempt + 1, parallel.max_restarts)
+                delay = parallel.restart_backoff_s * 2**attempt
+                log.warning(
+                    "%s; rebuilding the gang in %.1fs (retry %d of %d)",
+                    str(exc).splitlines()[0],
+                    delay,
+                    attempt + 1,
+                    parallel.max_restarts,
+                )
                 self.engine.shutdown()
                 time.sleep(delay)
             except BaseException:
@@ -249,17 +288,26 @@ class LLM:
                 raise
         raise AssertionError("unreachable")
 
-    def _output(self, index: int, prompt: str | None, request: Request,
-                done: Completion) -> RequestOutput:
+    def _output(
+        self, index: int, prompt: str | None, request: Request, done: Completion
+    ) -> RequestOutput:
         if done.error is not None:  # the driver checks first, so this is a rank-side veto
             raise PromptError(f"request #{index}: {done.error}")
         text = done.text
         if request.params.echo:
-            shown = prompt if prompt is not None else self.tokenizer.decode(
-                request.prompt_token_ids)
+            shown = (
+                prompt if prompt is not None else self.tokenizer.decode(request.prompt_token_ids)
+            )
             text = shown + text
-        return RequestOutput(index, prompt, request.prompt_token_ids, text, done.token_ids,
-                             done.logprobs, done.finish_reason)
+        return RequestOutput(
+            index,
+            prompt,
+            request.prompt_token_ids,
+            text,
+            done.token_ids,
+            done.logprobs,
+            done.finish_reason,
+        )
 
     # ------------------------------------------------------------------ closing
 
@@ -289,13 +337,15 @@ class LLM:
             pass
 
 
-def _inspect_checkpoint(checkpoint_dir: str, tokenizer_path: str | None
-                        ) -> tuple[Tokenizer, ModelArgs, list[Path]]:
+def _inspect_checkpoint(
+    checkpoint_dir: str, tokenizer_path: str | None
+) -> tuple[Tokenizer, ModelArgs, list[Path]]:
     shards = checkpoint.find_shards(checkpoint_dir)
     args = checkpoint.read_params(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint.find_tokenizer(checkpoint_dir, tokenizer_path))
-    args = checkpoint.resolve_vocab(args, tokenizer.n_words,
-                                    str(Path(checkpoint_dir) / "params.json"))
+    args = checkpoint.resolve_vocab(
+        args, tokenizer.n_words, str(Path(checkpoint_dir) / "params.json")
+    )
     return tokenizer, args, shards
 
 
@@ -320,16 +370,18 @@ def _check_shards(shards: list[Path], args: ModelArgs) -> None:
         del state
 
 
-def _per_request(sampling_params: SamplingParams | Sequence[SamplingParams] | None,
-                 n: int) -> list[SamplingParams]:
+def _per_request(
+    sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
+) -> list[SamplingParams]:
     if sampling_params is None:
         return [SamplingParams()] * n
     if isinstance(sampling_params, SamplingParams):
         return [sampling_params] * n
     params = list(sampling_params)
     if len(params) != n:
-        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts; pass one, or "
-                         "one per prompt")
+        raise ValueError(
+            f"got {len(params)} SamplingParams for {n} prompts; pass one, or one per prompt"
+        )
     for i, p in enumerate(params):
         if not isinstance(p, SamplingParams):
             raise TypeError(f"sampling_params[{i}] is {type(p).__name__}, not SamplingParams")
@@ -344,8 +396,10 @@ def _check_ids(ids: Any, index: int, vocab_size: int) -> list[int]:
         raise PromptError(f"prompt_token_ids[{index}] is empty")
     bad = [t for t in out if not isinstance(t, int) or not 0 <= t < vocab_size]
     if bad:
-        raise PromptError(f"prompt_token_ids[{index}] has id(s) {bad[:5]} outside the "
-                          f"vocabulary 0..{vocab_size - 1}")
+        raise PromptError(
+            f"prompt_token_ids[{index}] has id(s) {bad[:5]} outside the "
+            f"vocabulary 0..{vocab_size - 1}"
+        )
     return out
 
 

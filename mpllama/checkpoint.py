@@ -58,17 +58,19 @@ def full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, d)}
     for i in range(args.n_layers):
         p = f"layers.{i}."
-        shapes.update({
-            p + "attention.wq.weight": (args.n_heads * hd, d),
-            p + "attention.wk.weight": (args.kv_heads * hd, d),
-            p + "attention.wv.weight": (args.kv_heads * hd, d),
-            p + "attention.wo.weight": (d, args.n_heads * hd),
-            p + "feed_forward.w1.weight": (f, d),
-            p + "feed_forward.w2.weight": (d, f),
-            p + "feed_forward.w3.weight": (f, d),
-            p + "attention_norm.weight": (d,),
-            p + "ffn_norm.weight": (d,),
-        })
+        shapes.update(
+            {
+                p + "attention.wq.weight": (args.n_heads * hd, d),
+                p + "attention.wk.weight": (args.kv_heads * hd, d),
+                p + "attention.wv.weight": (args.kv_heads * hd, d),
+                p + "attention.wo.weight": (d, args.n_heads * hd),
+                p + "feed_forward.w1.weight": (f, d),
+                p + "feed_forward.w2.weight": (d, f),
+                p + "feed_forward.w3.weight": (f, d),
+                p + "attention_norm.weight": (d,),
+                p + "ffn_norm.weight": (d,),
+            }
+        )
     shapes["norm.weight"] = (d,)
     shapes["output.weight"] = (args.vocab_size, d)
     return shapes
@@ -80,7 +82,7 @@ def shard_shapes(args: ModelArgs, parts: int) -> dict[str, tuple[int, ...]]:
     for key, shape in full_shapes(args).items():
         axis = shard_axis(key)
         if axis is not None:
-            shape = shape[:axis] + (shape[axis] // parts,) + shape[axis + 1:]
+            shape = shape[:axis] + (shape[axis] // parts,) + shape[axis + 1 :]
         out[key] = shape
     return out
 
@@ -89,14 +91,17 @@ def check_model_parallel(args: ModelArgs, size: int) -> None:
     """Raise ConfigError unless ``size`` ranks can split every sharded dimension evenly."""
     if size < 1:
         raise ConfigError(f"model_parallel_size={size}: it must be >= 1")
-    dims = {"n_heads": args.n_heads, "n_kv_heads": args.kv_heads, "FFN width": args.ffn_dim,
-            "dim": args.dim}
+    dims = {
+        "n_heads": args.n_heads,
+        "n_kv_heads": args.kv_heads,
+        "FFN width": args.ffn_dim,
+        "dim": args.dim,
+    }
     if args.vocab_size > 0:
         dims["vocab_size"] = args.vocab_size
     bad = [f"{name}={value}" for name, value in dims.items() if value % size]
     if bad:
-        fits = [n for n in range(1, args.n_heads + 1)
-                if all(v % n == 0 for v in dims.values())]
+        fits = [n for n in range(1, args.n_heads + 1) if all(v % n == 0 for v in dims.values())]
         raise ConfigError(
             f"model_parallel_size={size} does not divide {', '.join(bad)}; "
             f"sizes that fit this model: {fits}"
@@ -152,8 +157,10 @@ def find_shards(checkpoint_dir: str | Path) -> list[Path]:
 def read_params(checkpoint_dir: str | Path) -> ModelArgs:
     path = Path(checkpoint_dir) / "params.json"
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing: a Meta checkpoint folder holds params.json "
-                              "beside its consolidated.NN.pth shards")
+        raise CheckpointError(
+            f"{path} is missing: a Meta checkpoint folder holds params.json "
+            "beside its consolidated.NN.pth shards"
+        )
     try:
         params = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -202,24 +209,32 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             reason = "it holds Python objects other than tensors, refused for safety"
-        raise CheckpointError(f"cannot read shard {path}: {reason}. Is the file truncated, "
-                              "corrupt or not a PyTorch state dict?") from None
+        raise CheckpointError(
+            f"cannot read shard {path}: {reason}. Is the file truncated, "
+            "corrupt or not a PyTorch state dict?"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a state dict (got {type(state).__name__})")
     return {k: v for k, v in state.items() if k not in IGNORED_KEYS}
 
 
-def check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
-                source: str) -> None:
+def check_state(
+    state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str
+) -> None:
     """Strict: a missing, unexpected or mis-shaped key is an error listing the keys."""
     problems = []
-    for label, keys in (("missing", [k for k in expected if k not in state]),
-                        ("unexpected", [k for k in state if k not in expected])):
+    for label, keys in (
+        ("missing", [k for k in expected if k not in state]),
+        ("unexpected", [k for k in state if k not in expected]),
+    ):
         if keys:
             problems.append(f"{len(keys)} {label} key(s): {_few(keys)}")
-    wrong = [f"{k} {tuple(state[k].shape)} != {expected[k]}" for k in expected
-             if k in state and (not isinstance(state[k], torch.Tensor)
-                                or tuple(state[k].shape) != expected[k])]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {expected[k]}"
+        for k in expected
+        if k in state
+        and (not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != expected[k])
+    ]
     if wrong:
         problems.append(f"{len(wrong)} wrong shape(s): {_few(wrong)}")
     if problems:
@@ -231,8 +246,9 @@ def _few(items: list[str], n: int = 5) -> str:
     return shown + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def load_rank_state(shards: list[Path], args: ModelArgs, rank: int,
-                    world: int) -> dict[str, torch.Tensor]:
+def load_rank_state(
+    shards: list[Path], args: ModelArgs, rank: int, world: int
+) -> dict[str, torch.Tensor]:
     """The weights rank ``rank`` of ``world`` needs, read from its shard(s) only.
 
     Slices and concatenations are copied into fresh tensors of this rank's size; when
@@ -253,8 +269,10 @@ def load_rank_state(shards: list[Path], args: ModelArgs, rank: int,
         if axis is None:
             first = loaded[0][key]
             if any(not torch.equal(first, other[key]) for other in loaded[1:]):
-                raise CheckpointError(f"replicated weight {key} differs between shards "
-                                      f"{[shards[i].name for i in files]}")
+                raise CheckpointError(
+                    f"replicated weight {key} differs between shards "
+                    f"{[shards[i].name for i in files]}"
+                )
             out[key] = first.clone() if pieces > 1 else first
         elif len(loaded) > 1:
             out[key] = torch.cat([s[key] for s in loaded], dim=axis)
@@ -267,17 +285,24 @@ def load_rank_state(shards: list[Path], args: ModelArgs, rank: int,
 
 PRESETS: dict[str, ModelArgs] = {
     # Divisible by 1, 2 and 4 ranks everywhere; GQA so the KV-head path is exercised.
-    "tiny": ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=4, multiple_of=32,
-                      norm_eps=1e-5),
-    "small": ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, multiple_of=64,
-                       norm_eps=1e-5),
-    "medium": ModelArgs(dim=1024, n_layers=12, n_heads=16, n_kv_heads=8, multiple_of=128,
-                        ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0),
+    "tiny": ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=4, multiple_of=32, norm_eps=1e-5),
+    "small": ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, multiple_of=64, norm_eps=1e-5),
+    "medium": ModelArgs(
+        dim=1024,
+        n_layers=12,
+        n_heads=16,
+        n_kv_heads=8,
+        multiple_of=128,
+        ffn_dim_multiplier=1.3,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+    ),
 }
 
 
-def random_state(args: ModelArgs, seed: int = 0,
-                 dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def random_state(
+    args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """Seeded random full-size weights, scaled so a tiny model's logits are well spread
     (near-ties would make greedy tokens fragile between implementations)."""
     gen = torch.Generator().manual_seed(seed)
@@ -306,8 +331,9 @@ def split_state(state: dict[str, torch.Tensor], parts: int) -> list[dict[str, to
     return shards
 
 
-def write_checkpoint(out_dir: str | Path, args: ModelArgs, state: dict[str, torch.Tensor],
-                     parts: int) -> list[Path]:
+def write_checkpoint(
+    out_dir: str | Path, args: ModelArgs, state: dict[str, torch.Tensor], parts: int
+) -> list[Path]:
     """Write ``state`` (full size) as ``parts`` consolidated.NN.pth shards + params.json."""
     check_model_parallel(args, parts)
     out = Path(out_dir)
@@ -323,9 +349,14 @@ def write_checkpoint(out_dir: str | Path, args: ModelArgs, state: dict[str, torc
     return paths
 
 
-def init_checkpoint(out_dir: str | Path, preset: str | ModelArgs = "tiny", parts: int = 1,
-                    seed: int = 0, dtype: torch.dtype = torch.float32,
-                    vocab_size: int = 512) -> Path:
+def init_checkpoint(
+    out_dir: str | Path,
+    preset: str | ModelArgs = "tiny",
+    parts: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    vocab_size: int = 512,
+) -> Path:
     """A seeded random checkpoint with its own freshly trained tokenizer.model."""
     from .tokenizer import Tokenizer, train_tokenizer
 

@@ -54,9 +54,7 @@ class ModelArgs:
         for name in ("dim", "n_layers", "n_heads", "multiple_of"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{source}: {name} must be >= 1, got {getattr(self, name)}")
-        if self.n_kv_heads is not None and (
-            self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads
-        ):
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
             raise ConfigError(
                 f"{source}: n_kv_heads={self.n_kv_heads} must be >= 1 and divide "
                 f"n_heads={self.n_heads}"
@@ -222,11 +220,19 @@ class RunConfig:
     job: JobConfig = field(default_factory=JobConfig)
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "parallel": ParallelConfig,
-                             "runtime": RuntimeConfig, "sampling": SamplingParams,
-                             "job": JobConfig}
-PATH_KEYS = {("model", "checkpoint_dir"), ("model", "tokenizer_path"), ("job", "input"),
-             ("job", "output")}
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "runtime": RuntimeConfig,
+    "sampling": SamplingParams,
+    "job": JobConfig,
+}
+PATH_KEYS = {
+    ("model", "checkpoint_dir"),
+    ("model", "tokenizer_path"),
+    ("job", "input"),
+    ("job", "output"),
+}
 
 
 def ray_address_from_env() -> str | None:
@@ -355,8 +361,13 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(h) for h in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
         return "a list of strings"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
-            type(None): "null"}.get(hint, str(hint))
+    return {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true/false",
+        type(None): "null",
+    }.get(hint, str(hint))
 
 
 def _check_types(obj: Any, source: str) -> None:

@@ -31,8 +31,10 @@ def resolve_device(device: str) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' was asked for but this rank sees no GPU "
-                              "(torch.cuda.is_available() is False); use device: auto or cpu")
+            raise ConfigError(
+                "device 'cuda' was asked for but this rank sees no GPU "
+                "(torch.cuda.is_available() is False); use device: auto or cpu"
+            )
         return torch.device("cuda", torch.cuda.current_device())
     if device == "cpu":
         return torch.device("cpu")
@@ -49,7 +51,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     try:
         return _DTYPES[dtype]
     except KeyError:
-        raise ConfigError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}") from None
+        raise ConfigError(
+            f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}"
+        ) from None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -79,12 +83,26 @@ def interface_for_ip(ip: str) -> str | None:
 
 def open_store(host: str, world_size: int, timeout_s: float) -> dist.TCPStore:
     """Rank 0's rendezvous store on ``host`` with a port the OS picks (never a fixed one)."""
-    return dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False,
-                         timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.TCPStore(
+        host,
+        0,
+        world_size,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
 
 
-def init_ranks(rank: int, world_size: int, host: str, port: int, backend: str, node_ip: str,
-               timeout_s: float, store: dist.TCPStore | None = None) -> None:
+def init_ranks(
+    rank: int,
+    world_size: int,
+    host: str,
+    port: int,
+    backend: str,
+    node_ip: str,
+    timeout_s: float,
+    store: dist.TCPStore | None = None,
+) -> None:
     """Join the process group through rank 0's store and set up fairscale's groups."""
     iface = interface_for_ip(node_ip)
     if iface is not None:
@@ -95,11 +113,17 @@ def init_ranks(rank: int, world_size: int, host: str, port: int, backend: str, n
     timeout = datetime.timedelta(seconds=timeout_s)
     if store is None:
         store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                            timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     fs_init.initialize_model_parallel(world_size)
-    log.info("rank %d/%d joined via %s:%d (%s, interface %s)", rank, world_size, host, port,
-             backend, iface or "default")
+    log.info(
+        "rank %d/%d joined via %s:%d (%s, interface %s)",
+        rank,
+        world_size,
+        host,
+        port,
+        backend,
+        iface or "default",
+    )
 
 
 def init_single(backend: str = "gloo") -> None:
@@ -120,8 +144,11 @@ def teardown() -> None:
 def broadcast_from_lead(tensor: torch.Tensor) -> torch.Tensor:
     """Every rank gets model-parallel rank 0's ``tensor`` (in place; returned for chaining)."""
     if fs_init.get_model_parallel_world_size() > 1:
-        dist.broadcast(tensor, src=fs_init.get_model_parallel_src_rank(),
-                       group=fs_init.get_model_parallel_group())
+        dist.broadcast(
+            tensor,
+            src=fs_init.get_model_parallel_src_rank(),
+            group=fs_init.get_model_parallel_group(),
+        )
     return tensor
 
 

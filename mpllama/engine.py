@@ -46,8 +46,9 @@ class RankActor(RankWorker):
 
 
 # Work (setup, generate) runs in order on one thread; heartbeats on another.
-_RemoteRank = ray.remote(max_restarts=0, max_task_retries=0,
-                         concurrency_groups={"health": 1})(RankActor)
+_RemoteRank = ray.remote(max_restarts=0, max_task_retries=0, concurrency_groups={"health": 1})(
+    RankActor
+)
 
 
 class Engine:
@@ -94,8 +95,9 @@ class Engine:
         self.pg = placement_group([dict(bundle)] * self.world_size, strategy=strategy)
         ready, _ = ray.wait([self.pg.ready()], timeout=self.parallel.placement_timeout_s)
         if not ready:
-            available = {k: v for k, v in ray.available_resources().items()
-                         if k in ("CPU", "GPU", "memory")}
+            available = {
+                k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU", "memory")
+            }
             self.shutdown()
             raise PlacementError(
                 f"could not place {self.world_size} rank(s) of {bundle} each ({strategy}) "
@@ -108,9 +110,11 @@ class Engine:
         spec = self.spec if self.spec.threads == threads else _with_threads(self.spec, threads)
         self.actors = [
             _RemoteRank.options(
-                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+                num_cpus=bundle["CPU"],
+                num_gpus=bundle.get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.pg, placement_group_bundle_index=rank),
+                    self.pg, placement_group_bundle_index=rank
+                ),
             ).remote(rank, spec)
             for rank in range(self.world_size)
         ]
@@ -119,8 +123,11 @@ class Engine:
         port = self.call_one(0, "open_store", host, timeout=timeout)
         self.rank_info = self.call_all("setup_on_node", host, port, timeout=timeout)
         self._up = True
-        log.info("engine up: %d rank(s) %s", self.world_size,
-                 [(i["device"], i["backend"]) for i in self.rank_info])
+        log.info(
+            "engine up: %d rank(s) %s",
+            self.world_size,
+            [(i["device"], i["backend"]) for i in self.rank_info],
+        )
 
     def shutdown(self) -> None:
         """Kill every actor and free the placement group. Safe to call twice."""
@@ -149,8 +156,9 @@ class Engine:
     # ------------------------------------------------------------------ calls
 
     def call_one(self, rank: int, method: str, *args: Any, timeout: float | None = None) -> Any:
-        return self._gather({rank: getattr(self.actors[rank], method).remote(*args)}, method,
-                            timeout)[0]
+        return self._gather(
+            {rank: getattr(self.actors[rank], method).remote(*args)}, method, timeout
+        )[0]
 
     def call_all(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
         """Call ``method`` on every rank; return each rank's result, in rank order.
@@ -159,8 +167,7 @@ class Engine:
         naming the rank and method, with the remote traceback.
         """
         if not self.actors:
-            raise WorkerError(f"cannot call {method}: the engine has been shut down",
-                              method=method)
+            raise WorkerError(f"cannot call {method}: the engine has been shut down", method=method)
         refs = {rank: getattr(a, method).remote(*args) for rank, a in enumerate(self.actors)}
         return self._gather(refs, method, timeout)
 
@@ -173,8 +180,9 @@ class Engine:
         heartbeats = _Heartbeats(self, list(refs), self.parallel.collective_timeout_s)
         while pending:
             left = deadline - time.monotonic()
-            ready, pending = ray.wait(pending, num_returns=1,
-                                      timeout=max(0.0, min(left, heartbeats.interval)))
+            ready, pending = ray.wait(
+                pending, num_returns=1, timeout=max(0.0, min(left, heartbeats.interval))
+            )
             if not ready and left > heartbeats.interval:
                 silent = heartbeats.check() if self._up else None
                 if silent is not None:
@@ -182,15 +190,20 @@ class Engine:
                     raise WorkerError(
                         f"rank {silent} stopped answering during {method}: no heartbeat for "
                         f"{heartbeats.limit:g}s (parallel.collective_timeout_s); the process "
-                        "is stopped or starved. The gang was stopped", rank=silent,
-                        method=method)
+                        "is stopped or starved. The gang was stopped",
+                        rank=silent,
+                        method=method,
+                    )
                 continue
             if not ready:
                 late = sorted(rank_of[r] for r in pending)
                 self.shutdown()
-                raise WorkerError(f"rank(s) {late} did not finish {method} within {timeout:g}s "
-                                  "(parallel.call_timeout_s); the gang was stopped",
-                                  rank=late[0], method=method)
+                raise WorkerError(
+                    f"rank(s) {late} did not finish {method} within {timeout:g}s "
+                    "(parallel.call_timeout_s); the gang was stopped",
+                    rank=late[0],
+                    method=method,
+                )
             for ref in ready:
                 rank = rank_of[ref]
                 try:
@@ -221,8 +234,11 @@ class _Heartbeats:
         heartbeat has gone unanswered for ``limit`` seconds, if any."""
         now = time.monotonic()
         in_flight = [ref for ref, _ in self.sent.values()]
-        done = set(ray.wait(in_flight, num_returns=len(in_flight), timeout=0)[0]
-                   ) if in_flight else set()
+        done = (
+            set(ray.wait(in_flight, num_returns=len(in_flight), timeout=0)[0])
+            if in_flight
+            else set()
+        )
         for rank in self.ranks:
             if rank in self.sent and self.sent[rank][0] in done:
                 del self.sent[rank]  # answered (or the rank died: the call itself says so)
@@ -256,8 +272,12 @@ def _worker_error(exc: Exception, rank: int, method: str) -> WorkerError:
         cause = getattr(exc, "cause", None) or exc
         message = f"rank {rank} raised {type(cause).__name__} in {method}: {cause}"
         return WorkerError(message, rank=rank, method=method, remote_traceback=remote)
-    return WorkerError(f"rank {rank} died during {method}: {remote.splitlines()[0]}",
-                       rank=rank, method=method, remote_traceback=remote)
+    return WorkerError(
+        f"rank {rank} died during {method}: {remote.splitlines()[0]}",
+        rank=rank,
+        method=method,
+        remote_traceback=remote,
+    )
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -27,8 +27,14 @@ class WorkerError(MpllamaError):
     failure on one rank is visible from the driver instead of hanging the others.
     """
 
-    def __init__(self, message: str, *, rank: int | None = None, method: str | None = None,
-                 remote_traceback: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        rank: int | None = None,
+        method: str | None = None,
+        remote_traceback: str | None = None,
+    ) -> None:
         self.rank = rank
         self.method = method
         self.remote_traceback = remote_traceback

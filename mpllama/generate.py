@@ -44,16 +44,24 @@ def check_request(request: Request, max_seq_len: int, vocab_size: int) -> str | 
     if n == 0:
         return "the prompt has no tokens"
     if n >= max_seq_len:
-        return (f"the prompt has {n} tokens but max_seq_len is {max_seq_len}, which leaves "
-                "no room to generate; shorten the prompt or raise runtime.max_seq_len")
+        return (
+            f"the prompt has {n} tokens but max_seq_len is {max_seq_len}, which leaves "
+            "no room to generate; shorten the prompt or raise runtime.max_seq_len"
+        )
     bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab_size]
     if bad:
         return f"token id(s) {bad[:5]} are outside the vocabulary 0..{vocab_size - 1}"
     return None
 
 
-def generate(model: Transformer, tokenizer: Tokenizer, requests: list[Request], *,
-             lead: bool = True, sync: Sync | None = None) -> list[Completion]:
+def generate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    requests: list[Request],
+    *,
+    lead: bool = True,
+    sync: Sync | None = None,
+) -> list[Completion]:
     """Complete every request; returns one Completion each on the lead rank, [] elsewhere.
 
     Requests beyond the KV cache's batch size run in successive chunks. A request that
@@ -63,12 +71,13 @@ def generate(model: Transformer, tokenizer: Tokenizer, requests: list[Request], 
     out: list[Completion] = []
     size = model.max_batch_size
     for start in range(0, len(requests), size):
-        out.extend(_generate_batch(model, tokenizer, requests[start:start + size], lead, sync))
+        out.extend(_generate_batch(model, tokenizer, requests[start : start + size], lead, sync))
     return out if lead else []
 
 
-def _generate_batch(model: Transformer, tokenizer: Tokenizer, requests: list[Request],
-                    lead: bool, sync: Sync | None) -> list[Completion]:
+def _generate_batch(
+    model: Transformer, tokenizer: Tokenizer, requests: list[Request], lead: bool, sync: Sync | None
+) -> list[Completion]:
     results: list[Completion | None] = [None] * len(requests)
     runnable = []
     for i, request in enumerate(requests):
@@ -86,8 +95,9 @@ def _generate_batch(model: Transformer, tokenizer: Tokenizer, requests: list[Req
     return [r for r in results if r is not None]
 
 
-def _decode(model: Transformer, tokenizer: Tokenizer, requests: list[Request], lead: bool,
-            sync: Sync | None) -> list[Completion]:
+def _decode(
+    model: Transformer, tokenizer: Tokenizer, requests: list[Request], lead: bool, sync: Sync | None
+) -> list[Completion]:
     device = model.device
     B = len(requests)
     lengths = torch.tensor([len(r.prompt_token_ids) for r in requests], device=device)
@@ -100,11 +110,14 @@ def _decode(model: Transformer, tokenizer: Tokenizer, requests: list[Request], l
     positions = lengths.clone()
 
     params = [r.params for r in requests]
-    budget = [min(p.max_tokens, model.max_seq_len - len(r.prompt_token_ids))
-              for p, r in zip(params, requests, strict=True)]
-    generators = [None if p.greedy else
-                  torch.Generator(device=device).manual_seed(r.seed)
-                  for p, r in zip(params, requests, strict=True)]
+    budget = [
+        min(p.max_tokens, model.max_seq_len - len(r.prompt_token_ids))
+        for p, r in zip(params, requests, strict=True)
+    ]
+    generators = [
+        None if p.greedy else torch.Generator(device=device).manual_seed(r.seed)
+        for p, r in zip(params, requests, strict=True)
+    ]
     want_logprobs = any(p.logprobs for p in params)
     generated: list[list[int]] = [[] for _ in requests]
     logprobs: list[list[float]] = [[] for _ in requests]
@@ -117,8 +130,18 @@ def _decode(model: Transformer, tokenizer: Tokenizer, requests: list[Request], l
             chosen_lp = log_probs(logits, chosen).tolist() if want_logprobs else None
             for row, token in enumerate(chosen.tolist()):
                 if reasons[row] is None:
-                    _advance(row, token, chosen_lp, tokenizer, params[row], budget[row],
-                             generated, logprobs, texts, reasons)
+                    _advance(
+                        row,
+                        token,
+                        chosen_lp,
+                        tokenizer,
+                        params[row],
+                        budget[row],
+                        generated,
+                        logprobs,
+                        texts,
+                        reasons,
+                    )
             done = torch.tensor([r is not None for r in reasons], device=device)
             packet = torch.stack((chosen, done.long()))
         else:
@@ -138,16 +161,29 @@ def _decode(model: Transformer, tokenizer: Tokenizer, requests: list[Request], l
     out = []
     for row in range(B):
         text = texts[row] if texts[row] is not None else tokenizer.decode(generated[row])
-        out.append(Completion(generated[row], text,
-                              logprobs[row] if params[row].logprobs else None,
-                              reasons[row] or "length"))
+        out.append(
+            Completion(
+                generated[row],
+                text,
+                logprobs[row] if params[row].logprobs else None,
+                reasons[row] or "length",
+            )
+        )
     return out
 
 
-def _advance(row: int, token: int, chosen_lp: list[float] | None, tokenizer: Tokenizer,
-             params: SamplingParams, budget: int, generated: list[list[int]],
-             logprobs: list[list[float]], texts: list[str | None],
-             reasons: list[str | None]) -> None:
+def _advance(
+    row: int,
+    token: int,
+    chosen_lp: list[float] | None,
+    tokenizer: Tokenizer,
+    params: SamplingParams,
+    budget: int,
+    generated: list[list[int]],
+    logprobs: list[list[float]],
+    texts: list[str | None],
+    reasons: list[str | None],
+) -> None:
     """Record one chosen token for ``row`` and decide whether the row has finished."""
     if token == tokenizer.eos_id and not params.ignore_eos:
         reasons[row] = "stop"  # EOS ends the row and is not part of the output

@@ -44,24 +44,47 @@ def _bare(cls: type[nn.Module], **attrs: object) -> nn.Module:
 
 def column_parallel(in_features: int, out_features: int, gather_output: bool) -> nn.Module:
     per_rank = out_features // get_model_parallel_world_size()
-    return _bare(ColumnParallelLinear, in_features=in_features, out_features=out_features,
-                 gather_output=gather_output, output_size_per_partition=per_rank,
-                 master_weight=None, weight=_meta_weight(per_rank, in_features), bias=None)
+    return _bare(
+        ColumnParallelLinear,
+        in_features=in_features,
+        out_features=out_features,
+        gather_output=gather_output,
+        output_size_per_partition=per_rank,
+        master_weight=None,
+        weight=_meta_weight(per_rank, in_features),
+        bias=None,
+    )
 
 
 def row_parallel(in_features: int, out_features: int) -> nn.Module:
     per_rank = in_features // get_model_parallel_world_size()
-    return _bare(RowParallelLinear, in_features=in_features, out_features=out_features,
-                 input_is_parallel=True, input_size_per_partition=per_rank,
-                 master_weight=None, weight=_meta_weight(out_features, per_rank), bias=None)
+    return _bare(
+        RowParallelLinear,
+        in_features=in_features,
+        out_features=out_features,
+        input_is_parallel=True,
+        input_size_per_partition=per_rank,
+        master_weight=None,
+        weight=_meta_weight(out_features, per_rank),
+        bias=None,
+    )
 
 
 def parallel_embedding(num_embeddings: int, embedding_dim: int) -> nn.Module:
     per_rank = embedding_dim // get_model_parallel_world_size()
-    return _bare(ParallelEmbedding, num_embeddings=num_embeddings, embedding_dim=embedding_dim,
-                 padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
-                 sparse=False, _weight=None, embedding_dim_per_partition=per_rank,
-                 weight=_meta_weight(num_embeddings, per_rank))
+    return _bare(
+        ParallelEmbedding,
+        num_embeddings=num_embeddings,
+        embedding_dim=embedding_dim,
+        padding_idx=None,
+        max_norm=None,
+        norm_type=2.0,
+        scale_grad_by_freq=False,
+        sparse=False,
+        _weight=None,
+        embedding_dim_per_partition=per_rank,
+        weight=_meta_weight(num_embeddings, per_rank),
+    )
 
 
 class RMSNorm(nn.Module):
@@ -77,8 +100,9 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    head_dim: int, max_seq_len: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of every (position, pair) angle, [max_seq_len, head_dim // 2] float32."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
@@ -108,8 +132,14 @@ class Attention(nn.Module):
         self.cache_k: torch.Tensor | None = None  # [B_max, S_max, K, D]
         self.cache_v: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
         assert self.cache_k is not None and self.cache_v is not None, "call setup_caches first"
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)
@@ -128,8 +158,9 @@ class Attention(nn.Module):
         # Grouped-query attention: each K/V head serves n_heads / n_kv_heads query heads;
         # enable_gqa shares them without materialising repeated copies of the cache.
         gqa = self.n_local_heads != self.n_local_kv_heads
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                             enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=gqa
+        )
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -152,8 +183,14 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), positions, cos, sin, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -190,13 +227,15 @@ class Transformer(nn.Module):
             shape = (max_batch_size, max_seq_len, attn.n_local_kv_heads, attn.head_dim)
             attn.cache_k = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
             attn.cache_v = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
-        self.rope_cos, self.rope_sin = rope_tables(self.args.head_dim, max_seq_len,
-                                                   self.args.rope_theta, weight.device)
+        self.rope_cos, self.rope_sin = rope_tables(
+            self.args.head_dim, max_seq_len, self.args.rope_theta, weight.device
+        )
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: torch.Tensor,
-                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, start_pos: torch.Tensor, logits_at: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Run T new tokens per row and return float32 logits.
 
         tokens [B,T]; start_pos [B], each row's first new position (its cached length);
@@ -205,8 +244,9 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         if B > self.max_batch_size or T > self.max_seq_len:
-            raise ValueError(f"batch {B}x{T} exceeds the cache "
-                             f"{self.max_batch_size}x{self.max_seq_len}")
+            raise ValueError(
+                f"batch {B}x{T} exceeds the cache {self.max_batch_size}x{self.max_seq_len}"
+            )
         positions = start_pos[:, None] + torch.arange(T, device=tokens.device)  # [B,T]
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B,T,D/2]
         S = int(positions.max()) + 1
@@ -220,8 +260,9 @@ class Transformer(nn.Module):
         return self.output(self.norm(h)).float()
 
 
-def materialize(model: Transformer, state: dict[str, torch.Tensor], device: torch.device,
-                dtype: torch.dtype) -> Transformer:
+def materialize(
+    model: Transformer, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> Transformer:
     """Assign loaded weights into a meta-built model, moving only what must move.
 
     Tensors already on ``device`` in ``dtype`` (e.g. memory-mapped shards) are used as

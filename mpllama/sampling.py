@@ -45,8 +45,9 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample(logits: torch.Tensor, params: SamplingParams,
-           generator: torch.Generator | None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> torch.Tensor:
     """[V] logits of one row -> a 0-d token id tensor, following ``params``."""
     if params.greedy:
         return greedy(logits)
@@ -56,8 +57,9 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     return torch.multinomial(probs, 1, generator=generator)[0]
 
 
-def next_tokens(logits: torch.Tensor, params: list[SamplingParams],
-                generators: list[torch.Generator | None]) -> torch.Tensor:
+def next_tokens(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
     """[B, V] -> [B]: greedy rows in one argmax, sampled rows each with its own generator."""
     tokens = greedy(logits)
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):

@@ -72,8 +72,16 @@ class RankWorker:
         if spec.world_size == 1:
             dist.init_single(backend)
         else:
-            dist.init_ranks(self.rank, spec.world_size, host, port, backend, node_ip,
-                            spec.collective_timeout_s, store=self._store)
+            dist.init_ranks(
+                self.rank,
+                spec.world_size,
+                host,
+                port,
+                backend,
+                node_ip,
+                spec.collective_timeout_s,
+                store=self._store,
+            )
         # Every rank seeded alike (the lead's choices are what count, but any randomness
         # a rank uses on its own must not make it differ from the others).
         torch.manual_seed(spec.seed)
@@ -83,10 +91,16 @@ class RankWorker:
         self.model = materialize(Transformer(spec.args), state, device, dtype)
         del state
         self.model.setup_caches(spec.max_batch_size, spec.max_seq_len)
-        info = {"rank": self.rank, "device": str(device), "dtype": str(dtype).split(".")[-1],
-                "backend": backend, "load_s": round(time.perf_counter() - started, 3),
-                "rss_before_load_mb": self._rss_before_load,
-                "peak_rss_mb": peak_rss_mb(), "pid": os.getpid()}
+        info = {
+            "rank": self.rank,
+            "device": str(device),
+            "dtype": str(dtype).split(".")[-1],
+            "backend": backend,
+            "load_s": round(time.perf_counter() - started, 3),
+            "rss_before_load_mb": self._rss_before_load,
+            "peak_rss_mb": peak_rss_mb(),
+            "pid": os.getpid(),
+        }
         log.info("ready: %s", info)
         return info
 
