@@ -176,7 +176,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Complete every prompt (any number); results come back in input order."""
         requests = self._requests(prompts, prompt_token_ids, sampling_params)
-        return [out for _, out in self._run(requests)]
+        return [out for batch in self._run(requests) for out in batch]
 
     def chat(
         self,
@@ -200,11 +200,10 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
-    ) -> Iterator[RequestOutput]:
-        """Like ``generate``, but yields each batch's results as soon as it is done."""
-        requests = self._requests(prompts, prompt_token_ids, sampling_params)
-        for _, out in self._run(requests):
-            yield out
+    ) -> Iterator[list[RequestOutput]]:
+        """Like ``generate``, but yields each batch's results (in input order) as soon as
+        that batch is done, so a caller can save them before the next batch runs."""
+        yield from self._run(self._requests(prompts, prompt_token_ids, sampling_params))
 
     def _requests(
         self,
@@ -248,15 +247,17 @@ class LLM:
             raise PromptError(f"prompt #{index} is empty; give at least one character")
         return self.tokenizer.encode(prompt, bos=True, eos=False)
 
-    def _run(
-        self, requests: list[tuple[str | None, Request]]
-    ) -> Iterator[tuple[int, RequestOutput]]:
+    def _run(self, requests: list[tuple[str | None, Request]]) -> Iterator[list[RequestOutput]]:
         size = self.config.runtime.max_batch_size
         for start in range(0, len(requests), size):
             batch = requests[start : start + size]
             completions = self._run_batch([r for _, r in batch])
-            for offset, ((text, request), done) in enumerate(zip(batch, completions, strict=True)):
-                yield start + offset, self._output(start + offset, text, request, done)
+            yield [
+                self._output(start + offset, text, request, done)
+                for offset, ((text, request), done) in enumerate(
+                    zip(batch, completions, strict=True)
+                )
+            ]
 
     def _run_batch(self, batch: list[Request]) -> list[Completion]:
         """One Ray call for the batch; on a rank failure rebuild the gang and replay."""

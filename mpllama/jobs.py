@@ -25,6 +25,7 @@ from typing import IO, Any
 
 from .config import RunConfig, SamplingParams, run_config_from_dict
 from .errors import ConfigError, MpllamaError, PromptError
+from .generate import Request, check_request
 from .tokenizer import encode_dialog
 
 log = logging.getLogger(__name__)
@@ -300,11 +301,9 @@ def _run_pending(
                 ids = encode_dialog(llm.tokenizer, request.messages)
             else:
                 ids = llm.encode_prompt(request.prompt, request.line)
-            if len(ids) >= runtime.max_seq_len:
-                raise PromptError(
-                    f"the prompt has {len(ids)} tokens but max_seq_len is {runtime.max_seq_len}, "
-                    "which leaves no room to generate; shorten it or raise runtime.max_seq_len"
-                )
+            problem = check_request(Request(ids), runtime.max_seq_len, llm.args.vocab_size)
+            if problem:
+                raise PromptError(problem)
         except PromptError as exc:
             log.warning("request %r (line %d): %s", request.id, request.line, exc)
             errors.append({"id": request.id, "error": str(exc), "finish_reason": "error"})
@@ -324,39 +323,36 @@ def _run_pending(
         if not runnable:
             progress.close()
             return
-        # llm.stream runs the requests in input order, max_batch_size at a time, and
-        # yields a batch's results together once it is done: gather them, then append
-        # and fsync the batch before asking for the next one (which starts its compute).
-        size, n = runtime.max_batch_size, len(runnable)
-        batch: list[dict[str, Any]] = []
-        mark, timing = time.perf_counter(), 0.0
+        # Each batch is appended and fsynced as soon as it is done, before the next one
+        # runs: a killed job loses at most the batch in flight.
+        mark = time.perf_counter()
         stream = llm.stream(
             prompt_token_ids=[ids for _, ids, _ in runnable],
             sampling_params=[p for _, _, p in runnable],
         )
-        for out in stream:
-            if not batch:  # the batch's first result: its compute ended just now
-                timing = time.perf_counter() - mark
-            request, ids, params = runnable[out.index]
-            record: dict[str, Any] = {
-                "id": request.id,
-                "text": out.text,
-                "token_ids": out.token_ids,
-                "finish_reason": out.finish_reason,
-            }
-            if params.logprobs:
-                record["logprobs"] = out.logprobs
-            record.update(
-                prompt_tokens=len(ids),
-                completion_tokens=len(out.token_ids),
-                timing=round(timing, 4),
+        for outputs in stream:
+            timing = round(time.perf_counter() - mark, 4)
+            _flush(
+                f, [_record(runnable[out.index], out, timing) for out in outputs], summary, progress
             )
-            batch.append(record)
-            if len(batch) == min(size, n - out.index // size * size):
-                _flush(f, batch, summary, progress)
-                batch, mark = [], time.perf_counter()
-        _flush(f, batch, summary, progress)  # nothing left unless batching changed
+            mark = time.perf_counter()
     progress.close()
+
+
+def _record(
+    job: tuple[JobRequest, list[int], SamplingParams], out: Any, timing: float
+) -> dict[str, Any]:
+    request, ids, params = job
+    record: dict[str, Any] = {
+        "id": request.id,
+        "text": out.text,
+        "token_ids": out.token_ids,
+        "finish_reason": out.finish_reason,
+    }
+    if params.logprobs:
+        record["logprobs"] = out.logprobs
+    record.update(prompt_tokens=len(ids), completion_tokens=len(out.token_ids), timing=timing)
+    return record
 
 
 def _flush(

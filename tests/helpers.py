@@ -10,6 +10,18 @@ import torch
 from mpllama import checkpoint
 from mpllama.config import ModelArgs
 
+# Llama 2 70B's released params.json (GQA, ffn_dim_multiplier), vocab resolved.
+LLAMA2_70B = ModelArgs(
+    dim=8192,
+    n_layers=80,
+    n_heads=64,
+    n_kv_heads=8,
+    vocab_size=32000,
+    multiple_of=4096,
+    ffn_dim_multiplier=1.3,
+    norm_eps=1e-5,
+)
+
 PROMPTS = [
     "Hello world",
     "The quick brown fox jumps over the lazy dog.",

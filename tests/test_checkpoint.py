@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import LLAMA2_70B
 
 from mpllama import checkpoint
 from mpllama.checkpoint import (
@@ -32,16 +33,6 @@ from mpllama.checkpoint import (
 from mpllama.config import ModelArgs
 from mpllama.errors import CheckpointError, ConfigError
 
-LLAMA2_70B = ModelArgs(
-    dim=8192,
-    n_layers=80,
-    n_heads=64,
-    n_kv_heads=8,
-    vocab_size=32000,
-    multiple_of=4096,
-    ffn_dim_multiplier=1.3,
-    norm_eps=1e-5,
-)
 COLUMN = (
     "attention.wq.weight",
     "attention.wk.weight",

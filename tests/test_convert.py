@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import LLAMA2_70B
 
 from mpllama.checkpoint import (
     find_shards,
@@ -68,19 +69,7 @@ RELEASED = {
         ),
         13824,
     ),
-    "llama2-70b": (
-        ModelArgs(
-            dim=8192,
-            n_layers=80,
-            n_heads=64,
-            n_kv_heads=8,
-            vocab_size=32000,
-            multiple_of=4096,
-            ffn_dim_multiplier=1.3,
-            norm_eps=1e-5,
-        ),
-        28672,
-    ),
+    "llama2-70b": (LLAMA2_70B, 28672),
     "codellama-7b": (
         ModelArgs(
             dim=4096,

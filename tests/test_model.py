@@ -12,24 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import LLAMA2_70B
 
 from mpllama import checkpoint
 from mpllama import model as model_module
 from mpllama.checkpoint import PRESETS, shard_shapes
-from mpllama.config import ModelArgs
 from mpllama.model import Transformer, apply_rope, materialize, rope_tables
 
 CPU = torch.device("cpu")
-LLAMA2_70B = ModelArgs(
-    dim=8192,
-    n_layers=80,
-    n_heads=64,
-    n_kv_heads=8,
-    vocab_size=32000,
-    multiple_of=4096,
-    ffn_dim_multiplier=1.3,
-    norm_eps=1e-5,
-)
 
 
 def load(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, dict]:

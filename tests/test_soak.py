@@ -75,10 +75,11 @@ def test_every_request_comes_back_once_and_right_while_ranks_are_killed(
         seen: dict[int, list[int]] = {}
         try:
             with caplog.at_level(logging.WARNING, logger="mpllama.api"):
-                for out in llm.stream(texts, PARAMS):
-                    assert out.index not in seen, f"request {out.index} came back twice"
-                    assert out.prompt == texts[out.index]
-                    seen[out.index] = out.token_ids
+                for batch in llm.stream(texts, PARAMS):
+                    for out in batch:
+                        assert out.index not in seen, f"request {out.index} came back twice"
+                        assert out.prompt == texts[out.index]
+                        seen[out.index] = out.token_ids
         finally:
             killer.stop.set()
             killer.join()
