@@ -144,7 +144,11 @@ def find_shards(checkpoint_dir: str | Path) -> list[Path]:
         if match:
             found[int(match.group(1))] = path
     if not found:
-        raise CheckpointError(f"{folder} holds no consolidated.NN.pth shards")
+        raise CheckpointError(
+            f"{folder} holds no consolidated.NN.pth shards; point checkpoint_dir at the "
+            "folder with Meta's shards (`mpllama convert SRC OUT --to meta` turns a Hugging "
+            "Face folder into one)"
+        )
     missing = sorted(set(range(max(found) + 1)) - set(found))
     if missing:
         raise CheckpointError(
@@ -164,7 +168,9 @@ def read_params(checkpoint_dir: str | Path) -> ModelArgs:
     try:
         params = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+        raise CheckpointError(
+            f"{path} is not valid JSON ({exc}); restore it from the original download"
+        ) from None
     try:
         return ModelArgs.from_params(params, str(path))
     except ConfigError as exc:
@@ -194,7 +200,8 @@ def resolve_vocab(args: ModelArgs, tokenizer_vocab: int, source: str = "params.j
     if args.vocab_size != tokenizer_vocab:
         raise CheckpointError(
             f"{source} has vocab_size={args.vocab_size} but the tokenizer has "
-            f"{tokenizer_vocab} pieces: the tokenizer does not belong to this checkpoint"
+            f"{tokenizer_vocab} pieces: the tokenizer does not belong to this checkpoint; "
+            "pass the tokenizer.model that came with it (tokenizer_path=...)"
         )
     return args
 
