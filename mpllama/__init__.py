@@ -5,6 +5,8 @@ from .errors import CheckpointError, ConfigError, MpllamaError, PromptError, Wor
 
 __all__ = [
     "LLM",
+    "AsyncLLM",
+    "RequestOutput",
     "SamplingParams",
     "MpllamaError",
     "ConfigError",
@@ -14,9 +16,9 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # LLM pulls in Ray; import it only when asked for
-    if name == "LLM":
-        from .api import LLM
+def __getattr__(name: str):  # the clients pull in Ray; import them only when asked for
+    if name in ("LLM", "AsyncLLM", "RequestOutput"):
+        from . import api
 
-        return LLM
+        return getattr(api, name)
     raise AttributeError(name)

@@ -1,19 +1,24 @@
-"""``LLM``: the public client. Validates everything it can before any actor starts,
-splits prompts into batches, runs each batch on the rank gang in one call, replays a
-batch on a rebuilt gang when a rank fails, and returns results in input order.
+"""The public clients. ``LLM`` validates everything it can before any actor starts, hands
+requests to the engine (which schedules them step by step on the gang) and shapes what
+comes back: whole results in input order (``generate``, ``chat``) or a stream of
+``RequestOutput`` deltas as tokens are made (``stream``). ``AsyncLLM`` is the same for
+asyncio programs: one request per ``generate`` call, many calls sharing the batch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import dataclasses
+import itertools
 import logging
 import math
 import os
-import time
+import queue
+import uuid
 import weakref
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +32,66 @@ from .config import (
     load_run_config,
     ray_address_from_env,
 )
-from .errors import CheckpointError, ConfigError, PlacementError, PromptError, WorkerError
-from .generate import Completion, Request
+from .errors import CheckpointError, ConfigError, PromptError, WorkerError
+from .protocol import Event, RankSpec, Request, derive_seed
 from .tokenizer import Dialog, Tokenizer, encode_dialog
-from .worker import RankSpec
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RequestOutput:
-    index: int  # position in the call's input
+    """One request's output so far; the last one (``finished``) is its result."""
+
+    index: int  # position in the call's input (0 for AsyncLLM)
     prompt: str | None
     prompt_token_ids: list[int]
-    text: str
+    text: str  # everything generated so far (after the prompt, when echo is set)
     token_ids: list[int]
     logprobs: list[float] | None
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str | None  # "stop" or "length" once finished ("abort" if given up)
+    delta_text: str = ""  # what this output adds to the previous one
+    delta_token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    request_id: str = ""
+
+
+class _Progress:
+    """A request's cumulative output, grown from its events."""
+
+    def __init__(self, index: int, prompt: str | None, request: Request, shown: str) -> None:
+        self.index, self.prompt, self.request = index, prompt, request
+        self.prefix = shown  # the echoed prompt, handed out with the first piece
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] | None = [] if request.params.logprobs else None
+        self.finish_reason: str | None = None
+
+    def add(self, e: Event) -> None:
+        if e.finish_reason == "error":
+            raise PromptError(f"request #{self.index}: {e.error}")
+        self.delta_text, self.prefix = self.prefix + e.text, ""
+        self.delta_token_ids = e.token_ids
+        self.text += self.delta_text
+        self.token_ids += e.token_ids
+        if self.logprobs is not None and e.logprobs is not None:
+            self.logprobs += e.logprobs
+        self.finish_reason = e.finish_reason
+
+    def output(self, delta: bool = True) -> RequestOutput:
+        return RequestOutput(
+            self.index,
+            self.prompt,
+            self.request.prompt_token_ids,
+            self.text,
+            list(self.token_ids),
+            None if self.logprobs is None else list(self.logprobs),
+            self.finish_reason,
+            self.delta_text if delta else "",
+            list(self.delta_token_ids) if delta else [],
+            self.finish_reason is not None,
+            self.request.id,
+        )
 
 
 # Keyword arguments of LLM(...) and the settings section each belongs to.
@@ -95,6 +143,7 @@ class LLM:
         self.engine: Any = None
         self._owns_ray = False
         self._closed = False
+        self._calls = itertools.count()
 
         # Everything that can be checked on the driver is checked before Ray starts.
         self.tokenizer, self.args, shards = _inspect_checkpoint(
@@ -115,15 +164,21 @@ class LLM:
             backend=parallel.backend,
             max_batch_size=runtime.max_batch_size,
             max_seq_len=runtime.max_seq_len,
-            seed=runtime.seed,
+            prefill_chunk_tokens=runtime.prefill_chunk_tokens,
             collective_timeout_s=parallel.collective_timeout_s,
             log_level=logging.getLogger("mpllama").getEffectiveLevel(),
         )
-        self._start_ray()
+        local = self._start_ray()
+        if parallel.cpus_per_rank is None:
+            # A local runtime of our own: the ranks share the machine's cores.
+            cpus = max(1, (os.cpu_count() or 1) // world) if local else 1
+            self.config = dataclasses.replace(
+                self.config, parallel=dataclasses.replace(parallel, cpus_per_rank=float(cpus))
+            )
         try:
             from .engine import Engine
 
-            self.engine = Engine(self.spec, parallel)
+            self.engine = Engine(self.spec, self.config.parallel)
         except BaseException:
             self.close()
             raise
@@ -142,28 +197,31 @@ class LLM:
 
     # ------------------------------------------------------------------ Ray runtime
 
-    def _start_ray(self) -> None:
+    def _start_ray(self) -> bool:
+        """Join or start Ray; True when it is a local runtime this LLM started."""
         import ray
 
         if ray.is_initialized():
-            return  # the caller's runtime: use it, leave it running
+            return False  # the caller's runtime: use it, leave it running
         address = self.config.parallel.ray_address
         if address is None:
             address = ray_address_from_env()
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
-        else:
-            # A local runtime sized for the gang, even on a laptop with fewer cores: a
-            # rank's CPUs are a scheduling share, not a hard reservation.
-            need = math.ceil(self.world_size * self.config.parallel.cpus_per_rank)
-            # address="local": never attach to a cluster `ray start` left on this machine.
-            ray.init(
-                address="local",
-                num_cpus=max(os.cpu_count() or 1, need),
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-            )
+            self._owns_ray = True
+            return False
+        # A local runtime sized for the gang, even on a laptop with fewer cores: a
+        # rank's CPUs are a scheduling share, not a hard reservation.
+        need = math.ceil(self.world_size * (self.config.parallel.cpus_per_rank or 1))
+        # address="local": never attach to a cluster `ray start` left on this machine.
+        ray.init(
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, need),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
         self._owns_ray = True
+        return True
 
     # ------------------------------------------------------------------ generation
 
@@ -175,8 +233,9 @@ class LLM:
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
     ) -> list[RequestOutput]:
         """Complete every prompt (any number); results come back in input order."""
-        requests = self._requests(prompts, prompt_token_ids, sampling_params)
-        return [out for batch in self._run(requests) for out in batch]
+        entries = self._requests(prompts, prompt_token_ids, sampling_params)
+        done = {p.index: p.output(delta=False) for p in self._run(entries) if p.finish_reason}
+        return [done[i] for i in range(len(entries))]
 
     def chat(
         self,
@@ -184,6 +243,26 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Llama 2 chat: each dialog is a list of {"role", "content"} messages."""
+        return self.generate(
+            sampling_params=sampling_params, prompt_token_ids=self.encode_dialogs(dialogs)
+        )
+
+    def stream(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+    ) -> Iterator[RequestOutput]:
+        """Like ``generate``, but yields a ``RequestOutput`` whenever a request has new
+        tokens, interleaved across requests in the order they are made; each carries the
+        cumulative result and the new piece (``delta_text``, ``delta_token_ids``). A
+        request's last output (``finished``) equals what ``generate`` returns for it.
+        Closing the iterator early aborts the requests still running."""
+        entries = self._requests(prompts, prompt_token_ids, sampling_params)
+        return (p.output() for p in self._run(entries))
+
+    def encode_dialogs(self, dialogs: Dialog | Sequence[Dialog]) -> list[list[int]]:
         if dialogs and isinstance(dialogs[0], dict):
             dialogs = [dialogs]  # type: ignore[list-item]
         token_ids = []
@@ -192,25 +271,14 @@ class LLM:
                 token_ids.append(encode_dialog(self.tokenizer, dialog))  # type: ignore[arg-type]
             except PromptError as exc:
                 raise PromptError(f"dialog {i}: {exc}") from None
-        return self.generate(sampling_params=sampling_params, prompt_token_ids=token_ids)
-
-    def stream(
-        self,
-        prompts: Sequence[str] | None = None,
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        *,
-        prompt_token_ids: Sequence[Sequence[int]] | None = None,
-    ) -> Iterator[list[RequestOutput]]:
-        """Like ``generate``, but yields each batch's results (in input order) as soon as
-        that batch is done, so a caller can save them before the next batch runs."""
-        yield from self._run(self._requests(prompts, prompt_token_ids, sampling_params))
+        return token_ids
 
     def _requests(
         self,
         prompts: str | Sequence[str] | None,
         prompt_token_ids: Sequence[Sequence[int]] | None,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
-    ) -> list[tuple[str | None, Request]]:
+    ) -> list[_Progress]:
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("pass either prompts or prompt_token_ids (exactly one)")
         if isinstance(prompts, str):
@@ -234,11 +302,20 @@ class LLM:
                 f"prompt(s) {', '.join(too_long[:5])} do not fit max_seq_len={limit} with room "
                 "to generate; shorten them or raise max_seq_len (runtime.max_seq_len)"
             )
+        call = next(self._calls)
         seed = self.config.runtime.seed
-        return [
-            (text, Request(t, p, p.seed if p.seed is not None else _derive_seed(seed, i)))
-            for i, (text, t, p) in enumerate(zip(texts, ids, params, strict=True))
-        ]
+        out = []
+        for i, (text, t, p) in enumerate(zip(texts, ids, params, strict=True)):
+            request = Request(
+                f"{call}-{i}", t, p, p.seed if p.seed is not None else derive_seed(seed, i)
+            )
+            out.append(_Progress(i, text, request, self._echo(text, request)))
+        return out
+
+    def _echo(self, prompt: str | None, request: Request) -> str:
+        if not request.params.echo:
+            return ""
+        return prompt if prompt is not None else self.tokenizer.decode(request.prompt_token_ids)
 
     def encode_prompt(self, prompt: Any, index: int = 0) -> list[int]:
         if not isinstance(prompt, str):
@@ -247,68 +324,31 @@ class LLM:
             raise PromptError(f"prompt #{index} is empty; give at least one character")
         return self.tokenizer.encode(prompt, bos=True, eos=False)
 
-    def _run(self, requests: list[tuple[str | None, Request]]) -> Iterator[list[RequestOutput]]:
-        size = self.config.runtime.max_batch_size
-        for start in range(0, len(requests), size):
-            batch = requests[start : start + size]
-            completions = self._run_batch([r for _, r in batch])
-            yield [
-                self._output(start + offset, text, request, done)
-                for offset, ((text, request), done) in enumerate(
-                    zip(batch, completions, strict=True)
-                )
-            ]
-
-    def _run_batch(self, batch: list[Request]) -> list[Completion]:
-        """One Ray call for the batch; on a rank failure rebuild the gang and replay."""
-        parallel = self.config.parallel
-        for attempt in range(parallel.max_restarts + 1):
-            if self._closed:
-                raise WorkerError("the LLM has been closed")
-            try:
-                if not self.engine.alive:
-                    self.engine.start()
-                return self.engine.call_all("generate", batch)[0]
-            except (WorkerError, PlacementError) as exc:
-                if attempt == parallel.max_restarts:
-                    raise
-                delay = parallel.restart_backoff_s * 2**attempt
-                log.warning(
-                    "%s; rebuilding the gang in %.1fs (retry %d of %d)",
-                    str(exc).splitlines()[0],
-                    delay,
-                    attempt + 1,
-                    parallel.max_restarts,
-                )
-                self.engine.shutdown()
-                time.sleep(delay)
-            except BaseException:
-                # Ctrl-C (or any error of ours) mid-batch: the ranks would go on computing
-                # a batch nobody reads and delay the next call; stop them, rebuild later.
-                self.engine.shutdown()
-                raise
-        raise AssertionError("unreachable")
-
-    def _output(
-        self, index: int, prompt: str | None, request: Request, done: Completion
-    ) -> RequestOutput:
-        if done.error is not None:  # the driver checks first, so this is a rank-side veto
-            raise PromptError(f"request #{index}: {done.error}")
-        text = done.text
-        if request.params.echo:
-            shown = (
-                prompt if prompt is not None else self.tokenizer.decode(request.prompt_token_ids)
-            )
-            text = shown + text
-        return RequestOutput(
-            index,
-            prompt,
-            request.prompt_token_ids,
-            text,
-            done.token_ids,
-            done.logprobs,
-            done.finish_reason,
-        )
+    def _run(self, entries: list[_Progress]) -> Iterator[_Progress]:
+        """Submit every request; yield each one's progress as its events arrive."""
+        if self._closed:
+            raise WorkerError("this LLM has been closed; make a new one")
+        if not entries:
+            return
+        by_id = {p.request.id: p for p in entries}
+        inbox: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
+        self.engine.submit([p.request for p in entries], inbox.put)
+        try:
+            while by_id:
+                try:
+                    item = inbox.get(timeout=1.0)  # a timeout keeps Ctrl-C responsive
+                except queue.Empty:
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                progress = by_id[item.id]
+                if item.finish_reason is not None:
+                    del by_id[item.id]
+                progress.add(item)
+                yield progress
+        finally:
+            if by_id:  # the caller stopped early, or something failed: free the slots
+                self.engine.abort(list(by_id))
 
     # ------------------------------------------------------------------ closing
 
@@ -318,7 +358,7 @@ class LLM:
             return
         self._closed = True
         if self.engine is not None:
-            self.engine.shutdown()
+            self.engine.close()
         if self._owns_ray:
             import ray
 
@@ -336,6 +376,110 @@ class LLM:
             self.close()
         except Exception:
             pass
+
+
+class AsyncLLM:
+    """``LLM`` for asyncio programs: each ``generate`` call runs one request and yields its
+    outputs as they are made; concurrent calls share the running batch. Takes the same
+    constructor arguments as ``LLM``."""
+
+    def __init__(
+        self,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        tokenizer_path: str | os.PathLike[str] | None = None,
+        *,
+        config: RunConfig | None = None,
+        **settings: Any,
+    ) -> None:
+        self.llm = LLM(checkpoint_dir, tokenizer_path, config=config, **settings)
+        self.tokenizer = self.llm.tokenizer
+        self.config = self.llm.config
+
+    @classmethod
+    def from_config(
+        cls,
+        path: str | os.PathLike[str],
+        overrides: list[str] | dict[str, dict[str, Any]] | None = None,
+        **settings: Any,
+    ) -> AsyncLLM:
+        return cls(config=load_run_config(path, overrides), **settings)
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int],
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Run one request (a prompt string or its token ids); yield its outputs.
+
+        Cancelling the consuming task, or closing this iterator, aborts the request.
+        """
+        request, progress = self._request(prompt, sampling_params, request_id)
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+
+        def sink(item: Event | BaseException) -> None:  # on the engine's pump thread
+            try:
+                loop.call_soon_threadsafe(inbox.put_nowait, item)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is waiting any more
+
+        self.llm.engine.submit([request], sink)
+        finished = False
+        try:
+            while not finished:
+                item = await inbox.get()
+                if isinstance(item, BaseException):
+                    raise item
+                progress.add(item)
+                finished = item.finish_reason is not None
+                yield progress.output()
+        finally:
+            if not finished:
+                self.llm.engine.abort([request.id])
+
+    async def abort(self, request_id: str) -> None:
+        """Give up a request: its generate() ends with finish_reason "abort"."""
+        self.llm.engine.abort([request_id])
+
+    def _request(
+        self, prompt: str | Sequence[int], params: SamplingParams | None, request_id: str | None
+    ) -> tuple[Request, _Progress]:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params is {type(params).__name__}, not SamplingParams")
+        text = prompt if isinstance(prompt, str) else None
+        if isinstance(prompt, str):
+            ids = self.llm.encode_prompt(prompt)
+        else:
+            ids = _check_ids(prompt, 0, self.llm.args.vocab_size)
+        limit = self.config.runtime.max_seq_len
+        if len(ids) >= limit:
+            raise PromptError(
+                f"the prompt has {len(ids)} tokens, which leaves no room to generate within "
+                f"max_seq_len={limit}; shorten it or raise runtime.max_seq_len"
+            )
+        rid = request_id if request_id is not None else uuid.uuid4().hex
+        seed = (
+            params.seed if params.seed is not None else derive_seed(self.config.runtime.seed, rid)
+        )
+        request = Request(rid, ids, params, seed)
+        return request, _Progress(0, text, request, self.llm._echo(text, request))
+
+    def close(self) -> None:
+        self.llm.close()
+
+    async def __aenter__(self) -> AsyncLLM:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __enter__(self) -> AsyncLLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _inspect_checkpoint(
@@ -402,11 +546,6 @@ def _check_ids(ids: Any, index: int, vocab_size: int) -> list[int]:
             f"vocabulary 0..{vocab_size - 1}"
         )
     return out
-
-
-def _derive_seed(engine_seed: int, index: int) -> int:
-    """A request's seed when it has none: fixed by the engine seed and its position."""
-    return (engine_seed * 1_000_003 + index * 7_919 + 1) % (2**63)
 
 
 # Close engines left open on interpreter exit, so no actor or placement group outlives

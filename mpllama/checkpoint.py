@@ -1,5 +1,5 @@
 """Meta-format checkpoints: finding shards, params.json, the shard-axis table, resharding
-N shards onto M ranks, strict key/shape checks, and the random tiny-checkpoint writer.
+N shards onto M ranks, strict key/shape checks, and the shard writer.
 
 A checkpoint is untrusted input: every shard is read with ``weights_only=True`` (a pickle
 that would run code is refused) and memory-mapped, so a rank touches only what it uses.
@@ -8,7 +8,6 @@ that would run code is refused) and memory-mapped, so a rank touches only what i
 from __future__ import annotations
 
 import json
-import logging
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -17,8 +16,6 @@ import torch
 
 from .config import ModelArgs
 from .errors import CheckpointError, ConfigError
-
-log = logging.getLogger(__name__)
 
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
 # Keys Meta's files carry that the model does not use (rope.freqs is recomputed).
@@ -290,42 +287,6 @@ def load_rank_state(
 
 # ------------------------------------------------------------------------ writing
 
-PRESETS: dict[str, ModelArgs] = {
-    # Divisible by 1, 2 and 4 ranks everywhere; GQA so the KV-head path is exercised.
-    "tiny": ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=4, multiple_of=32, norm_eps=1e-5),
-    "small": ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, multiple_of=64, norm_eps=1e-5),
-    "medium": ModelArgs(
-        dim=1024,
-        n_layers=12,
-        n_heads=16,
-        n_kv_heads=8,
-        multiple_of=128,
-        ffn_dim_multiplier=1.3,
-        norm_eps=1e-5,
-        rope_theta=500000.0,
-    ),
-}
-
-
-def random_state(
-    args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.float32
-) -> dict[str, torch.Tensor]:
-    """Seeded random full-size weights, scaled so a tiny model's logits are well spread
-    (near-ties would make greedy tokens fragile between implementations)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, shape in full_shapes(args).items():
-        if len(shape) == 1:
-            value = 1.0 + 0.1 * torch.randn(shape, generator=gen)
-        elif key == "tok_embeddings.weight":
-            value = torch.randn(shape, generator=gen)
-        else:
-            value = torch.randn(shape, generator=gen) / shape[1] ** 0.5
-            if key == "output.weight":
-                value *= 4.0
-        out[key] = value.to(dtype)
-    return out
-
 
 def split_state(state: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
     """Cut a full state dict into ``parts`` Meta shards along the shard-axis table."""
@@ -354,26 +315,3 @@ def write_checkpoint(
         paths.append(path)
     (out / "params.json").write_text(json.dumps(args.to_params(), indent=2) + "\n")
     return paths
-
-
-def init_checkpoint(
-    out_dir: str | Path,
-    preset: str | ModelArgs = "tiny",
-    parts: int = 1,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-    vocab_size: int = 512,
-) -> Path:
-    """A seeded random checkpoint with its own freshly trained tokenizer.model."""
-    from .tokenizer import Tokenizer, train_tokenizer
-
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-        preset = PRESETS[preset]
-    out = Path(out_dir)
-    tok_path = train_tokenizer(out / "tokenizer.model", vocab_size=vocab_size)
-    args = resolve_vocab(preset, Tokenizer(tok_path).n_words)
-    write_checkpoint(out, args, random_state(args, seed, dtype), parts)
-    log.info("wrote %s: %d shard(s), %s", out, parts, args)
-    return out

@@ -56,7 +56,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 def cmd_init_checkpoint(ns: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import find_shards, init_checkpoint
+    from .checkpoint import find_shards
+    from .fixtures import init_checkpoint
 
     out = Path(ns.out)
     if ns.if_missing and (out / "params.json").is_file():
@@ -228,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help=set_help)
 
-    from .checkpoint import PRESETS
+    from .fixtures import PRESETS
 
     p = add(
         "init-checkpoint",

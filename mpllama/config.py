@@ -159,10 +159,12 @@ class ParallelConfig:
     backend: str = "auto"  # auto = nccl when the rank has a GPU and torch has NCCL, else gloo
     placement_strategy: str = "PACK"
     ray_address: str | None = None  # None = $RAY_ADDRESS, else a local Ray for this run
-    cpus_per_rank: float = 1.0  # also the rank's thread count (Ray sets OMP_NUM_THREADS)
+    # Also the rank's thread count (Ray sets OMP_NUM_THREADS). None = the machine's cores
+    # shared equally among the ranks when mpllama starts the local Ray itself, else 1.
+    cpus_per_rank: float | None = None
     gpus_per_rank: float | None = None  # None = 1 when the cluster has GPUs, else 0
     placement_timeout_s: float = 60.0
-    call_timeout_s: float = 600.0  # longest a rank may take for one batch
+    call_timeout_s: float = 600.0  # longest a rank may take to set up
     collective_timeout_s: float = 60.0  # a rank waiting this long on a peer gives up
     max_restarts: int = 2  # gang rebuilds after a rank failure before giving up
     restart_backoff_s: float = 1.0
@@ -172,7 +174,7 @@ class ParallelConfig:
             raise ConfigError(f"model_parallel_size must be >= 1, got {self.model_parallel_size}")
         _one_of("backend", self.backend, BACKENDS)
         _one_of("placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
-        if self.cpus_per_rank <= 0:
+        if self.cpus_per_rank is not None and self.cpus_per_rank <= 0:
             raise ConfigError(f"cpus_per_rank must be > 0, got {self.cpus_per_rank}")
         for name in ("placement_timeout_s", "call_timeout_s", "collective_timeout_s"):
             if getattr(self, name) <= 0:
@@ -185,8 +187,9 @@ class ParallelConfig:
 class RuntimeConfig:
     device: str = "auto"  # auto = cuda when the rank has a GPU, else cpu
     dtype: str = "auto"  # auto = bf16 (or fp16) on GPU, float32 on CPU
-    max_batch_size: int = 8
-    max_seq_len: int = 512
+    max_batch_size: int = 8  # KV-cache slots: requests running at once (more wait)
+    max_seq_len: int = 512  # positions per slot: prompt plus generated tokens
+    prefill_chunk_tokens: int = 256  # most prompt tokens prefilled per step
     seed: int = 1
 
     def __post_init__(self) -> None:
@@ -196,6 +199,8 @@ class RuntimeConfig:
             raise ConfigError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_seq_len < 2:
             raise ConfigError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.prefill_chunk_tokens < 1:
+            raise ConfigError(f"prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}")
 
 
 @dataclass(frozen=True)

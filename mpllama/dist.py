@@ -115,6 +115,14 @@ def init_ranks(
         store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     fs_init.initialize_model_parallel(world_size)
+    global _plan_group
+    # The lead's step plans are small CPU integers: on NCCL gangs they travel on a Gloo
+    # side group (SGLang's shape), so no step waits on a host-device copy to publish them.
+    _plan_group = (
+        dist.new_group(list(range(world_size)), backend="gloo", timeout=timeout)
+        if backend != "gloo"
+        else fs_init.get_model_parallel_group()
+    )
     log.info(
         "rank %d/%d joined via %s:%d (%s, interface %s)",
         rank,
@@ -135,6 +143,8 @@ def init_single(backend: str = "gloo") -> None:
 
 
 def teardown() -> None:
+    global _plan_group
+    _plan_group = None
     if fs_init.model_parallel_is_initialized():
         fs_init.destroy_model_parallel()
     if dist.is_initialized():
@@ -149,6 +159,17 @@ def broadcast_from_lead(tensor: torch.Tensor) -> torch.Tensor:
             src=fs_init.get_model_parallel_src_rank(),
             group=fs_init.get_model_parallel_group(),
         )
+    return tensor
+
+
+# The group that carries step plans (CPU tensors); None until init_ranks.
+_plan_group: dist.ProcessGroup | None = None
+
+
+def broadcast_plan(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank gets the lead's CPU ``tensor`` (in place; returned for chaining)."""
+    if _plan_group is not None and fs_init.get_model_parallel_world_size() > 1:
+        dist.broadcast(tensor, src=fs_init.get_model_parallel_src_rank(), group=_plan_group)
     return tensor
 
 

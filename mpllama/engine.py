@@ -1,289 +1,314 @@
-"""The Ray side: one placement group and one actor per model-parallel rank, rendezvous
-through rank 0, and the one way the driver talks to ranks, ``call_all``.
+"""The driver's side of one running gang: submit requests, abort them, and deliver the
+events the lead makes to whoever waits for each request.
 
-Any failure of any rank (an exception, a dead process, a call past its timeout) takes
-the whole gang down: a surviving rank would otherwise sit in its next collective forever.
+One pump thread per engine polls the lead (one Ray call returns every step made since
+the last one) and watches each rank's loop. When a rank fails, the gang is torn down,
+rebuilt, and every unfinished request is replayed. Replay is exact (each request samples
+from its own seed), and events carry offsets, so the pump drops what a consumer has
+already seen: each consumer gets every token exactly once.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import re
+import threading
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .config import ParallelConfig
-from .errors import PlacementError, WorkerError
-from .worker import RankSpec, RankWorker, configure_rank_logging
+from .errors import MpllamaError, PlacementError, WorkerError
+from .gang import Gang, Heartbeats, worker_error
+from .protocol import Event, RankSpec, Request
 
 log = logging.getLogger(__name__)
 
+# Receives a request's events on the pump thread (or the caller's, for aborts), then an
+# exception instead if the request can no longer finish. Must not block.
+Sink = Callable[[Event | BaseException], None]
 
-class RankActor(RankWorker):
-    """RankWorker inside a Ray actor: adds what only Ray knows (the node's address)."""
-
-    def __init__(self, rank: int, spec: RankSpec) -> None:
-        configure_rank_logging(rank, spec.log_level)
-        super().__init__(rank, spec)
-
-    def node_ip(self) -> str:
-        return ray.util.get_node_ip_address()
-
-    def setup_on_node(self, host: str, port: int) -> dict[str, Any]:
-        info = self.setup(host, port, self.node_ip())
-        return {**info, "node_id": ray.get_runtime_context().get_node_id()}
-
-    @ray.method(concurrency_group="health")
-    def heartbeat(self) -> int:
-        """Answered on its own thread even mid-batch: silence means a stopped process."""
-        return self.rank
+# How long one poll waits on the lead for a step to finish before answering empty.
+POLL_WAIT_S = 0.2
 
 
-# Work (setup, generate) runs in order on one thread; heartbeats on another.
-_RemoteRank = ray.remote(max_restarts=0, max_task_retries=0, concurrency_groups={"health": 1})(
-    RankActor
-)
+@dataclass
+class _Live:
+    request: Request
+    sink: Sink
+    tokens: int = 0  # tokens already delivered
+    text: int = 0  # characters already delivered
 
 
 class Engine:
-    """A gang of rank actors for one checkpoint. Needs ``ray.init`` to have run."""
+    """One gang serving requests; starts it at once (raising what fails on the way)."""
 
     def __init__(self, spec: RankSpec, parallel: ParallelConfig) -> None:
         self.spec = spec
         self.parallel = parallel
-        self.world_size = spec.world_size
-        self.actors: list[Any] = []
-        self.pg: Any = None
-        self.rank_info: list[dict[str, Any]] = []
-        self._up = False  # set once the gang is set up: heartbeats are checked from then on
-        self.start()
-
-    # ------------------------------------------------------------------ life cycle
-
-    def bundle(self) -> dict[str, float]:
-        gpus = self.parallel.gpus_per_rank
-        if gpus is None:
-            has_gpu = ray.cluster_resources().get("GPU", 0) > 0 and self.spec.device != "cpu"
-            gpus = 1.0 if has_gpu else 0.0
-        bundle = {"CPU": float(self.parallel.cpus_per_rank)}
-        if gpus:
-            bundle["GPU"] = float(gpus)
-        return bundle
-
-    def start(self) -> None:
-        """Reserve the placement group, start the actors, rendezvous, load the shards.
-
-        Always a fresh gang: a new placement group, new actors, a new rendezvous port.
-        Whatever fails on the way (including Ctrl-C) leaves nothing behind.
-        """
-        self.shutdown()
-        try:
-            self._start()
-        except BaseException:
-            self.shutdown()
-            raise
-
-    def _start(self) -> None:
-        bundle = self.bundle()
-        strategy = self.parallel.placement_strategy
-        self.pg = placement_group([dict(bundle)] * self.world_size, strategy=strategy)
-        ready, _ = ray.wait([self.pg.ready()], timeout=self.parallel.placement_timeout_s)
-        if not ready:
-            available = {
-                k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU", "memory")
-            }
-            self.shutdown()
-            raise PlacementError(
-                f"could not place {self.world_size} rank(s) of {bundle} each ({strategy}) "
-                f"within {self.parallel.placement_timeout_s:g}s; the cluster has {available} "
-                "free. Check `ray status`, lower parallel.cpus_per_rank / gpus_per_rank, "
-                "or use a looser placement_strategy"
-            )
-        # Ray sets OMP_NUM_THREADS from num_cpus; torch's own thread count follows it.
-        threads = max(1, math.floor(self.parallel.cpus_per_rank))
-        spec = self.spec if self.spec.threads == threads else _with_threads(self.spec, threads)
-        self.actors = [
-            _RemoteRank.options(
-                num_cpus=bundle["CPU"],
-                num_gpus=bundle.get("GPU", 0),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.pg, placement_group_bundle_index=rank
-                ),
-            ).remote(rank, spec)
-            for rank in range(self.world_size)
-        ]
-        timeout = self.parallel.call_timeout_s
-        host = self.call_one(0, "node_ip", timeout=timeout)
-        port = self.call_one(0, "open_store", host, timeout=timeout)
-        self.rank_info = self.call_all("setup_on_node", host, port, timeout=timeout)
-        self._up = True
-        log.info(
-            "engine up: %d rank(s) %s",
-            self.world_size,
-            [(i["device"], i["backend"]) for i in self.rank_info],
-        )
-
-    def shutdown(self) -> None:
-        """Kill every actor and free the placement group. Safe to call twice."""
+        self.gang = Gang(spec, parallel)
+        self._lock = threading.RLock()
+        self._live: dict[str, _Live] = {}
         self._up = False
-        for actor in self.actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # already dead, or Ray is shutting down
-                pass
-        self.actors = []
-        if self.pg is not None:
-            try:
-                remove_placement_group(self.pg)
-            except Exception:
-                pass
-            self.pg = None
+        self._closed = False
+        self._wake = threading.Event()
+        self._poll: Any = None
+        self._loops: list[Any] = []
+        self._failures = 0  # failures since the last step that made progress
+        self._last_error: MpllamaError = WorkerError("no failure yet")
+        self.restarts = 0
+        self.steps_seen = 0
+        with self._lock:
+            self._start_loops()
+        self._thread = threading.Thread(target=self._pump, name="mpllama-engine", daemon=True)
+        self._thread.start()
 
-    def restart(self) -> None:
-        self.shutdown()
-        self.start()
+    # ------------------------------------------------------------------ caller side
+
+    def submit(self, requests: list[Request], sink: Sink) -> None:
+        """Queue requests; returns at once. ``sink`` gets each one's events."""
+        with self._lock:
+            if self._closed:
+                raise WorkerError("the engine has been closed")
+            ids = [r.id for r in requests]
+            taken = [i for i in ids if i in self._live]
+            if taken or len(set(ids)) != len(ids):
+                raise ValueError(f"request id(s) {taken or ids} are already in use")
+            for r in requests:
+                self._live[r.id] = _Live(r, sink)
+            if self._up:
+                self.gang.lead.submit.remote(requests)
+            else:
+                self._wake.set()  # the pump rebuilds the gang and replays them
+
+    def abort(self, ids: Iterable[str]) -> None:
+        """Give up requests: their sinks get a final "abort" event now, and the lead
+        frees their slots at its next step. Unknown or finished ids are ignored."""
+        gone = []
+        with self._lock:
+            for rid in ids:
+                live = self._live.pop(rid, None)
+                if live is not None:
+                    gone.append(live)
+            if gone and self._up:
+                self.gang.lead.abort.remote([g.request.id for g in gone])
+        for g in gone:
+            g.sink(Event(g.request.id, [], None, "", g.tokens, g.text, "abort"))
+
+    @property
+    def rank_info(self) -> list[dict[str, Any]]:
+        """What each rank reported at set-up (device, backend, pid, node, ...)."""
+        return self.gang.rank_info
+
+    @property
+    def load(self) -> int:
+        """Requests not yet finished."""
+        return len(self._live)
 
     @property
     def alive(self) -> bool:
-        return bool(self.actors)
-
-    # ------------------------------------------------------------------ calls
-
-    def call_one(self, rank: int, method: str, *args: Any, timeout: float | None = None) -> Any:
-        return self._gather(
-            {rank: getattr(self.actors[rank], method).remote(*args)}, method, timeout
-        )[0]
+        return self.gang.alive
 
     def call_all(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
-        """Call ``method`` on every rank; return each rank's result, in rank order.
-
-        The first failure (or the timeout) tears the gang down and raises WorkerError
-        naming the rank and method, with the remote traceback.
-        """
-        if not self.actors:
-            raise WorkerError(f"cannot call {method}: the engine has been shut down", method=method)
-        refs = {rank: getattr(a, method).remote(*args) for rank, a in enumerate(self.actors)}
-        return self._gather(refs, method, timeout)
-
-    def _gather(self, refs: dict[int, Any], method: str, timeout: float | None) -> list[Any]:
-        timeout = self.parallel.call_timeout_s if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        rank_of = {ref: rank for rank, ref in refs.items()}
-        pending = list(refs.values())
-        results: dict[int, Any] = {}
-        heartbeats = _Heartbeats(self, list(refs), self.parallel.collective_timeout_s)
-        while pending:
-            left = deadline - time.monotonic()
-            ready, pending = ray.wait(
-                pending, num_returns=1, timeout=max(0.0, min(left, heartbeats.interval))
-            )
-            if not ready and left > heartbeats.interval:
-                silent = heartbeats.check() if self._up else None
-                if silent is not None:
-                    self.shutdown()
-                    raise WorkerError(
-                        f"rank {silent} stopped answering during {method}: no heartbeat for "
-                        f"{heartbeats.limit:g}s (parallel.collective_timeout_s); the process "
-                        "is stopped or starved. The gang was stopped",
-                        rank=silent,
-                        method=method,
-                    )
-                continue
-            if not ready:
-                late = sorted(rank_of[r] for r in pending)
-                self.shutdown()
-                raise WorkerError(
-                    f"rank(s) {late} did not finish {method} within {timeout:g}s "
-                    "(parallel.call_timeout_s); the gang was stopped",
-                    rank=late[0],
-                    method=method,
-                )
-            for ref in ready:
-                rank = rank_of[ref]
-                try:
-                    results[rank] = ray.get(ref)
-                except (RayTaskError, RayActorError, GetTimeoutError) as exc:
-                    error = _worker_error(exc, rank, method)
-                    if not isinstance(exc, RayActorError) and pending:
-                        # A rank that raised may be a survivor whose collective broke
-                        # because a peer died: name the dead peer, the root cause.
-                        error = _dead_peer(pending, rank_of, method) or error
-                    self.shutdown()
-                    raise error from None
-        return [results[rank] for rank in sorted(results)]
-
-
-class _Heartbeats:
-    """One outstanding ``heartbeat`` call per rank while a long call runs. Gloo does not
-    time out a collective whose peer process is stopped (SIGSTOP, a frozen VM): without
-    this, such a rank would only be noticed after call_timeout_s."""
-
-    def __init__(self, engine: Engine, ranks: list[int], limit: float) -> None:
-        self.engine, self.ranks, self.limit = engine, ranks, limit
-        self.interval = min(1.0, limit / 4)
-        self.sent: dict[int, tuple[Any, float]] = {}  # rank -> (ref, when sent)
-
-    def check(self) -> int | None:
-        """Send a heartbeat to each rank without one in flight; return a rank whose
-        heartbeat has gone unanswered for ``limit`` seconds, if any."""
-        now = time.monotonic()
-        in_flight = [ref for ref, _ in self.sent.values()]
-        done = (
-            set(ray.wait(in_flight, num_returns=len(in_flight), timeout=0)[0])
-            if in_flight
-            else set()
-        )
-        for rank in self.ranks:
-            if rank in self.sent and self.sent[rank][0] in done:
-                del self.sent[rank]  # answered (or the rank died: the call itself says so)
-            if rank not in self.sent:
-                self.sent[rank] = (self.engine.actors[rank].heartbeat.remote(), now)
-            elif now - self.sent[rank][1] > self.limit:
-                return rank
-        return None
-
-
-# How long a failed call waits to see whether another rank died (the likelier root cause).
-_PEER_GRACE_S = 0.5
-
-
-def _dead_peer(pending: list[Any], rank_of: dict[Any, int], method: str) -> WorkerError | None:
-    ready, _ = ray.wait(pending, num_returns=len(pending), timeout=_PEER_GRACE_S)
-    for ref in ready:
+        """A set-up style call on every rank (e.g. ``memory``); a failure stops the gang,
+        which is rebuilt when requests need it."""
         try:
-            ray.get(ref)
-        except RayActorError as exc:
-            return _worker_error(exc, rank_of[ref], method)
-        except Exception:
-            pass
-    return None
+            return self.gang.call_all(method, *args, timeout=timeout)
+        except WorkerError as exc:
+            self._fail(exc)
+            raise
+
+    def close(self) -> None:
+        """Stop the pump and the gang; unfinished requests fail. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._up = False
+            live, self._live = list(self._live.values()), {}
+        self._wake.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5 * POLL_WAIT_S + 5)
+        self.gang.shutdown()
+        for entry in live:
+            entry.sink(WorkerError("the engine was closed before the request finished"))
+
+    # ------------------------------------------------------------------ pump thread
+
+    def _start_loops(self) -> None:
+        """Start every rank's loop and the first poll on a set-up gang; replay what is
+        live. Called with the lock held."""
+        self._loops = [a.run.remote() for a in self.gang.actors]
+        self._poll = self.gang.lead.poll.remote(POLL_WAIT_S)
+        if self._live:
+            self.gang.lead.submit.remote([e.request for e in self._live.values()])
+        self._up = True
+
+    def _pump(self) -> None:
+        heartbeats: Heartbeats | None = None
+        last_beat = 0.0
+        while not self._closed:
+            if not self._up:
+                heartbeats = None
+                self._rebuild()
+                continue
+            if heartbeats is None:
+                heartbeats = Heartbeats(
+                    self.gang,
+                    list(range(len(self.gang.actors))),
+                    self.parallel.collective_timeout_s,
+                )
+            poll = self._poll
+            try:
+                ready, _ = ray.wait(
+                    [poll, *self._loops], num_returns=1, timeout=heartbeats.interval
+                )
+            except Exception as exc:  # Ray itself is going away
+                if not self._closed:
+                    self._fail(WorkerError(f"lost contact with the gang: {exc}"))
+                continue
+            if self._closed:
+                return
+            if ready and ready[0] is poll:
+                try:
+                    groups = ray.get(poll)
+                except (RayTaskError, RayActorError, GetTimeoutError) as exc:
+                    self._fail(self._loop_error(exc, 0, "poll"))
+                    continue
+                with self._lock:
+                    if self._up:
+                        self._poll = self.gang.lead.poll.remote(POLL_WAIT_S)
+                self._dispatch(groups)
+            elif ready:
+                rank = self._loops.index(ready[0])
+                try:
+                    ray.get(ready[0])
+                    error = WorkerError(f"rank {rank}'s loop ended unexpectedly", rank=rank)
+                except (RayTaskError, RayActorError) as exc:
+                    error = self._loop_error(exc, rank, "run")
+                self._fail(error)
+            if self._up and time.monotonic() - last_beat >= heartbeats.interval:
+                last_beat = time.monotonic()
+                silent = heartbeats.check()
+                if silent is not None:
+                    self._fail(
+                        WorkerError(
+                            f"rank {silent} stopped answering: no heartbeat for "
+                            f"{heartbeats.limit:g}s (parallel.collective_timeout_s); the "
+                            "process is stopped or starved",
+                            rank=silent,
+                            method="heartbeat",
+                        )
+                    )
+
+    def _loop_error(self, exc: Exception, rank: int, method: str) -> WorkerError:
+        """The root cause: a rank whose loop broke because a peer died names the peer."""
+        if not isinstance(exc, RayActorError):
+            ready, _ = ray.wait(self._loops, num_returns=len(self._loops), timeout=0.5)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except RayActorError as dead:
+                    return worker_error(dead, self._loops.index(ref), "run")
+                except Exception:
+                    pass
+        return worker_error(exc, rank, method)
+
+    def _dispatch(self, groups: list[list[Event]]) -> None:
+        deliveries: list[tuple[Sink, Event]] = []
+        with self._lock:
+            for events in groups:
+                self.steps_seen += 1
+                for e in events:
+                    live = self._live.get(e.id)
+                    if live is None:
+                        continue  # aborted by the caller meanwhile
+                    new = _unseen(e, live)
+                    if new is None:
+                        continue
+                    if new.finish_reason is not None:
+                        del self._live[e.id]
+                    deliveries.append((live.sink, new))
+            if groups:
+                self._failures = 0
+        for sink, event in deliveries:
+            sink(event)
+
+    def _fail(self, error: MpllamaError) -> None:
+        if self._closed:
+            return
+        with self._lock:
+            self._up = False
+            self._failures += 1
+            self._last_error = error
+        log.warning("%s; the gang was stopped", str(error).splitlines()[0])
+        self.gang.shutdown()
+
+    def _rebuild(self) -> None:
+        """Bring the gang back when requests wait for it; give up on them after
+        ``max_restarts`` failures in a row without progress."""
+        with self._lock:
+            idle = not self._live
+        if idle:
+            self._wake.wait(POLL_WAIT_S)
+            self._wake.clear()
+            return
+        if self._failures > self.parallel.max_restarts:
+            self._give_up(self._last_error)
+            return
+        delay = self.parallel.restart_backoff_s * 2 ** max(0, self._failures - 1)
+        log.warning(
+            "rebuilding the gang in %.1fs (retry %d of %d)",
+            delay,
+            self._failures,
+            self.parallel.max_restarts,
+        )
+        if self._wake.wait(delay) and self._closed:
+            return
+        self._wake.clear()
+        try:
+            self.gang.start()
+        except (WorkerError, PlacementError) as exc:
+            log.warning("%s", str(exc).splitlines()[0])
+            with self._lock:
+                self._failures += 1
+                self._last_error = exc
+            return
+        with self._lock:
+            if self._closed:
+                self.gang.shutdown()
+                return
+            self.restarts += 1
+            self._start_loops()
+
+    def _give_up(self, error: MpllamaError) -> None:
+        with self._lock:
+            live, self._live = list(self._live.values()), {}
+            self._failures = 0
+        log.error("giving up on %d request(s): %s", len(live), str(error).splitlines()[0])
+        for entry in live:
+            entry.sink(error)
 
 
-def _worker_error(exc: Exception, rank: int, method: str) -> WorkerError:
-    # Ray colours the task name for terminals; logs and error files want plain text.
-    remote = _ANSI.sub("", str(exc))
-    if isinstance(exc, RayTaskError) and not isinstance(exc, RayActorError):
-        cause = getattr(exc, "cause", None) or exc
-        message = f"rank {rank} raised {type(cause).__name__} in {method}: {cause}"
-        return WorkerError(message, rank=rank, method=method, remote_traceback=remote)
-    return WorkerError(
-        f"rank {rank} died during {method}: {remote.splitlines()[0]}",
-        rank=rank,
-        method=method,
-        remote_traceback=remote,
+def _unseen(e: Event, live: _Live) -> Event | None:
+    """The part of ``e`` its consumer has not seen yet (all of it, unless replayed)."""
+    skip = max(0, live.tokens - e.token_offset)
+    tokens = e.token_ids[skip:]
+    text = e.text[max(0, live.text - e.text_offset) :]
+    if not tokens and not text and e.finish_reason is None:
+        return None
+    live.tokens = max(live.tokens, e.token_offset + len(e.token_ids))
+    live.text = max(live.text, e.text_offset + len(e.text))
+    return Event(
+        e.id,
+        tokens,
+        e.logprobs[skip:] if e.logprobs is not None else None,
+        text,
+        e.token_offset + skip,
+        e.text_offset + len(e.text) - len(text),
+        e.finish_reason,
+        e.error,
     )
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _with_threads(spec: RankSpec, threads: int) -> RankSpec:
-    from dataclasses import replace
-
-    return replace(spec, threads=threads)

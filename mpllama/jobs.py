@@ -4,15 +4,14 @@ Each input line is an object ``{"id": ..., "prompt": "..."}`` or ``{"id": ...,
 "messages": [...]}`` (a Llama 2 chat dialog), optionally with ``"sampling": {...}``
 overriding the job's sampling section for that request.
 
-Nothing is lost and nothing is written twice: every finished batch is appended to the
-output, flushed and fsynced before the next one starts; a rerun reads the output first,
+Nothing is lost and nothing is written twice: every request is appended to the output,
+flushed and fsynced as soon as it finishes (in the order they finish); a rerun reads the output first,
 drops a torn last line left by a killed run, and only runs the ids not yet there.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from typing import IO, Any
 
 from .config import RunConfig, SamplingParams, run_config_from_dict
 from .errors import ConfigError, MpllamaError, PromptError
-from .generate import Request, check_request
+from .protocol import Request, check_request, derive_seed
 from .tokenizer import encode_dialog
 
 log = logging.getLogger(__name__)
@@ -282,13 +281,6 @@ def _append(f: IO[bytes], records: Iterable[dict[str, Any]]) -> None:
 # ------------------------------------------------------------------------ running
 
 
-def _request_seed(engine_seed: int, rid: str | int) -> int:
-    """A request's seed when it has none, fixed by the engine seed and its id, so a
-    resumed run samples each request exactly as an uninterrupted run would."""
-    digest = hashlib.sha256(f"{engine_seed}:{_key(rid)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") % (2**63)
-
-
 def _run_pending(
     llm: Any, config: RunConfig, pending: list[JobRequest], out_path: Path, summary: JobSummary
 ) -> None:
@@ -301,7 +293,9 @@ def _run_pending(
                 ids = encode_dialog(llm.tokenizer, request.messages)
             else:
                 ids = llm.encode_prompt(request.prompt, request.line)
-            problem = check_request(Request(ids), runtime.max_seq_len, llm.args.vocab_size)
+            problem = check_request(
+                Request(str(request.id), ids), runtime.max_seq_len, llm.args.vocab_size
+            )
             if problem:
                 raise PromptError(problem)
         except PromptError as exc:
@@ -310,7 +304,8 @@ def _run_pending(
             continue
         params = request.params
         if params.seed is None:
-            params = params.replace(seed=_request_seed(runtime.seed, request.id))
+            # Seeded by its id, not its position: a resumed run samples alike.
+            params = params.replace(seed=derive_seed(runtime.seed, _key(request.id)))
         runnable.append((request, ids, params))
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -323,19 +318,17 @@ def _run_pending(
         if not runnable:
             progress.close()
             return
-        # Each batch is appended and fsynced as soon as it is done, before the next one
-        # runs: a killed job loses at most the batch in flight.
-        mark = time.perf_counter()
+        # Each request is appended and fsynced the moment it finishes: a killed job
+        # loses only the requests still running.
+        start = time.perf_counter()
         stream = llm.stream(
             prompt_token_ids=[ids for _, ids, _ in runnable],
             sampling_params=[p for _, _, p in runnable],
         )
-        for outputs in stream:
-            timing = round(time.perf_counter() - mark, 4)
-            _flush(
-                f, [_record(runnable[out.index], out, timing) for out in outputs], summary, progress
-            )
-            mark = time.perf_counter()
+        for out in stream:
+            if out.finished:
+                timing = round(time.perf_counter() - start, 4)
+                _flush(f, [_record(runnable[out.index], out, timing)], summary, progress)
     progress.close()
 
 

@@ -10,6 +10,8 @@ heads, K local key/value heads, D head size, V vocabulary.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
@@ -129,16 +131,11 @@ class Attention(nn.Module):
         self.wk = column_parallel(args.dim, args.kv_heads * args.head_dim, gather_output=False)
         self.wv = column_parallel(args.dim, args.kv_heads * args.head_dim, gather_output=False)
         self.wo = row_parallel(args.n_heads * args.head_dim, args.dim)
-        self.cache_k: torch.Tensor | None = None  # [B_max, S_max, K, D]
+        self.cache_k: torch.Tensor | None = None  # [slots + 1 spare, S_max, K, D]
         self.cache_v: torch.Tensor | None = None
 
     def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor,
+        self, x: torch.Tensor, at: CacheIndex, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         assert self.cache_k is not None and self.cache_v is not None, "call setup_caches first"
         B, T, _ = x.shape
@@ -147,19 +144,20 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        # Each row writes its own positions, so rows of a batch can sit at different
-        # lengths; padding beyond a row's length is written too but never attended to.
-        rows = torch.arange(B, device=x.device)[:, None]
-        self.cache_k[rows, positions] = k
-        self.cache_v[rows, positions] = v
-        S = mask.shape[-1]
-        keys = self.cache_k[:B, :S].transpose(1, 2)  # [B,K,S,D]
-        values = self.cache_v[:B, :S].transpose(1, 2)
+        # Each row writes its own slot at its own positions, so rows can sit at different
+        # lengths; padding tokens write to the spare slot, which no row ever reads.
+        self.cache_k[at.write_slots, at.write_pos] = k
+        self.cache_v[at.write_slots, at.write_pos] = v
+        keys, values = at.read(self.cache_k), at.read(self.cache_v)  # [B,S,K,D]
         # Grouped-query attention: each K/V head serves n_heads / n_kv_heads query heads;
         # enable_gqa shares them without materialising repeated copies of the cache.
         gqa = self.n_local_heads != self.n_local_kv_heads
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=gqa
+            q.transpose(1, 2),
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=at.mask,
+            enable_gqa=gqa,
         )
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -184,14 +182,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor,
+        self, x: torch.Tensor, at: CacheIndex, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), positions, cos, sin, mask)
+        h = x + self.attention(self.attention_norm(x), at, cos, sin)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -210,54 +203,107 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = column_parallel(args.dim, args.vocab_size, gather_output=True)
-        self.max_batch_size = 0
+        self.slots = 0
         self.max_seq_len = 0
 
     @property
     def device(self) -> torch.device:
         return self.output.weight.device
 
-    def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
-        """Allocate the KV cache and RoPE tables on the weights' device and dtype."""
+    def setup_caches(self, slots: int, max_seq_len: int) -> None:
+        """Allocate ``slots`` KV-cache slots of ``max_seq_len`` positions each (plus one
+        spare slot that takes padding writes) and the RoPE tables, on the weights' device
+        and dtype."""
         weight = self.output.weight
         if weight.is_meta:
             raise RuntimeError("materialize() the weights before setup_caches()")
         for layer in self.layers:
             attn = layer.attention
-            shape = (max_batch_size, max_seq_len, attn.n_local_kv_heads, attn.head_dim)
+            shape = (slots + 1, max_seq_len, attn.n_local_kv_heads, attn.head_dim)
             attn.cache_k = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
             attn.cache_v = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
         self.rope_cos, self.rope_sin = rope_tables(
             self.args.head_dim, max_seq_len, self.args.rope_theta, weight.device
         )
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.slots, self.max_seq_len = slots, max_seq_len
 
     @torch.inference_mode()
     def forward(
-        self, tokens: torch.Tensor, start_pos: torch.Tensor, logits_at: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        slots: torch.Tensor,
+        start_pos: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run T new tokens per row and return float32 logits.
+        """Run up to T new tokens per row against that row's cache slot; float32 logits.
 
-        tokens [B,T]; start_pos [B], each row's first new position (its cached length);
-        logits_at [B] (optional), the one index in 0..T-1 per row whose logits are wanted.
+        tokens [B,T]; slots [B], the cache slot of each row (distinct); start_pos [B], each
+        row's first new position (what its slot already holds); lengths [B] (optional),
+        how many of the T tokens are real, the rest padding (default: all T); logits_at
+        [B] (optional), the one index in 0..T-1 per row whose logits are wanted.
         Returns [B,T,V], or [B,V] with ``logits_at``.
         """
         B, T = tokens.shape
-        if B > self.max_batch_size or T > self.max_seq_len:
-            raise ValueError(
-                f"batch {B}x{T} exceeds the cache {self.max_batch_size}x{self.max_seq_len}"
-            )
-        positions = start_pos[:, None] + torch.arange(T, device=tokens.device)  # [B,T]
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B,T,D/2]
+        device = tokens.device
+        steps = torch.arange(T, device=device)
+        positions = start_pos[:, None] + steps  # [B,T]
+        real = None if lengths is None else steps < lengths[:, None]  # [B,T]
+        if real is not None:
+            # Padding never reaches past the cache: park it at position 0 of the spare slot.
+            positions = torch.where(real, positions, 0)
         S = int(positions.max()) + 1
-        # A query at position p sees keys at positions <= p of its own row: [B,1,T,S].
-        mask = (torch.arange(S, device=tokens.device) <= positions[:, :, None])[:, None]
+        if B > self.slots or S > self.max_seq_len:
+            raise ValueError(
+                f"{B} row(s) up to position {S - 1} exceed the cache of {self.slots} slot(s) "
+                f"x {self.max_seq_len} positions"
+            )
+        write_slots = slots[:, None].expand(B, T)
+        if real is not None:
+            write_slots = torch.where(real, write_slots, self.slots)
+        at = CacheIndex(
+            write_slots,
+            positions,
+            _slot_range(slots),
+            slots,
+            S,
+            # A query at position p sees keys at positions <= p of its own slot: [B,1,T,S].
+            (torch.arange(S, device=device) <= positions[:, :, None])[:, None],
+        )
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B,T,D/2]
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, positions, cos, sin, mask)
+            h = layer(h, at, cos, sin)
         if logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at]  # [B,dim]
         return self.output(self.norm(h)).float()
+
+
+@dataclass
+class CacheIndex:
+    """Where one forward writes into and reads from every layer's KV cache."""
+
+    write_slots: torch.Tensor  # [B,T] slot of each new token (the spare slot for padding)
+    write_pos: torch.Tensor  # [B,T] position of each new token
+    slot_range: tuple[int, int] | None  # (first, end) when the rows' slots are consecutive
+    slots: torch.Tensor  # [B]
+    S: int  # positions to read: 0..S-1
+    mask: torch.Tensor  # [B,1,T,S] True where a query may attend
+
+    def read(self, cache: torch.Tensor) -> torch.Tensor:
+        """[B,S,K,D]: each row's slot up to S. Consecutive slots (the common case, since
+        the scheduler hands out the lowest free slots) are a view, not a copy."""
+        if self.slot_range is not None:
+            return cache[self.slot_range[0] : self.slot_range[1], : self.S]
+        return cache[self.slots, : self.S]
+
+
+def _slot_range(slots: torch.Tensor) -> tuple[int, int] | None:
+    first = int(slots[0])
+    B = slots.shape[0]
+    if torch.equal(slots, torch.arange(first, first + B, device=slots.device)):
+        return first, first + B
+    return None
 
 
 def materialize(

@@ -1,4 +1,4 @@
-"""The sentencepiece tokenizer, a tiny trainer for test models, and the Llama 2 chat template.
+"""The sentencepiece tokenizer, its incremental decoder, and the Llama 2 chat template.
 
 No torch here: the driver tokenizes prompts before any rank is started, and the tokenizer
 travels to the ranks as the bytes of its model (``Tokenizer.model_proto``), not as a path
@@ -7,17 +7,11 @@ that may not exist on another node.
 
 from __future__ import annotations
 
-import functools
-import importlib
-import inspect
-import io
 import os
-import warnings
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal, TypedDict
 
-from sentencepiece import SentencePieceProcessor, SentencePieceTrainer
+from sentencepiece import SentencePieceProcessor
 
 from .errors import CheckpointError, PromptError
 
@@ -109,12 +103,15 @@ class Tokenizer:
         try:
             return self._sp.decode(ids)
         except IndexError:
-            bad = sorted({i for i in ids if not 0 <= i < self.n_words})
-            raise ValueError(
-                f"cannot decode token ids {bad[:8]}: the tokenizer has {self.n_words} pieces "
-                f"(ids 0..{self.n_words - 1}); is the model's vocab_size larger than the "
-                "tokenizer's?"
-            ) from None
+            raise _out_of_range(ids, self.n_words) from None
+
+
+def _out_of_range(ids: list[int], n_words: int) -> ValueError:
+    bad = sorted({i for i in ids if not 0 <= i < n_words})
+    return ValueError(
+        f"cannot decode token ids {bad[:8]}: the tokenizer has {n_words} pieces "
+        f"(ids 0..{n_words - 1}); is the model's vocab_size larger than the tokenizer's?"
+    )
 
 
 def _check_utf8(text: str) -> None:
@@ -129,114 +126,96 @@ def _check_utf8(text: str) -> None:
         ) from None
 
 
-# -------------------------------------------------------------------------- trainer
+# ----------------------------------------------------------------- streaming decode
 
-# Docstrings of these modules make a few hundred KB of English prose and code that every
-# Python install carries, so tiny test tokenizers need no download. The text differs
-# between Python versions, hence so does the trained model; within one install it is fixed.
-_CORPUS_MODULES = (
-    "os", "json", "collections", "itertools", "functools", "pathlib", "argparse",
-    "logging", "re", "string", "textwrap", "unittest", "typing", "dataclasses",
-    "subprocess", "threading", "asyncio", "http.client", "email", "csv", "sqlite3",
-)  # fmt: skip
-
-# Without these, CJK and emoji exist only as byte-fallback pieces: they still round-trip,
-# but tests would never see a multi-byte character that has a piece of its own. Few
-# distinct characters, since each one costs a piece that merges could otherwise use.
-_EXTRA_LINES = (
-    "你好，世界！",
-    "世界你好。你好，模型。",
-    "こんにちは、世界。",
-    "안녕하세요, 세계.",
-    "🦙 llama 🔥 fire 🚀 rocket 😀 smile 👍 ok",
-)
-
-# 256 byte pieces for byte fallback plus <unk>, <s>, </s>.
-_BYTE_AND_SPECIAL_PIECES = 259
+# UTF-8 lead byte -> (character length, range of its second byte). The narrow second-byte
+# ranges exclude overlong forms (E0, F0), surrogates (ED) and code points past U+10FFFF
+# (F4): sentencepiece never decodes those, so such a start can never become a character.
+_UTF8_LEADS: dict[int, tuple[int, int, int]] = {
+    **{b: (2, 0x80, 0xBF) for b in range(0xC2, 0xE0)},
+    **{b: (3, 0x80, 0xBF) for b in range(0xE1, 0xF0)},
+    0xE0: (3, 0xA0, 0xBF),
+    0xED: (3, 0x80, 0x9F),
+    **{b: (4, 0x80, 0xBF) for b in range(0xF1, 0xF4)},
+    0xF0: (4, 0x90, 0xBF),
+    0xF4: (4, 0x80, 0x8F),
+}
 
 
-@functools.lru_cache(maxsize=1)
-def _stdlib_corpus() -> tuple[str, ...]:
-    docs: dict[str, None] = {}  # insertion-ordered set: int constants all share int's doc
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # some members warn (deprecated) when touched
-        for name in _CORPUS_MODULES:
-            try:
-                module = importlib.import_module(name)
-            except ImportError:  # e.g. a Python built without sqlite3
-                continue
-            docs[inspect.getdoc(module) or ""] = None
-            for attr in sorted(getattr(module, "__all__", None) or dir(module)):
-                if attr.startswith("_"):
-                    continue
-                member = getattr(module, attr, None)
-                if inspect.isclass(member) or inspect.isroutine(member):
-                    docs[inspect.getdoc(member) or ""] = None
-    lines = [line for doc in docs for line in doc.splitlines() if line.strip()]
-    return (*lines, *_EXTRA_LINES)
+def _unfinished_char(tail: bytes) -> int:
+    """How many of the last bytes of ``tail`` (at most 3) start a character that more bytes
+    could still complete; 0 if none. sentencepiece shows such bytes as U+FFFD, one per
+    byte, until the character is whole; a byte no continuation can make valid is U+FFFD
+    for good, whatever follows."""
+    for back in range(1, len(tail) + 1):
+        lead = tail[-back]
+        if 0x80 <= lead < 0xC0:
+            continue  # a continuation byte: the lead, if any, is further back
+        if lead not in _UTF8_LEADS:
+            return 0  # ASCII, or a byte that starts no character
+        length, low, high = _UTF8_LEADS[lead]
+        unfinished = back < length and (back == 1 or low <= tail[-back + 1] <= high)
+        return back if unfinished else 0
+    return 0
 
 
-def _min_vocab_size(lines: Iterable[str]) -> int:
-    # character_coverage=1.0 makes every distinct character a required piece, on top of
-    # the byte pieces; sentencepiece writes the space as U+2581 before counting.
-    chars = {c for line in lines for c in line.replace(" ", "\u2581")}
-    return _BYTE_AND_SPECIAL_PIECES + len(chars)
+class IncrementalDecoder:
+    """Text pieces for a growing list of token ids, without re-decoding the whole output.
 
+    ``"".join(d.add(t) for t in ids) + d.flush() == tokenizer.decode(ids)`` for any ids.
 
-def train_tokenizer(
-    out_path: str | os.PathLike[str], vocab_size: int = 512, text: str | None = None
-) -> Path:
-    """Train a small Llama-style BPE sentencepiece model and write it to ``out_path``.
-
-    The corpus is ``text`` (one sentence per line) or, when None, standard-library
-    docstrings plus a few CJK and emoji lines. Training takes well under a second and is
-    deterministic: the same corpus and vocab_size give byte-identical files.
+    Like vLLM's and TGI's detokenizers, each step decodes a small window, not the whole
+    output: the context (the tokens of the last non-empty piece) and the tokens after it;
+    the new piece is what those add to the context's text. The context is needed because
+    sentencepiece drops the leading space of the first piece that shows text: a window
+    starting at, say, </s> would drop one that the full decode keeps, while a context that
+    shows text (or has already had its space dropped) makes the window agree with it. Text
+    is held back only while the window ends partway through a byte-fallback character, so
+    the window stays a few tokens long however long the output grows.
     """
-    lines = _stdlib_corpus() if text is None else tuple(t for t in text.splitlines() if t.strip())
-    if not lines:
-        raise ValueError("train_tokenizer: text has no non-blank line to train on")
-    need = _min_vocab_size(lines)
-    if vocab_size < need:
-        raise ValueError(
-            f"train_tokenizer: vocab_size={vocab_size} is too small; this corpus needs at "
-            f"least {need} (256 byte-fallback pieces, 3 special pieces and "
-            f"{need - _BYTE_AND_SPECIAL_PIECES} distinct characters)"
-        )
-    model = io.BytesIO()
-    try:
-        SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),
-            model_writer=model,
-            model_type="bpe",
-            vocab_size=vocab_size,
-            # Llama's ids and normalisation: text round-trips byte for byte, whitespace too.
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            byte_fallback=True,
-            split_digits=True,
-            add_dummy_prefix=True,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True,
-            character_coverage=1.0,  # every corpus character gets a piece, CJK included
-            # Determinism: one thread, every sentence, no sampling or shuffling.
-            num_threads=1,
-            input_sentence_size=0,
-            shuffle_input_sentence=False,
-            minloglevel=2,  # sentencepiece otherwise logs every step to stderr
-        )
-    except RuntimeError as exc:
-        # e.g. a vocab_size larger than the corpus can fill with merges.
-        raise ValueError(
-            f"train_tokenizer: sentencepiece could not train a {vocab_size}-piece model: "
-            f"{str(exc).strip()}"
-        ) from exc
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(model.getvalue())
-    return out
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._sp = tokenizer._sp
+        self._ids: list[int] = []  # the window: context, then tokens not yet shown
+        self._read = 0  # len(context)
+        self._tail = b""  # the last bytes of the window's trailing byte-fallback tokens
+
+    def add(self, token_id: int) -> str:
+        """The text ``token_id`` completes: "" while it ends partway through a character."""
+        sp = self._sp
+        if not 0 <= token_id < self._tokenizer.n_words:
+            raise _out_of_range([token_id], self._tokenizer.n_words)
+        if sp.is_control(token_id) and self._ids and sp.is_control(self._ids[-1]):
+            # A second control token in a row changes nothing that decode shows (no text,
+            # the byte run was already cut): skipping it keeps runs of </s> out of the window.
+            return ""
+        self._ids.append(token_id)
+        if sp.is_byte(token_id):
+            byte = int(sp.id_to_piece(token_id)[1:-1], 16)  # the piece is "<0xE4>"
+            self._tail = self._tail[-2:] + bytes((byte,))
+        else:
+            self._tail = b""  # a non-byte piece ends the byte run, complete or not
+        return self._emit(len(self._ids) - _unfinished_char(self._tail))
+
+    def flush(self) -> str:
+        """What is still held back at the end: an unfinished character, as U+FFFD."""
+        self._tail = b""
+        return self._emit(len(self._ids))
+
+    def _emit(self, end: int) -> str:
+        """Show the window's tokens up to ``end``; those after it stay unread."""
+        if end <= self._read:
+            return ""
+        # Cutting a byte run before an unfinished character's lead byte leaves the bytes
+        # before it decoding as they will with the rest: a lead is nobody's continuation.
+        context = self._tokenizer.decode(self._ids[: self._read])
+        piece = self._tokenizer.decode(self._ids[:end])[len(context) :]
+        if piece:
+            del self._ids[: self._read]  # the tokens just shown are the next context
+            end -= self._read
+        self._read = end
+        return piece
 
 
 # -------------------------------------------------------------------- chat template
@@ -322,16 +301,3 @@ def encode_dialog(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
         )
     tokens += tokenizer.encode(f"{B_INST} {turns[-1].strip()} {E_INST}", bos=True, eos=False)
     return tokens
-
-
-def encode_dialogs(
-    tokenizer: Tokenizer, dialogs: Sequence[Dialog]
-) -> list[list[int] | PromptError]:
-    """Encode each dialog on its own: a bad dialog yields its PromptError, the rest run."""
-    results: list[list[int] | PromptError] = []
-    for dialog in dialogs:
-        try:
-            results.append(encode_dialog(tokenizer, dialog))
-        except PromptError as exc:
-            results.append(exc)
-    return results

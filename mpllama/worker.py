@@ -1,6 +1,8 @@
 """One model-parallel rank: join the group, load this rank's slice of the checkpoint,
-run the generation loop. A plain class, so it runs (and is tested) without Ray; the
-engine wraps it in a Ray actor.
+then run the step loop: the lead (rank 0) schedules and publishes each step, the others
+follow. A plain class, so it runs (and is tested) without Ray; the engine wraps it in a
+Ray actor whose ``run`` sits on one thread while ``submit``/``abort``/``poll`` are
+answered on another.
 """
 
 from __future__ import annotations
@@ -9,38 +11,19 @@ import logging
 import os
 import resource
 import sys
+import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import checkpoint, dist
-from .config import ModelArgs
-from .generate import Completion, Request, generate
 from .model import Transformer, materialize
+from .protocol import Event, RankSpec, Request
+from .runner import Runner, follow
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RankSpec:
-    """What every rank of one engine is told; identical on all ranks."""
-
-    checkpoint_dir: str
-    args: ModelArgs  # vocab already resolved against the tokenizer
-    tokenizer_proto: bytes  # the tokenizer travels as bytes: no path needed on the rank
-    world_size: int
-    device: str = "auto"
-    dtype: str = "auto"
-    backend: str = "auto"
-    max_batch_size: int = 8
-    max_seq_len: int = 512
-    seed: int = 1
-    threads: int = 1
-    collective_timeout_s: float = 60.0
-    log_level: int = logging.WARNING  # the driver's level for mpllama's loggers
 
 
 class RankWorker:
@@ -51,6 +34,13 @@ class RankWorker:
         self.tokenizer = Tokenizer.from_bytes(spec.tokenizer_proto)
         self._store: Any = None
         self._rss_before_load = 0.0
+        # Lead only: what the control thread hands the loop, and what the loop made.
+        self._cond = threading.Condition()
+        self._submitted: list[Request] = []
+        self._aborted: list[str] = []
+        self._events: list[list[Event]] = []  # one list per step
+        self._failed: BaseException | None = None
+        self._stopping = False
 
     # --------------------------------------------------------------- set-up
 
@@ -82,9 +72,6 @@ class RankWorker:
                 spec.collective_timeout_s,
                 store=self._store,
             )
-        # Every rank seeded alike (the lead's choices are what count, but any randomness
-        # a rank uses on its own must not make it differ from the others).
-        torch.manual_seed(spec.seed)
         self._rss_before_load = peak_rss_mb()
         shards = checkpoint.find_shards(spec.checkpoint_dir)
         state = checkpoint.load_rank_state(shards, spec.args, self.rank, spec.world_size)
@@ -104,28 +91,89 @@ class RankWorker:
         log.info("ready: %s", info)
         return info
 
-    # --------------------------------------------------------------- work
+    # --------------------------------------------------------------- the loop
 
-    def generate(self, requests: list[Request]) -> list[Completion]:
-        """Run one batch; the lead rank returns the completions, the others []."""
+    def run(self) -> None:
+        """The step loop, until ``stop``: the lead schedules, the others follow. Returns
+        only on stop; any failure propagates (and, on the lead, reaches ``poll``)."""
         if self.model is None:
-            raise RuntimeError(f"rank {self.rank}: generate() before setup()")
-        lead = self.rank == 0
-        sync = dist.broadcast_from_lead if self.spec.world_size > 1 else None
-        return generate(self.model, self.tokenizer, requests, lead=lead, sync=sync)
+            raise RuntimeError(f"rank {self.rank}: run() before setup()")
+        # torch's intra-op thread count is per thread under OpenMP: set it on this one.
+        dist.set_threads(self.spec.threads)
+        broadcast = dist.broadcast_plan if self.spec.world_size > 1 else None
+        if self.rank != 0:
+            assert broadcast is not None
+            follow(self.model, broadcast)
+            return
+        try:
+            self._lead(
+                Runner(self.model, self.tokenizer, self.spec.prefill_chunk_tokens, broadcast)
+            )
+        except BaseException as exc:
+            with self._cond:
+                self._failed = exc
+                self._cond.notify_all()
+            raise
 
-    def ping(self) -> int:
-        return self.rank
+    def _lead(self, runner: Runner) -> None:
+        # Followers wait in a collective for the next plan; an idle lead sends an empty
+        # one before their collective timeout runs out.
+        keepalive = self.spec.collective_timeout_s / 4
+        while True:
+            with self._cond:
+                if not (runner.has_work or self._submitted or self._aborted or self._stopping):
+                    self._cond.wait(keepalive)
+                submitted, self._submitted = self._submitted, []
+                aborted, self._aborted = self._aborted, []
+                stopping = self._stopping
+            runner.add(submitted)
+            runner.abort(aborted)
+            if stopping:
+                runner.stop()
+                return
+            if not runner.has_work:
+                runner.idle()
+                continue
+            events = runner.step()
+            if events:
+                with self._cond:
+                    self._events.append(events)
+                    self._cond.notify_all()
+
+    def submit(self, requests: list[Request]) -> None:
+        """Lead only: queue requests for the next step (returns at once)."""
+        with self._cond:
+            self._submitted.extend(requests)
+            self._cond.notify_all()
+
+    def abort(self, ids: list[str]) -> None:
+        """Lead only: drop requests at the next step; their slots are reused."""
+        with self._cond:
+            self._aborted.extend(ids)
+            self._cond.notify_all()
+
+    def poll(self, wait_s: float) -> list[list[Event]]:
+        """Lead only: the events of every step since the last poll, grouped per step;
+        waits up to ``wait_s`` for at least one. Raises what stopped the loop."""
+        with self._cond:
+            if not self._events and self._failed is None:
+                self._cond.wait(wait_s)
+            if self._failed is not None:
+                raise RuntimeError(f"the step loop failed: {self._failed!r}") from self._failed
+            events, self._events = self._events, []
+        return events
+
+    def stop(self) -> None:
+        """Lead only: end the loop (the followers are told to stop too)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
 
     def memory(self) -> dict[str, float]:
         """Peak resident memory, and how much of it came after the process had started
         (weights actually touched, KV cache, activations)."""
         peak = peak_rss_mb()
         return {"peak_rss_mb": peak, "growth_mb": round(peak - self._rss_before_load, 1)}
-
-    def shutdown(self) -> None:
-        self.model = None
-        dist.teardown()
 
 
 def peak_rss_mb() -> float:

@@ -27,7 +27,7 @@ def ckpt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _make(root: Path, name: str, parts: int) -> Path:
-    from mpllama.checkpoint import init_checkpoint
+    from mpllama.fixtures import init_checkpoint
 
     out = root / name
     if not (out / "params.json").exists():

@@ -9,6 +9,7 @@ import torch
 
 from mpllama import checkpoint
 from mpllama.config import ModelArgs
+from mpllama.fixtures import random_state
 
 # Llama 2 70B's released params.json (GQA, ffn_dim_multiplier), vocab resolved.
 LLAMA2_70B = ModelArgs(
@@ -36,7 +37,7 @@ def make_checkpoint(
     """A random checkpoint with custom ModelArgs, borrowing an existing tokenizer."""
     if not (out / "params.json").exists():
         shutil.copy(tokenizer_from / "tokenizer.model", out.mkdir(parents=True) or out)
-        checkpoint.write_checkpoint(out, args, checkpoint.random_state(args, seed), parts)
+        checkpoint.write_checkpoint(out, args, random_state(args, seed), parts)
     return out
 
 

@@ -16,7 +16,6 @@ from helpers import LLAMA2_70B
 
 from mpllama import checkpoint
 from mpllama.checkpoint import (
-    PRESETS,
     SHARD_AXES,
     check_model_parallel,
     find_shards,
@@ -32,6 +31,7 @@ from mpllama.checkpoint import (
 )
 from mpllama.config import ModelArgs
 from mpllama.errors import CheckpointError, ConfigError
+from mpllama.fixtures import PRESETS, random_state
 
 COLUMN = (
     "attention.wq.weight",
@@ -195,17 +195,6 @@ def test_shard_plan_refuses_incompatible(shards: int, world: int) -> None:
 def full_state(tiny_ckpts: dict[int, Path]) -> dict[str, torch.Tensor]:
     one = tiny_ckpts[1]
     return load_rank_state(find_shards(one), read_params(one), 0, 1)
-
-
-def test_writer_matches_random_state(
-    full_state: dict[str, torch.Tensor], tiny_ckpts: dict[int, Path]
-) -> None:
-    args = read_params(tiny_ckpts[1])
-    assert args == tiny_args()
-    expected = checkpoint.random_state(args, seed=0)
-    assert list(full_state) == list(expected)
-    for key, value in expected.items():
-        assert torch.equal(full_state[key], value), key
 
 
 @pytest.mark.parametrize("shards", [1, 2, 4])
@@ -460,25 +449,10 @@ def test_resolve_vocab() -> None:
 
 def test_split_state_and_writer_refuse_bad_parts(tmp_path: Path) -> None:
     args = tiny_args()
-    state = checkpoint.random_state(args, seed=1)
+    state = random_state(args, seed=1)
     shards = checkpoint.split_state(state, 4)
     assert shards[3]["output.weight"].shape == (128, 128)
     assert torch.equal(shards[2]["norm.weight"], state["norm.weight"])
     with pytest.raises(ConfigError, match="model_parallel_size=3"):
         checkpoint.write_checkpoint(tmp_path, args, state, 3)
     assert not list(tmp_path.iterdir())  # nothing half-written
-
-
-def test_random_state_is_seeded() -> None:
-    args = tiny_args()
-    a, b = checkpoint.random_state(args, 0), checkpoint.random_state(args, 0)
-    c = checkpoint.random_state(args, 1)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["output.weight"], c["output.weight"])
-    half = checkpoint.random_state(args, 0, torch.float16)
-    assert half["output.weight"].dtype == torch.float16
-
-
-def test_init_checkpoint_unknown_preset(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"unknown preset 'huge'.*medium"):
-        checkpoint.init_checkpoint(tmp_path, "huge")

@@ -18,7 +18,6 @@ from mpllama.checkpoint import (
     find_shards,
     full_shapes,
     load_rank_state,
-    random_state,
     read_params,
     write_checkpoint,
 )
@@ -33,6 +32,7 @@ from mpllama.convert import (
     meta_to_hf,
 )
 from mpllama.errors import CheckpointError
+from mpllama.fixtures import random_state
 
 transformers = pytest.importorskip("transformers", reason="HF parity needs transformers")
 pytest.importorskip("safetensors", reason="HF folders are safetensors files")

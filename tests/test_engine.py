@@ -1,5 +1,6 @@
-"""The Ray engine: one actor per rank, resharding on load, batching in the driver, seeds,
-and agreement with transformers at every model-parallel size."""
+"""The Ray engine: one actor per rank, resharding on load, per-step scheduling on the
+lead, seeds, and agreement with transformers at every model-parallel size, with requests
+admitted mid-flight and long prompts prefilled in chunks."""
 
 from __future__ import annotations
 
@@ -27,15 +28,6 @@ def reference(tiny_ckpts: dict[int, Path]) -> list[tuple[list[int], list[float]]
     ]
 
 
-def assert_matches(outputs, reference) -> None:
-    assert [o.index for o in outputs] == list(range(len(reference)))
-    for out, (tokens, logprobs) in zip(outputs, reference, strict=True):
-        assert out.token_ids == tokens
-        torch.testing.assert_close(
-            torch.tensor(out.logprobs), torch.tensor(logprobs), atol=1e-4, rtol=0
-        )
-
-
 # Every compatible (shards, world) pair: world = k x shards or shards = k x world.
 PAIRS = [(s, w) for s in (1, 2, 4) for w in (1, 2, 4)]
 
@@ -44,11 +36,24 @@ PAIRS = [(s, w) for s in (1, 2, 4) for w in (1, 2, 4)]
 def test_every_shard_count_and_world_size_agree_with_transformers(
     shards: int, world: int, tiny_ckpts: dict[int, Path], reference, ray_runtime
 ) -> None:
-    with LLM(tiny_ckpts[shards], model_parallel_size=world, **SMALL) as llm:
+    """Two slots for eight requests of different lengths, prompts prefilled three tokens
+    a step: requests join while others sit at arbitrary positions, long prompts take
+    several steps, and every request still gets transformers' tokens."""
+    settings = {**SMALL, "max_batch_size": 2, "prefill_chunk_tokens": 3}
+    lengths = [6, 2, 5, 3, 6, 1, 4, 6]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(lengths))]
+    params = [GREEDY.replace(max_tokens=n) for n in lengths]
+    with LLM(tiny_ckpts[shards], model_parallel_size=world, **settings) as llm:
         assert len(llm.engine.rank_info) == world
         assert {i["backend"] for i in llm.engine.rank_info} == {"gloo"}
-        outputs = llm.generate(PROMPTS, GREEDY)
-    assert_matches(outputs, reference)
+        outputs = llm.generate(prompts, params)
+    assert [o.index for o in outputs] == list(range(len(prompts)))
+    for i, (out, n) in enumerate(zip(outputs, lengths, strict=True)):
+        tokens, logprobs = reference[i % len(PROMPTS)]
+        assert out.token_ids == tokens[:n]
+        torch.testing.assert_close(
+            torch.tensor(out.logprobs), torch.tensor(logprobs[:n]), atol=1e-4, rtol=0
+        )
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +67,7 @@ def test_world_size_defaults_to_shard_count(llm2: LLM) -> None:
     assert [i["rank"] for i in llm2.engine.rank_info] == [0, 1]
 
 
-def test_thirteen_prompts_in_batches_of_four_come_back_complete_and_in_order(llm2: LLM) -> None:
+def test_thirteen_prompts_through_four_slots_come_back_complete_and_in_order(llm2: LLM) -> None:
     prompts = [f"Prompt number {i}: " + "word " * (i % 5) for i in range(13)]
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     outputs = llm2.generate(prompts, params)
@@ -107,7 +112,8 @@ def test_each_rank_holds_about_half_the_model_at_mp2(
 ) -> None:
     from helpers import make_checkpoint
 
-    from mpllama.checkpoint import PRESETS, full_shapes
+    from mpllama.checkpoint import full_shapes
+    from mpllama.fixtures import PRESETS
 
     args = PRESETS["small"].__class__(**{**PRESETS["small"].__dict__, "vocab_size": 512})
     ckpt = make_checkpoint(ckpt_root / "small2", args, tiny_ckpt, parts=2)

@@ -17,7 +17,8 @@ from helpers import make_checkpoint
 from mpllama import LLM, SamplingParams
 from mpllama.config import ModelArgs
 from mpllama.errors import CheckpointError, ConfigError, PlacementError, PromptError
-from mpllama.tokenizer import Tokenizer, train_tokenizer
+from mpllama.fixtures import train_tokenizer
+from mpllama.tokenizer import Tokenizer
 
 SMALL = {"cpus_per_rank": 0.5, "max_seq_len": 64, "max_batch_size": 4}
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)

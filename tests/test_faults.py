@@ -1,6 +1,7 @@
-"""Rank faults lose nothing: a rank that dies, raises or stops answering mid-batch is
-detected within seconds, the gang is torn down and rebuilt, and the batch is replayed,
-so the caller gets what an undisturbed greedy run gives. When rebuilding keeps failing
+"""Rank faults lose nothing: a rank that dies, raises or stops answering mid-generation is
+detected within seconds, the gang is torn down and rebuilt, and the unfinished requests
+are replayed, so the caller gets what an undisturbed greedy run gives, and a stream sees
+every token exactly once. When rebuilding keeps failing
 the caller gets the rank, method and remote traceback, and nothing is leaked. close()
 is idempotent and also runs at interpreter exit and on Ctrl-C.
 
@@ -119,26 +120,29 @@ class Fault:
         self.shutdowns: list[float] = []
 
     def generate(self, monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
-        engine = self.llm.engine
-        real_shutdown = engine.shutdown
+        gang = self.llm.engine.gang
+        real_shutdown = gang.shutdown
 
         def timed_shutdown() -> None:
             self.shutdowns.append(time.monotonic())
             real_shutdown()
 
-        monkeypatch.setattr(engine, "shutdown", timed_shutdown)
+        monkeypatch.setattr(gang, "shutdown", timed_shutdown)
         thread = threading.Thread(target=self._inject)
         thread.start()
         try:
-            outputs = self.llm.generate(PROMPTS, LONG)
+            outputs = self.call()
             returned = time.monotonic()
         finally:
             thread.join()
             if not wait_for(lambda: pid_gone(self.pid), 10):
                 os.kill(self.pid, signal.SIGKILL)  # never leave a stopped process behind
                 pytest.fail(f"the faulty rank's process {self.pid} outlived its gang")
-        assert self.sent is not None and self.sent < returned, "the fault missed the batch"
-        return [o.token_ids for o in outputs]
+        assert self.sent is not None and self.sent < returned, "the fault missed the requests"
+        return outputs
+
+    def call(self) -> list[list[int]]:
+        return [o.token_ids for o in self.llm.generate(PROMPTS, LONG)]
 
     def _inject(self) -> None:
         time.sleep(self.delay)
@@ -157,51 +161,74 @@ class Fault:
 
 
 @pytest.mark.parametrize("rank", [1, 0])
-def test_rank_killed_mid_batch_is_replayed_on_a_new_gang(
+def test_rank_killed_mid_generation_is_replayed_on_a_new_gang(
     llm: LLM, reference, rank: int, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
     old_pids = [info["pid"] for info in llm.engine.rank_info]
-    old_pg = llm.engine.pg.id
+    old_pg = llm.engine.gang.pg.id
     fault = Fault(llm, rank, signal.SIGKILL)
-    with caplog.at_level(logging.WARNING, logger="mpllama.api"):
+    with caplog.at_level(logging.WARNING, logger="mpllama.engine"):
         assert fault.generate(monkeypatch) == reference
-    # Ray reports the death at once; neither call_timeout_s nor collective_timeout_s
-    # (60 s, where the surviving rank sits) is waited out.
+    # Ray reports the death at once; collective_timeout_s (where the surviving rank
+    # sits) is not waited out.
     assert fault.latency < 3.0, fault.latency
-    assert f"rank {rank} died during generate" in caplog.text
+    assert f"rank {rank} died during" in caplog.text
     # The whole gang was replaced: both processes and the placement group are new.
     assert not set(old_pids) & {info["pid"] for info in llm.engine.rank_info}
-    assert llm.engine.pg.id != old_pg
+    assert llm.engine.gang.pg.id != old_pg
     assert all(pid_gone(pid) for pid in old_pids)
+
+
+class StreamFault(Fault):
+    """The same fault while ``stream`` is open: records every output as it arrives."""
+
+    outputs: list = []
+
+    def call(self) -> list[list[int]]:
+        self.outputs = list(self.llm.stream(PROMPTS, LONG))
+        finals = sorted((o for o in self.outputs if o.finished), key=lambda o: o.index)
+        return [o.token_ids for o in finals]
+
+
+def test_open_streams_see_every_token_exactly_once_across_a_replay(
+    llm: LLM, reference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fault = StreamFault(llm, 1, signal.SIGKILL, delay=0.8)
+    assert fault.generate(monkeypatch) == reference
+    assert fault.latency < 3.0
+    for index, want in enumerate(reference):
+        mine = [o for o in fault.outputs if o.index == index]
+        assert mine[-1].finished and not any(o.finished for o in mine[:-1])
+        # Deltas, concatenated, are the final result: nothing repeated after the replay,
+        # nothing skipped.
+        assert [t for o in mine for t in o.delta_token_ids] == want
+        assert "".join(o.delta_text for o in mine) == mine[-1].text
+        assert all(o.delta_token_ids for o in mine[:-1])
+    # Some outputs came before the fault, so the replay really had tokens to skip.
+    assert any(o.token_ids for o in fault.outputs[: len(fault.outputs) // 2])
 
 
 def test_rank_that_stops_answering_is_found_by_its_heartbeat(
     llm: LLM, reference, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
     fault = Fault(llm, 1, signal.SIGSTOP)
-    with caplog.at_level(logging.WARNING, logger="mpllama.api"):
+    with caplog.at_level(logging.WARNING, logger="mpllama.engine"):
         assert fault.generate(monkeypatch) == reference
     # Its peer sits in a Gloo collective that never times out on a stopped process; the
-    # heartbeat names the silent rank after collective_timeout_s, long before the
-    # call timeout (120 s) would.
+    # heartbeat names the silent rank after collective_timeout_s.
     assert fault.latency < LIVENESS_S + 3.0, fault.latency
-    assert f"rank 1 stopped answering during generate: no heartbeat for {LIVENESS_S:g}s" in (
-        caplog.text
-    )
+    assert f"rank 1 stopped answering: no heartbeat for {LIVENESS_S:g}s" in caplog.text
     # Fault.generate checked that ray.kill removed the stopped process.
 
 
 def test_a_call_past_its_timeout_stops_the_gang(llm: LLM, reference) -> None:
-    """The last bound on any call: past its timeout the gang is stopped, whatever the
-    ranks are doing; the next call rebuilds it."""
-    from mpllama.generate import Request
-
-    batch = [Request(llm.tokenizer.encode(p, bos=True, eos=False), LONG) for p in PROMPTS]
+    """The bound on any call to the ranks: past its timeout the gang is stopped, whatever
+    the ranks are doing; the next requests rebuild it."""
     started = time.monotonic()
-    with pytest.raises(WorkerError, match=r"did not finish generate within 0.3s") as info:
-        llm.engine.call_all("generate", batch, timeout=0.3)
+    with pytest.raises(WorkerError, match=r"did not finish memory within 1e-06s") as info:
+        llm.engine.call_all("memory", timeout=1e-6)
     assert time.monotonic() - started < 3.0
-    assert info.value.method == "generate"
+    assert info.value.method == "memory"
     assert not llm.engine.alive
     assert [o.token_ids for o in llm.generate(PROMPTS, LONG)] == reference
 
@@ -213,7 +240,7 @@ def test_rank_that_raises_while_rebuilding_is_retried(
     rank 1 raises in setup; the next rebuild (shard restored) replays the batch."""
     shard = ckpt / "consolidated.01.pth"
     intact = shard.read_bytes()
-    real_start = llm.engine.start
+    real_start = llm.engine.gang.start
     starts = []
 
     def start_with_damaged_shard() -> None:
@@ -226,12 +253,12 @@ def test_rank_that_raises_while_rebuilding_is_retried(
         finally:
             replace_file(shard, intact)
 
-    monkeypatch.setattr(llm.engine, "start", start_with_damaged_shard)
+    monkeypatch.setattr(llm.engine.gang, "start", start_with_damaged_shard)
     fault = Fault(llm, 1, signal.SIGKILL)
-    with caplog.at_level(logging.WARNING, logger="mpllama.api"):
+    with caplog.at_level(logging.WARNING, logger="mpllama.engine"):
         assert fault.generate(monkeypatch) == reference
     assert len(starts) == 2
-    assert "rank 1 died during generate" in caplog.text
+    assert "rank 1 died during" in caplog.text
     assert "rank 1 raised CheckpointError in setup_on_node" in caplog.text
     assert "retry 2 of 2" in caplog.text
 
@@ -272,10 +299,13 @@ def test_rebuild_that_keeps_failing_names_the_rank_and_leaks_nothing(
 # ------------------------------------------------------------------ close
 
 
-def test_ctrl_c_mid_batch_stops_the_gang_and_the_next_call_rebuilds(llm: LLM, reference) -> None:
+def test_ctrl_c_mid_generation_aborts_its_requests_and_the_gang_serves_on(
+    llm: LLM, reference
+) -> None:
     """A KeyboardInterrupt in the driver (e.g. in a notebook) must not leave the ranks
-    computing a batch nobody will read: the gang stops, the next call rebuilds it."""
-    old_pids = [info["pid"] for info in llm.engine.rank_info]
+    computing requests nobody will read: they are aborted, their slots freed, and the
+    same gang serves the next call."""
+    pids = [info["pid"] for info in llm.engine.rank_info]
     armed = threading.Event()
 
     def on_sigint(signum: int, frame: object) -> None:
@@ -294,9 +324,9 @@ def test_ctrl_c_mid_batch_stops_the_gang_and_the_next_call_rebuilds(llm: LLM, re
         timer.cancel()
         timer.join()
         signal.signal(signal.SIGINT, previous)
-    assert not llm.engine.alive
-    assert wait_for(lambda: all(pid_gone(pid) for pid in old_pids), 10)
+    assert llm.engine.load == 0
     assert [o.token_ids for o in llm.generate(PROMPTS, LONG)] == reference
+    assert [info["pid"] for info in llm.engine.rank_info] == pids
 
 
 CHILD = """

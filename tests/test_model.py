@@ -16,7 +16,8 @@ from helpers import LLAMA2_70B
 
 from mpllama import checkpoint
 from mpllama import model as model_module
-from mpllama.checkpoint import PRESETS, shard_shapes
+from mpllama.checkpoint import shard_shapes
+from mpllama.fixtures import PRESETS, random_state
 from mpllama.model import Transformer, apply_rope, materialize, rope_tables
 
 CPU = torch.device("cpu")
@@ -92,7 +93,8 @@ def test_materialize_converts_when_dtype_differs(
         torch.testing.assert_close(param.float(), state[key], atol=0.02, rtol=0.01)
     model.setup_caches(2, 16)
     assert model.layers[0].attention.cache_k.dtype == torch.bfloat16
-    assert model.layers[0].attention.cache_k.shape == (2, 16, 4, 16)
+    # Two slots plus the spare one that takes padding writes.
+    assert model.layers[0].attention.cache_k.shape == (3, 16, 4, 16)
 
 
 def test_materialize_is_strict(tiny_ckpts: dict[int, Path], single_rank: None) -> None:
@@ -145,7 +147,7 @@ MEMORY_PROBE = textwrap.dedent("""
 def bigger_ckpts(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, Path], int]:
     """The "small" preset (~97 MB in float32) as 1 and 2 shards, and its full size in kB."""
     args = replace(PRESETS["small"], vocab_size=512)
-    state = checkpoint.random_state(args, seed=0)
+    state = random_state(args, seed=0)
     root = tmp_path_factory.mktemp("bigger")
     folders = {}
     for parts in (1, 2):
@@ -214,29 +216,33 @@ def test_logits_at_picks_rows_of_the_full_output(tiny: Transformer) -> None:
     tiny.setup_caches(3, 32)
     toks = tokens(0, 3, 9)
     start = torch.zeros(3, dtype=torch.long)
-    full = tiny(toks, start)
+    slots = torch.arange(3)
+    full = tiny(toks, slots, start)
     assert full.shape == (3, 9, 512) and full.dtype == torch.float32
     at = torch.tensor([8, 0, 4])
-    picked = tiny(toks, start, logits_at=at)
+    picked = tiny(toks, slots, start, logits_at=at)
     assert picked.shape == (3, 512)
     torch.testing.assert_close(picked, full[torch.arange(3), at], atol=1e-5, rtol=0)
     # Causal: a position's logits do not depend on later tokens.
     changed = toks.clone()
     changed[:, 5:] = tokens(1, 3, 4)
-    torch.testing.assert_close(tiny(changed, start)[:, :5], full[:, :5], atol=1e-5, rtol=0)
+    torch.testing.assert_close(tiny(changed, slots, start)[:, :5], full[:, :5], atol=1e-5, rtol=0)
 
 
 def run_alone(model: Transformer, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Feed ``chunks`` of one row in turn from position 0; each chunk's last logits."""
+    """Feed ``chunks`` of one row in turn from position 0 of slot 0; each chunk's last
+    logits."""
     out, pos = [], 0
     for chunk in chunks:
-        out.append(model(chunk[None], torch.tensor([pos]))[0, -1])
+        out.append(model(chunk[None], torch.tensor([0]), torch.tensor([pos]))[0, -1])
         pos += len(chunk)
     return out
 
 
 def test_rows_at_different_positions_equal_running_them_alone(tiny: Transformer) -> None:
-    tiny.setup_caches(2, 32)
+    """Rows in slots 2 and 0 (not consecutive: the cache is gathered, not viewed), a
+    right-padded prefill whose padding must not touch either slot, then more tokens."""
+    tiny.setup_caches(3, 32)
     a, b = tokens(2, 5), tokens(3, 11)
     a_more, b_more = tokens(4, 3), tokens(5, 3)
     a_next, b_next = tokens(6, 1), tokens(7, 1)
@@ -247,23 +253,25 @@ def test_rows_at_different_positions_equal_running_them_alone(tiny: Transformer)
     padded = torch.zeros(2, 11, dtype=torch.long)
     padded[0, :5], padded[1] = a, b
     zero = torch.zeros(2, dtype=torch.long)
-    got = tiny(padded, zero, logits_at=torch.tensor([4, 10]))
+    slots = torch.tensor([2, 0])
+    got = tiny(padded, slots, zero, lengths=torch.tensor([5, 11]), logits_at=torch.tensor([4, 10]))
     torch.testing.assert_close(got[0], want_a[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(got[1], want_b[0], atol=1e-5, rtol=0)
     # Three more tokens per row, starting at each row's own length (5 and 11).
     pos = torch.tensor([5, 11])
-    got = tiny(torch.stack([a_more, b_more]), pos)[:, -1]
+    got = tiny(torch.stack([a_more, b_more]), slots, pos)[:, -1]
     torch.testing.assert_close(got[0], want_a[1], atol=1e-5, rtol=0)
     torch.testing.assert_close(got[1], want_b[1], atol=1e-5, rtol=0)
     # One decode step each, at positions 8 and 14.
-    got = tiny(torch.stack([a_next, b_next]), pos + 3, logits_at=zero)
+    got = tiny(torch.stack([a_next, b_next]), slots, pos + 3, logits_at=zero)
     torch.testing.assert_close(got[0], want_a[2], atol=1e-5, rtol=0)
     torch.testing.assert_close(got[1], want_b[2], atol=1e-5, rtol=0)
 
 
 def test_forward_refuses_more_than_the_cache(tiny: Transformer) -> None:
     tiny.setup_caches(2, 8)
-    with pytest.raises(ValueError, match="exceeds the cache 2x8"):
-        tiny(tokens(0, 3, 2), torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match="exceeds the cache 2x8"):
-        tiny(tokens(0, 1, 9), torch.zeros(1, dtype=torch.long))
+    too_many = "exceed the cache of 2 slot"
+    with pytest.raises(ValueError, match=too_many):
+        tiny(tokens(0, 3, 2), torch.arange(3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=too_many):
+        tiny(tokens(0, 1, 9), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))

@@ -1,21 +1,24 @@
-"""Tokenizer, tiny-tokenizer training and the Llama 2 chat template."""
+"""Tokenizer, its incremental decoder and the Llama 2 chat template."""
 
 from __future__ import annotations
 
 import pickle
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from sentencepiece import SentencePieceProcessor
 
 from mpllama.errors import CheckpointError, PromptError
+from mpllama.fixtures import train_tokenizer
 from mpllama.tokenizer import (
     SPECIAL_TAGS,
+    IncrementalDecoder,
     Tokenizer,
     check_dialog,
     encode_dialog,
-    encode_dialogs,
-    train_tokenizer,
 )
 
 
@@ -32,45 +35,6 @@ def tok(model_path: Path) -> Tokenizer:
 @pytest.fixture(scope="module")
 def sp(model_path: Path) -> SentencePieceProcessor:
     return SentencePieceProcessor(model_file=str(model_path))
-
-
-# -------------------------------------------------------------------------- training
-
-
-def test_training_is_deterministic(model_path: Path, tmp_path: Path) -> None:
-    again = train_tokenizer(tmp_path / "again.model")
-    assert again == tmp_path / "again.model"
-    assert again.read_bytes() == model_path.read_bytes()
-
-
-def test_llama_ids_and_settings(tok: Tokenizer, sp: SentencePieceProcessor) -> None:
-    assert tok.n_words == 512 == sp.vocab_size()
-    assert (sp.unk_id(), tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, -1)
-    assert sp.id_to_piece(1) == "<s>" and sp.id_to_piece(2) == "</s>"
-    assert sp.is_byte(3) and sp.id_to_piece(3) == "<0x00>"  # byte fallback pieces
-
-
-def test_train_rejects_small_vocab_and_empty_text(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"vocab_size=300 is too small.*at least \d+"):
-        train_tokenizer(tmp_path / "a.model", vocab_size=300)
-    with pytest.raises(ValueError, match="too small"):
-        train_tokenizer(tmp_path / "b.model", vocab_size=258, text="abc\n")
-    with pytest.raises(ValueError, match="no non-blank line"):
-        train_tokenizer(tmp_path / "c.model", text=" \n\n")
-    with pytest.raises(ValueError, match="could not train a 5000-piece"):
-        train_tokenizer(tmp_path / "d.model", vocab_size=5000, text="tiny text\n")
-    assert not list(tmp_path.iterdir())
-
-
-def test_train_on_given_text(tmp_path: Path) -> None:
-    text = "the quick brown fox jumps over the lazy dog\n" * 5
-    path = train_tokenizer(tmp_path / "fox.model", vocab_size=300, text=text)
-    small = Tokenizer(path)
-    assert small.n_words == 300
-    ids = small.encode("the fox", bos=False, eos=False)
-    assert small.decode(ids) == "the fox"
-    # Merges were learnt from this text: "the" takes fewer pieces than its letters.
-    assert len(small.encode("the", bos=False, eos=False)) < 3
 
 
 # ---------------------------------------------------------------------- encode/decode
@@ -91,26 +55,6 @@ ROUND_TRIP = [
 def test_round_trip(tok: Tokenizer, text: str) -> None:
     assert tok.decode(tok.encode(text, bos=False, eos=False)) == text
     assert tok.decode(tok.encode(text, bos=True, eos=True)) == text
-
-
-def test_corpus_characters_have_pieces(tok: Tokenizer, sp: SentencePieceProcessor) -> None:
-    for text in ("你好，世界", "🦙🔥"):
-        pieces = [sp.id_to_piece(i) for i in tok.encode(text, bos=False, eos=False)]
-        assert pieces == ["▁", *text]
-    unseen = tok.encode("𓀀", bos=False, eos=False)
-    assert [sp.id_to_piece(i) for i in unseen] == ["▁", "<0xF0>", "<0x93>", "<0x80>", "<0x80>"]
-
-
-def test_digits_are_split(tok: Tokenizer, sp: SentencePieceProcessor, tmp_path: Path) -> None:
-    pieces = [sp.id_to_piece(i) for i in tok.encode("x 1234567890", bos=False, eos=False)]
-    assert pieces[-10:] == list("1234567890")
-    # Digit pairs are the commonest pairs here: without split_digits they would merge first.
-    text = "1999 2024 1999 2024 the end\n" * 50
-    path = train_tokenizer(tmp_path / "num.model", vocab_size=259 + 11 + 5, text=text)
-    numbers = SentencePieceProcessor(model_file=str(path))
-    pieces = [numbers.id_to_piece(i) for i in range(275) if not numbers.is_byte(i)]
-    assert "▁end" in pieces  # merges did happen, just not between digits
-    assert not [p for p in pieces if sum(c.isdigit() for c in p) > 1]
 
 
 def test_bos_eos_flags(tok: Tokenizer) -> None:
@@ -174,6 +118,179 @@ def test_encode_rejects_non_str(tok: Tokenizer, value: object) -> None:
 def test_decode_out_of_range(tok: Tokenizer) -> None:
     with pytest.raises(ValueError, match=r"\[512\].*512 pieces"):
         tok.decode([5, 512])
+
+
+# ------------------------------------------------------------------ streaming decode
+
+
+def stream(tok: Tokenizer, ids: list[int]) -> list[str]:
+    """What an IncrementalDecoder shows for ``ids``: one piece per id, then flush()."""
+    decoder = IncrementalDecoder(tok)
+    return [decoder.add(i) for i in ids] + [decoder.flush()]
+
+
+def byte_ids(sp: SentencePieceProcessor, data: bytes) -> list[int]:
+    return [sp.piece_to_id(f"<0x{b:02X}>") for b in data]
+
+
+def held_back_ok(sp: SentencePieceProcessor, ids: list[int], held: str) -> bool:
+    """Whether ``held`` (decoded but not shown yet) may be held back after ``ids``: only
+    U+FFFD for trailing byte pieces that some continuation would make one character.
+    Checked against Python's own UTF-8 decoder, not the decoder's lead-byte table."""
+    if not held:
+        return True
+    tail = ids[len(ids) - len(held) :]
+    if set(held) != {"\ufffd"} or len(tail) > 3 or not all(sp.is_byte(i) for i in tail):
+        return False
+    start = bytes(int(sp.id_to_piece(i)[1:-1], 16) for i in tail)
+    for second in range(0x80, 0xC0):  # only the second byte has ranges narrower than 80..BF
+        for more in range(3):
+            try:
+                (start + bytes((second,)) + b"\x80" * more).decode("utf-8")
+                return True
+            except UnicodeDecodeError:
+                pass
+    return False
+
+
+def check_stream(tok: Tokenizer, sp: SentencePieceProcessor, ids: list[int]) -> list[str]:
+    pieces = stream(tok, ids)
+    full = tok.decode(ids)
+    assert "".join(pieces) == full, ids
+    if "\ufffd" not in full:
+        assert not any("\ufffd" in p for p in pieces), ids
+    shown = ""
+    for n, piece in enumerate(pieces[:-1], 1):
+        shown += piece
+        so_far = tok.decode(ids[:n])
+        # Shown as soon as complete: all that is held back is an unfinished character.
+        assert so_far.startswith(shown), (ids[:n], shown, so_far)
+        assert held_back_ok(sp, ids[:n], so_far[len(shown) :]), (ids[:n], shown, so_far)
+    return pieces
+
+
+STREAM_TEXTS = [
+    "The quick brown fox jumps over the lazy dog. Model-parallel inference, on Ray!",
+    "你好，世界！🦙🔥 and 日本語のテキスト, 𓀀 ∮ E⋅da = Q, émigré naïve",  # byte fallback
+    "  two  spaces,\ta tab,\n\nnew lines\r\n   and trailing   \n",
+    " leading space",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", STREAM_TEXTS)
+@pytest.mark.parametrize("bos, eos", [(False, False), (True, False), (True, True)])
+def test_stream_matches_decode(
+    tok: Tokenizer, sp: SentencePieceProcessor, text: str, bos: bool, eos: bool
+) -> None:
+    ids = tok.encode(text, bos=bos, eos=eos)
+    pieces = check_stream(tok, sp, ids)
+    assert "".join(pieces) == text
+    if len(text) > 20:
+        assert sum(1 for p in pieces if p) > len(ids) // 2  # really piece by piece
+
+
+def test_byte_fallback_text_goes_through_byte_pieces(
+    tok: Tokenizer, sp: SentencePieceProcessor
+) -> None:
+    ids = tok.encode(STREAM_TEXTS[1], bos=False, eos=False)
+    assert sum(map(sp.is_byte, ids)) >= 12  # else the test above proves less than it claims
+
+
+def test_character_shown_when_its_last_byte_arrives(
+    tok: Tokenizer, sp: SentencePieceProcessor
+) -> None:
+    assert stream(tok, byte_ids(sp, "你".encode())) == ["", "", "你", ""]
+    assert stream(tok, byte_ids(sp, "𓀀".encode())) == ["", "", "", "𓀀", ""]
+    ids = tok.encode("a", bos=False, eos=False) + byte_ids(sp, "é∮".encode())
+    assert stream(tok, ids) == ["a", "", "é", "", "", "∮", ""]
+
+
+def test_invalid_bytes_are_shown_at_once(tok: Tokenizer, sp: SentencePieceProcessor) -> None:
+    # A lone continuation byte, or a lead whose next byte cannot continue it, is U+FFFD
+    # whatever follows: nothing to wait for.
+    assert stream(tok, byte_ids(sp, b"\x80")) == ["\ufffd", ""]
+    assert stream(tok, byte_ids(sp, b"\xe4A")) == ["", "\ufffdA", ""]
+    assert stream(tok, byte_ids(sp, b"\xed\xa0")) == ["", "\ufffd\ufffd", ""]  # a surrogate
+    # F1 AC starts a 4-byte character until DA, itself the start of a 2-byte one, arrives.
+    assert stream(tok, byte_ids(sp, b"\xf1\xac\xda")) == ["", "", "\ufffd\ufffd", "\ufffd"]
+
+
+def test_flush_shows_an_unfinished_character(tok: Tokenizer, sp: SentencePieceProcessor) -> None:
+    ids = tok.encode("ok", bos=False, eos=False) + byte_ids(sp, b"\xe4\xbd")
+    pieces = check_stream(tok, sp, ids)
+    assert pieces[-3:] == ["", "", "\ufffd\ufffd"]
+    ends = [sp.piece_to_id("</s>")]  # a control piece also ends the byte run
+    assert check_stream(tok, sp, ids + ends)[-3:] == ["", "\ufffd\ufffd", ""]
+
+
+def test_leading_space_as_decode_has_it(tok: Tokenizer, sp: SentencePieceProcessor) -> None:
+    the, is_, space = (sp.piece_to_id(p) for p in ("▁the", "▁is", "▁"))
+    bos, eos = tok.bos_id, tok.eos_id
+    # decode drops the leading space of the first piece that shows text, and only that one.
+    assert check_stream(tok, sp, [the, is_]) == ["the", " is", ""]
+    assert check_stream(tok, sp, [bos, eos, bos, is_]) == ["", "", "", "is", ""]
+    assert check_stream(tok, sp, [space, is_]) == ["", " is", ""]
+    # A window that started at </s> would drop this space too: decoding [</s>, ▁is] alone
+    # gives "is". The decoder's context is the last piece with text, "the".
+    assert tok.decode([eos, is_]) == "is"
+    assert check_stream(tok, sp, [the, eos, is_]) == ["the", "", " is", ""]
+    assert check_stream(tok, sp, [the, eos, eos, eos, is_, eos, is_]) == [
+        "the", "", "", "", " is", "", " is", "",
+    ]  # fmt: skip
+
+
+def test_random_ids(tok: Tokenizer, sp: SentencePieceProcessor) -> None:
+    """Any sequence, however unlikely from a model: the whole vocabulary, and pools that
+    make byte runs, control pieces and space pieces common."""
+    vocab = range(tok.n_words)
+    pools = [
+        list(vocab),
+        [0, tok.bos_id, tok.eos_id],  # <unk> shows " ⁇ "; <s> and </s> show nothing
+        [i for i in vocab if sp.is_byte(i)],
+        [i for i in vocab if sp.is_byte(i) and int(sp.id_to_piece(i)[1:-1], 16) >= 0x80],
+        [i for i in vocab if sp.id_to_piece(i).startswith("▁")],
+    ]
+    rng = random.Random(0)
+    for n in range(600):
+        length = rng.randint(0, 40)
+        if n % 3 == 0:
+            ids = [rng.randrange(tok.n_words) for _ in range(length)]
+        else:
+            ids = [rng.choice(rng.choice(pools)) for _ in range(length)]
+        check_stream(tok, sp, ids)
+
+
+def test_window_stays_small(
+    tok: Tokenizer, sp: SentencePieceProcessor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spied = Tokenizer.from_bytes(tok.model_proto)
+    lengths: list[int] = []
+
+    def decode(ids: list[int]) -> str:
+        lengths.append(len(ids))
+        return tok.decode(ids)
+
+    monkeypatch.setattr(spied, "decode", decode)
+    rng = random.Random(1)
+    ids = [rng.randrange(tok.n_words) for _ in range(3000)]
+    ids += [tok.eos_id] * 100 + byte_ids(sp, "你好".encode() * 50)
+    decoder = IncrementalDecoder(spied)
+    text = "".join(decoder.add(i) for i in ids) + decoder.flush()
+    assert text == tok.decode(ids)
+    assert max(lengths) <= 12
+
+
+def test_decoder_rejects_out_of_range_ids(tok: Tokenizer) -> None:
+    decoder = IncrementalDecoder(tok)
+    for bad in (512, -1):
+        with pytest.raises(ValueError, match=rf"\[{bad}\].*512 pieces"):
+            decoder.add(bad)
+
+
+def test_tokenizer_module_does_not_import_torch() -> None:
+    code = "import sys, mpllama.tokenizer; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # --------------------------------------------------------------------- chat template
@@ -263,14 +380,3 @@ def test_special_tags_are_rejected(tag: str, where: int) -> None:
 def test_system_message_tags_are_rejected() -> None:
     with pytest.raises(PromptError, match="message 0 contains '<</SYS>>'"):
         check_dialog([{"role": "system", "content": "x <</SYS>> y"}, USER])
-
-
-def test_encode_dialogs_isolates_bad_dialogs(tok: Tokenizer) -> None:
-    good = [USER]
-    bad = [{"role": "user", "content": "[INST] sneaky"}]
-    surrogate = [{"role": "user", "content": "\udcff"}]
-    results = encode_dialogs(tok, [good, bad, [SYS, USER], surrogate])
-    assert results[0] == encode_dialog(tok, good)
-    assert isinstance(results[1], PromptError) and "'[INST]'" in str(results[1])
-    assert results[2] == encode_dialog(tok, [SYS, USER])
-    assert isinstance(results[3], PromptError) and "UTF-8" in str(results[3])

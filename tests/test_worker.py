@@ -1,17 +1,19 @@
-"""RankWorker without Ray: a one-rank set-up, a batch, and the rank in every log line."""
+"""RankWorker without Ray: a one-rank set-up, the step loop on its own thread fed
+through submit/poll/abort/stop, and the rank in every log line."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import pytest
 
 from mpllama import checkpoint
 from mpllama.config import SamplingParams
-from mpllama.generate import Request
+from mpllama.protocol import Event, RankSpec, Request
 from mpllama.tokenizer import Tokenizer
-from mpllama.worker import RankSpec, RankWorker, configure_rank_logging
+from mpllama.worker import RankWorker, configure_rank_logging
 
 
 def spec_for(ckpt: Path, world: int = 1) -> RankSpec:
@@ -27,24 +29,48 @@ def spec_for(ckpt: Path, world: int = 1) -> RankSpec:
     )
 
 
-def test_one_rank_worker_sets_up_and_generates(
+def test_one_rank_worker_runs_its_loop_through_submit_and_poll(
     tiny_ckpts: dict[int, Path], single_rank: None
 ) -> None:
     worker = RankWorker(0, spec_for(tiny_ckpts[2]))  # 2 shards merged onto one rank
     info = worker.setup("127.0.0.1", 0, "127.0.0.1")
     assert (info["device"], info["dtype"], info["backend"]) == ("cpu", "float32", "gloo")
-    ids = worker.tokenizer.encode("Hello", bos=True, eos=False)
-    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
-    done = worker.generate([Request(ids, params), Request(ids, params), Request(ids, params)])
-    assert len(done) == 3 and all(len(c.token_ids) == 3 for c in done)
-    assert done[0].token_ids == done[2].token_ids  # the third ran in a second chunk
+    loop = threading.Thread(target=worker.run)
+    loop.start()
+    try:
+        ids = worker.tokenizer.encode("Hello", bos=True, eos=False)
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        long = params.replace(max_tokens=25)
+        # Two slots, three requests: the third waits for a slot, then runs like the first.
+        worker.submit([Request(str(i), ids, params) for i in range(3)] + [Request("x", ids, long)])
+        events: list[Event] = []
+        finished: set[str] = set()
+        while len(finished) < 3:
+            for step in worker.poll(5.0):
+                events += step
+                finished |= {e.id for e in step if e.finish_reason}
+        worker.abort(["x"])
+        while "x" not in finished:
+            for step in worker.poll(5.0):
+                events += step
+                finished |= {e.id for e in step if e.finish_reason}
+        tokens = {i: [t for e in events if e.id == i for t in e.token_ids] for i in "012"}
+        assert all(len(t) == 3 for t in tokens.values())
+        assert tokens["0"] == tokens["2"]
+        (aborted,) = [e for e in events if e.id == "x" and e.finish_reason]
+        assert aborted.finish_reason == "abort"
+        assert aborted.token_offset < 25
+    finally:
+        worker.stop()
+        loop.join(10)
+    assert not loop.is_alive()
     assert worker.memory()["peak_rss_mb"] > 0
 
 
-def test_generate_before_setup_is_an_error(tiny_ckpt: Path) -> None:
+def test_run_before_setup_is_an_error(tiny_ckpt: Path) -> None:
     worker = RankWorker(0, spec_for(tiny_ckpt))
     with pytest.raises(RuntimeError, match="before setup"):
-        worker.generate([])
+        worker.run()
 
 
 def test_rank_logging_puts_the_rank_in_every_line(capfd: pytest.CaptureFixture[str]) -> None:
