@@ -33,7 +33,7 @@ from .config import (
     ray_address_from_env,
 )
 from .errors import CheckpointError, ConfigError, PromptError, WorkerError
-from .protocol import Event, RankSpec, Request, derive_seed
+from .protocol import Event, RankSpec, Request, check_request, derive_seed
 from .tokenizer import Dialog, Tokenizer, encode_dialog
 
 log = logging.getLogger(__name__)
@@ -292,25 +292,32 @@ class LLM:
             texts = list(prompts)
             ids = [self.encode_prompt(p, i) for i, p in enumerate(texts)]
         else:
-            ids = [_check_ids(t, i, self.args.vocab_size) for i, t in enumerate(prompt_token_ids)]  # type: ignore[arg-type]
+            ids = [_token_list(t, i) for i, t in enumerate(prompt_token_ids)]  # type: ignore[arg-type]
             texts = [None] * len(ids)
         params = _per_request(sampling_params, len(ids))
-        limit = self.config.runtime.max_seq_len
-        too_long = [f"#{i} ({len(t)} tokens)" for i, t in enumerate(ids) if len(t) >= limit]
-        if too_long:
-            raise PromptError(
-                f"prompt(s) {', '.join(too_long[:5])} do not fit max_seq_len={limit} with room "
-                "to generate; shorten them or raise max_seq_len (runtime.max_seq_len)"
-            )
         call = next(self._calls)
         seed = self.config.runtime.seed
-        out = []
-        for i, (text, t, p) in enumerate(zip(texts, ids, params, strict=True)):
-            request = Request(
-                f"{call}-{i}", t, p, p.seed if p.seed is not None else derive_seed(seed, i)
-            )
-            out.append(_Progress(i, text, request, self._echo(text, request)))
-        return out
+        requests = [
+            Request(f"{call}-{i}", t, p, p.seed if p.seed is not None else derive_seed(seed, i))
+            for i, (t, p) in enumerate(zip(ids, params, strict=True))
+        ]
+        self._check(requests)
+        return [
+            _Progress(i, text, r, self._echo(text, r))
+            for i, (text, r) in enumerate(zip(texts, requests, strict=True))
+        ]
+
+    def _check(self, requests: list[Request], what: str = "prompt #{}") -> None:
+        """Refuse the call, before anything runs, if any request could not run."""
+        limit, vocab = self.config.runtime.max_seq_len, self.args.vocab_size
+        problems = [
+            f"{what.format(i)}: {problem}"
+            for i, r in enumerate(requests)
+            if (problem := check_request(r, limit, vocab)) is not None
+        ]
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise PromptError("; ".join(problems[:3]) + more)
 
     def _echo(self, prompt: str | None, request: Request) -> str:
         if not request.params.echo:
@@ -452,18 +459,13 @@ class AsyncLLM:
         if isinstance(prompt, str):
             ids = self.llm.encode_prompt(prompt)
         else:
-            ids = _check_ids(prompt, 0, self.llm.args.vocab_size)
-        limit = self.config.runtime.max_seq_len
-        if len(ids) >= limit:
-            raise PromptError(
-                f"the prompt has {len(ids)} tokens, which leaves no room to generate within "
-                f"max_seq_len={limit}; shorten it or raise runtime.max_seq_len"
-            )
+            ids = _token_list(prompt, 0)
         rid = request_id if request_id is not None else uuid.uuid4().hex
         seed = (
             params.seed if params.seed is not None else derive_seed(self.config.runtime.seed, rid)
         )
         request = Request(rid, ids, params, seed)
+        self.llm._check([request], f"request {rid!r}")
         return request, _Progress(0, text, request, self.llm._echo(text, request))
 
     def close(self) -> None:
@@ -533,18 +535,13 @@ def _per_request(
     return params
 
 
-def _check_ids(ids: Any, index: int, vocab_size: int) -> list[int]:
+def _token_list(ids: Any, index: int) -> list[int]:
+    """A copy of one prompt's token ids, type-checked (their values: check_request)."""
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
         raise TypeError(f"prompt_token_ids[{index}] must be a list of ints")
     out = list(ids)
-    if not out:
-        raise PromptError(f"prompt_token_ids[{index}] is empty")
-    bad = [t for t in out if not isinstance(t, int) or not 0 <= t < vocab_size]
-    if bad:
-        raise PromptError(
-            f"prompt_token_ids[{index}] has id(s) {bad[:5]} outside the "
-            f"vocabulary 0..{vocab_size - 1}"
-        )
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in out):
+        raise TypeError(f"prompt_token_ids[{index}] must be a list of ints")
     return out
 
 

@@ -102,22 +102,19 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rope_tables(
-    head_dim: int, max_seq_len: int, theta: float, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every (position, pair) angle, [max_seq_len, head_dim // 2] float32."""
+def rope_table(head_dim: int, max_seq_len: int, theta: float, device: torch.device) -> torch.Tensor:
+    """e^(i * position * freq) for every (position, pair): [max_seq_len, head_dim // 2]
+    complex64."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (2i, 2i+1) as Meta's layout does. x [B,T,H,D]; cos [B,T,D/2]."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [B,T,H,D/2,2]
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) as Meta's layout does, one complex product per
+    pair (a third of the kernels of the real-arithmetic form). x [B,T,H,D]; cis [B,T,D/2]."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B,T,H,D/2]
+    return torch.view_as_real(pairs * cis[:, :, None, :]).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -131,31 +128,31 @@ class Attention(nn.Module):
         self.wk = column_parallel(args.dim, args.kv_heads * args.head_dim, gather_output=False)
         self.wv = column_parallel(args.dim, args.kv_heads * args.head_dim, gather_output=False)
         self.wo = row_parallel(args.n_heads * args.head_dim, args.dim)
-        self.cache_k: torch.Tensor | None = None  # [slots + 1 spare, S_max, K, D]
+        # [slots + 1 spare, K, S_max, D]: a slot's keys up to S are a view in the layout
+        # attention wants, so decoding never copies the cache.
+        self.cache_k: torch.Tensor | None = None
         self.cache_v: torch.Tensor | None = None
 
-    def forward(
-        self, x: torch.Tensor, at: CacheIndex, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, at: CacheIndex, cis: torch.Tensor) -> torch.Tensor:
         assert self.cache_k is not None and self.cache_v is not None, "call setup_caches first"
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cis), apply_rope(k, cis)
 
         # Each row writes its own slot at its own positions, so rows can sit at different
         # lengths; padding tokens write to the spare slot, which no row ever reads.
-        self.cache_k[at.write_slots, at.write_pos] = k
-        self.cache_v[at.write_slots, at.write_pos] = v
-        keys, values = at.read(self.cache_k), at.read(self.cache_v)  # [B,S,K,D]
+        # (Indexing [B,T] x : x [B,T] puts the indexed dims first: k is [B,T,K,D].)
+        self.cache_k[at.write_slots, :, at.write_pos] = k
+        self.cache_v[at.write_slots, :, at.write_pos] = v
         # Grouped-query attention: each K/V head serves n_heads / n_kv_heads query heads;
         # enable_gqa shares them without materialising repeated copies of the cache.
         gqa = self.n_local_heads != self.n_local_kv_heads
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            keys.transpose(1, 2),
-            values.transpose(1, 2),
+            q.transpose(1, 2),  # [B,H,T,D]
+            at.read(self.cache_k),  # [B,K,S,D]
+            at.read(self.cache_v),
             attn_mask=at.mask,
             enable_gqa=gqa,
         )
@@ -181,10 +178,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(
-        self, x: torch.Tensor, at: CacheIndex, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), at, cos, sin)
+    def forward(self, x: torch.Tensor, at: CacheIndex, cis: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), at, cis)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -219,12 +214,10 @@ class Transformer(nn.Module):
             raise RuntimeError("materialize() the weights before setup_caches()")
         for layer in self.layers:
             attn = layer.attention
-            shape = (slots + 1, max_seq_len, attn.n_local_kv_heads, attn.head_dim)
+            shape = (slots + 1, attn.n_local_kv_heads, max_seq_len, attn.head_dim)
             attn.cache_k = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
             attn.cache_v = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
-        self.rope_cos, self.rope_sin = rope_tables(
-            self.args.head_dim, max_seq_len, self.args.rope_theta, weight.device
-        )
+        self.rope = rope_table(self.args.head_dim, max_seq_len, self.args.rope_theta, weight.device)
         self.slots, self.max_seq_len = slots, max_seq_len
 
     @torch.inference_mode()
@@ -270,10 +263,10 @@ class Transformer(nn.Module):
             # A query at position p sees keys at positions <= p of its own slot: [B,1,T,S].
             (torch.arange(S, device=device) <= positions[:, :, None])[:, None],
         )
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B,T,D/2]
+        cis = self.rope[positions]  # [B,T,D/2]
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, at, cos, sin)
+            h = layer(h, at, cis)
         if logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at]  # [B,dim]
         return self.output(self.norm(h)).float()
@@ -291,11 +284,12 @@ class CacheIndex:
     mask: torch.Tensor  # [B,1,T,S] True where a query may attend
 
     def read(self, cache: torch.Tensor) -> torch.Tensor:
-        """[B,S,K,D]: each row's slot up to S. Consecutive slots (the common case, since
-        the scheduler hands out the lowest free slots) are a view, not a copy."""
+        """[B,K,S,D]: each row's slot up to S. Consecutive slots (the common case: the
+        scheduler hands out the lowest free slots and lists rows in slot order) are a
+        view, not a copy."""
         if self.slot_range is not None:
-            return cache[self.slot_range[0] : self.slot_range[1], : self.S]
-        return cache[self.slots, : self.S]
+            return cache[self.slot_range[0] : self.slot_range[1], :, : self.S]
+        return cache[self.slots, :, : self.S]
 
 
 def _slot_range(slots: torch.Tensor) -> tuple[int, int] | None:

@@ -293,7 +293,9 @@ class Runner:
         """One scheduling step; returns the events it made (possibly none)."""
         events, self.inbox = self.inbox, []
         plan, chunks = self._schedule()
-        decoding = [s for s in self.running if s.pending is not None]
+        # In slot order: when the running slots are consecutive, each layer reads its
+        # cache as a view instead of gathering it.
+        decoding = sorted((s for s in self.running if s.pending is not None), key=_slot)
         for s in decoding:
             plan.dec_slots.append(s.slot)
             plan.dec_starts.append(s.cached)
@@ -373,6 +375,10 @@ class Runner:
         self.running.remove(seq)
         heapq.heappush(self.free, seq.slot)
         seq.slot = -1
+
+
+def _slot(seq: Sequence) -> int:
+    return seq.slot
 
 
 def _parts(plan: Plan) -> dict[str, torch.Tensor]:

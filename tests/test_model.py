@@ -18,7 +18,7 @@ from mpllama import checkpoint
 from mpllama import model as model_module
 from mpllama.checkpoint import shard_shapes
 from mpllama.fixtures import PRESETS, random_state
-from mpllama.model import Transformer, apply_rope, materialize, rope_tables
+from mpllama.model import Transformer, apply_rope, materialize, rope_table
 
 CPU = torch.device("cpu")
 
@@ -94,7 +94,7 @@ def test_materialize_converts_when_dtype_differs(
     model.setup_caches(2, 16)
     assert model.layers[0].attention.cache_k.dtype == torch.bfloat16
     # Two slots plus the spare one that takes padding writes.
-    assert model.layers[0].attention.cache_k.shape == (3, 16, 4, 16)
+    assert model.layers[0].attention.cache_k.shape == (3, 4, 16, 16)  # [slots, K, S, D]
 
 
 def test_materialize_is_strict(tiny_ckpts: dict[int, Path], single_rank: None) -> None:
@@ -195,9 +195,9 @@ def test_resharding_allocates_only_the_slice(bigger_ckpts: tuple[dict[int, Path]
 def test_rope_matches_meta_complex_reference() -> None:
     B, T, H, D = 2, 5, 3, 16
     x = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(0))
-    cos, sin = rope_tables(D, 32, 10000.0, CPU)
+    table = rope_table(D, 32, 10000.0, CPU)
     positions = torch.tensor([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])
-    got = apply_rope(x, cos[positions], sin[positions])
+    got = apply_rope(x, table[positions])
     # Meta's reference: interleaved pairs as complex numbers times e^{i * pos * freq}.
     freqs = 1.0 / (10000.0 ** (torch.arange(0, D, 2)[: D // 2].float() / D))
     angles = torch.outer(torch.arange(32).float(), freqs)
@@ -206,7 +206,7 @@ def test_rope_matches_meta_complex_reference() -> None:
         torch.view_as_complex(x.reshape(B, T, H, D // 2, 2)) * cis[:, :, None, :]
     ).flatten(3)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(apply_rope(x, cos[positions * 0], sin[positions * 0]), x)
+    torch.testing.assert_close(apply_rope(x, table[positions * 0]), x)
 
 
 # ----------------------------------------------------------------------------- forward

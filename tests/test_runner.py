@@ -16,7 +16,7 @@ import torch
 from mpllama import checkpoint
 from mpllama.config import SamplingParams
 from mpllama.model import Transformer, materialize
-from mpllama.protocol import Event, Request, check_request
+from mpllama.protocol import Event, Request
 from mpllama.runner import OP_STOP, Plan, Runner, follow, publish, receive
 from mpllama.tokenizer import Tokenizer
 
@@ -287,13 +287,6 @@ def test_bad_requests_finish_with_an_error_and_disturb_nobody(
     assert all(d.token_ids == [] and d.text == "" for d in (out[0], out[2], out[4]))
     assert_same(out[1], expected[0])
     assert_same(out[3], expected[1])
-
-
-def test_check_request() -> None:
-    assert check_request(Request("a", [1, 2, 3]), 8, 512) is None
-    assert "no tokens" in check_request(Request("a", []), 8, 512)
-    assert "max_seq_len is 3" in check_request(Request("a", [1, 2, 3]), 3, 512)
-    assert "[512, -1]" in check_request(Request("a", [1, 512, 5, -1]), 8, 512)
 
 
 # ---------------------------------------------------------------------- stop strings

@@ -1,6 +1,6 @@
 """Soak: thousands of short requests through a two-rank engine while a background thread
-SIGKILLs a random rank every few seconds. Every request must come back exactly once,
-with the greedy output an undisturbed run gives. Slow (about a minute): not in the
+SIGKILLs a random rank every few seconds. Every request must finish exactly once, with
+the greedy output an undisturbed run gives, and its streamed deltas must add up to it. Slow (about a minute): not in the
 default run; `pytest -m slow tests/test_soak.py`."""
 
 from __future__ import annotations
@@ -73,12 +73,14 @@ def test_every_request_comes_back_once_and_right_while_ranks_are_killed(
         started = time.monotonic()
         killer.start()
         seen: dict[int, list[int]] = {}
+        deltas: dict[int, list[int]] = {}
         try:
-            with caplog.at_level(logging.WARNING, logger="mpllama.api"):
-                for batch in llm.stream(texts, PARAMS):
-                    for out in batch:
-                        assert out.index not in seen, f"request {out.index} came back twice"
-                        assert out.prompt == texts[out.index]
+            with caplog.at_level(logging.WARNING, logger="mpllama.engine"):
+                for out in llm.stream(texts, PARAMS):
+                    assert out.index not in seen, f"request {out.index} finished twice"
+                    assert out.prompt == texts[out.index]
+                    deltas.setdefault(out.index, []).extend(out.delta_token_ids)
+                    if out.finished:
                         seen[out.index] = out.token_ids
         finally:
             killer.stop.set()
@@ -93,6 +95,8 @@ def test_every_request_comes_back_once_and_right_while_ranks_are_killed(
     assert sorted(seen) == list(range(N_REQUESTS))
     wrong = [i for i in range(N_REQUESTS) if seen[i] != reference[i].token_ids]
     assert not wrong, f"{len(wrong)} request(s) differ from the undisturbed run: {wrong[:10]}"
+    repeated = [i for i in range(N_REQUESTS) if deltas[i] != seen[i]]
+    assert not repeated, f"{len(repeated)} stream(s) repeated or lost tokens: {repeated[:10]}"
     # The kills really happened, and each landed on a live gang that had to be rebuilt.
     assert len(killer.kills) >= 5
     assert rebuilds >= len(killer.kills) // 2

@@ -1,0 +1,44 @@
+"""What crosses the Ray boundary: no torch on the driver's side of it, the one request
+check, and the one seed rule."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from mpllama.config import SamplingParams
+from mpllama.protocol import Request, check_request, derive_seed
+
+
+def test_driver_side_modules_do_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "import mpllama.protocol, mpllama.jobs, mpllama.config, mpllama.tokenizer\n"
+        "from mpllama.protocol import Request\n"
+        "Request('a', [1, 2])\n"
+        "heavy = [m for m in ('torch', 'fairscale', 'ray') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_check_request() -> None:
+    assert check_request(Request("a", [1, 2, 3]), 8, 512) is None
+    assert "no tokens" in check_request(Request("a", []), 8, 512)
+    assert "max_seq_len is 3" in check_request(Request("a", [1, 2, 3]), 3, 512)
+    assert "[512, -1]" in check_request(Request("a", [1, 512, 5, -1]), 8, 512)
+    assert "True" in check_request(Request("a", [1, True]), 8, 512)  # bools are not ids
+
+
+def test_budget_is_max_tokens_capped_by_the_context_left() -> None:
+    request = Request("a", [1] * 10, SamplingParams(max_tokens=50))
+    assert request.budget(64) == 50
+    assert request.budget(20) == 10
+
+
+def test_derive_seed_is_stable_and_spreads() -> None:
+    assert derive_seed(1, 0) == derive_seed(1, 0)
+    assert derive_seed(1, 7) == derive_seed(1, "7")  # a job's id 7 and "7" are one request
+    seeds = {derive_seed(s, k) for s in range(3) for k in range(100)}
+    assert len(seeds) == 300
+    assert all(0 <= s < 2**63 for s in seeds)
