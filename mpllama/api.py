@@ -18,13 +18,11 @@ import queue
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import checkpoint
 from .config import (
-    ModelArgs,
     ParallelConfig,
     RunConfig,
     RuntimeConfig,
@@ -32,66 +30,20 @@ from .config import (
     load_run_config,
     ray_address_from_env,
 )
-from .errors import CheckpointError, ConfigError, PromptError, WorkerError
+from .errors import ConfigError, PromptError, WorkerError
+from .outputs import (
+    Progress,
+    RequestOutput,
+    check_errors_mode,
+    per_request,
+    token_list,
+)
 from .protocol import Event, RankSpec, Request, check_request, derive_seed
-from .tokenizer import Dialog, Tokenizer, encode_dialog
+from .tokenizer import Dialog, encode_dialog
+
+__all__ = ["LLM", "AsyncLLM", "RequestOutput"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RequestOutput:
-    """One request's output so far; the last one (``finished``) is its result."""
-
-    index: int  # position in the call's input (0 for AsyncLLM)
-    prompt: str | None
-    prompt_token_ids: list[int]
-    text: str  # everything generated so far (after the prompt, when echo is set)
-    token_ids: list[int]
-    logprobs: list[float] | None
-    finish_reason: str | None  # "stop" or "length" once finished ("abort" if given up)
-    delta_text: str = ""  # what this output adds to the previous one
-    delta_token_ids: list[int] = field(default_factory=list)
-    finished: bool = False
-    request_id: str = ""
-
-
-class _Progress:
-    """A request's cumulative output, grown from its events."""
-
-    def __init__(self, index: int, prompt: str | None, request: Request, shown: str) -> None:
-        self.index, self.prompt, self.request = index, prompt, request
-        self.prefix = shown  # the echoed prompt, handed out with the first piece
-        self.text = ""
-        self.token_ids: list[int] = []
-        self.logprobs: list[float] | None = [] if request.params.logprobs else None
-        self.finish_reason: str | None = None
-
-    def add(self, e: Event) -> None:
-        if e.finish_reason == "error":
-            raise PromptError(f"request #{self.index}: {e.error}")
-        self.delta_text, self.prefix = self.prefix + e.text, ""
-        self.delta_token_ids = e.token_ids
-        self.text += self.delta_text
-        self.token_ids += e.token_ids
-        if self.logprobs is not None and e.logprobs is not None:
-            self.logprobs += e.logprobs
-        self.finish_reason = e.finish_reason
-
-    def output(self, delta: bool = True) -> RequestOutput:
-        return RequestOutput(
-            self.index,
-            self.prompt,
-            self.request.prompt_token_ids,
-            self.text,
-            list(self.token_ids),
-            None if self.logprobs is None else list(self.logprobs),
-            self.finish_reason,
-            self.delta_text if delta else "",
-            list(self.delta_token_ids) if delta else [],
-            self.finish_reason is not None,
-            self.request.id,
-        )
 
 
 # Keyword arguments of LLM(...) and the settings section each belongs to.
@@ -140,19 +92,19 @@ class LLM:
                 "model.checkpoint_dir in the YAML)"
             )
         self.config = dataclasses.replace(config, model=model, parallel=parallel, runtime=runtime)
-        self.engine: Any = None
+        self.router: Any = None
         self._owns_ray = False
         self._closed = False
         self._calls = itertools.count()
 
         # Everything that can be checked on the driver is checked before Ray starts.
-        self.tokenizer, self.args, shards = _inspect_checkpoint(
+        self.tokenizer, self.args, shards = checkpoint.inspect(
             model.checkpoint_dir, model.tokenizer_path
         )
         world = parallel.model_parallel_size or len(shards)
         checkpoint.check_model_parallel(self.args, world)
         checkpoint.shard_plan(len(shards), world)
-        _check_shards(shards, self.args)
+        checkpoint.check_shards(shards, self.args)
         self.world_size = world
         self.spec = RankSpec(
             checkpoint_dir=str(Path(model.checkpoint_dir).resolve()),
@@ -176,9 +128,9 @@ class LLM:
                 self.config, parallel=dataclasses.replace(parallel, cpus_per_rank=float(cpus))
             )
         try:
-            from .engine import Engine
+            from .router import Router
 
-            self.engine = Engine(self.spec, self.config.parallel)
+            self.router = Router(self.spec, self.config.parallel)
         except BaseException:
             self.close()
             raise
@@ -194,6 +146,17 @@ class LLM:
     ) -> LLM:
         """Build from a YAML job file; ``overrides`` are ``section.key=value`` strings."""
         return cls(config=load_run_config(path, overrides), **settings)
+
+    @property
+    def engine(self) -> Any:
+        """The engine of the one gang (``replicas: 1``); with several, ``router.engines``."""
+        if self.router is None or len(self.router.engines) != 1:
+            raise AttributeError("this LLM has several replicas: use llm.router.engines[i]")
+        return self.router.engines[0]
+
+    @property
+    def replicas(self) -> int:
+        return len(self.router.engines)
 
     # ------------------------------------------------------------------ Ray runtime
 
@@ -231,21 +194,29 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        errors: str = "raise",
     ) -> list[RequestOutput]:
-        """Complete every prompt (any number); results come back in input order."""
-        entries = self._requests(prompts, prompt_token_ids, sampling_params)
-        done = {p.index: p.output(delta=False) for p in self._run(entries) if p.finish_reason}
-        return [done[i] for i in range(len(entries))]
+        """Complete every prompt (any number); results come back in input order.
+
+        ``errors="return"``: an input that cannot run (too long, empty, not a string,
+        ids outside the vocabulary) gets an output with finish_reason "error" and an
+        ``error`` message instead of failing the call; the others run as usual.
+        """
+        entries = self._requests(prompts, prompt_token_ids, sampling_params, errors)
+        return _finals(self._run(entries), len(entries))
 
     def chat(
         self,
         dialogs: Dialog | Sequence[Dialog],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        errors: str = "raise",
     ) -> list[RequestOutput]:
-        """Llama 2 chat: each dialog is a list of {"role", "content"} messages."""
-        return self.generate(
-            sampling_params=sampling_params, prompt_token_ids=self.encode_dialogs(dialogs)
-        )
+        """Llama 2 chat: each dialog is a list of {"role", "content"} messages.
+        ``errors="return"`` also turns a malformed dialog, or one using a reserved chat
+        tag, into an error output."""
+        entries = self._dialog_requests(dialogs, sampling_params, errors)
+        return _finals(self._run(entries), len(entries))
 
     def stream(
         self,
@@ -253,71 +224,107 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        errors: str = "raise",
     ) -> Iterator[RequestOutput]:
         """Like ``generate``, but yields a ``RequestOutput`` whenever a request has new
         tokens, interleaved across requests in the order they are made; each carries the
         cumulative result and the new piece (``delta_text``, ``delta_token_ids``). A
         request's last output (``finished``) equals what ``generate`` returns for it.
         Closing the iterator early aborts the requests still running."""
-        entries = self._requests(prompts, prompt_token_ids, sampling_params)
+        entries = self._requests(prompts, prompt_token_ids, sampling_params, errors)
         return (p.output() for p in self._run(entries))
 
     def encode_dialogs(self, dialogs: Dialog | Sequence[Dialog]) -> list[list[int]]:
+        return [_raise(ids) for ids in self._encode_dialogs(dialogs)]
+
+    def _encode_dialogs(self, dialogs: Dialog | Sequence[Dialog]) -> list[list[int] | Exception]:
         if dialogs and isinstance(dialogs[0], dict):
             dialogs = [dialogs]  # type: ignore[list-item]
-        token_ids = []
+        out: list[list[int] | Exception] = []
         for i, dialog in enumerate(dialogs):
             try:
-                token_ids.append(encode_dialog(self.tokenizer, dialog))  # type: ignore[arg-type]
+                out.append(encode_dialog(self.tokenizer, dialog))  # type: ignore[arg-type]
             except PromptError as exc:
-                raise PromptError(f"dialog {i}: {exc}") from None
-        return token_ids
+                out.append(PromptError(f"dialog {i}: {exc}"))
+        return out
 
     def _requests(
         self,
         prompts: str | Sequence[str] | None,
         prompt_token_ids: Sequence[Sequence[int]] | None,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
-    ) -> list[_Progress]:
+        errors: str,
+    ) -> list[Progress]:
+        check_errors_mode(errors)
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("pass either prompts or prompt_token_ids (exactly one)")
         if isinstance(prompts, str):
             prompts = [prompts]
-        texts: list[str | None]
+        texts: list[Any]
+        ids: list[list[int] | Exception] = []
         if prompts is not None:
             if not isinstance(prompts, Sequence):
                 raise TypeError(
                     f"prompts must be a string or a list of strings, got {type(prompts).__name__}"
                 )
             texts = list(prompts)
-            ids = [self.encode_prompt(p, i) for i, p in enumerate(texts)]
+            for i, p in enumerate(texts):
+                ids.append(_attempt(self.encode_prompt, p, i))
         else:
-            ids = [_token_list(t, i) for i, t in enumerate(prompt_token_ids)]  # type: ignore[arg-type]
-            texts = [None] * len(ids)
-        params = _per_request(sampling_params, len(ids))
+            if isinstance(prompt_token_ids, (str, bytes)) or not isinstance(
+                prompt_token_ids, Sequence
+            ):
+                raise TypeError("prompt_token_ids must be a list of lists of ints")
+            texts = [None] * len(prompt_token_ids)
+            ids = [_attempt(token_list, t, i) for i, t in enumerate(prompt_token_ids)]
+        return self._entries(texts, ids, per_request(sampling_params, len(ids)), errors)
+
+    def _dialog_requests(
+        self,
+        dialogs: Dialog | Sequence[Dialog],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+        errors: str,
+    ) -> list[Progress]:
+        check_errors_mode(errors)
+        ids = self._encode_dialogs(dialogs)
+        texts = [None] * len(ids)
+        return self._entries(texts, ids, per_request(sampling_params, len(ids)), errors)
+
+    def _entries(
+        self,
+        texts: list[Any],
+        ids: list[list[int] | Exception],
+        params: list[SamplingParams],
+        errors: str,
+    ) -> list[Progress]:
+        """One Progress per input: a request to run, or (errors="return") a refusal.
+        With errors="raise", the first bad input fails the call before anything runs."""
         call = next(self._calls)
         seed = self.config.runtime.seed
-        requests = [
-            Request(f"{call}-{i}", t, p, p.seed if p.seed is not None else derive_seed(seed, i))
-            for i, (t, p) in enumerate(zip(ids, params, strict=True))
-        ]
-        self._check(requests)
-        return [
-            _Progress(i, text, r, self._echo(text, r))
-            for i, (text, r) in enumerate(zip(texts, requests, strict=True))
-        ]
+        limit, vocab = self.config.runtime.max_seq_len, self.args.vocab_size
+        out = []
+        for i, (text, t, p) in enumerate(zip(texts, ids, params, strict=True)):
+            if not isinstance(t, Exception):
+                request = Request(
+                    f"{call}-{i}", t, p, p.seed if p.seed is not None else derive_seed(seed, i)
+                )
+                problem = check_request(request, limit, vocab)
+                if problem is None:
+                    out.append(Progress(i, text, request, self._echo(text, request), errors))
+                    continue
+                t = PromptError(f"prompt #{i}: {problem}")
+            if errors == "raise":
+                raise t
+            out.append(Progress.failed(i, text, ids[i] if isinstance(ids[i], list) else [], str(t)))
+        return out
 
     def _check(self, requests: list[Request], what: str = "prompt #{}") -> None:
         """Refuse the call, before anything runs, if any request could not run."""
         limit, vocab = self.config.runtime.max_seq_len, self.args.vocab_size
-        problems = [
-            f"{what.format(i)}: {problem}"
-            for i, r in enumerate(requests)
-            if (problem := check_request(r, limit, vocab)) is not None
-        ]
-        if problems:
-            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-            raise PromptError("; ".join(problems[:3]) + more)
+        for i, r in enumerate(requests):
+            problem = check_request(r, limit, vocab)
+            if problem is not None:
+                raise PromptError(f"{what.format(i)}: {problem}")
 
     def _echo(self, prompt: str | None, request: Request) -> str:
         if not request.params.echo:
@@ -331,15 +338,18 @@ class LLM:
             raise PromptError(f"prompt #{index} is empty; give at least one character")
         return self.tokenizer.encode(prompt, bos=True, eos=False)
 
-    def _run(self, entries: list[_Progress]) -> Iterator[_Progress]:
-        """Submit every request; yield each one's progress as its events arrive."""
+    def _run(self, entries: list[Progress]) -> Iterator[Progress]:
+        """Submit every request; yield each one's progress as its events arrive (the
+        refused inputs first, already finished)."""
         if self._closed:
             raise WorkerError("this LLM has been closed; make a new one")
-        if not entries:
+        refused = [p for p in entries if p.finish_reason == "error"]
+        yield from refused
+        by_id = {p.request.id: p for p in entries if p.finish_reason is None}
+        if not by_id:
             return
-        by_id = {p.request.id: p for p in entries}
         inbox: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
-        self.engine.submit([p.request for p in entries], inbox.put)
+        self.router.submit([p.request for p in by_id.values()], inbox.put)
         try:
             while by_id:
                 try:
@@ -355,7 +365,7 @@ class LLM:
                 yield progress
         finally:
             if by_id:  # the caller stopped early, or something failed: free the slots
-                self.engine.abort(list(by_id))
+                self.router.abort(list(by_id))
 
     # ------------------------------------------------------------------ closing
 
@@ -364,8 +374,8 @@ class LLM:
         if self._closed:
             return
         self._closed = True
-        if self.engine is not None:
-            self.engine.close()
+        if self.router is not None:
+            self.router.close()
         if self._owns_ray:
             import ray
 
@@ -431,7 +441,7 @@ class AsyncLLM:
             except RuntimeError:
                 pass  # the loop is closed: nobody is waiting any more
 
-        self.llm.engine.submit([request], sink)
+        self.llm.router.submit([request], sink)
         finished = False
         try:
             while not finished:
@@ -443,15 +453,15 @@ class AsyncLLM:
                 yield progress.output()
         finally:
             if not finished:
-                self.llm.engine.abort([request.id])
+                self.llm.router.abort([request.id])
 
     async def abort(self, request_id: str) -> None:
         """Give up a request: its generate() ends with finish_reason "abort"."""
-        self.llm.engine.abort([request_id])
+        self.llm.router.abort([request_id])
 
     def _request(
         self, prompt: str | Sequence[int], params: SamplingParams | None, request_id: str | None
-    ) -> tuple[Request, _Progress]:
+    ) -> tuple[Request, Progress]:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params is {type(params).__name__}, not SamplingParams")
@@ -459,14 +469,14 @@ class AsyncLLM:
         if isinstance(prompt, str):
             ids = self.llm.encode_prompt(prompt)
         else:
-            ids = _token_list(prompt, 0)
+            ids = token_list(prompt, 0)
         rid = request_id if request_id is not None else uuid.uuid4().hex
         seed = (
             params.seed if params.seed is not None else derive_seed(self.config.runtime.seed, rid)
         )
         request = Request(rid, ids, params, seed)
         self.llm._check([request], f"request {rid!r}")
-        return request, _Progress(0, text, request, self.llm._echo(text, request))
+        return request, Progress(0, text, request, self.llm._echo(text, request))
 
     def close(self) -> None:
         self.llm.close()
@@ -484,65 +494,23 @@ class AsyncLLM:
         self.close()
 
 
-def _inspect_checkpoint(
-    checkpoint_dir: str, tokenizer_path: str | None
-) -> tuple[Tokenizer, ModelArgs, list[Path]]:
-    shards = checkpoint.find_shards(checkpoint_dir)
-    args = checkpoint.read_params(checkpoint_dir)
-    tokenizer = Tokenizer(checkpoint.find_tokenizer(checkpoint_dir, tokenizer_path))
-    args = checkpoint.resolve_vocab(
-        args, tokenizer.n_words, str(Path(checkpoint_dir) / "params.json")
-    )
-    return tokenizer, args, shards
+def _attempt(build: Any, value: Any, index: int) -> list[int] | Exception:
+    """``build(value, index)``, or the input error it raised (kept for errors="return")."""
+    try:
+        return build(value, index)
+    except (PromptError, TypeError) as exc:
+        return exc
 
 
-def _check_shards(shards: list[Path], args: ModelArgs) -> None:
-    """Every shard's keys and shapes, read on the driver before any actor starts.
-
-    Shards are memory-mapped, so this reads the pickled index of each file, not the
-    weights: milliseconds even for a 70B checkpoint. A truncated file, one that would
-    run code, or one that does not match params.json fails here, with the same
-    CheckpointError the rank would raise.
-    """
-    expected = checkpoint.shard_shapes(args, len(shards))
-    for path in shards:
-        state = checkpoint.load_shard(path)
-        try:
-            checkpoint.check_state(state, expected, str(path))
-        except CheckpointError as exc:
-            raise CheckpointError(
-                f"{exc}. The shards were written for another model or are damaged: "
-                "re-download or re-convert the checkpoint (mpllama convert / reshard)"
-            ) from None
-        del state
+def _raise(ids: list[int] | Exception) -> list[int]:
+    if isinstance(ids, Exception):
+        raise ids
+    return ids
 
 
-def _per_request(
-    sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
-) -> list[SamplingParams]:
-    if sampling_params is None:
-        return [SamplingParams()] * n
-    if isinstance(sampling_params, SamplingParams):
-        return [sampling_params] * n
-    params = list(sampling_params)
-    if len(params) != n:
-        raise ValueError(
-            f"got {len(params)} SamplingParams for {n} prompts; pass one, or one per prompt"
-        )
-    for i, p in enumerate(params):
-        if not isinstance(p, SamplingParams):
-            raise TypeError(f"sampling_params[{i}] is {type(p).__name__}, not SamplingParams")
-    return params
-
-
-def _token_list(ids: Any, index: int) -> list[int]:
-    """A copy of one prompt's token ids, type-checked (their values: check_request)."""
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
-        raise TypeError(f"prompt_token_ids[{index}] must be a list of ints")
-    out = list(ids)
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in out):
-        raise TypeError(f"prompt_token_ids[{index}] must be a list of ints")
-    return out
+def _finals(progress: Iterator[Progress], n: int) -> list[RequestOutput]:
+    done = {p.index: p.output(delta=False) for p in progress if p.finish_reason is not None}
+    return [done[i] for i in range(n)]
 
 
 # Close engines left open on interpreter exit, so no actor or placement group outlives

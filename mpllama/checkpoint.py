@@ -16,6 +16,7 @@ import torch
 
 from .config import ModelArgs
 from .errors import CheckpointError, ConfigError
+from .tokenizer import Tokenizer
 
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
 # Keys Meta's files carry that the model does not use (rope.freqs is recomputed).
@@ -283,6 +284,39 @@ def load_rank_state(
         else:
             out[key] = loaded[0][key].chunk(pieces, dim=axis)[piece].clone()
     return out
+
+
+def inspect(
+    checkpoint_dir: str, tokenizer_path: str | None
+) -> tuple[Tokenizer, ModelArgs, list[Path]]:
+    """What the driver reads before any actor starts: the tokenizer, the model's
+    arguments (vocabulary resolved against the tokenizer) and the shard files."""
+    shards = find_shards(checkpoint_dir)
+    args = read_params(checkpoint_dir)
+    tokenizer = Tokenizer(find_tokenizer(checkpoint_dir, tokenizer_path))
+    args = resolve_vocab(args, tokenizer.n_words, str(Path(checkpoint_dir) / "params.json"))
+    return tokenizer, args, shards
+
+
+def check_shards(shards: list[Path], args: ModelArgs) -> None:
+    """Every shard's keys and shapes, read on the driver before any actor starts.
+
+    Shards are memory-mapped, so this reads the pickled index of each file, not the
+    weights: milliseconds even for a 70B checkpoint. A truncated file, one that would
+    run code, or one that does not match params.json fails here, with the same
+    CheckpointError the rank would raise.
+    """
+    expected = shard_shapes(args, len(shards))
+    for path in shards:
+        state = load_shard(path)
+        try:
+            check_state(state, expected, str(path))
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"{exc}. The shards were written for another model or are damaged: "
+                "re-download or re-convert the checkpoint (mpllama convert / reshard)"
+            ) from None
+        del state
 
 
 # ------------------------------------------------------------------------ writing

@@ -144,7 +144,8 @@ class SamplingParams:
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 BACKENDS = ("auto", "gloo", "nccl")
-PLACEMENT_STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
+PLACEMENT_STRATEGIES = ("auto", "PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
+REPLICA_PLACEMENTS = ("spread", "pack")
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,10 @@ class ModelConfig:
 class ParallelConfig:
     model_parallel_size: int | None = None  # None = the checkpoint's shard count
     backend: str = "auto"  # auto = nccl when the rank has a GPU and torch has NCCL, else gloo
-    placement_strategy: str = "PACK"
+    # One gang's ranks: auto = STRICT_PACK (one node) when a node can hold them, else PACK.
+    placement_strategy: str = "auto"
+    replicas: int | str = 1  # independent gangs (data parallel); "auto" = as many as fit
+    replica_placement: str = "spread"  # spread = gangs on different nodes where they can
     ray_address: str | None = None  # None = $RAY_ADDRESS, else a local Ray for this run
     # Also the rank's thread count (Ray sets OMP_NUM_THREADS). None = the machine's cores
     # shared equally among the ranks when mpllama starts the local Ray itself, else 1.
@@ -174,6 +178,13 @@ class ParallelConfig:
             raise ConfigError(f"model_parallel_size must be >= 1, got {self.model_parallel_size}")
         _one_of("backend", self.backend, BACKENDS)
         _one_of("placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
+        _one_of("replica_placement", self.replica_placement, REPLICA_PLACEMENTS)
+        if self.replicas != "auto" and not (
+            isinstance(self.replicas, int) and not isinstance(self.replicas, bool)
+        ):
+            raise ConfigError(f"replicas must be a number >= 1 or 'auto', got {self.replicas!r}")
+        if isinstance(self.replicas, int) and self.replicas < 1:
+            raise ConfigError(f"replicas must be >= 1 or 'auto', got {self.replicas}")
         if self.cpus_per_rank is not None and self.cpus_per_rank <= 0:
             raise ConfigError(f"cpus_per_rank must be > 0, got {self.cpus_per_rank}")
         for name in ("placement_timeout_s", "call_timeout_s", "collective_timeout_s"):
@@ -215,6 +226,37 @@ class JobConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """``mpllama serve``: where it listens, how many gangs answer, who may call it."""
+
+    host: str = "127.0.0.1"  # 0.0.0.0 opens it to the network: set an api_key then
+    port: int = 8000
+    replicas: int = 1  # Ray Serve replicas, each one model-parallel gang
+    model_name: str | None = None  # the name clients send; None = the checkpoint folder's
+    # None = $MPLLAMA_API_KEY; neither set = no key asked for. Kept out of repr (and logs).
+    api_key: str | None = field(default=None, repr=False)
+    max_queued_requests: int = 64  # per replica, waiting for a slot; more get 429
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ConfigError("host must be an address to bind, e.g. 127.0.0.1 or 0.0.0.0")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 1..65535, got {self.port}")
+        if self.replicas < 1:
+            raise ConfigError(f"replicas must be >= 1, got {self.replicas}")
+        if self.model_name == "" or self.api_key == "":
+            raise ConfigError("model_name and api_key must be non-empty strings, or null")
+        if self.max_queued_requests < 0:
+            raise ConfigError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+
+
+def api_key_from_env() -> str | None:
+    """The key ``mpllama serve`` asks for when serve.api_key is unset: $MPLLAMA_API_KEY
+    (an environment variable keeps the secret out of YAML files and job listings)."""
+    return os.environ.get("MPLLAMA_API_KEY") or None
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """One YAML job file: everything a run needs."""
 
@@ -223,6 +265,7 @@ class RunConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     job: JobConfig = field(default_factory=JobConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 SECTIONS: dict[str, type] = {
@@ -231,6 +274,7 @@ SECTIONS: dict[str, type] = {
     "runtime": RuntimeConfig,
     "sampling": SamplingParams,
     "job": JobConfig,
+    "serve": ServeConfig,
 }
 PATH_KEYS = {
     ("model", "checkpoint_dir"),

@@ -2,10 +2,11 @@
 events the lead makes to whoever waits for each request.
 
 One pump thread per engine polls the lead (one Ray call returns every step made since
-the last one) and watches each rank's loop. When a rank fails, the gang is torn down,
-rebuilt, and every unfinished request is replayed. Replay is exact (each request samples
-from its own seed), and events carry offsets, so the pump drops what a consumer has
-already seen: each consumer gets every token exactly once.
+the last one) and watches each rank's loop. When a rank fails, the gang is torn down and
+rebuilt, and every unfinished request is replayed: on the rebuilt gang, or, when the
+engine is one replica of several, at once on the healthy ones (``on_failure``). Replay is
+exact (each request samples from its own seed), and events carry offsets, so the pump
+drops what a consumer has already seen: each consumer gets every token exactly once.
 """
 
 from __future__ import annotations
@@ -36,22 +37,50 @@ POLL_WAIT_S = 0.2
 
 
 @dataclass
-class _Live:
+class Live:
+    """A request an engine owes events to, and how much of it the consumer has seen."""
+
     request: Request
     sink: Sink
     tokens: int = 0  # tokens already delivered
     text: int = 0  # characters already delivered
 
+    @property
+    def outstanding(self) -> int:
+        """Tokens it may still make: the load it puts on a gang."""
+        return self.request.params.max_tokens - self.tokens
+
+
+# Given the requests of an engine whose gang just failed, place what it can elsewhere and
+# return the rest, which the engine replays itself once rebuilt.
+FailureHandler = Callable[["Engine", list[Live]], list[Live]]
+
 
 class Engine:
-    """One gang serving requests; starts it at once (raising what fails on the way)."""
+    """One gang serving requests; starts it at once (raising what fails on the way).
 
-    def __init__(self, spec: RankSpec, parallel: ParallelConfig) -> None:
+    ``replica`` numbers it among several; ``on_failure`` hands a failed gang's requests
+    to the others; ``keep_up`` rebuilds a failed gang even when it has no requests.
+    """
+
+    def __init__(
+        self,
+        spec: RankSpec,
+        parallel: ParallelConfig,
+        *,
+        replica: int = 0,
+        on_failure: FailureHandler | None = None,
+        keep_up: bool = False,
+        node_id: str | None = None,
+    ) -> None:
         self.spec = spec
         self.parallel = parallel
-        self.gang = Gang(spec, parallel)
+        self.replica = replica
+        self.on_failure = on_failure
+        self.keep_up = keep_up
+        self.gang = Gang(spec, parallel, node_id)
         self._lock = threading.RLock()
-        self._live: dict[str, _Live] = {}
+        self._live: dict[str, Live] = {}
         self._up = False
         self._closed = False
         self._wake = threading.Event()
@@ -60,7 +89,9 @@ class Engine:
         self._failures = 0  # failures since the last step that made progress
         self._last_error: MpllamaError = WorkerError("no failure yet")
         self.restarts = 0
+        self.failures: list[str] = []  # one line per gang failure, for summaries
         self.steps_seen = 0
+        self.down = False  # rebuilds kept failing; tried again when work arrives
         with self._lock:
             self._start_loops()
         self._thread = threading.Thread(target=self._pump, name="mpllama-engine", daemon=True)
@@ -77,12 +108,22 @@ class Engine:
             taken = [i for i in ids if i in self._live]
             if taken or len(set(ids)) != len(ids):
                 raise ValueError(f"request id(s) {taken or ids} are already in use")
-            for r in requests:
-                self._live[r.id] = _Live(r, sink)
-            if self._up:
-                self.gang.lead.submit.remote(requests)
-            else:
-                self._wake.set()  # the pump rebuilds the gang and replays them
+            self._add([Live(r, sink) for r in requests])
+
+    def adopt(self, lives: list[Live]) -> None:
+        """Take over requests another engine started: their consumers keep their place."""
+        with self._lock:
+            if self._closed:
+                raise WorkerError("the engine has been closed")
+            self._add(lives)
+
+    def _add(self, lives: list[Live]) -> None:
+        for live in lives:
+            self._live[live.request.id] = live
+        if self._up:
+            self.gang.lead.submit.remote([live.request for live in lives])
+        else:
+            self._wake.set()  # the pump rebuilds the gang and replays them
 
     def abort(self, ids: Iterable[str]) -> None:
         """Give up requests: their sinks get a final "abort" event now, and the lead
@@ -107,6 +148,16 @@ class Engine:
     def load(self) -> int:
         """Requests not yet finished."""
         return len(self._live)
+
+    @property
+    def outstanding_tokens(self) -> int:
+        with self._lock:
+            return sum(live.outstanding for live in self._live.values())
+
+    @property
+    def healthy(self) -> bool:
+        """Serving now: set up and not being rebuilt."""
+        return self._up and not self._closed
 
     @property
     def alive(self) -> bool:
@@ -226,7 +277,7 @@ class Engine:
                     live = self._live.get(e.id)
                     if live is None:
                         continue  # aborted by the caller meanwhile
-                    new = _unseen(e, live)
+                    new = _unseen(e, live, self.replica)
                     if new is None:
                         continue
                     if new.finish_reason is not None:
@@ -240,19 +291,45 @@ class Engine:
     def _fail(self, error: MpllamaError) -> None:
         if self._closed:
             return
+        error = self._where(error)
         with self._lock:
             self._up = False
             self._failures += 1
             self._last_error = error
+            self.failures.append(str(error).splitlines()[0])
+            moving = list(self._live.values()) if self.on_failure else []
+            if moving:
+                self._live = {}
         log.warning("%s; the gang was stopped", str(error).splitlines()[0])
         self.gang.shutdown()
+        if moving:
+            assert self.on_failure is not None
+            kept = self.on_failure(self, moving)
+            if kept:
+                with self._lock:
+                    for live in kept:
+                        self._live[live.request.id] = live
+
+    def _where(self, error: MpllamaError) -> MpllamaError:
+        """Name the replica and the failed rank's node in the message."""
+        if not isinstance(error, WorkerError):
+            return error
+        rank = error.rank
+        info = self.gang.rank_info
+        node = info[rank].get("node_ip") if rank is not None and rank < len(info) else None
+        where = f"replica {self.replica}" + (f", node {node}" if node else "")
+        first, _, rest = str(error).partition("\n")
+        message = f"{first} ({where})" + (f"\n{rest}" if rest else "")
+        out = WorkerError(message, rank=error.rank, method=error.method)
+        out.remote_traceback = error.remote_traceback
+        return out
 
     def _rebuild(self) -> None:
         """Bring the gang back when requests wait for it; give up on them after
         ``max_restarts`` failures in a row without progress."""
         with self._lock:
             idle = not self._live
-        if idle:
+        if idle and (self.down or not self.keep_up):
             self._wake.wait(POLL_WAIT_S)
             self._wake.clear()
             return
@@ -272,28 +349,35 @@ class Engine:
         try:
             self.gang.start()
         except (WorkerError, PlacementError) as exc:
-            log.warning("%s", str(exc).splitlines()[0])
+            error = self._where(exc)
+            log.warning("%s", str(error).splitlines()[0])
             with self._lock:
                 self._failures += 1
-                self._last_error = exc
+                self._last_error = error
+                self.failures.append(str(error).splitlines()[0])
             return
         with self._lock:
             if self._closed:
                 self.gang.shutdown()
                 return
             self.restarts += 1
+            self.down = False
             self._start_loops()
 
     def _give_up(self, error: MpllamaError) -> None:
         with self._lock:
             live, self._live = list(self._live.values()), {}
             self._failures = 0
-        log.error("giving up on %d request(s): %s", len(live), str(error).splitlines()[0])
+            self.down = True
+        if live:
+            log.error("giving up on %d request(s): %s", len(live), str(error).splitlines()[0])
+        else:
+            log.error("replica %d stays down: %s", self.replica, str(error).splitlines()[0])
         for entry in live:
             entry.sink(error)
 
 
-def _unseen(e: Event, live: _Live) -> Event | None:
+def _unseen(e: Event, live: Live, replica: int) -> Event | None:
     """The part of ``e`` its consumer has not seen yet (all of it, unless replayed)."""
     skip = max(0, live.tokens - e.token_offset)
     tokens = e.token_ids[skip:]
@@ -311,4 +395,5 @@ def _unseen(e: Event, live: _Live) -> Event | None:
         e.text_offset + len(e.text) - len(text),
         e.finish_reason,
         e.error,
+        replica,
     )

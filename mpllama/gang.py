@@ -8,16 +8,22 @@ the whole gang down: a surviving rank would otherwise sit in its next collective
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import (
+    NODE_ID_LABEL_KEY,
+    placement_group,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .config import ParallelConfig
@@ -40,7 +46,11 @@ class RankActor(RankWorker):
 
     def setup_on_node(self, host: str, port: int) -> dict[str, Any]:
         info = self.setup(host, port, self.node_ip())
-        return {**info, "node_id": ray.get_runtime_context().get_node_id()}
+        return {
+            **info,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": self.node_ip(),
+        }
 
     @ray.method(concurrency_group="health")
     def heartbeat(self) -> int:
@@ -82,12 +92,19 @@ _RemoteRank = ray.remote(
 class Gang:
     """The rank actors of one engine, set up and ready to run. Needs ``ray.init``."""
 
-    def __init__(self, spec: RankSpec, parallel: ParallelConfig) -> None:
+    def __init__(
+        self,
+        spec: RankSpec,
+        parallel: ParallelConfig,
+        node_id: str | None = None,
+    ) -> None:
         self.spec = spec
         self.parallel = parallel
+        self.node_id = node_id  # a node every rank must run on (replicas spread this way)
         self.world_size = spec.world_size
         self.actors: list[Any] = []
         self.pg: Any = None
+        self.lent_pg = _lent_pg  # see use_placement_group; None = reserve our own
         self.rank_info: list[dict[str, Any]] = []
         self._up = False  # set once the gang is set up: heartbeats are checked from then on
         self.start()
@@ -120,15 +137,25 @@ class Gang:
     def _start(self) -> None:
         bundle = self.bundle()
         strategy = self.parallel.placement_strategy
-        self.pg = placement_group([dict(bundle)] * self.world_size, strategy=strategy)
+        if strategy == "auto":
+            # One node when one can hold the whole gang (collectives stay off the network).
+            strategy = "STRICT_PACK" if node_fits(bundle, self.world_size) else "PACK"
+        pin = [{NODE_ID_LABEL_KEY: self.node_id}] * self.world_size if self.node_id else None
+        if self.lent_pg is not None:
+            self.pg = _check_lent(self.lent_pg, bundle, self.world_size)
+        else:
+            self.pg = placement_group(
+                [dict(bundle)] * self.world_size, strategy=strategy, bundle_label_selector=pin
+            )
         ready, _ = ray.wait([self.pg.ready()], timeout=self.parallel.placement_timeout_s)
         if not ready:
             available = {
                 k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU", "memory")
             }
             self.shutdown()
+            where = f" on node {self.node_id[:12]}" if self.node_id else ""
             raise PlacementError(
-                f"could not place {self.world_size} rank(s) of {bundle} each ({strategy}) "
+                f"could not place {self.world_size} rank(s) of {bundle} each ({strategy}{where}) "
                 f"within {self.parallel.placement_timeout_s:g}s; the cluster has {available} "
                 "free. Check `ray status`, lower parallel.cpus_per_rank / gpus_per_rank, "
                 "or use a looser placement_strategy"
@@ -166,7 +193,7 @@ class Gang:
             except Exception:  # already dead, or Ray is shutting down
                 pass
         self.actors = []
-        if self.pg is not None:
+        if self.pg is not None and self.pg is not self.lent_pg:  # a lent group is its owner's
             try:
                 remove_placement_group(self.pg)
             except Exception:
@@ -245,6 +272,48 @@ class Gang:
                     self.shutdown()
                     raise error from None
         return [results[rank] for rank in sorted(results)]
+
+
+def node_fits(bundle: dict[str, float], count: int) -> bool:
+    """Whether some live node has, in all, room for ``count`` bundles."""
+    for node in ray.nodes():
+        have = node.get("Resources", {})
+        if node.get("Alive") and all(have.get(k, 0) >= v * count for k, v in bundle.items()):
+            return True
+    return False
+
+
+# ------------------------------------------------- a placement group lent by its owner
+
+_lent_pg: Any = None  # the group use_placement_group lends, while its block runs
+
+
+@contextlib.contextmanager
+def use_placement_group(pg: Any) -> Iterator[None]:
+    """Gangs made inside this block put rank i in bundle i of ``pg`` instead of reserving
+    a group of their own, and never remove it: its owner does. A Ray Serve replica lends
+    its own group (``ray.util.get_current_placement_group()``), so Serve reserves every
+    rank's resources with the replica; rebuilds after a fault reuse the same bundles.
+    Process-wide while the block runs, not a context variable: gangs may be started on
+    other threads (one per replica)."""
+    global _lent_pg
+    before, _lent_pg = _lent_pg, pg
+    try:
+        yield
+    finally:
+        _lent_pg = before
+
+
+def _check_lent(pg: Any, bundle: dict[str, float], world_size: int) -> Any:
+    specs = pg.bundle_specs
+    if len(specs) != world_size or any(
+        spec.get(k, 0.0) < v for spec in specs for k, v in bundle.items()
+    ):
+        raise PlacementError(
+            f"the placement group lent to this gang has bundles {specs}; {world_size} rank(s) "
+            f"need {world_size} bundle(s) of at least {bundle} each"
+        )
+    return pg
 
 
 class Heartbeats:

@@ -18,13 +18,13 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from .config import RunConfig, SamplingParams, run_config_from_dict
 from .errors import ConfigError, MpllamaError, PromptError
-from .protocol import Request, check_request, derive_seed
+from .protocol import derive_seed
 from .tokenizer import encode_dialog
 
 log = logging.getLogger(__name__)
@@ -54,18 +54,28 @@ class JobSummary:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     wall_s: float = 0.0
+    # Per gang: {"requests", "tokens", "failures": [one line per gang failure], "nodes"}.
+    replicas: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
         return self.completion_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
     def describe(self) -> str:
-        return (
+        text = (
             f"{self.requests} request(s): {self.completed} run now, {self.already_done} "
             f"already done, {self.errors} error(s), {self.bad_lines} bad line(s) skipped; "
             f"{self.completion_tokens} token(s) generated in {self.wall_s:.1f}s "
             f"({self.tokens_per_s:.1f} tokens/s)"
         )
+        if len(self.replicas) > 1 or any(r["failures"] for r in self.replicas.values()):
+            for i, r in sorted(self.replicas.items()):
+                text += (
+                    f"\n  replica {i} ({', '.join(r['nodes']) or '?'}): {r['requests']} "
+                    f"request(s), {r['tokens']} token(s), {len(r['failures'])} failure(s)"
+                )
+                text += "".join(f"\n    {line}" for line in r["failures"])
+        return text
 
 
 def _default_llm(config: RunConfig) -> Any:
@@ -293,14 +303,8 @@ def _run_pending(
                 ids = encode_dialog(llm.tokenizer, request.messages)
             else:
                 ids = llm.encode_prompt(request.prompt, request.line)
-            problem = check_request(
-                Request(str(request.id), ids), runtime.max_seq_len, llm.args.vocab_size
-            )
-            if problem:
-                raise PromptError(problem)
         except PromptError as exc:
-            log.warning("request %r (line %d): %s", request.id, request.line, exc)
-            errors.append({"id": request.id, "error": str(exc), "finish_reason": "error"})
+            errors.append(_error(request, str(exc)))
             continue
         params = request.params
         if params.seed is None:
@@ -321,15 +325,41 @@ def _run_pending(
         # Each request is appended and fsynced the moment it finishes: a killed job
         # loses only the requests still running.
         start = time.perf_counter()
+        # errors="return": a prompt the model cannot run (too long for the context,
+        # ids outside the vocabulary) gets its error record; the others go on.
         stream = llm.stream(
             prompt_token_ids=[ids for _, ids, _ in runnable],
             sampling_params=[p for _, _, p in runnable],
+            errors="return",
         )
         for out in stream:
-            if out.finished:
-                timing = round(time.perf_counter() - start, 4)
-                _flush(f, [_record(runnable[out.index], out, timing)], summary, progress)
+            if not out.finished:
+                continue
+            if out.finish_reason == "error":
+                _append(f, [_error(runnable[out.index][0], out.error or "error")])
+                summary.completed += 1
+                summary.errors += 1
+                progress.update(1, 0)
+                continue
+            timing = round(time.perf_counter() - start, 4)
+            _flush(f, [_record(runnable[out.index], out, timing)], summary, progress)
+            mine = summary.replicas.setdefault(out.replica, _replica())
+            mine["requests"] += 1
+            mine["tokens"] += len(out.token_ids)
     progress.close()
+    router = getattr(llm, "router", None)
+    for stats in router.stats() if router is not None else []:
+        mine = summary.replicas.setdefault(stats["replica"], _replica())
+        mine.update(failures=stats["failures"], nodes=stats["nodes"])
+
+
+def _replica() -> dict[str, Any]:
+    return {"requests": 0, "tokens": 0, "failures": [], "nodes": []}
+
+
+def _error(request: JobRequest, message: str) -> dict[str, Any]:
+    log.warning("request %r (line %d): %s", request.id, request.line, message)
+    return {"id": request.id, "error": message, "finish_reason": "error"}
 
 
 def _record(

@@ -47,6 +47,7 @@ class Event:
     text_offset: int  # characters of text emitted before this event
     finish_reason: str | None = None  # one of FINISH_REASONS once finished
     error: str | None = None  # with finish_reason "error": what was wrong
+    replica: int = 0  # which gang made it (set on the driver)
 
 
 @dataclass(frozen=True)
