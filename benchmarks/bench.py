@@ -1,151 +1,387 @@
-"""mpllama benchmarks: decode speed at MP=1 and MP=2 against transformers' generate on
-the same weights, prompts and lengths, and per-rank memory at MP=1 and MP=2.
+"""mpllama benchmarks, each printed as ratios against baselines from the same run.
 
-Everything is measured in this one run and printed as ratios against a baseline from the
-same run (these machines are shared and noisy; absolute numbers mean little).
+These machines are shared and noisy: absolute numbers mean little, ratios a little more.
 
-    python benchmarks/bench.py [--preset small] [--batch 8] [--new-tokens 64]
+Parts (all by default; pick with --only mixed,uniform,...):
+
+  mixed     96 requests of varied prompt and output lengths on a ~110M random Llama:
+            useful tokens/s of transformers generate (static batches of 16), transformers
+            continuous batching, mpllama MP=1 and MP=2 (32 slots)
+  uniform   16 prompts x 64 new tokens: mpllama MP=1, MP=2 against one transformers
+            generate batch; greedy token agreement
+  load      Poisson arrivals through AsyncLLM: time to first token, inter-token latency
+            (p50, p99) and achieved throughput at MP=1 and MP=2
+  overhead  ms per decode step on the "tiny" preset (compute negligible): what
+            scheduling, the plan broadcast and Ray polling cost per step
+  memory    per-rank resident-memory growth at MP=1 and MP=2
+  replicas  the mixed workload on one MP=1 gang using every core against as many MP=1
+            gangs (replicas) as cores, one core each: data-parallel scaling on one node
+
+Nothing here asserts a timing; targets are printed as met or not met, and the exit
+status is 0 unless a runner crashes.
+
+    python benchmarks/bench.py [--quick] [--only mixed,uniform] [--baselines-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import torch  # noqa: E402
+from bench_hf import load_model, run_continuous_batching, run_generate  # noqa: E402
+from bench_workloads import (  # noqa: E402
+    BENCH_MODEL,
+    NEW_TOKEN_CHOICES,
+    QUICK_MODEL,
+    RunResult,
+    Workload,
+    agreement,
+    make_checkpoint,
+    mixed_workload,
+    poisson_arrivals,
+    uniform_workload,
+)
 
-from mpllama import LLM, SamplingParams, checkpoint  # noqa: E402
-from mpllama.tokenizer import Tokenizer  # noqa: E402
+from mpllama import checkpoint  # noqa: E402
+from mpllama.config import ModelArgs  # noqa: E402
 
-PROMPTS = [
-    "The history of the printing press",
-    "Write a short poem about the sea",
-    "Explain how a hash table works, step by step:",
-    "Once upon a time",
-    "def fibonacci(n):",
-    "Translate to French: good morning",
-    "List three prime numbers",
-    "In a distant galaxy, far away from any star,",
-]
-
-
-def make_checkpoint(root: Path, preset: str, parts: int) -> Path:
-    out = root / f"{preset}-{parts}"
-    if not (out / "params.json").exists():
-        checkpoint.init_checkpoint(out, preset, parts=parts, seed=0)
-    return out
-
-
-def bench_mpllama(
-    ckpt: Path, mp: int, prompts: list[str], new_tokens: int, cpus: float
-) -> tuple[float, list[list[int]], list[float]]:
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    with LLM(
-        ckpt,
-        model_parallel_size=mp,
-        cpus_per_rank=cpus,
-        max_batch_size=len(prompts),
-        max_seq_len=256,
-    ) as llm:
-        llm.generate(prompts[:1], params.replace(max_tokens=2))  # warm up
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, params)
-        elapsed = time.perf_counter() - start
-        growth = [m["growth_mb"] for m in llm.engine.call_all("memory")]
-    tokens = sum(len(o.token_ids) for o in outputs)
-    return tokens / elapsed, [o.token_ids for o in outputs], growth
+PARTS = ("mixed", "uniform", "load", "overhead", "memory", "replicas")
+MP_SIZES = (1, 2)
+TINY_VOCAB = 512
 
 
-def bench_transformers(
-    ckpt: Path, prompts: list[str], new_tokens: int
-) -> tuple[float, list[list[int]]]:
-    from transformers import LlamaForCausalLM
+@dataclass(frozen=True)
+class Sizes:
+    """Everything --quick shrinks."""
 
-    from mpllama.convert import hf_config, meta_to_hf
-
-    args = checkpoint.read_params(ckpt)
-    state = checkpoint.load_rank_state(checkpoint.find_shards(ckpt), args, 0, 1)
-    model = LlamaForCausalLM(hf_config(args))
-    model.load_state_dict(meta_to_hf(state, args))
-    model = model.float().eval()
-    tok = Tokenizer(ckpt / "tokenizer.model")
-    ids = [tok.encode(p, bos=True, eos=False) for p in prompts]
-    width = max(map(len, ids))
-    # Left padding, as transformers expects for batched decoder-only generation.
-    input_ids = torch.tensor([[0] * (width - len(i)) + i for i in ids])
-    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
-    kwargs = dict(
-        attention_mask=mask,
-        do_sample=False,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        pad_token_id=0,
-    )
-    with torch.inference_mode():
-        model.generate(
-            input_ids[:1],
-            **{**kwargs, "attention_mask": mask[:1], "max_new_tokens": 2, "min_new_tokens": 2},
-        )
-        start = time.perf_counter()
-        out = model.generate(input_ids, **kwargs)
-        elapsed = time.perf_counter() - start
-    generated = out[:, width:].tolist()
-    return sum(map(len, generated)) / elapsed, generated
+    model: ModelArgs
+    mixed_requests: int
+    static_batch: int  # transformers generate's batch in the mixed workload
+    slots: int  # mpllama max_batch_size and transformers CB's requests per step
+    uniform_requests: int
+    uniform_prompt_len: int
+    uniform_new_tokens: int
+    load_requests: int
+    load_rate: float  # requests per second (default of --rate)
+    overhead_tokens: int
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small", choices=sorted(checkpoint.PRESETS))
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--dir", default=None, help="where to keep the bench checkpoints")
-    opts = parser.parse_args()
-    prompts = (PROMPTS * (opts.batch // len(PROMPTS) + 1))[: opts.batch]
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(cores)
-    root = Path(opts.dir or tempfile.mkdtemp(prefix="mpllama-bench-"))
-    one = make_checkpoint(root, opts.preset, 1)
-    two = make_checkpoint(root, opts.preset, 2)
-    args = checkpoint.read_params(one)
-    full_mb = sum(torch.Size(s).numel() for s in checkpoint.full_shapes(args).values()) * 4
-    full_mb /= 2**20
+FULL = Sizes(BENCH_MODEL, 96, 16, 32, 16, 32, 64, 64, 1.0, 200)
+QUICK = Sizes(QUICK_MODEL, 12, 4, 8, 4, 16, 16, 8, 4.0, 40)
+
+
+class Bench:
+    """What the parts share: options, sizes, checkpoints, memory readings, targets."""
+
+    def __init__(self, opts: argparse.Namespace, root: Path) -> None:
+        self.sizes = QUICK if opts.quick else FULL
+        self.seed: int = opts.seed
+        self.rate: float = opts.rate or self.sizes.load_rate
+        self.with_mpllama = not opts.baselines_only
+        self.cpus_per_rank: float | None = opts.cpus_per_rank
+        self.root = root
+        self.memory: dict[int, tuple[str, list[float] | str]] = {}  # mp -> (after what, MiB)
+        self.targets: list[tuple[str, float, float]] = []  # (what, measured, goal)
+
+    def checkpoint(self, parts: int) -> Path:
+        return make_checkpoint(self.root, "bench", self.sizes.model, parts)
+
+    def tiny_checkpoint(self, parts: int) -> Path:
+        return make_checkpoint(self.root, "tiny", "tiny", parts, vocab_size=TINY_VOCAB)
+
+    def vocab_size(self) -> int:
+        return checkpoint.read_params(self.checkpoint(1)).vocab_size
+
+    def run_mpllama(self, work: Workload, mp: int) -> RunResult:
+        """``work`` on the bench model through a fresh ``LLM`` at ``mp`` ranks; the ranks'
+        memory growth afterwards is kept for the memory part."""
+        return self.run_mpllama_many([work], mp, self.checkpoint(mp))[0]
+
+    def run_mpllama_many(self, works: list[Workload], mp: int, ckpt: Path) -> list[RunResult]:
+        """Each of ``works`` in turn through one fresh ``LLM`` at ``mp`` ranks."""
+        from bench_mpllama import open_llm, rank_memory_mb, run_llm
+
+        name = f"mpllama MP={mp} ({self.sizes.slots} slots)"
+        with open_llm(ckpt, mp, self.sizes.slots, self.cpus_per_rank) as llm:
+            results = [run_llm(llm, work, name) for work in works]
+            if ckpt == self.checkpoint(mp) and mp not in self.memory:
+                self.memory[mp] = (f"{len(works[-1])} requests", rank_memory_mb(llm))
+        return results
+
+    def target(self, what: str, measured: float, goal: float) -> None:
+        self.targets.append((what, measured, goal))
+
+
+# ------------------------------------------------------------------------ parts
+
+
+def part_mixed(b: Bench) -> None:
+    s = b.sizes
+    work = mixed_workload(s.mixed_requests, b.vocab_size(), b.seed)
+    lens = sorted(map(len, work.prompts))
+    params = param_count(checkpoint.read_params(b.checkpoint(1)))
     print(
-        f"preset {opts.preset}: {full_mb:.0f} MiB fp32, batch {opts.batch}, "
-        f"{opts.new_tokens} new tokens per prompt, {cores} cores"
+        f"\n== mixed: {len(work)} requests, prompts {lens[0]}-{lens[-1]} tokens, new tokens "
+        f"from {NEW_TOKEN_CHOICES[0]}-{NEW_TOKEN_CHOICES[-1]} ({work.useful_tokens} in all), "
+        f"greedy, EOS ignored; model {params / 1e6:.1f}M params"
     )
+    model = load_model(b.checkpoint(1))
+    gen = run_generate(
+        model, work, s.static_batch, f"transformers generate (static {s.static_batch})"
+    )
+    cb = run_continuous_batching(model, work, s.slots, f"transformers CB ({s.slots} per step)")
+    del model
+    rows = [gen, cb]
+    if b.with_mpllama:
+        rows += [b.run_mpllama(work, mp) for mp in MP_SIZES]
+    print_rates(rows, {"generate": gen, "CB": cb})
+    print_agreement("transformers CB", cb, "transformers generate", gen)
+    if b.with_mpllama:
+        one, two = rows[2], rows[3]
+        b.target("mixed: mpllama MP=1 / transformers CB", one.tokens_per_s / cb.tokens_per_s, 1.5)
+        print_agreement("mpllama MP=1", one, "mpllama MP=2", two)
+        print_agreement("mpllama MP=1", one, "transformers CB", cb)
 
-    hf_tps, hf_tokens = bench_transformers(one, prompts, opts.new_tokens)
-    mp1_tps, mp1_tokens, mp1_mem = bench_mpllama(one, 1, prompts, opts.new_tokens, cores)
-    mp2_tps, mp2_tokens, mp2_mem = bench_mpllama(
-        two, 2, prompts, opts.new_tokens, max(1, cores // 2)
-    )
-    print("\ndecode throughput (higher is better; baseline: transformers generate)")
-    print(f"  transformers generate  {hf_tps:8.1f} tok/s   1.00x")
-    print(f"  mpllama MP=1           {mp1_tps:8.1f} tok/s   {mp1_tps / hf_tps:.2f}x")
-    print(f"  mpllama MP=2           {mp2_tps:8.1f} tok/s   {mp2_tps / hf_tps:.2f}x")
-    same = mp1_tokens == mp2_tokens
-    pairs = zip(mp1_tokens, hf_tokens, strict=True)
-    agree = sum(a == b for x, y in pairs for a, b in zip(x, y, strict=True))
-    print(f"  MP=1 and MP=2 greedy tokens identical: {same}")
-    # transformers' left-padded batch shifts the numerics of padded rows slightly, so a
-    # near-tie can flip late in a row; unpadded, it matches token for token (tests).
-    print(f"  tokens equal to transformers' batched generate: {agree}/{sum(map(len, hf_tokens))}")
-    print("\nper-rank resident-memory growth after load + generate (baseline: the fp32 model size)")
-    print(f"  MP=1 rank  {mp1_mem[0]:8.1f} MiB   {mp1_mem[0] / full_mb:.2f}x of the model")
-    for rank, mb in enumerate(mp2_mem):
-        print(
-            f"  MP=2 rank {rank} {mb:7.1f} MiB   {mb / full_mb:.2f}x of the model, "
-            f"{mb / mp1_mem[0]:.2f}x of the MP=1 rank"
+
+def part_uniform(b: Bench) -> None:
+    s = b.sizes
+    n, plen, new = s.uniform_requests, s.uniform_prompt_len, s.uniform_new_tokens
+    work = uniform_workload(n, plen, new, b.vocab_size(), b.seed + 1)
+    print(f"\n== uniform: {n} prompts of {plen} tokens x {new} new tokens, greedy")
+    model = load_model(b.checkpoint(1))
+    gen = run_generate(model, work, n, f"transformers generate (one batch of {n})")
+    del model
+    rows = [gen]
+    if b.with_mpllama:
+        rows += [b.run_mpllama(work, mp) for mp in MP_SIZES]
+    print_rates(rows, {"generate": gen})
+    if b.with_mpllama:
+        one, two = rows[1], rows[2]
+        b.target(
+            "uniform: mpllama MP=1 / transformers generate",
+            one.tokens_per_s / gen.tokens_per_s,
+            1.5,
         )
-    print("  (growth includes the KV cache and fixed allocator overhead besides weights)")
-    return 0 if same else 1
+        b.target(
+            "uniform: mpllama MP=2 / transformers generate",
+            two.tokens_per_s / gen.tokens_per_s,
+            1.0,
+        )
+        print_agreement("mpllama MP=1", one, "mpllama MP=2", two)
+        print_agreement("mpllama MP=1", one, "transformers generate", gen)
+
+
+def part_load(b: Bench) -> None:
+    s = b.sizes
+    work = mixed_workload(s.load_requests, b.vocab_size(), b.seed + 2)
+    arrivals = poisson_arrivals(len(work), b.rate, b.seed + 2)
+    offered = b.rate * work.useful_tokens / len(work)
+    print(
+        f"\n== load: {len(work)} mixed requests arriving at {b.rate:g}/s (Poisson, seeded; "
+        f"about {offered:.0f} tok/s offered) through AsyncLLM on one event loop"
+    )
+    if not b.with_mpllama:
+        print("  (mpllama only: skipped with --baselines-only)")
+        return
+    from bench_mpllama import run_load
+
+    print(f"  {'runner':<30} {'TTFT p50':>9} {'p99':>9} {'ITL p50':>9} {'p99':>9} {'tok/s':>8}")
+    for mp in MP_SIZES:
+        name = f"mpllama MP={mp} ({s.slots} slots)"
+        r = run_load(b.checkpoint(mp), mp, s.slots, b.cpus_per_rank, work, arrivals, name)
+        ms = [1e3 * percentile(v, q) for v in (r.ttft, r.itl) for q in (50, 99)]
+        print(f"  {name:<30} " + " ".join(f"{x:7.1f}ms" for x in ms) + f" {r.tokens_per_s:8.1f}")
+
+
+def part_overhead(b: Bench) -> None:
+    steps, slots = b.sizes.overhead_tokens, b.sizes.slots
+    vocab = checkpoint.read_params(b.tiny_checkpoint(1)).vocab_size
+    single = uniform_workload(1, 8, steps, vocab, b.seed + 3)
+    full = uniform_workload(slots, 8, steps, vocab, b.seed + 3)
+    print(
+        f'\n== overhead: "tiny" preset, {steps} decode steps, 1 request and a full batch of '
+        f"{slots}; ms per step = wall time / steps (lower is better)"
+    )
+    model = load_model(b.tiny_checkpoint(1))
+    rows = [
+        ("transformers generate", run_generate(model, single, 1), run_generate(model, full, slots))
+    ]
+    del model
+    if b.with_mpllama:
+        for mp in MP_SIZES:
+            one, batch = b.run_mpllama_many([single, full], mp, b.tiny_checkpoint(mp))
+            rows.append((f"mpllama MP={mp}", one, batch))
+    base_one, base_full = rows[0][1].seconds, rows[0][2].seconds
+    print(f"  {'runner':<24} {'1 request':>10} {'vs HF':>7} {f'{slots} requests':>13} {'vs HF':>7}")
+    for name, one, batch in rows:
+        print(
+            f"  {name:<24} {1e3 * one.seconds / steps:8.2f}ms {one.seconds / base_one:6.2f}x "
+            f"{1e3 * batch.seconds / steps:11.2f}ms {batch.seconds / base_full:6.2f}x"
+        )
+
+
+def part_memory(b: Bench) -> None:
+    args = checkpoint.read_params(b.checkpoint(1))
+    model_mb = 4 * param_count(args) / 2**20
+    print(
+        f"\n== memory: per-rank resident-memory growth after load + a run "
+        f"(baseline: the fp32 model, {model_mb:.0f} MiB)"
+    )
+    if not b.with_mpllama:
+        print("  (mpllama only: skipped with --baselines-only)")
+        return
+    work = uniform_workload(2, 8, 8, args.vocab_size, b.seed + 4)
+    for mp in MP_SIZES:
+        if mp not in b.memory:  # no earlier part ran the bench model at this size
+            b.run_mpllama(work, mp)
+    mp1 = b.memory[1][1]
+    for mp in MP_SIZES:
+        after, growth = b.memory[mp]
+        if isinstance(growth, str):
+            print(f"  MP={mp}        {growth}")
+            continue
+        for rank, mb in enumerate(growth):
+            line = f"  MP={mp} rank {rank} {mb:8.1f} MiB  {mb / model_mb:.2f}x of the model"
+            if mp > 1 and not isinstance(mp1, str):
+                line += f", {mb / mp1[0]:.2f}x of the MP=1 rank"
+            print(f"{line}  (after {after})")
+    print("  (growth includes the KV cache and allocator overhead besides the weights)")
+
+
+def part_replicas(b: Bench) -> None:
+    from bench_mpllama import engine_settings, run_llm
+
+    from mpllama import LLM
+
+    cores = os.cpu_count() or 1
+    s = b.sizes
+    work = mixed_workload(s.mixed_requests, b.vocab_size(), b.seed)
+    print(
+        f"\n== replicas: the mixed workload ({len(work)} requests) on one MP=1 gang with "
+        f"{cores} core(s) against {cores} MP=1 gang(s) with 1 core each, {s.slots} slots in all"
+    )
+    if not b.with_mpllama:
+        print("  (mpllama only: skipped with --baselines-only)")
+        return
+    rows = []
+    for replicas, cpus in ((1, float(cores)), (cores, 1.0)):
+        settings = {**engine_settings(1, max(1, s.slots // replicas), cpus), "replicas": replicas}
+        with LLM(b.checkpoint(1), **settings) as llm:
+            rows.append(run_llm(llm, work, f"{replicas} replica(s) x {cpus:g} core(s)"))
+    base = rows[0].tokens_per_s
+    for r in rows:
+        print(f"  {r.name:<32} {r.tokens_per_s:8.1f} tok/s  {r.tokens_per_s / base:5.2f}x")
+    print_agreement(rows[0].name, rows[0], rows[1].name, rows[1])
+
+
+def param_count(args: ModelArgs) -> int:
+    return sum(math.prod(shape) for shape in checkpoint.full_shapes(args).values())
+
+
+PART_RUNNERS = {
+    "mixed": part_mixed,
+    "uniform": part_uniform,
+    "load": part_load,
+    "overhead": part_overhead,
+    "memory": part_memory,
+    "replicas": part_replicas,
+}
+
+
+# ------------------------------------------------------------------------ printing
+
+
+def print_rates(rows: list[RunResult], baselines: dict[str, RunResult]) -> None:
+    """Useful tokens/s per runner, and its ratio to each baseline (higher is better)."""
+    head = "".join(f"{'vs ' + label:>12}" for label in baselines)
+    print(f"  {'runner':<40} {'tok/s':>8} {'seconds':>8}{head}")
+    for r in rows:
+        ratios = "".join(
+            f"{r.tokens_per_s / base.tokens_per_s:11.2f}x" for base in baselines.values()
+        )
+        print(f"  {r.name:<40} {r.tokens_per_s:8.1f} {r.seconds:8.2f}{ratios}")
+
+
+def print_agreement(name_a: str, a: RunResult, name_b: str, b: RunResult) -> None:
+    assert a.token_ids is not None and b.token_ids is not None
+    equal, total = agreement(a.token_ids, b.token_ids)
+    verdict = "identical" if a.token_ids == b.token_ids else f"{equal}/{total} tokens equal"
+    print(f"  greedy tokens, {name_a} vs {name_b}: {verdict}")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def print_targets(targets: list[tuple[str, float, float]]) -> None:
+    if not targets:
+        return
+    print("\n== targets (reported, never asserted)")
+    for what, measured, goal in targets:
+        verdict = "met" if measured >= goal else "NOT met"
+        print(f"  {what:<50} {measured:5.2f}x  (goal >= {goal:.1f}x: {verdict})")
+
+
+# ------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only", default=",".join(PARTS), help=f"comma-separated parts: {','.join(PARTS)}"
+    )
+    parser.add_argument("--quick", action="store_true", help="shrink every part for a smoke run")
+    parser.add_argument(
+        "--baselines-only", action="store_true", help="run only the transformers runners"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of every workload")
+    parser.add_argument("--rate", type=float, default=None, help="load part: requests per second")
+    parser.add_argument(
+        "--cpus-per-rank", type=float, default=None, help="default: ranks share the cores"
+    )
+    parser.add_argument(
+        "--dir", default=None, help="keep the bench checkpoints here (default: a temp dir)"
+    )
+    opts = parser.parse_args(argv)
+    opts.parts = [p.strip() for p in opts.only.split(",") if p.strip()]
+    unknown = sorted(set(opts.parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown part(s) {unknown}; choose from {','.join(PARTS)}")
+    return opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)  # the transformers baselines run in this process
+    with tempfile.TemporaryDirectory(prefix="mpllama-bench-") as tmp:
+        bench = Bench(opts, Path(opts.dir or tmp))
+        args = bench.sizes.model
+        print(
+            f"mpllama bench: model dim={args.dim} n_layers={args.n_layers} n_heads={args.n_heads} "
+            f"fp32 on CPU, {cores} cores, seed {bench.seed}{', quick' if opts.quick else ''}"
+        )
+        start = time.perf_counter()
+        for part in PARTS:  # always in this order: memory reuses the readings of earlier parts
+            if part in opts.parts:
+                PART_RUNNERS[part](bench)
+        print_targets(bench.targets)
+        print(f"\n(total {time.perf_counter() - start:.0f} s)")
+    return 0
 
 
 if __name__ == "__main__":
