@@ -144,6 +144,10 @@ class Engine:
         """What each rank reported at set-up (device, backend, pid, node, ...)."""
         return self.gang.rank_info
 
+    def owns(self, request_id: str) -> bool:
+        """Whether ``request_id`` is one of its unfinished requests."""
+        return request_id in self._live
+
     @property
     def load(self) -> int:
         """Requests not yet finished."""

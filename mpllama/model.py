@@ -134,11 +134,13 @@ class Attention(nn.Module):
         self.cache_v: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, at: CacheIndex, cis: torch.Tensor) -> torch.Tensor:
+        """x: the new tokens' hidden states, packed (see CacheIndex.pack); same shape out."""
         assert self.cache_k is not None and self.cache_v is not None, "call setup_caches first"
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
+        B, T = at.shape
+        # The projections run on the real tokens only; attention wants [B,T,...] rows.
+        q = at.unpack(self.wq(x)).view(B, T, self.n_local_heads, self.head_dim)
+        k = at.unpack(self.wk(x)).view(B, T, self.n_local_kv_heads, self.head_dim)
+        v = at.unpack(self.wv(x)).view(B, T, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, cis), apply_rope(k, cis)
 
         # Each row writes its own slot at its own positions, so rows can sit at different
@@ -156,7 +158,7 @@ class Attention(nn.Module):
             attn_mask=at.mask,
             enable_gqa=gqa,
         )
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(at.pack(out.transpose(1, 2).reshape(B, T, -1)))
 
 
 class FeedForward(nn.Module):
@@ -252,9 +254,14 @@ class Transformer(nn.Module):
                 f"x {self.max_seq_len} positions"
             )
         write_slots = slots[:, None].expand(B, T)
+        packed = None
         if real is not None:
             write_slots = torch.where(real, write_slots, self.slots)
+            if not bool(real.all()):
+                packed = real.view(-1).nonzero().squeeze(1)
         at = CacheIndex(
+            (B, T),
+            packed,
             write_slots,
             positions,
             _slot_range(slots),
@@ -264,9 +271,10 @@ class Transformer(nn.Module):
             (torch.arange(S, device=device) <= positions[:, :, None])[:, None],
         )
         cis = self.rope[positions]  # [B,T,D/2]
-        h = self.tok_embeddings(tokens)
+        h = at.pack(self.tok_embeddings(tokens))
         for layer in self.layers:
             h = layer(h, at, cis)
+        h = at.unpack(h)  # [B,T,dim]
         if logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at]  # [B,dim]
         return self.output(self.norm(h)).float()
@@ -274,14 +282,33 @@ class Transformer(nn.Module):
 
 @dataclass
 class CacheIndex:
-    """Where one forward writes into and reads from every layer's KV cache."""
+    """Where one forward's tokens sit, and where they go in every layer's KV cache."""
 
+    shape: tuple[int, int]  # B rows of T tokens, padding included
+    # Flat indices (in B*T) of the real tokens when some are padding: the projections
+    # and the FFN, which cost nearly all the FLOPs, run on those alone.
+    packed: torch.Tensor | None
     write_slots: torch.Tensor  # [B,T] slot of each new token (the spare slot for padding)
     write_pos: torch.Tensor  # [B,T] position of each new token
     slot_range: tuple[int, int] | None  # (first, end) when the rows' slots are consecutive
     slots: torch.Tensor  # [B]
     S: int  # positions to read: 0..S-1
     mask: torch.Tensor  # [B,1,T,S] True where a query may attend
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B,T,F] -> the real tokens, [N,F] (or [B,T,F] as it is when none is padding)."""
+        if self.packed is None:
+            return x
+        return x.reshape(-1, x.shape[-1])[self.packed]
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``pack``: [N,F] -> [B,T,F], zeros where the padding was."""
+        if self.packed is None:
+            return x
+        B, T = self.shape
+        out = x.new_zeros(B * T, x.shape[-1])
+        out[self.packed] = x
+        return out.view(B, T, -1)
 
     def read(self, cache: torch.Tensor) -> torch.Tensor:
         """[B,K,S,D]: each row's slot up to S. Consecutive slots (the common case: the

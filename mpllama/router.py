@@ -82,6 +82,10 @@ class Router:
             self.engines[0].submit(requests, sink)
             return
         with self._lock:
+            # Ids are unique across gangs: an abort by id reaches every gang.
+            taken = [r.id for r in requests if any(e.owns(r.id) for e in self.engines)]
+            if taken:
+                raise ValueError(f"request id(s) {taken} are already in use")
             targets = self._targets()
             loads = [e.outstanding_tokens for e in targets]
             batches: list[list[Request]] = [[] for _ in targets]

@@ -1,8 +1,9 @@
 """The public streaming API through real Ray actors (local Ray, Gloo, the tiny checkpoint
-at MP=2): ``LLM.stream`` deltas add up to what ``LLM.generate`` returns, stop strings
-never leak into a delta, a few hundred requests through four slots come back whole and
-in order, and ``AsyncLLM`` requests share the batch, keep their seeds, and give their
-slot back when aborted, cancelled or closed early."""
+at MP=2): ``LLM.stream`` deltas add up to what ``LLM.generate`` returns, a character
+spread over byte tokens is shown only whole, stop strings never leak into a delta, a few
+hundred requests through four slots come back whole and in order, and ``AsyncLLM``
+requests share the batch, keep their seeds, and give their slot back when aborted,
+cancelled or closed early."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import asyncio
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -19,10 +21,15 @@ import torch
 from mpllama import LLM, AsyncLLM, RequestOutput, SamplingParams
 from mpllama.tokenizer import Tokenizer
 
+T = TypeVar("T")
+
 SMALL = {"cpus_per_rank": 0.5, "max_seq_len": 64, "max_batch_size": 4}
 PROMPTS = ["Hello world", "你好，世界", "🦙 llama", "The quick brown fox jumps"]
 GREEDY = SamplingParams(temperature=0, max_tokens=8, logprobs=True, ignore_eos=True)
 LONG = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+# Long enough that an abandoned request left running would still hold its slot well past
+# the one second the tests wait for the engine to drop it (needs max_seq_len=256).
+ENDLESS = LONG.replace(max_tokens=200)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +47,7 @@ def allm(tiny_ckpt: Path, ray_runtime) -> AsyncLLM:
 @pytest.fixture(scope="module")
 def allm1(tiny_ckpt: Path, ray_runtime) -> AsyncLLM:
     """One KV-cache slot: a second request waits until the first gives its slot back."""
-    with AsyncLLM(tiny_ckpt, **{**SMALL, "max_batch_size": 1}) as allm:
+    with AsyncLLM(tiny_ckpt, **{**SMALL, "max_batch_size": 1, "max_seq_len": 256}) as allm:
         yield allm
 
 
@@ -90,6 +97,11 @@ def wait_until(condition: Callable[[], bool], timeout: float = 1.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+def run_async(main: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+    """asyncio.run with a deadline: a lost event fails the test instead of hanging it."""
+    return asyncio.run(asyncio.wait_for(main, timeout))
 
 
 async def collect(
@@ -233,7 +245,7 @@ def test_async_concurrent_requests_match_the_sync_client(
             *(collect(allm, PROMPTS[i % 4], GREEDY, f"req-{i}") for i in range(8))
         )
 
-    results = asyncio.run(main())
+    results = run_async(main())
     for i, outputs in enumerate(results):
         last = assert_stream_adds_up(outputs)
         assert_same_result(last, reference[i % 4])
@@ -258,10 +270,37 @@ def test_async_duplicate_in_flight_request_id_is_refused(allm: AsyncLLM) -> None
         again = await collect(allm, PROMPTS[1], GREEDY, "dup")  # free once finished
         return first, again
 
-    first, again = asyncio.run(main())
+    first, again = run_async(main())
     last = assert_stream_adds_up(first)
     assert last.finish_reason == "length" and len(last.token_ids) == LONG.max_tokens
     assert again[-1].finish_reason == "length" and again[-1].request_id == "dup"
+
+
+def test_async_duplicate_request_id_is_refused_across_replicas(
+    tiny_ckpts: dict[int, Path], ray_runtime
+) -> None:
+    """Two one-rank gangs behind one AsyncLLM: the router sends the second "dup" to the
+    idle gang, which must still refuse an id already running on the other."""
+
+    async def main() -> list[RequestOutput]:
+        first: list[RequestOutput] = []
+
+        async def run_first() -> None:
+            async for o in allm.generate(PROMPTS[0], LONG, request_id="dup"):
+                first.append(o)
+
+        task = asyncio.create_task(run_first())
+        while not first:
+            await asyncio.sleep(0.005)
+        with pytest.raises(ValueError, match="dup"):
+            await collect(allm, PROMPTS[1], GREEDY, "dup")
+        await task
+        return first
+
+    with AsyncLLM(tiny_ckpts[1], replicas=2, **SMALL) as allm:
+        assert allm.llm.replicas == 2
+        first = run_async(main())
+    assert first[-1].finish_reason == "length" and len(first[-1].token_ids) == LONG.max_tokens
 
 
 def test_async_abort_ends_the_request_and_frees_its_slot(allm1: AsyncLLM) -> None:
@@ -289,7 +328,7 @@ def test_async_abort_ends_the_request_and_frees_its_slot(allm1: AsyncLLM) -> Non
         alone = await collect(allm1, PROMPTS[3], GREEDY)
         return in_flight, steps, log, full, alone
 
-    in_flight, steps, log, full, alone = asyncio.run(main())
+    in_flight, steps, log, full, alone = run_async(main())
     assert in_flight == 2
     # The lead gave the slot up at the abort: the follower ran its 8 tokens right after,
     # not after the 50 the aborted request would have made.
@@ -312,7 +351,7 @@ def test_async_cancelled_consumer_and_aclose_abort_the_request(allm1: AsyncLLM) 
         seen: list[RequestOutput] = []
 
         async def consume() -> None:
-            async for o in allm1.generate(PROMPTS[0], LONG):
+            async for o in allm1.generate(PROMPTS[0], ENDLESS):
                 seen.append(o)
 
         task = asyncio.create_task(consume())
@@ -324,14 +363,14 @@ def test_async_cancelled_consumer_and_aclose_abort_the_request(allm1: AsyncLLM) 
         return seen
 
     async def close_iterator() -> list[RequestOutput]:
-        stream = allm1.generate(PROMPTS[0], LONG)
+        stream = allm1.generate(PROMPTS[0], ENDLESS)
         seen = [await anext(stream), await anext(stream)]
         await stream.aclose()
         return seen
 
     async def break_out() -> list[RequestOutput]:
         seen = []
-        async for o in allm1.generate(PROMPTS[0], LONG):
+        async for o in allm1.generate(PROMPTS[0], ENDLESS):
             seen.append(o)
             if len(seen) == 2:
                 break  # asyncio closes the dropped generator soon after
@@ -339,12 +378,12 @@ def test_async_cancelled_consumer_and_aclose_abort_the_request(allm1: AsyncLLM) 
         return seen
 
     for stop_early in (cancel_consumer, close_iterator, break_out):
-        seen = asyncio.run(stop_early())
+        seen = run_async(stop_early())
         assert len(seen) == 2 and not seen[-1].finished, stop_early.__name__
         assert wait_until(lambda: engine.load == 0), (stop_early.__name__, engine.load)
         # One slot: the next request runs at once only if the abandoned one gave it back.
         steps = engine.steps_seen
-        after = asyncio.run(asyncio.wait_for(collect(allm1, PROMPTS[1], GREEDY), 10))
+        after = run_async(collect(allm1, PROMPTS[1], GREEDY))
         assert after[-1].finish_reason == "length", stop_early.__name__
         assert len(after[-1].token_ids) == GREEDY.max_tokens
         assert engine.steps_seen - steps < 2 * GREEDY.max_tokens, stop_early.__name__
@@ -377,7 +416,7 @@ def test_async_fixed_seed_gives_the_same_tokens_alone_and_in_company(allm: Async
         together = await asyncio.gather(*jobs)
         return alone, greedy, together[2]
 
-    alone, greedy, together = asyncio.run(main())
+    alone, greedy, together = run_async(main())
     # It joined a batch already running, and others joined while it ran.
     start, end = spans.pop(2.5)
     assert any(a < start < b for a, b in spans.values()), (start, end, spans)
@@ -393,20 +432,22 @@ def test_async_fixed_seed_gives_the_same_tokens_alone_and_in_company(allm: Async
 def test_closing_the_sync_stream_early_aborts_the_rest(
     llm: LLM, reference: list[RequestOutput]
 ) -> None:
-    stream = llm.stream(PROMPTS, LONG)
+    # Twelve requests for four slots: some 150 steps to run out, running and waiting
+    # requests alike must be given up.
+    stream = llm.stream(PROMPTS * 3, LONG)
     seen = []
     for o in stream:
         seen.append(o)
         if len(seen) == 6:
             break
-    assert llm.engine.load > 0  # the four requests are still running
+    assert llm.engine.load == 12  # nothing has finished yet
     stream.close()
     assert not any(o.finished for o in seen)
     assert wait_until(lambda: llm.engine.load == 0), llm.engine.load
     steps = llm.engine.steps_seen
     again = llm.generate(PROMPTS, GREEDY)
-    # The lead freed the four slots at once: the new requests did not wait some 45 steps
-    # for the abandoned ones to run out their 50 tokens.
+    # The lead freed the four slots at once: the new requests did not wait for the
+    # abandoned ones to run out their 50 tokens.
     assert llm.engine.steps_seen - steps < 2 * GREEDY.max_tokens
     for got, want in zip(again, reference, strict=True):
         assert_same_result(got, want)
