@@ -12,7 +12,6 @@ import atexit
 import dataclasses
 import itertools
 import logging
-import math
 import os
 import queue
 import uuid
@@ -21,7 +20,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint
+from . import checkpoint, runtime
 from .config import (
     ParallelConfig,
     RunConfig,
@@ -93,7 +92,7 @@ class LLM:
             )
         self.config = dataclasses.replace(config, model=model, parallel=parallel, runtime=runtime)
         self.router: Any = None
-        self._owns_ray = False
+        self._ray: runtime.Hold | None = None  # set once Ray is joined
         self._closed = False
         self._calls = itertools.count()
 
@@ -161,30 +160,18 @@ class LLM:
     # ------------------------------------------------------------------ Ray runtime
 
     def _start_ray(self) -> bool:
-        """Join or start Ray; True when it is a local runtime this LLM started."""
-        import ray
+        """Join or start Ray; True when it is a local runtime started for this LLM.
 
-        if ray.is_initialized():
-            return False  # the caller's runtime: use it, leave it running
+        The runtime is started on a thread that outlives it, whichever thread makes this
+        LLM (see runtime.py): an LLM made in one thread, used in another and closed in a
+        third leaves the process and its runtime sound."""
         address = self.config.parallel.ray_address
         if address is None:
             address = ray_address_from_env()
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING)
-            self._owns_ray = True
-            return False
-        # A local runtime sized for the gang, even on a laptop with fewer cores: a
-        # rank's CPUs are a scheduling share, not a hard reservation.
-        need = math.ceil(self.world_size * (self.config.parallel.cpus_per_rank or 1))
-        # address="local": never attach to a cluster `ray start` left on this machine.
-        ray.init(
-            address="local",
-            num_cpus=max(os.cpu_count() or 1, need),
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-        )
-        self._owns_ray = True
-        return True
+        # A local runtime sized for the gang, even on a laptop with fewer cores.
+        need = self.world_size * (self.config.parallel.cpus_per_rank or 1)
+        self._ray = runtime.acquire(address, runtime.local_cpus(need))
+        return self._ray.local
 
     # ------------------------------------------------------------------ generation
 
@@ -376,10 +363,8 @@ class LLM:
         self._closed = True
         if self.router is not None:
             self.router.close()
-        if self._owns_ray:
-            import ray
-
-            ray.shutdown()
+        if self._ray is not None:
+            self._ray.release()  # the last LLM on mpllama's own runtime stops it
         _LIVE.discard(self)
 
     def __enter__(self) -> LLM:

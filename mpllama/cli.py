@@ -1,4 +1,5 @@
-"""The ``mpllama`` command: run, generate, init-checkpoint, convert, reshard, check.
+"""The ``mpllama`` command: run, generate, chat, serve, init-checkpoint, convert, reshard,
+check.
 
 The CLI has no defaults of its own: an option left out is not passed on, so the
 dataclass (or function) default applies. Errors are one line on stderr with exit code 1
@@ -11,13 +12,18 @@ import argparse
 import json
 import logging
 import shutil
+import signal
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import MpllamaError
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,16 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from .jobs import run_job
 
     config = load_run_config(ns.job, ns.set)
+    if config.job.input and _is_parquet(config.job.input):
+        from .data import run_dataset
+
+        stats = run_dataset(config)
+        print(f"results: {stats['output']} (Parquet)")
+        print(
+            f"summary: {stats['rows']} row(s), {stats['errors']} error(s), "
+            f"{stats['completion_tokens']} token(s) in {stats['wall_s']}s"
+        )
+        return 0
     summary = run_job(config)
     print(f"results: {summary.output}")
     print(f"summary: {summary.describe()}")
@@ -41,16 +57,103 @@ def cmd_run(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _is_parquet(path: str) -> bool:
+    """A Parquet file, or a folder of them: such jobs run through Ray Data."""
+    p = Path(path)
+    return p.suffix == ".parquet" or (p.is_dir() and any(p.glob("*.parquet")))
+
+
 def cmd_generate(ns: argparse.Namespace) -> int:
     from .api import LLM
 
-    with LLM.from_config(ns.config, ns.set) as llm:
+    with LLM(config=_model_config(ns)) as llm:
         outputs = llm.generate(ns.prompt, llm.config.sampling)
     for i, out in enumerate(outputs):
         if len(outputs) > 1:
             print(f"--- [{i}] {_one_line(ns.prompt[i])}")
         print(out.text)
     return 0
+
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    from .api import AsyncLLM
+    from .chat import Chat
+
+    config = _model_config(ns)
+    print(f"mpllama chat: starting {config.model.checkpoint_dir} ...", flush=True)
+    with AsyncLLM(config=config) as llm:
+        Chat(llm, ns.system).run()
+    return 0
+
+
+def _model_config(ns: argparse.Namespace) -> RunConfig:
+    """generate/chat settings: a YAML, or a checkpoint folder with the dataclass
+    defaults; then --set, then the flags (--mp, --max-tokens, --temperature)."""
+    from .config import load_run_config, parse_overrides, run_config_from_dict
+    from .errors import ConfigError
+
+    source = ns.source
+    if getattr(ns, "config", None) is not None:
+        if source is not None:
+            raise ConfigError(f"give {source} or --config {ns.config}, not both")
+        source = ns.config
+    if source is None:
+        raise ConfigError(
+            f"which model? give a checkpoint folder or a YAML: mpllama {ns.command} "
+            "CHECKPOINT_OR_YAML ..."
+        )
+    overrides = parse_overrides(ns.set)
+    for section, key, value in (
+        ("parallel", "model_parallel_size", ns.mp),
+        ("sampling", "max_tokens", ns.max_tokens),
+        ("sampling", "temperature", ns.temperature),
+    ):
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+    path = Path(source)
+    if path.is_dir():  # a checkpoint folder, as `vllm complete` takes a model
+        overrides["model"] = {**overrides.get("model", {}), "checkpoint_dir": str(path)}
+        return run_config_from_dict(overrides, "--set")
+    if not path.exists():
+        raise ConfigError(f"{source}: no such checkpoint folder or YAML file")
+    return load_run_config(path, overrides)
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from .config import load_run_config
+    from .server import Server
+
+    config = load_run_config(ns.job, ns.set)
+    server = Server(config)
+    if config.serve.host not in ("127.0.0.1", "localhost", "::1") and server.api_key is None:
+        print(
+            f"mpllama serve: warning: listening on {config.serve.host} without an API key "
+            "(set MPLLAMA_API_KEY or serve.api_key)",
+            file=sys.stderr,
+        )
+    try:
+        url = server.start()
+        # SIGTERM (`kill`, `ray job stop`, a container stop) stops as cleanly as Ctrl-C.
+        # Set after start: ray.init installs a SIGTERM handler of its own.
+        signal.signal(signal.SIGTERM, _interrupt)
+        print(
+            f"mpllama serve: model {server.model_name!r} ready at {url}/v1 "
+            "(OpenAI API; Ctrl-C to stop)",
+            flush=True,
+        )
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("mpllama serve: shutting down", flush=True)
+    finally:
+        server.close()
+    print("mpllama serve: stopped", flush=True)
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_init_checkpoint(ns: argparse.Namespace) -> int:
@@ -217,15 +320,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", metavar="JOB.yaml", help="the job file")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help=set_help)
 
-    p = add("generate", cmd_generate, "Complete one-off prompts and print them to stdout.")
-    p.add_argument(
-        "--config",
-        required=True,
-        metavar="X.yaml",
-        help="a job/model YAML (its model, parallel, runtime, sampling sections)",
+    source_help = (
+        "a checkpoint folder (Meta shards, params.json, tokenizer.model), or a job/model "
+        "YAML (its model, parallel, runtime, sampling sections)"
     )
+
+    def add_model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--mp", type=int, metavar="N", help="model-parallel ranks")
+        p.add_argument("--max-tokens", type=int, metavar="N", help="longest completion")
+        p.add_argument("--temperature", type=float, metavar="T", help="0 = greedy")
+        p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help=set_help)
+
+    p = add("generate", cmd_generate, "Complete one-off prompts and print them to stdout.")
+    p.add_argument("source", nargs="?", metavar="CHECKPOINT_OR_YAML", help=source_help)
+    p.add_argument("--config", metavar="X.yaml", help="a job/model YAML (instead of the above)")
     p.add_argument(
         "--prompt", action="append", required=True, metavar="TEXT", help="a prompt (repeatable)"
+    )
+    add_model_options(p)
+
+    p = add(
+        "chat",
+        cmd_chat,
+        "Chat in the terminal (Llama 2 chat template), answers streamed as they are made: "
+        "Ctrl-C stops an answer, /reset clears the conversation, /exit leaves.",
+    )
+    p.add_argument("source", metavar="CHECKPOINT_OR_YAML", help=source_help)
+    p.add_argument("--system", metavar="TEXT", help="a system prompt for the conversation")
+    add_model_options(p)
+
+    p = add(
+        "serve",
+        cmd_serve,
+        "Serve the model over an OpenAI-compatible HTTP API (Ray Serve; one model-parallel "
+        "gang per replica) until Ctrl-C or SIGTERM.",
+    )
+    p.add_argument(
+        "job",
+        metavar="SERVE.yaml",
+        help="model, parallel, runtime, sampling (request defaults) and serve sections",
     )
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help=set_help)
 

@@ -170,6 +170,9 @@ class ParallelConfig:
     placement_timeout_s: float = 60.0
     call_timeout_s: float = 600.0  # longest a rank may take to set up
     collective_timeout_s: float = 60.0  # a rank waiting this long on a peer gives up
+    # A rank whose heartbeat (answered on its own thread, even mid-step) goes unanswered
+    # this long is declared stopped (SIGSTOP, a frozen VM, a starved process).
+    heartbeat_timeout_s: float = 60.0
     max_restarts: int = 2  # gang rebuilds after a rank failure before giving up
     restart_backoff_s: float = 1.0
 
@@ -187,7 +190,12 @@ class ParallelConfig:
             raise ConfigError(f"replicas must be >= 1 or 'auto', got {self.replicas}")
         if self.cpus_per_rank is not None and self.cpus_per_rank <= 0:
             raise ConfigError(f"cpus_per_rank must be > 0, got {self.cpus_per_rank}")
-        for name in ("placement_timeout_s", "call_timeout_s", "collective_timeout_s"):
+        for name in (
+            "placement_timeout_s",
+            "call_timeout_s",
+            "collective_timeout_s",
+            "heartbeat_timeout_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.max_restarts < 0:

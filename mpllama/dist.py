@@ -6,7 +6,9 @@ The only module (with config.py) that reads or sets environment variables.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import logging
 import os
 import socket
@@ -114,7 +116,7 @@ def init_ranks(
     if store is None:
         store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
-    fs_init.initialize_model_parallel(world_size)
+    init_model_parallel(world_size)
     global _plan_group
     # The lead's step plans are small CPU integers: on NCCL gangs they travel on a Gloo
     # side group (SGLang's shape), so no step waits on a host-device copy to publish them.
@@ -139,7 +141,20 @@ def init_single(backend: str = "gloo") -> None:
     if dist.is_initialized():
         return
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    fs_init.initialize_model_parallel(1)
+    init_model_parallel(1)
+
+
+def init_model_parallel(world_size: int) -> None:
+    """fairscale's model-parallel groups, without its console chatter: it announces them
+    with print() on rank 0, which Ray forwards to the driver's terminal. The lines are
+    logged at INFO instead (shown with ``mpllama -v``). The redirect is scoped to this
+    one call, made while the rank sets up and nothing else of ours prints."""
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        fs_init.initialize_model_parallel(world_size)
+    for line in captured.getvalue().splitlines():
+        if line.strip():
+            log.info("fairscale: %s", line.lstrip("> "))
 
 
 def teardown() -> None:

@@ -214,7 +214,7 @@ class Engine:
                 heartbeats = Heartbeats(
                     self.gang,
                     list(range(len(self.gang.actors))),
-                    self.parallel.collective_timeout_s,
+                    self.parallel.heartbeat_timeout_s,
                 )
             poll = self._poll
             try:
@@ -252,7 +252,7 @@ class Engine:
                     self._fail(
                         WorkerError(
                             f"rank {silent} stopped answering: no heartbeat for "
-                            f"{heartbeats.limit:g}s (parallel.collective_timeout_s); the "
+                            f"{heartbeats.limit:g}s (parallel.heartbeat_timeout_s); the "
                             "process is stopped or starved",
                             rank=silent,
                             method="heartbeat",

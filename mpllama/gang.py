@@ -71,7 +71,9 @@ class RankActor(RankWorker):
     def abort(self, ids: list[str]) -> None:
         super().abort(ids)
 
-    @ray.method(concurrency_group="control")
+    # Its own thread: a poll waits for the next step, and submit/abort must not queue
+    # behind it.
+    @ray.method(concurrency_group="events")
     def poll(self, wait_s: float) -> list[list[Event]]:
         return super().poll(wait_s)
 
@@ -85,7 +87,7 @@ class RankActor(RankWorker):
 _RemoteRank = ray.remote(
     max_restarts=0,
     max_task_retries=0,
-    concurrency_groups={"health": 1, "loop": 1, "control": 1},
+    concurrency_groups={"health": 1, "loop": 1, "control": 1, "events": 1},
 )(RankActor)
 
 
@@ -232,7 +234,7 @@ class Gang:
         rank_of = {ref: rank for rank, ref in refs.items()}
         pending = list(refs.values())
         results: dict[int, Any] = {}
-        heartbeats = Heartbeats(self, list(refs), self.parallel.collective_timeout_s)
+        heartbeats = Heartbeats(self, list(refs), self.parallel.heartbeat_timeout_s)
         while pending:
             left = deadline - time.monotonic()
             ready, pending = ray.wait(
@@ -244,7 +246,7 @@ class Gang:
                     self.shutdown()
                     raise WorkerError(
                         f"rank {silent} stopped answering during {method}: no heartbeat for "
-                        f"{heartbeats.limit:g}s (parallel.collective_timeout_s); the process "
+                        f"{heartbeats.limit:g}s (parallel.heartbeat_timeout_s); the process "
                         "is stopped or starved. The gang was stopped",
                         rank=silent,
                         method=method,

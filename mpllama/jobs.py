@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from tqdm import tqdm
+
 from .config import RunConfig, SamplingParams, run_config_from_dict
 from .errors import ConfigError, MpllamaError, PromptError
 from .protocol import derive_seed
@@ -390,29 +392,33 @@ def _flush(
 
 
 class _Progress:
-    """``[#####.....] 40/100 requests  123.4 tokens/s`` on stderr, redrawn in place."""
+    """``requests: 40%|####      | 40/100 [00:12<00:18, 3.21req/s, 123.4 tokens/s]`` on
+    stderr (tqdm: elapsed time, ETA, request rate, and the generation rate in tokens/s).
+
+    ``enabled`` None shows it only when stderr is a terminal (tqdm's own rule); a bar
+    forced on where stderr is a file or a pipe (a job's log) is redrawn every 10 s.
+    """
 
     def __init__(self, total: int, done: int, enabled: bool | None) -> None:
-        self.total, self.done, self.tokens = total, done, 0
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        tty = sys.stderr.isatty()
+        self.tokens = 0
         self.start = time.perf_counter()
-        self.update(0, 0)
+        self.bar = tqdm(
+            total=total,
+            initial=done,  # done by an earlier run: counted, but not in the rates
+            desc="requests",
+            unit="req",
+            file=sys.stderr,
+            disable=None if enabled is None else not enabled,
+            mininterval=0.1 if tty else 10.0,
+            dynamic_ncols=tty,
+        )
 
     def update(self, requests: int, tokens: int) -> None:
-        self.done += requests
         self.tokens += tokens
-        if not self.enabled:
-            return
-        width = 30
-        filled = width * self.done // max(self.total, 1)
         rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
-        sys.stderr.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-            f"requests  {rate:.1f} tokens/s"
-        )
-        sys.stderr.flush()
+        self.bar.set_postfix_str(f"{rate:.1f} tokens/s", refresh=False)
+        self.bar.update(requests)
 
     def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        self.bar.close()

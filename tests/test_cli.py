@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import yaml
 from mpllama.checkpoint import find_shards, load_rank_state, read_params
 from mpllama.cli import main
 
-COMMANDS = ["run", "generate", "init-checkpoint", "convert", "reshard", "check"]
+COMMANDS = ["run", "generate", "chat", "init-checkpoint", "convert", "reshard", "check"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -188,6 +189,49 @@ def test_generate_and_run(
     lines = [json.loads(x) for x in results.read_text().splitlines()]
     assert sorted(r["id"] for r in lines) == list(range(5))
     assert all(r["completion_tokens"] <= 2 for r in lines)
+
+
+def mpllama(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mpllama.cli", *args], capture_output=True, text=True, timeout=180
+    )
+
+
+def test_generate_from_a_checkpoint_folder_keeps_the_console_quiet(
+    tiny_ckpt: Path, ray_runtime: Any
+) -> None:
+    address = ray_runtime.get_runtime_context().gcs_address
+    args = ["generate", str(tiny_ckpt), "--prompt", "Hello", "--mp", "2", "--max-tokens", "4"]
+    args += ["--temperature", "0", "--set", "parallel.cpus_per_rank=0.5"]
+    args += ["--set", f"parallel.ray_address={address}"]
+    quiet, verbose = mpllama(*args), mpllama("-v", *args)
+    assert quiet.returncode == 0 and verbose.returncode == 0, quiet.stderr + verbose.stderr
+    assert quiet.stdout.strip() and quiet.stdout == verbose.stdout  # greedy: the same text
+    # A 2-rank start at the default level: the completion, and not a line from fairscale
+    # (which announces its groups with print() on rank 0) or from any rank.
+    chatter = [
+        line
+        for line in (quiet.stdout + quiet.stderr).splitlines()
+        if "initializing" in line or "RankActor" in line or "[rank " in line
+    ]
+    assert not chatter and not quiet.stderr.strip(), quiet.stdout + quiet.stderr
+    # -v brings it back, through the ranks' logs.
+    assert "fairscale: initializing model parallel with size 2" in verbose.stderr, verbose.stderr
+    assert "[rank 1]" in verbose.stderr
+
+
+def test_generate_needs_exactly_one_model(
+    tiny_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["generate", "--prompt", "Hi"]) == 1
+    assert "give a checkpoint folder or a YAML" in error_line(capsys, "generate")
+    job = write_job(tmp_path, tiny_ckpt)
+    assert main(["generate", str(tiny_ckpt), "--config", str(job), "--prompt", "Hi"]) == 1
+    assert "not both" in error_line(capsys, "generate")
+    assert main(["generate", str(tmp_path / "nowhere"), "--prompt", "Hi"]) == 1
+    assert "no such checkpoint folder or YAML file" in error_line(capsys, "generate")
+    assert main(["generate", str(tmp_path), "--prompt", "Hi", "--mp", "0"]) == 1
+    assert "model_parallel_size" in error_line(capsys, "generate")
 
 
 def test_run_reports_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -254,6 +254,7 @@ def test_replace_validates() -> None:
         (ParallelConfig, {"placement_strategy": "pack"}, "placement_strategy.*'pack'"),
         (ParallelConfig, {"cpus_per_rank": 0}, "cpus_per_rank.*0"),
         (ParallelConfig, {"call_timeout_s": -1.0}, "call_timeout_s.*-1"),
+        (ParallelConfig, {"heartbeat_timeout_s": 0}, "heartbeat_timeout_s.*0"),
         (ParallelConfig, {"max_restarts": -1}, "max_restarts.*-1"),
         (RuntimeConfig, {"device": "tpu"}, "device.*'tpu'"),
         (RuntimeConfig, {"dtype": "fp16"}, "dtype.*'fp16'"),
@@ -265,6 +266,18 @@ def test_replace_validates() -> None:
 def test_run_settings_reject_impossible_values(cls: type, kwargs: dict, words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         cls(**kwargs)
+
+
+def test_heartbeat_timeout_is_its_own_setting(tmp_path: Path) -> None:
+    # How long a silent rank may stay silent is not how long a collective may wait.
+    assert ParallelConfig().heartbeat_timeout_s == 60.0
+    path = write(tmp_path, "parallel:\n  heartbeat_timeout_s: 5\n")
+    cfg = load_run_config(path, ["parallel.collective_timeout_s=120"])
+    assert cfg.parallel.heartbeat_timeout_s == 5.0
+    assert isinstance(cfg.parallel.heartbeat_timeout_s, float)
+    assert cfg.parallel.collective_timeout_s == 120.0
+    with pytest.raises(ConfigError, match="heartbeat_timeout_s.*'soon'"):
+        load_run_config(path, ["parallel.heartbeat_timeout_s=soon"])
 
 
 # ---------------------------------------------------------------------------- YAML
@@ -480,3 +493,60 @@ def test_run_config_from_dict_defaults() -> None:
     cfg = run_config_from_dict({"sampling": {"temperature": 0}})
     assert cfg.sampling.greedy and cfg.runtime == RuntimeConfig()
     assert math.isclose(cfg.sampling.top_p, 1.0)
+
+
+# ---------------------------------------------------------------------- serve section
+
+
+def test_serve_section_defaults_and_yaml(tmp_path: Path) -> None:
+    from mpllama.config import ServeConfig
+
+    assert RunConfig().serve == ServeConfig()
+    assert ServeConfig().host == "127.0.0.1"  # never the network unless asked
+    text = (
+        "model:\n  checkpoint_dir: ckpt\nserve:\n  host: 0.0.0.0\n  port: 9000\n  replicas: 2\n"
+        "  model_name: llama\n  api_key: sk-1\n  max_queued_requests: 0\n"
+    )
+    cfg = load_run_config(write(tmp_path, text), ["serve.port=9001"])
+    assert cfg.serve == ServeConfig(
+        host="0.0.0.0",
+        port=9001,
+        replicas=2,
+        model_name="llama",
+        api_key="sk-1",
+        max_queued_requests=0,
+    )
+
+
+def test_serve_api_key_stays_out_of_repr() -> None:
+
+    cfg = run_config_from_dict({"serve": {"api_key": "sk-secret"}})
+    assert cfg.serve.api_key == "sk-secret"
+    assert "sk-secret" not in repr(cfg)
+
+
+def test_serve_api_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpllama.config import api_key_from_env
+
+    monkeypatch.delenv("MPLLAMA_API_KEY", raising=False)
+    assert api_key_from_env() is None
+    monkeypatch.setenv("MPLLAMA_API_KEY", "sk-env")
+    assert api_key_from_env() == "sk-env"
+
+
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        ({"port": 0}, "port.*0"),
+        ({"port": 70000}, "port.*70000"),
+        ({"replicas": 0}, "replicas.*0"),
+        ({"max_queued_requests": -1}, "max_queued_requests.*-1"),
+        ({"host": ""}, "host"),
+        ({"api_key": ""}, "api_key"),
+        ({"port": "8000"}, r"serve\.port: '8000' is not an integer"),
+        ({"hostname": "x"}, r"unknown key\(s\) \['hostname'\]"),
+    ],
+)
+def test_serve_section_rejects_bad_values(values: dict, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        run_config_from_dict({"serve": values})

@@ -35,6 +35,7 @@ SETTINGS = {
     "max_seq_len": 256,
     "max_batch_size": 4,
     "collective_timeout_s": LIVENESS_S,
+    "heartbeat_timeout_s": LIVENESS_S,
     "call_timeout_s": 120.0,
     "restart_backoff_s": 0.2,
 }
@@ -215,7 +216,7 @@ def test_rank_that_stops_answering_is_found_by_its_heartbeat(
     with caplog.at_level(logging.WARNING, logger="mpllama.engine"):
         assert fault.generate(monkeypatch) == reference
     # Its peer sits in a Gloo collective that never times out on a stopped process; the
-    # heartbeat names the silent rank after collective_timeout_s.
+    # heartbeat names the silent rank after heartbeat_timeout_s.
     assert fault.latency < LIVENESS_S + 3.0, fault.latency
     assert f"rank 1 stopped answering: no heartbeat for {LIVENESS_S:g}s" in caplog.text
     # Fault.generate checked that ray.kill removed the stopped process.

@@ -70,6 +70,20 @@ def no_llm(config: RunConfig) -> Any:
     raise AssertionError("the job must fail before any model work")
 
 
+def test_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    from mpllama.jobs import _Progress
+
+    bar = _Progress(10, 4, enabled=True)  # 4 done by an earlier run
+    bar.update(3, 120)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "7/10" in err and "<" in err and "tokens/s" in err, err  # counts, ETA, rate
+    quiet = _Progress(10, 0, enabled=None)  # stderr is not a terminal here: no bar
+    quiet.update(10, 50)
+    quiet.close()
+    assert capsys.readouterr().err == ""
+
+
 def test_job_end_to_end(tmp_path: Path, llm: Any, capsys: pytest.CaptureFixture[str]) -> None:
     rows: list[Any] = [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS[:5])]
     rows.append({"id": "chat", "messages": [{"role": "user", "content": "Hi there"}]})
@@ -105,7 +119,8 @@ def test_job_end_to_end(tmp_path: Path, llm: Any, capsys: pytest.CaptureFixture[
     assert by_id[0]["token_ids"] == direct.token_ids
     assert summary.requests == summary.completed == 7 and summary.errors == 0
     assert summary.completion_tokens == sum(r["completion_tokens"] for r in out)
-    assert "7/7 requests" in capsys.readouterr().err
+    bar = capsys.readouterr().err.splitlines()[-1]
+    assert "requests: 100%" in bar and "7/7" in bar and "tokens/s" in bar, bar
     # Everything is done: a rerun runs nothing and needs no model.
     again = run_job(config, no_llm)
     assert again.already_done == 7 and again.completed == 0

@@ -1,0 +1,762 @@
+"""``mpllama serve``: an OpenAI-compatible HTTP server on Ray Serve.
+
+One Serve replica owns one model-parallel gang: the deployment reserves one
+placement-group bundle per rank, and the replica lends that group to its ``AsyncLLM``,
+whose rank i runs in bundle i. Serve brings the HTTP proxy, the routing between replicas
+and its own metrics; this module adds the OpenAI routes (FastAPI), server-sent events,
+the API key, backpressure (429 when a replica's queue is full) and mpllama's metrics.
+
+Requests run exactly as ``LLM.generate`` runs them (same prompt encoding, same sampling
+defaults, same seeds), so greedy text over HTTP is the offline text. Prompts and
+completions are never logged.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures of the Serve
+# ingress class at run time, and Serve's wrapping loses this module's names.
+import asyncio
+import dataclasses
+import errno
+import hmac
+import logging
+import math
+import os
+import socket
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from . import checkpoint
+from .api import AsyncLLM, RequestOutput
+from .config import RunConfig, SamplingParams, api_key_from_env, ray_address_from_env
+from .errors import ConfigError, MpllamaError, PlacementError, PromptError
+from .openai_api import (
+    ApiError,
+    ChatRequest,
+    Choice,
+    CompletionRequest,
+    SamplingBody,
+    api_error,
+    chat_logprobs,
+    completion_logprobs,
+    parse_body,
+    sse,
+    usage_of,
+)
+from .protocol import Request as EngineRequest
+from .protocol import check_request
+from .tokenizer import IncrementalDecoder, encode_dialog
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "mpllama"  # the Serve application's name (`serve status` shows it)
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait
+
+app = FastAPI(title="mpllama", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@app.exception_handler(ApiError)
+async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return exc.response()
+
+
+@app.exception_handler(RequestValidationError)
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return ApiError(400, f"invalid request: {exc.errors()[:1]}").response()
+
+
+@app.exception_handler(HTTPException)
+async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    # Unknown routes and methods: FastAPI's own 404/405, in OpenAI's shape.
+    return ApiError(exc.status_code, str(exc.detail)).response()
+
+
+# ------------------------------------------------------------------ metrics and load
+
+
+class _Metrics:
+    """mpllama's Prometheus metrics, exported by Ray next to Serve's own (each tagged with
+    the application, deployment and replica)."""
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.tokens = Counter("mpllama_generated_tokens", description="Tokens generated.")
+        self.finished = Counter(
+            "mpllama_requests_finished",
+            description="Sequences finished, by reason: stop, length, abort (the client "
+            "went away), error.",
+            tag_keys=("finish_reason",),
+        )
+        self.running = Gauge("mpllama_requests_running", description="Sequences in a slot.")
+        self.waiting = Gauge("mpllama_requests_waiting", description="Sequences awaiting a slot.")
+        self.ttft = Histogram(
+            "mpllama_time_to_first_token_seconds",
+            description="From a request's arrival to its first token.",
+            boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+        )
+        self.itl = Histogram(
+            "mpllama_inter_token_latency_seconds",
+            description="Between a sequence's successive tokens.",
+            boundaries=[0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
+        )
+
+
+class _Load:
+    """Sequences this replica has taken on: at most ``slots`` run, up to ``queued`` more
+    wait; past that a request is answered 429. Counted here, not read from the engine, so
+    that requests admitted in the same instant cannot overshoot."""
+
+    def __init__(self, slots: int, queued: int, metrics: _Metrics) -> None:
+        self.slots, self.capacity, self.metrics = slots, slots + queued, metrics
+        self.taken = 0
+        self._show()
+
+    def take(self, n: int) -> "_Ticket":
+        if n > self.capacity:
+            raise ApiError(
+                400,
+                f"this request asks for {n} sequences (prompts x n); a replica runs at most "
+                f"{self.capacity} at a time",
+                param="n",
+            )
+        if self.taken + n > self.capacity:
+            raise ApiError(
+                429,
+                f"the server is at capacity ({self.taken} sequences running or queued); "
+                f"retry in {RETRY_AFTER_S}s",
+                type="rate_limit_exceeded",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        self.taken += n
+        self._show()
+        return _Ticket(self, n)
+
+    def give(self, n: int) -> None:
+        self.taken -= n
+        self._show()
+
+    def _show(self) -> None:
+        self.metrics.running.set(min(self.taken, self.slots))
+        self.metrics.waiting.set(max(0, self.taken - self.slots))
+
+
+class _Ticket:
+    """A request's share of the load, given back as its sequences finish. Also given back
+    when the ticket is dropped: a stream whose client left before it started never runs
+    its ``finally``."""
+
+    def __init__(self, load: _Load, n: int) -> None:
+        self.load, self.held = load, n
+
+    def give(self, n: int = 1) -> None:
+        n = min(n, self.held)
+        self.held -= n
+        self.load.give(n)
+
+    def __del__(self) -> None:
+        try:
+            self.give(self.held)
+        except Exception:  # the interpreter is going away
+            pass
+
+
+# ------------------------------------------------------------------ the deployment
+
+
+@serve.ingress(app)
+class OpenAIServer:
+    """One Serve replica: an ``AsyncLLM`` whose gang runs in the replica's placement group
+    (one bundle per rank), behind the OpenAI routes."""
+
+    def __init__(self, config: RunConfig, model_name: str, api_key: str | None) -> None:
+        from .gang import use_placement_group
+
+        with use_placement_group(ray.util.get_current_placement_group()):
+            self.llm = AsyncLLM(config=config)
+        self.tokenizer = self.llm.tokenizer
+        self.model_name = model_name
+        self._key = api_key.encode() if api_key else None
+        self.defaults = config.sampling
+        self.max_seq_len = config.runtime.max_seq_len
+        self.vocab_size = self.llm.llm.args.vocab_size
+        self.created = int(time.time())
+        self.metrics = _Metrics()
+        self.load = _Load(
+            config.runtime.max_batch_size, config.serve.max_queued_requests, self.metrics
+        )
+        log.info("replica up: model %r, %d rank(s)", model_name, self.llm.llm.world_size)
+
+    def __del__(self) -> None:  # Serve calls it when the replica stops
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.close()
+
+    # ------------------------------------------------------------------ routes
+
+    @app.get("/health")
+    async def health(self) -> dict[str, Any]:
+        unfinished = self.llm.llm.engine.load  # the engine's own count, not the admissions
+        return {
+            "status": "ok",
+            "running": min(unfinished, self.load.slots),
+            "waiting": max(0, unfinished - self.load.slots),
+        }
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return {"object": "list", "data": [self._card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(self, model: str, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        self._check_model(model)
+        return self._card()
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        self._authorize(request)
+        body: CompletionRequest = parse_body(
+            CompletionRequest, await request.body(), "/v1/completions"
+        )
+        self._check_model(body.model)
+        self._check_stream(body)
+        if body.echo and body.logprobs is not None:
+            raise ApiError(
+                400,
+                "echo with logprobs is not supported (prompt log-probs are not computed)",
+                param="echo",
+            )
+        params = self._params(
+            body, body.max_tokens, logprobs=body.logprobs is not None, echo=body.echo
+        )
+        prompts = body.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        if not prompts:
+            raise ApiError(400, "prompt is empty", param="prompt")
+        encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
+        for ids in encoded:
+            self._check_length(ids, params, body.max_tokens is not None)
+        choices = self._choices(list(zip(prompts, encoded, strict=True)), params, body.n)
+        top = body.logprobs or 0
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": self.model_name,
+        }
+
+        def render(
+            c: Choice, pieces: list[str], logprobs: list[float], text: str
+        ) -> dict[str, Any]:
+            offset = len(c.out.text) - len(text) if c.out is not None else 0
+            return {
+                "index": c.index,
+                "text": text,
+                "logprobs": completion_logprobs(pieces, logprobs, top, offset)
+                if c.params.logprobs
+                else None,
+                "finish_reason": c.out.finish_reason if c.out is not None else None,
+            }
+
+        return await self._answer(body, rid, choices, head, render, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request) -> Response:
+        self._authorize(request)
+        body: ChatRequest = parse_body(ChatRequest, await request.body(), "/v1/chat/completions")
+        self._check_model(body.model)
+        self._check_stream(body)
+        if not body.messages:
+            raise ApiError(
+                400, "messages is empty; send at least one user message", param="messages"
+            )
+        dialog = [{"role": m.role, "content": m.text} for m in body.messages]
+        try:
+            ids = encode_dialog(self.tokenizer, dialog)  # type: ignore[arg-type]
+        except PromptError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        params = self._params(body, max_tokens, logprobs=body.logprobs, echo=False)
+        self._check_length(ids, params, max_tokens is not None)
+        choices = self._choices([(ids, ids)], params, body.n)
+        top = body.top_logprobs or 0
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": self.model_name,
+        }
+
+        def render(
+            c: Choice, pieces: list[str], logprobs: list[float], text: str
+        ) -> dict[str, Any]:
+            return {
+                "index": c.index,
+                "delta": {"content": text} if text else {},
+                "logprobs": chat_logprobs(pieces, logprobs, top) if c.params.logprobs else None,
+                "finish_reason": c.out.finish_reason if c.out is not None else None,
+            }
+
+        return await self._answer(body, rid, choices, head, render, chat=True)
+
+    # ------------------------------------------------------------------ answering
+
+    async def _answer(
+        self,
+        body: SamplingBody,
+        rid: str,
+        choices: list[Choice],
+        head: dict[str, Any],
+        render: Callable[[Choice, list[str], list[float], str], dict[str, Any]],
+        chat: bool,
+    ) -> Response:
+        ticket = self.load.take(len(choices))
+        outputs = self._run(rid, choices, ticket)
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            events = self._events(outputs, choices, head, render, chat, usage)
+            return StreamingResponse(events, media_type="text/event-stream")
+        try:
+            async for _ in outputs:
+                pass
+        except Exception as exc:
+            raise api_error(exc) from None
+        finally:
+            await outputs.aclose()  # also when the client left: aborts what still runs
+        result = []
+        for c in choices:
+            assert c.out is not None
+            if chat:
+                shaped = render(c, c.pieces, c.logprobs, "")
+                item = {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.out.text},
+                    "logprobs": shaped["logprobs"],
+                    "finish_reason": shaped["finish_reason"],
+                }
+            else:
+                item = render(c, c.pieces, c.logprobs, c.out.text)
+            result.append(item)
+        kind = "chat.completion" if chat else "text_completion"
+        return JSONResponse({**head, "object": kind, "choices": result, "usage": usage_of(choices)})
+
+    async def _events(
+        self,
+        outputs: AsyncIterator[tuple[Choice, list[str], list[float]]],
+        choices: list[Choice],
+        head: dict[str, Any],
+        render: Callable[[Choice, list[str], list[float], str], dict[str, Any]],
+        chat: bool,
+        usage: bool,
+    ) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per new piece of any choice, then [DONE]. A client
+        that goes away cancels this generator, which aborts every unfinished choice."""
+        extra = {"usage": None} if usage else {}
+        if chat:
+            for c in choices:
+                start = {"index": c.index, "delta": {"role": "assistant", "content": ""}}
+                yield sse(
+                    {
+                        **head,
+                        "choices": [{**start, "logprobs": None, "finish_reason": None}],
+                        **extra,
+                    }
+                )
+        try:
+            async for c, pieces, logprobs in outputs:
+                assert c.out is not None
+                if c.out.delta_text or pieces or c.out.finished:
+                    yield sse(
+                        {
+                            **head,
+                            "choices": [render(c, pieces, logprobs, c.out.delta_text)],
+                            **extra,
+                        }
+                    )
+        except Exception as exc:
+            # Headers are sent: the failure travels as an event (the openai client raises it).
+            yield sse(api_error(exc).body())
+        else:
+            if usage:
+                yield sse({**head, "choices": [], "usage": usage_of(choices)})
+        yield "data: [DONE]\n\n"
+
+    async def _run(
+        self, rid: str, choices: list[Choice], ticket: _Ticket
+    ) -> AsyncIterator[tuple[Choice, list[str], list[float]]]:
+        """Run every choice at once; yield each one's outputs as they come. Closing this
+        (a client that left) cancels the rest: AsyncLLM aborts them, freeing their slots."""
+        arrived = time.monotonic()
+        queue: asyncio.Queue[tuple[Choice, RequestOutput | BaseException]] = asyncio.Queue()
+
+        async def pump(c: Choice) -> None:
+            try:
+                async for out in self.llm.generate(c.prompt, c.params, f"{rid}-{c.index}"):
+                    queue.put_nowait((c, out))
+            except Exception as exc:
+                queue.put_nowait((c, exc))
+
+        tasks = [asyncio.create_task(pump(c)) for c in choices]
+        seen: dict[int, float] = {}  # choice index -> when its last token came
+        left = {c.index for c in choices}
+        try:
+            while left:
+                c, item = await queue.get()
+                if isinstance(item, BaseException):
+                    self.metrics.finished.inc(tags={"finish_reason": "error"})
+                    left.discard(c.index)
+                    ticket.give()
+                    raise item
+                now = time.monotonic()
+                if item.delta_token_ids:
+                    self.metrics.tokens.inc(len(item.delta_token_ids))
+                    if c.index in seen:
+                        gap = (now - seen[c.index]) / len(item.delta_token_ids)
+                        for _ in item.delta_token_ids:
+                            self.metrics.itl.observe(gap)
+                    else:
+                        self.metrics.ttft.observe(now - arrived)
+                    seen[c.index] = now
+                pieces, logprobs = c.add(item)
+                if item.finished:
+                    left.discard(c.index)
+                    ticket.give()
+                    self.metrics.finished.inc(tags={"finish_reason": item.finish_reason or "stop"})
+                yield c, pieces, logprobs
+        finally:
+            for task in tasks:
+                task.cancel()
+            if left:
+                self.metrics.finished.inc(len(left), tags={"finish_reason": "abort"})
+            ticket.give(ticket.held)
+
+    # ------------------------------------------------------------------ checks
+
+    def _authorize(self, request: Request) -> None:
+        if self._key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken says nothing about how much of the key matched.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._key):
+            raise ApiError(
+                401,
+                "missing or wrong API key; send the header 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise ApiError(
+                404,
+                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    @staticmethod
+    def _check_stream(body: SamplingBody) -> None:
+        if body.stream_options is not None and not body.stream:
+            raise ApiError(
+                400, "stream_options is only allowed with stream: true", param="stream_options"
+            )
+
+    def _params(self, body: SamplingBody, max_tokens: int | None, **fixed: Any) -> SamplingParams:
+        given: dict[str, Any] = {
+            name: value
+            for name in ("temperature", "top_p", "seed", "ignore_eos")
+            if (value := getattr(body, name)) is not None
+        }
+        if max_tokens is not None:
+            given["max_tokens"] = max_tokens
+        if body.top_k is not None:
+            given["top_k"] = max(0, body.top_k)
+        if body.stop is not None:
+            given["stop"] = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
+        try:
+            return self.defaults.replace(**given, **fixed)
+        except (ValueError, TypeError) as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def _encode(self, prompt: str | list[int], index: int) -> list[int]:
+        if isinstance(prompt, str):
+            try:
+                return self.llm.llm.encode_prompt(prompt, index)
+            except PromptError as exc:
+                raise ApiError(400, str(exc), param="prompt") from None
+        return list(prompt)
+
+    def _check_length(self, ids: list[int], params: SamplingParams, explicit: bool) -> None:
+        problem = check_request(EngineRequest("", ids, params), self.max_seq_len, self.vocab_size)
+        if problem is None and explicit and len(ids) + params.max_tokens > self.max_seq_len:
+            problem = (
+                f"this model's context is {self.max_seq_len} tokens, but the request asks for "
+                f"{len(ids) + params.max_tokens} ({len(ids)} in the prompt, {params.max_tokens} "
+                "to generate); shorten the prompt or lower max_tokens"
+            )
+        if problem is not None:
+            too_long = len(ids) + (params.max_tokens if explicit else 1) > self.max_seq_len
+            code = "context_length_exceeded" if too_long else None
+            raise ApiError(400, problem, param="prompt", code=code)
+
+    def _choices(
+        self, prompts: list[tuple[str | list[int], list[int]]], params: SamplingParams, n: int
+    ) -> list[Choice]:
+        """n choices per prompt, numbered prompt by prompt; choice j of a seeded request
+        samples with seed + j, so n=1 samples exactly as the offline API with that seed."""
+        choices = []
+        for i, (prompt, ids) in enumerate(prompts):
+            for j in range(n):
+                p = (
+                    params
+                    if params.seed is None
+                    else params.replace(seed=(params.seed + j) % 2**63)
+                )
+                decoder = IncrementalDecoder(self.tokenizer)
+                choices.append(Choice(len(choices), i, prompt, len(ids), p, decoder))
+        return choices
+
+    def _card(self) -> dict[str, Any]:
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "mpllama",
+        }
+
+
+# ------------------------------------------------------------------ the driver side
+
+
+class Server:
+    """``mpllama serve`` on the driver: joins (or starts) Ray, starts Serve on
+    serve.host:serve.port, deploys ``serve.replicas`` replicas and waits until they
+    answer. ``close()`` removes the application, Serve and Ray if it started them."""
+
+    def __init__(self, config: RunConfig) -> None:
+        if not config.model.checkpoint_dir:
+            raise ConfigError("no model.checkpoint_dir in the serve YAML")
+        if config.parallel.replicas != 1:
+            raise ConfigError(
+                f"parallel.replicas={config.parallel.replicas!r}: a Serve replica holds one "
+                "gang; set serve.replicas for more gangs behind the server"
+            )
+        self.config = config
+        self.model_name = (
+            config.serve.model_name or Path(config.model.checkpoint_dir).resolve().name
+        )
+        self.api_key = config.serve.api_key or api_key_from_env()
+        host = config.serve.host
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        self.url = f"http://{f'[{shown}]' if ':' in shown else shown}:{config.serve.port}"
+        self._owns_ray = self._owns_serve = self._deployed = False
+
+    def start(self) -> str:
+        """Deploy and wait until every replica is up and the HTTP proxy answers; returns
+        the base URL (the OpenAI base_url is it plus /v1). On failure nothing is left."""
+        world = self._check_checkpoint()
+        try:
+            local = self._start_ray(world)
+            existing = serve.status()
+            if existing.applications or existing.proxies:
+                raise MpllamaError(
+                    "Ray Serve already runs on this cluster (applications: "
+                    f"{sorted(existing.applications) or 'none'}); `mpllama serve` starts its "
+                    "own on serve.host:serve.port. Stop the other one (`serve shutdown`) first"
+                )
+            _check_port(self.config.serve.host, self.config.serve.port)
+            serve.start(
+                http_options={"host": self.config.serve.host, "port": self.config.serve.port}
+            )
+            self._owns_serve = True
+            application = self.application(world, local)
+            self._deployed = True
+            serve.run_many(
+                [serve.RunTarget(application, name=APP_NAME, route_prefix="/")],
+                wait_for_applications_running=False,
+            )
+            self._wait_running()
+            self._wait_http()
+        except BaseException:
+            self.close()
+            raise
+        return self.url
+
+    def application(self, world: int, local: bool) -> Any:
+        """The Serve application: ``replicas`` copies of OpenAIServer, each reserving one
+        placement-group bundle per rank (the replica itself takes no resources of its own:
+        it sits in rank 0's bundle)."""
+        serve_cfg = self.config.serve
+        bundle = self._bundle(world, local)
+        strategy = _strategy(self.config.parallel.placement_strategy, bundle, world)
+        parallel = dataclasses.replace(
+            self.config.parallel,
+            model_parallel_size=world,
+            cpus_per_rank=bundle["CPU"],
+            gpus_per_rank=bundle.get("GPU", 0.0),
+            placement_strategy=strategy,
+        )
+        # The key travels as its own argument, not inside the config.
+        serve_only = dataclasses.replace(serve_cfg, api_key=None)
+        config = dataclasses.replace(self.config, parallel=parallel, serve=serve_only)
+        capacity = self.config.runtime.max_batch_size + serve_cfg.max_queued_requests
+        deployment = serve.deployment(
+            OpenAIServer,
+            name="OpenAIServer",
+            num_replicas=serve_cfg.replicas,
+            ray_actor_options={"num_cpus": 0},
+            placement_group_bundles=[dict(bundle) for _ in range(world)],
+            placement_group_strategy=strategy,
+            # Above the replica's own limit, so the replica (not Serve) turns requests
+            # away, with 429; Serve's router still prefers the least-busy replica.
+            max_ongoing_requests=capacity + 16,
+            max_constructor_retry_count=1,
+            graceful_shutdown_timeout_s=5,
+        )
+        return deployment.bind(config, self.model_name, self.api_key)
+
+    def _bundle(self, world: int, local: bool) -> dict[str, float]:
+        """One rank's resources, settled on the driver because Serve reserves them."""
+        parallel, replicas = self.config.parallel, self.config.serve.replicas
+        cpus = parallel.cpus_per_rank
+        if cpus is None:  # as LLM does: a local runtime of ours is shared by every rank
+            cpus = max(1, (os.cpu_count() or 1) // (world * replicas)) if local else 1
+        gpus = parallel.gpus_per_rank
+        if gpus is None:
+            has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+            gpus = 1 if has_gpu and self.config.runtime.device != "cpu" else 0
+        return {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}
+
+    def close(self) -> None:
+        """Remove the application, then Serve and Ray if this server started them."""
+        if self._deployed:
+            self._deployed = False
+            try:
+                serve.delete(APP_NAME)
+            except Exception as exc:
+                log.warning("could not delete the Serve application: %s", exc)
+        if self._owns_serve:
+            self._owns_serve = False
+            try:
+                serve.shutdown()
+            except Exception as exc:
+                log.warning("could not shut Serve down: %s", exc)
+        if self._owns_ray:
+            self._owns_ray = False
+            ray.shutdown()
+
+    def __enter__(self) -> "Server":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ start-up steps
+
+    def _check_checkpoint(self) -> int:
+        """Checks that need no Ray, so a bad path fails in a second, not in a replica."""
+        model = self.config.model
+        _, args, shards = checkpoint.inspect(model.checkpoint_dir, model.tokenizer_path)
+        world = self.config.parallel.model_parallel_size or len(shards)
+        checkpoint.check_model_parallel(args, world)
+        checkpoint.shard_plan(len(shards), world)
+        return world
+
+    def _start_ray(self, world: int) -> bool:
+        """Join or start Ray; True when it is a local runtime this server started."""
+        if ray.is_initialized():
+            return False
+        address = self.config.parallel.ray_address or ray_address_from_env()
+        self._owns_ray = True
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+            return False
+        need = world * self.config.serve.replicas * (self.config.parallel.cpus_per_rank or 1)
+        ray.init(
+            address="local",  # never attach to a cluster a `ray start` left on this machine
+            num_cpus=max(os.cpu_count() or 1, math.ceil(need)),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+        return True
+
+    def _wait_running(self) -> None:
+        parallel = self.config.parallel
+        limit = parallel.placement_timeout_s + parallel.call_timeout_s
+        deadline = time.monotonic() + limit
+        while True:
+            status = serve.status().applications.get(APP_NAME)
+            if status is not None and status.status == "RUNNING":
+                return
+            if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                messages = [status.message] + [d.message for d in status.deployments.values()]
+                raise MpllamaError(f"the replicas did not start: {_cause(messages)}")
+            if time.monotonic() > deadline:
+                raise PlacementError(
+                    f"the replicas were not up within {limit:g}s (parallel.placement_timeout_s "
+                    "+ call_timeout_s); check `ray status` for free resources and `serve status`"
+                )
+            time.sleep(0.5)
+
+    def _wait_http(self, timeout_s: float = 60.0) -> None:
+        """The application runs; wait until the proxy routes to it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise MpllamaError(f"{self.url}/health did not answer within {timeout_s:g}s")
+            time.sleep(0.2)
+
+
+def _strategy(strategy: str, bundle: dict[str, float], world: int) -> str:
+    """A Ray placement strategy for the replica's group; "auto" = one node when one can
+    hold the whole gang (collectives stay off the network), else PACK."""
+    if strategy != "auto":
+        return strategy
+    for node in ray.nodes():
+        have = node.get("Resources", {})
+        if node.get("Alive") and all(have.get(k, 0) >= v * world for k, v in bundle.items()):
+            return "STRICT_PACK"
+    return "PACK"
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail early, and clearly, when the port is taken on this machine (Serve's proxy
+    would otherwise retry quietly)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"port {port} on {host} is in use; pick another with --set serve.port=N"
+                ) from None
+
+
+def _cause(messages: list[str]) -> str:
+    """The last line of a replica's traceback that names an error."""
+    lines = [line.strip() for m in messages for line in (m or "").splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "Exception" in line]
+    return (errors or lines or ["no message"])[-1]
