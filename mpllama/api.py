@@ -65,6 +65,7 @@ class LLM:
         tokenizer_path: str | os.PathLike[str] | None = None,
         *,
         config: RunConfig | None = None,
+        placement_group: Any = None,
         **settings: Any,
     ) -> None:
         config = config or RunConfig()
@@ -129,7 +130,7 @@ class LLM:
         try:
             from .router import Router
 
-            self.router = Router(self.spec, self.config.parallel)
+            self.router = Router(self.spec, self.config.parallel, placement_group)
         except BaseException:
             self.close()
             raise
@@ -156,6 +157,11 @@ class LLM:
     @property
     def replicas(self) -> int:
         return len(self.router.engines)
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting): requests holding a KV-cache slot and requests queued for
+        one, over every gang, as the leads' schedulers last reported them."""
+        return self.router.counts()
 
     # ------------------------------------------------------------------ Ray runtime
 
@@ -391,9 +397,16 @@ class AsyncLLM:
         tokenizer_path: str | os.PathLike[str] | None = None,
         *,
         config: RunConfig | None = None,
+        placement_group: Any = None,
         **settings: Any,
     ) -> None:
-        self.llm = LLM(checkpoint_dir, tokenizer_path, config=config, **settings)
+        self.llm = LLM(
+            checkpoint_dir,
+            tokenizer_path,
+            config=config,
+            placement_group=placement_group,
+            **settings,
+        )
         self.tokenizer = self.llm.tokenizer
         self.config = self.llm.config
 
@@ -439,6 +452,10 @@ class AsyncLLM:
         finally:
             if not finished:
                 self.llm.router.abort([request.id])
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting) requests, as ``LLM.counts``."""
+        return self.llm.counts()
 
     async def abort(self, request_id: str) -> None:
         """Give up a request: its generate() ends with finish_reason "abort"."""

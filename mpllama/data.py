@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import runtime
 from .config import RunConfig, SamplingParams, load_run_config, ray_address_from_env
 from .errors import ConfigError
 from .protocol import derive_seed
@@ -164,11 +165,10 @@ def run_dataset(config: RunConfig) -> dict[str, Any]:
             "of gangs up front; give parallel.replicas a number"
         )
     started = time.perf_counter()
-    owns = not ray.is_initialized()
-    if owns:
-        # As LLM does: the configured cluster, $RAY_ADDRESS, or a local Ray of our own.
-        address = config.parallel.ray_address or ray_address_from_env() or "local"
-        ray.init(address=address, logging_level=logging.WARNING)
+    # As LLM does: the configured cluster, $RAY_ADDRESS, or a local Ray of our own, started
+    # on a thread that outlives it (runtime.py).
+    address = config.parallel.ray_address or ray_address_from_env()
+    hold = runtime.acquire(address, runtime.local_cpus(1))
     try:
         # Several blocks per gang, so every gang gets work even from a single file.
         ds = ray.data.read_parquet(job.input).repartition(int(replicas) * 4)
@@ -188,8 +188,7 @@ def run_dataset(config: RunConfig) -> dict[str, Any]:
             errors += batch.num_rows - batch["error"].null_count
             tokens += int(pa.compute.sum(batch["completion_tokens"]).as_py() or 0)
     finally:
-        if owns:
-            ray.shutdown()
+        hold.release()
     return {
         "rows": rows,
         "errors": errors,

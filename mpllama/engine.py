@@ -72,13 +72,14 @@ class Engine:
         on_failure: FailureHandler | None = None,
         keep_up: bool = False,
         node_id: str | None = None,
+        placement_group: Any = None,
     ) -> None:
         self.spec = spec
         self.parallel = parallel
         self.replica = replica
         self.on_failure = on_failure
         self.keep_up = keep_up
-        self.gang = Gang(spec, parallel, node_id)
+        self.gang = Gang(spec, parallel, node_id, placement_group)
         self._lock = threading.RLock()
         self._live: dict[str, Live] = {}
         self._up = False
@@ -91,6 +92,7 @@ class Engine:
         self.restarts = 0
         self.failures: list[str] = []  # one line per gang failure, for summaries
         self.steps_seen = 0
+        self.running = self.waiting = 0  # the lead's counts at its last poll
         self.down = False  # rebuilds kept failing; tried again when work arrives
         with self._lock:
             self._start_loops()
@@ -229,14 +231,15 @@ class Engine:
                 return
             if ready and ready[0] is poll:
                 try:
-                    groups = ray.get(poll)
+                    polled = ray.get(poll)
                 except (RayTaskError, RayActorError, GetTimeoutError) as exc:
                     self._fail(self._loop_error(exc, 0, "poll"))
                     continue
                 with self._lock:
                     if self._up:
                         self._poll = self.gang.lead.poll.remote(POLL_WAIT_S)
-                self._dispatch(groups)
+                self.running, self.waiting = polled.running, polled.waiting
+                self._dispatch(polled.steps)
             elif ready:
                 rank = self._loops.index(ready[0])
                 try:

@@ -8,12 +8,10 @@ the whole gang down: a surviving rank would otherwise sit in its next collective
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -28,7 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .config import ParallelConfig
 from .errors import PlacementError, WorkerError
-from .protocol import Event, RankSpec, Request
+from .protocol import Polled, RankSpec, Request
 from .worker import RankWorker, configure_rank_logging
 
 log = logging.getLogger(__name__)
@@ -74,7 +72,7 @@ class RankActor(RankWorker):
     # Its own thread: a poll waits for the next step, and submit/abort must not queue
     # behind it.
     @ray.method(concurrency_group="events")
-    def poll(self, wait_s: float) -> list[list[Event]]:
+    def poll(self, wait_s: float) -> Polled:
         return super().poll(wait_s)
 
     @ray.method(concurrency_group="control")
@@ -99,14 +97,18 @@ class Gang:
         spec: RankSpec,
         parallel: ParallelConfig,
         node_id: str | None = None,
+        placement_group: Any = None,
     ) -> None:
         self.spec = spec
         self.parallel = parallel
         self.node_id = node_id  # a node every rank must run on (replicas spread this way)
+        # A group lent by its owner (a Ray Serve replica lends its own, so Serve reserves
+        # every rank's resources with the replica): rank i goes in bundle i, rebuilds reuse
+        # the same bundles, and only the owner removes it. None = reserve a group of our own.
+        self.lent_pg = placement_group
         self.world_size = spec.world_size
         self.actors: list[Any] = []
         self.pg: Any = None
-        self.lent_pg = _lent_pg  # see use_placement_group; None = reserve our own
         self.rank_info: list[dict[str, Any]] = []
         self._up = False  # set once the gang is set up: heartbeats are checked from then on
         self.start()
@@ -283,27 +285,6 @@ def node_fits(bundle: dict[str, float], count: int) -> bool:
         if node.get("Alive") and all(have.get(k, 0) >= v * count for k, v in bundle.items()):
             return True
     return False
-
-
-# ------------------------------------------------- a placement group lent by its owner
-
-_lent_pg: Any = None  # the group use_placement_group lends, while its block runs
-
-
-@contextlib.contextmanager
-def use_placement_group(pg: Any) -> Iterator[None]:
-    """Gangs made inside this block put rank i in bundle i of ``pg`` instead of reserving
-    a group of their own, and never remove it: its owner does. A Ray Serve replica lends
-    its own group (``ray.util.get_current_placement_group()``), so Serve reserves every
-    rank's resources with the replica; rebuilds after a fault reuse the same bundles.
-    Process-wide while the block runs, not a context variable: gangs may be started on
-    other threads (one per replica)."""
-    global _lent_pg
-    before, _lent_pg = _lent_pg, pg
-    try:
-        yield
-    finally:
-        _lent_pg = before
 
 
 def _check_lent(pg: Any, bundle: dict[str, float], world_size: int) -> Any:

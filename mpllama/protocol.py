@@ -50,6 +50,16 @@ class Event:
     replica: int = 0  # which gang made it (set on the driver)
 
 
+@dataclass
+class Polled:
+    """What one poll of the lead returns: the events of every step since the last poll
+    (one list per step), and the scheduler's counts after the last of them."""
+
+    steps: list[list[Event]]
+    running: int = 0  # requests holding a slot
+    waiting: int = 0  # requests queued for one
+
+
 @dataclass(frozen=True)
 class RankSpec:
     """What every rank of one gang is told; identical on all ranks."""

@@ -16,7 +16,7 @@ import ray
 
 from .config import ParallelConfig
 from .engine import Engine, Live, Sink
-from .errors import PlacementError, WorkerError
+from .errors import ConfigError, PlacementError, WorkerError
 from .gang import node_fits
 from .protocol import RankSpec, Request
 
@@ -26,13 +26,24 @@ log = logging.getLogger(__name__)
 class Router:
     """``replicas`` engines of one model; the same calls as one ``Engine``."""
 
-    def __init__(self, spec: RankSpec, parallel: ParallelConfig) -> None:
+    def __init__(
+        self, spec: RankSpec, parallel: ParallelConfig, placement_group: Any = None
+    ) -> None:
+        """``placement_group``: a group lent by its owner for the one gang (see Gang)."""
         self.spec = spec
         self.parallel = parallel
         self.engines: list[Engine] = []
         self._lock = threading.Lock()
         auto = parallel.replicas == "auto"
-        nodes = plan_nodes(_gang_need(spec, parallel), spec.world_size, parallel, auto)
+        if placement_group is not None and parallel.replicas != 1:
+            raise ConfigError(
+                "a lent placement group holds one gang: use replicas: 1 with it (a Serve "
+                "deployment scales with its own replicas)"
+            )
+        if placement_group is not None:
+            nodes: list[str | None] = [None]
+        else:
+            nodes = plan_nodes(_gang_need(spec, parallel), spec.world_size, parallel, auto)
         several = len(nodes) > 1
         started: dict[int, Engine] = {}
         errors: dict[int, BaseException] = {}
@@ -46,6 +57,7 @@ class Router:
                     on_failure=self._failover if several else None,
                     keep_up=several,
                     node_id=node,
+                    placement_group=placement_group,
                 )
             except BaseException as exc:  # noqa: BLE001 - reported below, per replica
                 errors[i] = exc
@@ -139,6 +151,11 @@ class Router:
     @property
     def load(self) -> int:
         return sum(e.load for e in self.engines)
+
+    def counts(self) -> tuple[int, int]:
+        """Requests holding a slot and requests queued for one, over every gang, as the
+        leads' schedulers last reported them."""
+        return sum(e.running for e in self.engines), sum(e.waiting for e in self.engines)
 
     def stats(self) -> list[dict[str, Any]]:
         """Per replica: where it runs, how often its gang failed and was rebuilt."""

@@ -18,7 +18,6 @@ import dataclasses
 import errno
 import hmac
 import logging
-import math
 import os
 import socket
 import time
@@ -180,10 +179,8 @@ class OpenAIServer:
     (one bundle per rank), behind the OpenAI routes."""
 
     def __init__(self, config: RunConfig, model_name: str, api_key: str | None) -> None:
-        from .gang import use_placement_group
-
-        with use_placement_group(ray.util.get_current_placement_group()):
-            self.llm = AsyncLLM(config=config)
+        # The replica's own group, one bundle per rank: Serve reserved the ranks with it.
+        self.llm = AsyncLLM(config=config, placement_group=ray.util.get_current_placement_group())
         self.tokenizer = self.llm.tokenizer
         self.model_name = model_name
         self._key = api_key.encode() if api_key else None
@@ -206,12 +203,8 @@ class OpenAIServer:
 
     @app.get("/health")
     async def health(self) -> dict[str, Any]:
-        unfinished = self.llm.llm.engine.load  # the engine's own count, not the admissions
-        return {
-            "status": "ok",
-            "running": min(unfinished, self.load.slots),
-            "waiting": max(0, unfinished - self.load.slots),
-        }
+        running, waiting = self.llm.counts()  # the lead's scheduler, at its last step
+        return {"status": "ok", "running": running, "waiting": waiting}
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
@@ -563,7 +556,8 @@ class Server:
         host = config.serve.host
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         self.url = f"http://{f'[{shown}]' if ':' in shown else shown}:{config.serve.port}"
-        self._owns_ray = self._owns_serve = self._deployed = False
+        self._owns_serve = self._deployed = False
+        self._ray: Any = None  # runtime.Hold once Ray is joined
 
     def start(self) -> str:
         """Deploy and wait until every replica is up and the HTTP proxy answers; returns
@@ -655,9 +649,9 @@ class Server:
                 serve.shutdown()
             except Exception as exc:
                 log.warning("could not shut Serve down: %s", exc)
-        if self._owns_ray:
-            self._owns_ray = False
-            ray.shutdown()
+        if self._ray is not None:
+            self._ray.release()  # stops Ray only if it was started for this server
+            self._ray = None
 
     def __enter__(self) -> "Server":
         self.start()
@@ -678,22 +672,14 @@ class Server:
         return world
 
     def _start_ray(self, world: int) -> bool:
-        """Join or start Ray; True when it is a local runtime this server started."""
-        if ray.is_initialized():
-            return False
+        """Join or start Ray (on a thread that outlives it, see runtime.py); True when it
+        is a local runtime started for this server."""
+        from . import runtime
+
         address = self.config.parallel.ray_address or ray_address_from_env()
-        self._owns_ray = True
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING)
-            return False
         need = world * self.config.serve.replicas * (self.config.parallel.cpus_per_rank or 1)
-        ray.init(
-            address="local",  # never attach to a cluster a `ray start` left on this machine
-            num_cpus=max(os.cpu_count() or 1, math.ceil(need)),
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-        )
-        return True
+        self._ray = runtime.acquire(address, runtime.local_cpus(need))
+        return self._ray.local
 
     def _wait_running(self) -> None:
         parallel = self.config.parallel

@@ -19,7 +19,7 @@ import torch
 
 from . import checkpoint, dist
 from .model import Transformer, materialize
-from .protocol import Event, RankSpec, Request
+from .protocol import Event, Polled, RankSpec, Request
 from .runner import Runner, follow
 from .tokenizer import Tokenizer
 
@@ -39,6 +39,7 @@ class RankWorker:
         self._submitted: list[Request] = []
         self._aborted: list[str] = []
         self._events: list[list[Event]] = []  # one list per step
+        self._counts = (0, 0)  # running, waiting after the last step
         self._failed: BaseException | None = None
         self._stopping = False
 
@@ -135,8 +136,9 @@ class RankWorker:
                 runner.idle()
                 continue
             events = runner.step()
-            if events:
-                with self._cond:
+            with self._cond:
+                self._counts = (len(runner.running), len(runner.waiting))
+                if events:
                     self._events.append(events)
                     self._cond.notify_all()
 
@@ -152,16 +154,17 @@ class RankWorker:
             self._aborted.extend(ids)
             self._cond.notify_all()
 
-    def poll(self, wait_s: float) -> list[list[Event]]:
-        """Lead only: the events of every step since the last poll, grouped per step;
-        waits up to ``wait_s`` for at least one. Raises what stopped the loop."""
+    def poll(self, wait_s: float) -> Polled:
+        """Lead only: the events of every step since the last poll, grouped per step, and
+        the scheduler's counts; waits up to ``wait_s`` for at least one step. Raises what
+        stopped the loop."""
         with self._cond:
             if not self._events and self._failed is None:
                 self._cond.wait(wait_s)
             if self._failed is not None:
                 raise RuntimeError(f"the step loop failed: {self._failed!r}") from self._failed
             events, self._events = self._events, []
-        return events
+            return Polled(events, *self._counts)
 
     def stop(self) -> None:
         """Lead only: end the loop (the followers are told to stop too)."""

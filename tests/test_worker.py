@@ -45,13 +45,18 @@ def test_one_rank_worker_runs_its_loop_through_submit_and_poll(
         worker.submit([Request(str(i), ids, params) for i in range(3)] + [Request("x", ids, long)])
         events: list[Event] = []
         finished: set[str] = set()
+        counts = []
         while len(finished) < 3:
-            for step in worker.poll(5.0):
+            polled = worker.poll(5.0)
+            counts.append((polled.running, polled.waiting))
+            for step in polled.steps:
                 events += step
                 finished |= {e.id for e in step if e.finish_reason}
+        # The scheduler's own counts: two slots busy, the other two requests queued.
+        assert (2, 2) in counts
         worker.abort(["x"])
         while "x" not in finished:
-            for step in worker.poll(5.0):
+            for step in worker.poll(5.0).steps:
                 events += step
                 finished |= {e.id for e in step if e.finish_reason}
         tokens = {i: [t for e in events if e.id == i for t in e.token_ids] for i in "012"}
