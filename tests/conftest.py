@@ -48,6 +48,30 @@ def tiny_ckpts(ckpt_root: Path) -> dict[int, Path]:
 
 
 @pytest.fixture(scope="session")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tokenizer freshly trained by the project's own trainer (the stdlib corpus)."""
+    from mpllama.fixtures import train_tokenizer
+
+    return train_tokenizer(tmp_path_factory.mktemp("tok") / "nested" / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def tok(model_path: Path):
+    """That tokenizer, as mpllama wraps it (test modules may define their own ``tok``)."""
+    from mpllama.tokenizer import Tokenizer
+
+    return Tokenizer(model_path)
+
+
+@pytest.fixture(scope="session")
+def sp(model_path: Path):
+    """That tokenizer, as sentencepiece itself loads it."""
+    from sentencepiece import SentencePieceProcessor
+
+    return SentencePieceProcessor(model_file=str(model_path))
+
+
+@pytest.fixture(scope="session")
 def single_rank() -> None:
     """A one-rank Gloo group with fairscale state, for in-process model tests."""
     from mpllama import dist

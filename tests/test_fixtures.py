@@ -15,22 +15,6 @@ from mpllama.errors import ConfigError
 from mpllama.fixtures import PRESETS, init_checkpoint, random_state, train_tokenizer
 from mpllama.tokenizer import Tokenizer
 
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tokenizer(tmp_path_factory.mktemp("tok") / "nested" / "tokenizer.model")
-
-
-@pytest.fixture(scope="module")
-def tok(model_path: Path) -> Tokenizer:
-    return Tokenizer(model_path)
-
-
-@pytest.fixture(scope="module")
-def sp(model_path: Path) -> SentencePieceProcessor:
-    return SentencePieceProcessor(model_file=str(model_path))
-
-
 # ---------------------------------------------------------------------- checkpoints
 
 

@@ -253,20 +253,27 @@ def test_async_concurrent_requests_match_the_sync_client(
         assert {o.prompt for o in outputs} == {PROMPTS[i % 4]}
 
 
+async def refuse_a_duplicate(allm: AsyncLLM) -> list[RequestOutput]:
+    """Run a long request "dup"; while it runs, a second "dup" must raise ValueError.
+    Returns the first request's outputs."""
+    first: list[RequestOutput] = []
+
+    async def run_first() -> None:
+        async for o in allm.generate(PROMPTS[0], LONG, request_id="dup"):
+            first.append(o)
+
+    task = asyncio.create_task(run_first())
+    while not first:
+        await asyncio.sleep(0.005)
+    with pytest.raises(ValueError, match="dup"):
+        await collect(allm, PROMPTS[1], GREEDY, "dup")
+    await task
+    return first
+
+
 def test_async_duplicate_in_flight_request_id_is_refused(allm: AsyncLLM) -> None:
     async def main() -> tuple[list[RequestOutput], list[RequestOutput]]:
-        first: list[RequestOutput] = []
-
-        async def run_first() -> None:
-            async for o in allm.generate(PROMPTS[0], LONG, request_id="dup"):
-                first.append(o)
-
-        task = asyncio.create_task(run_first())
-        while not first:
-            await asyncio.sleep(0.005)
-        with pytest.raises(ValueError, match="dup"):
-            await collect(allm, PROMPTS[1], GREEDY, "dup")
-        await task
+        first = await refuse_a_duplicate(allm)
         again = await collect(allm, PROMPTS[1], GREEDY, "dup")  # free once finished
         return first, again
 
@@ -281,25 +288,9 @@ def test_async_duplicate_request_id_is_refused_across_replicas(
 ) -> None:
     """Two one-rank gangs behind one AsyncLLM: the router sends the second "dup" to the
     idle gang, which must still refuse an id already running on the other."""
-
-    async def main() -> list[RequestOutput]:
-        first: list[RequestOutput] = []
-
-        async def run_first() -> None:
-            async for o in allm.generate(PROMPTS[0], LONG, request_id="dup"):
-                first.append(o)
-
-        task = asyncio.create_task(run_first())
-        while not first:
-            await asyncio.sleep(0.005)
-        with pytest.raises(ValueError, match="dup"):
-            await collect(allm, PROMPTS[1], GREEDY, "dup")
-        await task
-        return first
-
     with AsyncLLM(tiny_ckpts[1], replicas=2, **SMALL) as allm:
         assert allm.llm.replicas == 2
-        first = run_async(main())
+        first = run_async(refuse_a_duplicate(allm))
     assert first[-1].finish_reason == "length" and len(first[-1].token_ids) == LONG.max_tokens
 
 

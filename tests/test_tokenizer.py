@@ -12,7 +12,6 @@ import pytest
 from sentencepiece import SentencePieceProcessor
 
 from mpllama.errors import CheckpointError, PromptError
-from mpllama.fixtures import train_tokenizer
 from mpllama.tokenizer import (
     SPECIAL_TAGS,
     IncrementalDecoder,
@@ -20,22 +19,6 @@ from mpllama.tokenizer import (
     check_dialog,
     encode_dialog,
 )
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tokenizer(tmp_path_factory.mktemp("tok") / "nested" / "tokenizer.model")
-
-
-@pytest.fixture(scope="module")
-def tok(model_path: Path) -> Tokenizer:
-    return Tokenizer(model_path)
-
-
-@pytest.fixture(scope="module")
-def sp(model_path: Path) -> SentencePieceProcessor:
-    return SentencePieceProcessor(model_file=str(model_path))
-
 
 # ---------------------------------------------------------------------- encode/decode
 
