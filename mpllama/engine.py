@@ -205,6 +205,19 @@ class Engine:
         self._up = True
 
     def _pump(self) -> None:
+        try:
+            self._pump_loop()
+        except BaseException as exc:  # a bug of ours: nobody must wait forever for it
+            log.exception("the engine's pump thread failed")
+            with self._lock:
+                self._closed = True
+                live, self._live = list(self._live.values()), {}
+            self.gang.shutdown()
+            error = WorkerError(f"the engine failed and was stopped: {exc!r}")
+            for entry in live:
+                entry.sink(error)
+
+    def _pump_loop(self) -> None:
         heartbeats: Heartbeats | None = None
         last_beat = 0.0
         while not self._closed:

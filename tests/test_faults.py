@@ -430,3 +430,22 @@ def test_close_after_faults_leaves_nothing(llm: LLM, baseline) -> None:
     llm.close()
     assert not llm.engine.alive
     assert wait_for(lambda: live_ray_objects() == baseline), (live_ray_objects(), baseline)
+
+
+def test_a_bug_in_the_pump_fails_the_call_instead_of_hanging_it(
+    tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch, ray_runtime
+) -> None:
+    """The driver's pump thread is the only one delivering events: if it ever breaks,
+    every waiting caller gets an error and the gang is stopped, nobody waits forever."""
+    with LLM(tiny_ckpt, **{**SETTINGS, "max_seq_len": 64}) as llm:
+        engine = llm.engine
+
+        def broken(groups: object) -> None:
+            raise RuntimeError("a bug in dispatch")
+
+        monkeypatch.setattr(engine, "_dispatch", broken)
+        started = time.monotonic()
+        with pytest.raises(WorkerError, match="engine failed and was stopped"):
+            llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=4))
+        assert time.monotonic() - started < 10
+        assert wait_for(lambda: not engine.alive)
