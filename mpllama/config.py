@@ -208,7 +208,9 @@ class RuntimeConfig:
     dtype: str = "auto"  # auto = bf16 (or fp16) on GPU, float32 on CPU
     max_batch_size: int = 8  # KV-cache slots: requests running at once (more wait)
     max_seq_len: int = 512  # positions per slot: prompt plus generated tokens
-    prefill_chunk_tokens: int = 256  # most prompt tokens prefilled per step
+    # Most prompt tokens prefilled per step: bigger prefills faster, smaller stalls the
+    # running requests less (each step waits for its prefill).
+    prefill_chunk_tokens: int = 512
     seed: int = 1
 
     def __post_init__(self) -> None:

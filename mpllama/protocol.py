@@ -73,7 +73,7 @@ class RankSpec:
     backend: str = "auto"
     max_batch_size: int = 8  # KV-cache slots
     max_seq_len: int = 512
-    prefill_chunk_tokens: int = 256
+    prefill_chunk_tokens: int = 512
     threads: int = 1
     collective_timeout_s: float = 60.0
     log_level: int = logging.WARNING  # the driver's level for mpllama's loggers
