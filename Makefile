@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Tests run on local Ray with auth off; real clusters keep Ray's token auth on.
 TEST_ENV := RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 
-.PHONY: install test run bench lint soak clean
+.PHONY: install test run bench bench-serve lint soak clean
 
 # Create .venv in the repo and install mpllama editable with its test and cluster extras.
 install: $(STAMP)
@@ -27,6 +27,11 @@ run: $(STAMP)
 # Speed and memory benchmarks, printed as ratios against baselines from the same run.
 bench: $(STAMP)
 	$(TEST_ENV) $(PY) benchmarks/bench.py
+
+# mpllama serve against transformers serve --continuous-batching over HTTP (openai client,
+# Poisson arrivals): throughput, TTFT and ITL at three load levels (about 5 minutes).
+bench-serve: $(STAMP)
+	$(TEST_ENV) $(PY) benchmarks/bench_serve.py
 
 # Lint and format check with ruff.
 lint: $(STAMP)
