@@ -2,13 +2,15 @@
 as llama2.c pins its stories model: a change to the model maths, the checkpoint reader,
 the tokenizer or greedy decoding that moves a logit far enough to flip one token fails
 here. The prompts were chosen so that every greedy step wins by a clear logit margin
-(at least 0.3), so the pins do not hang on rounding between CPUs.
+(at least 0.14, against float32 rounding of about 1e-5), so the pins do not hang on the
+CPU's kernels.
 
 If a change is meant to move the numbers (or the model is retrained), check that the
 new text still reads as English and update GOLDEN from the failure message."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -25,17 +27,40 @@ DEMO = Path(__file__).resolve().parents[1] / "demo" / "model"
 MAX_TOKENS = 24
 
 # prompt -> (greedy token ids, their text)
-GOLDEN: dict[str, tuple[list[int], str]] = {}
+# fmt: off
+GOLDEN: dict[str, tuple[list[int], str]] = {
+    'The "while" statement is used for': (
+        [261, 744, 1956, 13, 13, 599, 310, 1426, 1964, 744, 13, 949,
+         404, 325, 1973, 13, 13, 599, 310, 1426, 1964, 744, 290, 509],
+        'a statement.\n\n'
+        'The "with" statement\n=======================\n\n'
+        'The "with" statement is used',
+    ),
+    'When an exception is raised,': (
+        [267, 585, 290, 957, 1956, 13, 13, 689, 267, 310, 1418, 588,
+         1964, 1314, 290, 1244, 1961, 267, 585, 290, 957, 1961, 316, 267],
+        'the exception is raised.\n\n'
+        'If the "finally" clause is present, the exception is raised, and the',
+    ),
+    'A dictionary maps': (
+        [261, 792, 302, 267, 792, 1956, 13, 13, 599, 792, 728, 1344,
+         383, 267, 774, 373, 1344, 1961, 348, 267, 792, 1956, 259, 599],
+        'a dictionary of the dictionary.\n\n'
+        'The dictionary returned keys are the same as keys, or the dictionary.  The',
+    ),
+}
+# fmt: on
 
 
 @pytest.fixture(scope="module")
-def demo(single_rank: None) -> tuple[Transformer, Tokenizer]:
+def outputs(single_rank: None) -> dict[str, tuple[list[int], str]]:
+    """Greedy ids and text for each GOLDEN prompt, from the demo model on one rank."""
     tok, args, shards = checkpoint.inspect(str(DEMO), None)
     # Both shards onto one rank: the golden path also covers resharding 2 -> 1.
     state = checkpoint.load_rank_state(shards, args, 0, 1)
     model = materialize(Transformer(args), state, torch.device("cpu"), torch.float32)
     model.setup_caches(len(GOLDEN), 256)
-    return model, tok
+    return greedy(model, tok, list(GOLDEN))
 
 
 def greedy(
@@ -52,16 +77,15 @@ def greedy(
     return out
 
 
-def test_greedy_output_is_pinned(demo: tuple[Transformer, Tokenizer]) -> None:
-    got = greedy(*demo, list(GOLDEN))
-    assert got == GOLDEN, f"demo model output moved; if that is intended, GOLDEN = {got!r}"
+def test_greedy_output_is_pinned(outputs: dict[str, tuple[list[int], str]]) -> None:
+    assert outputs == GOLDEN, f"demo model output moved; if that is intended, GOLDEN = {outputs!r}"
 
 
-def test_output_is_mostly_words(demo: tuple[Transformer, Tokenizer]) -> None:
-    words = " ".join(text for _, text in greedy(*demo, list(GOLDEN)).values()).split()
-    bare = [w.strip(".,;:!?()[]\"'’“”") for w in words]
-    alphabetic = [w for w in bare if w.isalpha()]
-    assert len(alphabetic) >= 0.8 * len(words), f"not English enough: {words}"
+def test_output_is_mostly_words(outputs: dict[str, tuple[list[int], str]]) -> None:
+    # A random model writes byte soup ("?urc?|am..?,"); this one writes words.
+    words = " ".join(text for _, text in outputs.values()).split()
+    plain = [w for w in words if re.fullmatch(r"[A-Za-z]+", w.strip(".,;:!?()\"'"))]
+    assert len(plain) >= 0.8 * len(words), f"not English enough: {words}"
 
 
 def test_checkpoint_stays_small() -> None:
