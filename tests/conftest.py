@@ -74,8 +74,13 @@ def sp(model_path: Path):
 @pytest.fixture(scope="session")
 def single_rank() -> None:
     """A one-rank Gloo group with fairscale state, for in-process model tests."""
+    import torch
+
     from mpllama import dist
 
+    # Tiny models gain nothing from a second thread, and on a busy machine OpenMP's
+    # threads wait on each other for a core: one thread keeps these tests quick.
+    torch.set_num_threads(1)
     dist.init_single("gloo")
 
 
