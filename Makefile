@@ -44,6 +44,6 @@ lint: $(STAMP)
 soak: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q -m slow
 
-# Remove the venv, the demo checkpoint and caches.
+# Remove the venv, what demo runs wrote (the committed demo/model stays) and caches.
 clean:
-	rm -rf $(VENV) demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo/tiny demo/results.jsonl demo/parquet_out .pytest_cache .ruff_cache
