@@ -37,8 +37,8 @@ bench-serve: $(STAMP)
 
 # Lint and format check with ruff.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mpllama tests benchmarks launch
-	$(VENV)/bin/ruff format --check mpllama tests benchmarks launch
+	$(VENV)/bin/ruff check mpllama tests benchmarks launch demo
+	$(VENV)/bin/ruff format --check mpllama tests benchmarks launch demo
 
 # The slow soak test: thousands of requests while ranks are killed at random.
 soak: $(STAMP)
