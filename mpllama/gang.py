@@ -116,14 +116,7 @@ class Gang:
     # ------------------------------------------------------------------ life cycle
 
     def bundle(self) -> dict[str, float]:
-        gpus = self.parallel.gpus_per_rank
-        if gpus is None:
-            has_gpu = ray.cluster_resources().get("GPU", 0) > 0 and self.spec.device != "cpu"
-            gpus = 1.0 if has_gpu else 0.0
-        bundle = {"CPU": float(self.parallel.cpus_per_rank)}
-        if gpus:
-            bundle["GPU"] = float(gpus)
-        return bundle
+        return rank_bundle(self.spec, self.parallel)
 
     def start(self) -> None:
         """Reserve the placement group, start the actors, rendezvous, load the shards.
@@ -276,6 +269,19 @@ class Gang:
                     self.shutdown()
                     raise error from None
         return [results[rank] for rank in sorted(results)]
+
+
+def rank_bundle(spec: RankSpec, parallel: ParallelConfig) -> dict[str, float]:
+    """What one rank reserves: its CPUs, and a GPU when the cluster has them (unless the
+    spec asks for the CPU) or when gpus_per_rank says so."""
+    gpus = parallel.gpus_per_rank
+    if gpus is None:
+        has_gpu = ray.cluster_resources().get("GPU", 0) > 0 and spec.device != "cpu"
+        gpus = 1.0 if has_gpu else 0.0
+    bundle = {"CPU": float(parallel.cpus_per_rank or 1)}
+    if gpus:
+        bundle["GPU"] = float(gpus)
+    return bundle
 
 
 def node_fits(bundle: dict[str, float], count: int) -> bool:

@@ -12,12 +12,10 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-import ray
-
 from .config import ParallelConfig
 from .engine import Engine, Live, Sink
 from .errors import ConfigError, PlacementError, WorkerError
-from .gang import node_fits
+from .gang import node_fits, rank_bundle
 from .protocol import RankSpec, Request
 
 log = logging.getLogger(__name__)
@@ -43,7 +41,7 @@ class Router:
         if placement_group is not None:
             nodes: list[str | None] = [None]
         else:
-            nodes = plan_nodes(_gang_need(spec, parallel), spec.world_size, parallel, auto)
+            nodes = plan_nodes(rank_bundle(spec, parallel), spec.world_size, parallel, auto)
         several = len(nodes) > 1
         started: dict[int, Engine] = {}
         errors: dict[int, BaseException] = {}
@@ -175,17 +173,6 @@ class Router:
             t.start()
         for t in threads:
             t.join()
-
-
-def _gang_need(spec: RankSpec, parallel: ParallelConfig) -> dict[str, float]:
-    gpus = parallel.gpus_per_rank
-    if gpus is None:
-        has_gpu = ray.cluster_resources().get("GPU", 0) > 0 and spec.device != "cpu"
-        gpus = 1.0 if has_gpu else 0.0
-    need = {"CPU": float(parallel.cpus_per_rank or 1)}
-    if gpus:
-        need["GPU"] = float(gpus)
-    return need
 
 
 def plan_nodes(
