@@ -102,19 +102,27 @@ class Bench:
     def vocab_size(self) -> int:
         return checkpoint.read_params(self.checkpoint(1)).vocab_size
 
-    def run_mpllama(self, work: Workload, mp: int) -> RunResult:
+    def run_mpllama(self, work: Workload, mp: int, cpu_linear: str = "auto") -> RunResult:
         """``work`` on the bench model through a fresh ``LLM`` at ``mp`` ranks; the ranks'
         memory growth afterwards is kept for the memory part."""
-        return self.run_mpllama_many([work], mp, self.checkpoint(mp))[0]
+        return self.run_mpllama_many([work], mp, self.checkpoint(mp), cpu_linear)[0]
 
-    def run_mpllama_many(self, works: list[Workload], mp: int, ckpt: Path) -> list[RunResult]:
+    def run_mpllama_many(
+        self, works: list[Workload], mp: int, ckpt: Path, cpu_linear: str = "auto"
+    ) -> list[RunResult]:
         """Each of ``works`` in turn through one fresh ``LLM`` at ``mp`` ranks."""
         from bench_mpllama import open_llm, rank_memory_mb, run_llm
 
         name = f"mpllama MP={mp} ({self.sizes.slots} slots)"
-        with open_llm(ckpt, mp, self.sizes.slots, self.cpus_per_rank) as llm:
+        if cpu_linear != "auto":
+            name = f"mpllama MP={mp}, {cpu_linear} linear"
+        settings = dict(cpu_linear=cpu_linear)
+        with open_llm(ckpt, mp, self.sizes.slots, self.cpus_per_rank, **settings) as llm:
             results = [run_llm(llm, work, name) for work in works]
-            if ckpt == self.checkpoint(mp) and mp not in self.memory:
+            kernels = sorted({i["linear"] for i in llm.engine.rank_info})
+            if cpu_linear == "auto":
+                print(f"  ({name}: linear layers on {', '.join(kernels)})")
+            if ckpt == self.checkpoint(mp) and mp not in self.memory and cpu_linear == "auto":
                 self.memory[mp] = (f"{len(works[-1])} requests", rank_memory_mb(llm))
         return results
 
@@ -144,6 +152,8 @@ def part_mixed(b: Bench) -> None:
     rows = [gen, cb]
     if b.with_mpllama:
         rows += [b.run_mpllama(work, mp) for mp in MP_SIZES]
+        # The same engine on torch's own matmul: how much is the kernel, how much the rest.
+        rows.append(b.run_mpllama(work, 1, cpu_linear="torch"))
     print_rates(rows, {"generate": gen, "CB": cb})
     print_agreement("transformers CB", cb, "transformers generate", gen)
     if b.with_mpllama:

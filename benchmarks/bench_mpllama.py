@@ -22,18 +22,21 @@ def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
 
 
-def engine_settings(mp: int, slots: int, cpus_per_rank: float | None) -> dict[str, object]:
+def engine_settings(
+    mp: int, slots: int, cpus_per_rank: float | None, **extra: object
+) -> dict[str, object]:
     """The constructor settings every mpllama runner uses (LLM and AsyncLLM alike)."""
     return dict(
         model_parallel_size=mp,
         max_batch_size=slots,
         max_seq_len=MAX_SEQ_LEN,
         cpus_per_rank=cpus_per_rank,  # None: the ranks share the machine's cores
+        **extra,
     )
 
 
-def open_llm(ckpt: Path, mp: int, slots: int, cpus_per_rank: float | None) -> LLM:
-    return LLM(ckpt, **engine_settings(mp, slots, cpus_per_rank))
+def open_llm(ckpt: Path, mp: int, slots: int, cpus_per_rank: float | None, **extra: object) -> LLM:
+    return LLM(ckpt, **engine_settings(mp, slots, cpus_per_rank, **extra))
 
 
 def run_llm(llm: LLM, work: Workload, name: str) -> RunResult:
@@ -52,7 +55,10 @@ def run_llm(llm: LLM, work: Workload, name: str) -> RunResult:
 
 
 def rank_memory_mb(llm: LLM) -> list[float] | str:
-    """Each rank's resident-memory growth since it started (MiB), or why it is unknown.
+    """Each rank's resident-memory growth since it started (MiB), or why it is unknown:
+    the anonymous memory it holds where the OS tells (prepacked weights, KV cache,
+    activations; pages of a memory-mapped shard, which the kernel may drop, are not
+    counted), else the growth of its peak.
 
     Read through the engine's call-every-rank primitive, which the per-step engine may
     rename; a benchmark must not die on that, so a missing hook reads "n/a".
@@ -61,7 +67,7 @@ def rank_memory_mb(llm: LLM) -> list[float] | str:
     if call_all is None:
         return "n/a (llm.engine.call_all is gone)"
     try:
-        return [float(m["growth_mb"]) for m in call_all("memory")]
+        return [float(m.get("anon_growth_mb", m["growth_mb"])) for m in call_all("memory")]
     except Exception as exc:  # any failure here costs only this one number
         return f"n/a ({type(exc).__name__}: {exc})"
 

@@ -114,9 +114,11 @@ class LLM:
             device=runtime.device,
             dtype=runtime.dtype,
             backend=parallel.backend,
+            shm_collectives=parallel.shm_collectives,
             max_batch_size=runtime.max_batch_size,
             max_seq_len=runtime.max_seq_len,
             prefill_chunk_tokens=runtime.prefill_chunk_tokens,
+            cpu_linear=runtime.cpu_linear,
             collective_timeout_s=parallel.collective_timeout_s,
             log_level=logging.getLogger("mpllama").getEffectiveLevel(),
         )

@@ -12,11 +12,13 @@ import io
 import logging
 import os
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
+from . import shm
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -104,8 +106,13 @@ def init_ranks(
     node_ip: str,
     timeout_s: float,
     store: dist.TCPStore | None = None,
-) -> None:
-    """Join the process group through rank 0's store and set up fairscale's groups."""
+    shm_bytes: int = 0,
+) -> str:
+    """Join the process group through rank 0's store and set up fairscale's groups.
+
+    With ``shm_bytes`` (Gloo gangs), the ranks also try to meet in shared memory, with
+    slots of that size, for the per-step collectives. Returns what carries them: "shm"
+    or the backend."""
     iface = interface_for_ip(node_ip)
     if iface is not None:
         # Gloo (and NCCL's bootstrap) otherwise bind whatever the hostname resolves
@@ -125,15 +132,74 @@ def init_ranks(
         if backend != "gloo"
         else fs_init.get_model_parallel_group()
     )
+    global _shm
+    _shm = _join_shm(store, rank, world_size, shm_bytes, timeout_s) if shm_bytes else None
+    carrier = backend if _shm is None else "shm"
     log.info(
-        "rank %d/%d joined via %s:%d (%s, interface %s)",
+        "rank %d/%d joined via %s:%d (%s, interface %s, step collectives on %s)",
         rank,
         world_size,
         host,
         port,
         backend,
         iface or "default",
+        carrier,
     )
+    return carrier
+
+
+def _join_shm(
+    store: dist.Store, rank: int, world: int, slot_bytes: int, timeout_s: float
+) -> shm.ShmGroup | None:
+    """Every rank maps rank 0's file in /dev/shm and checks it sees rank 0's token;
+    only when all of them do (one machine, one /dev/shm) does the gang use it. The
+    file is unlinked as soon as all have answered, so nothing outlives the gang."""
+    why = shm.supported()
+    group: shm.ShmGroup | None = None
+    if rank == 0:
+        if why is None:
+            shm.remove_orphans()
+        path = shm.slot_path()
+        needed = 2 * (2 * world + 1) * slot_bytes
+        if why is None and shm.free_bytes() < needed:
+            why = f"{shm.SHM_DIR} has under {needed >> 20} MiB free"
+        token = b""
+        if why is None:
+            try:
+                group = shm.ShmGroup(path, rank, world, slot_bytes, timeout_s, create=True)
+                token = group.write_token()
+            except OSError as exc:
+                why = str(exc)
+        try:
+            store.set("shm/path", str(path) if group else "")
+            store.set("shm/token", token.hex())
+            agreed = _agree(store, rank, world, group is not None)
+        finally:
+            path.unlink(missing_ok=True)  # every rank has mapped it or given up
+    else:
+        path_text = store.get("shm/path").decode()
+        token_hex = store.get("shm/token").decode()
+        if why is None and not path_text:
+            why = "rank 0 could not set it up"
+        elif why is None:
+            try:
+                group = shm.ShmGroup(Path(path_text), rank, world, slot_bytes, timeout_s)
+            except OSError as exc:
+                why = f"rank 0's file is not here ({exc}): another machine"
+            if group is not None and group.read_token().hex() != token_hex:
+                group, why = None, "rank 0's file here is not the one it wrote"
+        agreed = _agree(store, rank, world, group is not None)
+    if why is None and not agreed:
+        why = "another rank could not map rank 0's file"
+    if why is not None:
+        log.info("rank %d: step collectives stay on the backend: %s", rank, why)
+    return group if agreed else None
+
+
+def _agree(store: dist.Store, rank: int, world: int, ready: bool) -> bool:
+    """Whether every rank is ready (waits for all of them to say)."""
+    store.set(f"shm/ok/{rank}", "1" if ready else "0")
+    return all(store.get(f"shm/ok/{r}") == b"1" for r in range(world))
 
 
 def init_single(backend: str = "gloo") -> None:
@@ -158,8 +224,8 @@ def init_model_parallel(world_size: int) -> None:
 
 
 def teardown() -> None:
-    global _plan_group
-    _plan_group = None
+    global _plan_group, _shm
+    _plan_group = _shm = None
     if fs_init.model_parallel_is_initialized():
         fs_init.destroy_model_parallel()
     if dist.is_initialized():
@@ -179,13 +245,40 @@ def broadcast_from_lead(tensor: torch.Tensor) -> torch.Tensor:
 
 # The group that carries step plans (CPU tensors); None until init_ranks.
 _plan_group: dist.ProcessGroup | None = None
+# Shared-memory collectives when every rank of a Gloo gang is on this machine.
+_shm: shm.ShmGroup | None = None
 
 
 def broadcast_plan(tensor: torch.Tensor) -> torch.Tensor:
     """Every rank gets the lead's CPU ``tensor`` (in place; returned for chaining)."""
     if _plan_group is not None and fs_init.get_model_parallel_world_size() > 1:
-        dist.broadcast(tensor, src=fs_init.get_model_parallel_src_rank(), group=_plan_group)
+        if _shm is None or not _shm.broadcast(tensor, 0):
+            dist.broadcast(tensor, src=fs_init.get_model_parallel_src_rank(), group=_plan_group)
     return tensor
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum ``x`` over the model-parallel group, in place (fairscale's reduce)."""
+    if fs_init.get_model_parallel_world_size() > 1:
+        if _shm is None or not _shm.all_reduce(x):
+            dist.all_reduce(x, group=fs_init.get_model_parallel_group())
+    return x
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along the last dimension, in rank order
+    (fairscale's gather)."""
+    world = fs_init.get_model_parallel_world_size()
+    if world == 1:
+        return x
+    if _shm is not None:
+        out = _shm.all_gather(x)
+        if out is not None:
+            return out
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x, group=fs_init.get_model_parallel_group())
+    return torch.cat(parts, dim=-1)
 
 
 def set_threads(num_threads: int) -> None:

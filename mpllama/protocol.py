@@ -71,9 +71,11 @@ class RankSpec:
     device: str = "auto"
     dtype: str = "auto"
     backend: str = "auto"
+    shm_collectives: bool = True
     max_batch_size: int = 8  # KV-cache slots
     max_seq_len: int = 512
     prefill_chunk_tokens: int = 512
+    cpu_linear: str = "auto"
     threads: int = 1
     collective_timeout_s: float = 60.0
     log_level: int = logging.WARNING  # the driver's level for mpllama's loggers

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import checkpoint, dist
-from .model import Transformer, materialize
+from .model import Transformer, materialize, onednn_unsupported
 from .protocol import Event, Polled, RankSpec, Request
 from .runner import Runner, follow
 from .tokenizer import Tokenizer
@@ -34,6 +34,7 @@ class RankWorker:
         self.tokenizer = Tokenizer.from_bytes(spec.tokenizer_proto)
         self._store: Any = None
         self._rss_before_load = 0.0
+        self._anon_before_load = 0.0
         # Lead only: what the control thread hands the loop, and what the loop made.
         self._cond = threading.Condition()
         self._submitted: list[Request] = []
@@ -60,10 +61,12 @@ class RankWorker:
         dist.set_threads(spec.threads)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        collectives = "none"
+        use_shm = spec.shm_collectives and backend == "gloo"
         if spec.world_size == 1:
             dist.init_single(backend)
         else:
-            dist.init_ranks(
+            collectives = dist.init_ranks(
                 self.rank,
                 spec.world_size,
                 host,
@@ -72,18 +75,25 @@ class RankWorker:
                 node_ip,
                 spec.collective_timeout_s,
                 store=self._store,
+                shm_bytes=_shm_slot_bytes(spec, dtype) if use_shm else 0,
             )
         self._rss_before_load = peak_rss_mb()
+        self._anon_before_load = resident_mb().get("anon_rss_mb", 0.0)
         shards = checkpoint.find_shards(spec.checkpoint_dir)
         state = checkpoint.load_rank_state(shards, spec.args, self.rank, spec.world_size)
         self.model = materialize(Transformer(spec.args), state, device, dtype)
         del state
+        linear = _linear_kernel(spec.cpu_linear, device, dtype)
+        if linear == "onednn":
+            self.model.pack_linears()
         self.model.setup_caches(spec.max_batch_size, spec.max_seq_len)
         info = {
             "rank": self.rank,
             "device": str(device),
             "dtype": str(dtype).split(".")[-1],
             "backend": backend,
+            "linear": linear,
+            "collectives": collectives,
             "load_s": round(time.perf_counter() - started, 3),
             "rss_before_load_mb": self._rss_before_load,
             "peak_rss_mb": peak_rss_mb(),
@@ -173,16 +183,37 @@ class RankWorker:
             self._cond.notify_all()
 
     def memory(self) -> dict[str, float]:
-        """Peak resident memory, and how much of it came after the process had started
-        (weights actually touched, KV cache, activations)."""
+        """Peak resident memory, how much of it came after the process had started
+        (weights actually touched, KV cache, activations), and what is resident now,
+        split into anonymous memory and pages of mapped files (a memory-mapped shard's
+        pages count while mapped, but the kernel can drop them under pressure).
+
+        With prepacked (oneDNN) weights the peak counts a weight twice, once as the
+        mapped shard's pages read while packing and once packed; ``anon_growth_mb`` is
+        what the rank holds that the kernel cannot drop."""
         peak = peak_rss_mb()
-        return {"peak_rss_mb": peak, "growth_mb": round(peak - self._rss_before_load, 1)}
+        now = resident_mb()
+        out = {"peak_rss_mb": peak, "growth_mb": round(peak - self._rss_before_load, 1), **now}
+        if "anon_rss_mb" in now:
+            out["anon_growth_mb"] = round(now["anon_rss_mb"] - self._anon_before_load, 1)
+        return out
 
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
+
+
+def resident_mb() -> dict[str, float]:
+    """Resident memory now, anonymous and file-backed, in MiB (Linux; {} elsewhere)."""
+    fields = {"RssAnon:": "anon_rss_mb", "RssFile:": "file_rss_mb"}
+    try:
+        with open("/proc/self/status") as status:
+            lines = [line.split() for line in status]
+    except OSError:
+        return {}
+    return {fields[p[0]]: round(int(p[1]) / 1024, 1) for p in lines if p and p[0] in fields}
 
 
 def configure_rank_logging(rank: int, level: int = logging.INFO) -> None:
@@ -198,3 +229,29 @@ def configure_rank_logging(rank: int, level: int = logging.INFO) -> None:
         if getattr(handler, "_mpllama_rank", False):
             handler.setFormatter(logging.Formatter(fmt))
     root.setLevel(level)
+
+
+SHM_SLOT_CAP = 8 << 20  # bytes; bigger messages (long prefills) go through Gloo
+
+
+def _shm_slot_bytes(spec: RankSpec, dtype: torch.dtype) -> int:
+    """A shared-memory slot big enough for a step's messages: a prefill chunk's or a
+    decode batch's hidden states (all-reduce) and a batch's slice of the logits
+    (all-gather), capped at SHM_SLOT_CAP."""
+    args, rows = spec.args, max(spec.max_batch_size, spec.prefill_chunk_tokens)
+    vocab_slice = -(-args.vocab_size // spec.world_size)
+    elements = max(rows * args.dim, spec.max_batch_size * vocab_slice)
+    return min(SHM_SLOT_CAP, elements * dtype.itemsize)
+
+
+def _linear_kernel(choice: str, device: torch.device, dtype: torch.dtype) -> str:
+    """What runs this rank's linear layers: ``onednn`` (prepacked) or ``torch``."""
+    if device.type != "cpu" or choice == "torch":
+        return "torch"
+    why = onednn_unsupported(device, dtype)
+    if why is None:
+        return "onednn"
+    if choice == "onednn":
+        raise RuntimeError(f"runtime.cpu_linear is onednn, but {why}; use auto or torch")
+    log.info("linear layers on torch's kernel: %s", why)
+    return "torch"

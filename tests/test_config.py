@@ -258,6 +258,7 @@ def test_replace_validates() -> None:
         (ParallelConfig, {"max_restarts": -1}, "max_restarts.*-1"),
         (RuntimeConfig, {"device": "tpu"}, "device.*'tpu'"),
         (RuntimeConfig, {"dtype": "fp16"}, "dtype.*'fp16'"),
+        (RuntimeConfig, {"cpu_linear": "mkl"}, "cpu_linear.*'mkl'"),
         (RuntimeConfig, {"max_batch_size": 0}, "max_batch_size.*0"),
         (RuntimeConfig, {"max_seq_len": 1}, "max_seq_len.*1"),
         (JobConfig, {"on_bad_line": "ignore"}, "on_bad_line.*'ignore'"),

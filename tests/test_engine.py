@@ -10,7 +10,8 @@ import pytest
 import torch
 from helpers import PROMPTS, hf_greedy, hf_model
 
-from mpllama import LLM, SamplingParams
+from mpllama import LLM, SamplingParams, shm
+from mpllama.model import onednn_unsupported
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, logprobs=True, ignore_eos=True)
 SMALL = {"cpus_per_rank": 0.5, "max_seq_len": 64, "max_batch_size": 4}
@@ -28,6 +29,10 @@ def reference(tiny_ckpts: dict[int, Path]) -> list[tuple[list[int], list[float]]
     ]
 
 
+# What cpu_linear "auto" picks on this machine: prepacked oneDNN wherever torch has it.
+AUTO_LINEAR = "torch" if onednn_unsupported(torch.device("cpu"), torch.float32) else "onednn"
+SHM = shm.supported() is None  # every gang here is on one machine
+
 # Every compatible (shards, world) pair: world = k x shards or shards = k x world.
 PAIRS = [(s, w) for s in (1, 2, 4) for w in (1, 2, 4)]
 
@@ -39,13 +44,39 @@ def test_every_shard_count_and_world_size_agree_with_transformers(
     """Two slots for eight requests of different lengths, prompts prefilled three tokens
     a step: requests join while others sit at arbitrary positions, long prompts take
     several steps, and every request still gets transformers' tokens."""
-    settings = {**SMALL, "max_batch_size": 2, "prefill_chunk_tokens": 3}
+    agree_with_transformers(tiny_ckpts[shards], world, reference)
+
+
+def test_torchs_kernel_and_gloo_collectives_agree_with_transformers(
+    tiny_ckpts: dict[int, Path], reference, ray_runtime
+) -> None:
+    """cpu_linear: torch and shm_collectives: false keep the plain paths (F.linear and
+    Gloo for every collective: what GPUs, other CPUs and multi-machine gangs run) as
+    exact as the fast ones."""
+    agree_with_transformers(tiny_ckpts[2], 2, reference, cpu_linear="torch", shm_collectives=False)
+
+
+def agree_with_transformers(
+    ckpt: Path, world: int, reference, cpu_linear: str = "auto", shm_collectives: bool = True
+) -> None:
+    expect_linear = AUTO_LINEAR if cpu_linear == "auto" else cpu_linear
+    expect_collectives = "none" if world == 1 else ("shm" if shm_collectives and SHM else "gloo")
+    settings = {
+        **SMALL,
+        "max_batch_size": 2,
+        "prefill_chunk_tokens": 3,
+        "cpu_linear": cpu_linear,
+        "shm_collectives": shm_collectives,
+    }
     lengths = [6, 2, 5, 3, 6, 1, 4, 6]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(lengths))]
     params = [GREEDY.replace(max_tokens=n) for n in lengths]
-    with LLM(tiny_ckpts[shards], model_parallel_size=world, **settings) as llm:
-        assert len(llm.engine.rank_info) == world
-        assert {i["backend"] for i in llm.engine.rank_info} == {"gloo"}
+    with LLM(ckpt, model_parallel_size=world, **settings) as llm:
+        info = llm.engine.rank_info
+        assert len(info) == world
+        assert {i["backend"] for i in info} == {"gloo"}
+        assert {i["linear"] for i in info} == {expect_linear}
+        assert {i["collectives"] for i in info} == {expect_collectives}
         outputs = llm.generate(prompts, params)
     assert [o.index for o in outputs] == list(range(len(prompts)))
     for i, (out, n) in enumerate(zip(outputs, lengths, strict=True)):
@@ -107,9 +138,13 @@ def test_prompt_token_ids_chat_and_per_prompt_params(llm2: LLM) -> None:
     assert echoed.text == PROMPTS[0] + by_text.text
 
 
+@pytest.mark.parametrize("cpu_linear", ["torch", "auto"])
 def test_each_rank_holds_about_half_the_model_at_mp2(
-    ckpt_root: Path, tiny_ckpt: Path, ray_runtime
+    cpu_linear: str, ckpt_root: Path, tiny_ckpt: Path, ray_runtime
 ) -> None:
+    """Plain weights stay the mapped shard's pages, so the peak shows what a rank read;
+    packed ones are copies, so what the rank holds for good (anonymous memory) shows
+    that packing replaced the weights rather than adding to them."""
     from helpers import make_checkpoint
 
     from mpllama.checkpoint import full_shapes
@@ -118,12 +153,15 @@ def test_each_rank_holds_about_half_the_model_at_mp2(
     args = PRESETS["small"].__class__(**{**PRESETS["small"].__dict__, "vocab_size": 512})
     ckpt = make_checkpoint(ckpt_root / "small2", args, tiny_ckpt, parts=2)
     full_mb = sum(torch.Size(s).numel() for s in full_shapes(args).values()) * 4 / 2**20
-    with LLM(ckpt, cpus_per_rank=0.5, max_seq_len=32, max_batch_size=1) as llm:
+    settings = dict(cpus_per_rank=0.5, max_seq_len=32, max_batch_size=1, cpu_linear=cpu_linear)
+    with LLM(ckpt, **settings) as llm:
         llm.generate("touch every weight", SamplingParams(temperature=0, max_tokens=2))
-        growth = [m["growth_mb"] for m in llm.engine.call_all("memory")]
-    # Each rank touched its half (plus cache and activations), never the whole model.
-    for rank_mb in growth:
-        assert 0.3 * full_mb < rank_mb < 0.75 * full_mb, (growth, full_mb)
+        memory = llm.engine.call_all("memory")
+        packed = {i["linear"] for i in llm.engine.rank_info} == {"onednn"}
+    key = "anon_growth_mb" if packed else "growth_mb"
+    # Each rank holds its half (plus cache and activations), never the whole model.
+    for rank in memory:
+        assert 0.3 * full_mb < rank[key] < 0.75 * full_mb, (memory, full_mb)
 
 
 @pytest.mark.gpu

@@ -275,3 +275,54 @@ def test_forward_refuses_more_than_the_cache(tiny: Transformer) -> None:
         tiny(tokens(0, 3, 2), torch.arange(3), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match=too_many):
         tiny(tokens(0, 1, 9), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+
+
+# ------------------------------------------------------------------ oneDNN linear layers
+
+ONEDNN = model_module.onednn_unsupported(CPU, torch.float32) is None
+needs_onednn = pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN linear")
+
+
+@needs_onednn
+def test_packed_linears_give_the_plain_models_logits(tiny_ckpt: Path, single_rank: None) -> None:
+    """Prefill chunks of different lengths, then decode steps: every logit of the packed
+    model within 1e-4 of the plain one; the weights are replaced, not copied."""
+    plain, _ = load(tiny_ckpt)
+    packed, _ = load(tiny_ckpt)
+    packed.pack_linears()
+    linears = [m for m in packed.modules() if isinstance(m, model_module.ColumnLinear)]
+    linears += [m for m in packed.modules() if isinstance(m, model_module.RowLinear)]
+    assert len(linears) == 7 * packed.args.n_layers + 1
+    assert all(m.weight.layout == torch._mkldnn for m in linears)
+    assert not any(p.layout == torch._mkldnn for p in packed.parameters())
+    assert packed.device == CPU
+    for m in (plain, packed):
+        m.setup_caches(3, 32)
+    toks = tokens(8, 3, 9)
+    slots, lens = torch.tensor([2, 0, 1]), torch.tensor([9, 4, 6])
+    zero = torch.zeros(3, dtype=torch.long)
+    for m in (plain, packed):
+        m.out = [m(toks, slots, zero, lengths=lens, logits_at=lens - 1)]
+        for step in range(3):
+            nxt = tokens(9 + step, 3, 1)
+            m.out.append(m(nxt, slots, lens + step, logits_at=zero))
+    for want, got in zip(plain.out, packed.out, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_onednn_refusals_say_why() -> None:
+    assert "cuda" in (model_module.onednn_unsupported(torch.device("cuda"), torch.float32) or "")
+    assert "float16" in (model_module.onednn_unsupported(CPU, torch.float16) or "")
+
+
+def test_a_rank_chooses_its_linear_kernel() -> None:
+    from mpllama.worker import _linear_kernel
+
+    cuda = torch.device("cuda")
+    assert _linear_kernel("auto", cuda, torch.float16) == "torch"
+    assert _linear_kernel("onednn", cuda, torch.float16) == "torch"  # a CPU-only setting
+    assert _linear_kernel("torch", CPU, torch.float32) == "torch"
+    assert _linear_kernel("auto", CPU, torch.float16) == "torch"
+    with pytest.raises(RuntimeError, match="cpu_linear is onednn, but .*float16"):
+        _linear_kernel("onednn", CPU, torch.float16)
+    assert _linear_kernel("auto", CPU, torch.float32) == ("onednn" if ONEDNN else "torch")
