@@ -62,7 +62,7 @@ class RankWorker:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         collectives = "none"
-        use_shm = spec.shm_collectives and backend == "gloo"
+        use_shm = spec.shm_collectives and backend == "gloo" and device.type == "cpu"
         if spec.world_size == 1:
             dist.init_single(backend)
         else:

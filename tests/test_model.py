@@ -326,3 +326,23 @@ def test_a_rank_chooses_its_linear_kernel() -> None:
     with pytest.raises(RuntimeError, match="cpu_linear is onednn, but .*float16"):
         _linear_kernel("onednn", CPU, torch.float16)
     assert _linear_kernel("auto", CPU, torch.float32) == ("onednn" if ONEDNN else "torch")
+
+
+@pytest.mark.skipif(
+    model_module.onednn_unsupported(CPU, torch.bfloat16) is not None,
+    reason="oneDNN has no bfloat16 linear kernel on this CPU",
+)
+def test_packed_bfloat16_linears_track_the_plain_bfloat16_model(
+    tiny_ckpt: Path, single_rank: None
+) -> None:
+    """bf16 ranks on CPUs with bf16 support pack too; bf16 rounding bounds the agreement."""
+    plain, _ = load(tiny_ckpt, torch.bfloat16)
+    packed, _ = load(tiny_ckpt, torch.bfloat16)
+    packed.pack_linears()
+    outs = []
+    for m in (plain, packed):
+        m.setup_caches(2, 16)
+        outs.append(m(tokens(10, 2, 7), torch.arange(2), torch.zeros(2, dtype=torch.long)))
+    assert outs[1].dtype == torch.float32
+    torch.testing.assert_close(outs[1], outs[0], atol=0.1, rtol=0)
+    assert (outs[1].argmax(-1) == outs[0].argmax(-1)).float().mean() > 0.9
