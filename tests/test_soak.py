@@ -1,5 +1,5 @@
 """Soak: thousands of short requests through a two-rank engine while a background thread
-SIGKILLs a random rank every few seconds. Every request must finish exactly once, with
+SIGKILLs a random rank every twelfth of the way. Every request must finish exactly once, with
 the greedy output an undisturbed run gives, and its streamed deltas must add up to it. Slow (about a minute): not in the
 default run; `pytest -m slow tests/test_soak.py`."""
 
@@ -11,6 +11,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,22 +32,29 @@ def prompts() -> list[str]:
 
 
 class Killer(threading.Thread):
-    """SIGKILLs a random rank of the current gang every ``low``..``high`` seconds."""
+    """SIGKILLs a random rank of the current gang each time another ``every`` requests
+    have finished (so the kills spread over the run however fast the engine is), at
+    least ``gap`` seconds apart so each rebuilt gang serves a while."""
 
-    def __init__(self, llm: LLM, low: float = 1.0, high: float = 2.5) -> None:
+    def __init__(self, llm: LLM, finished: Callable[[], int], every: int, gap: float = 1.0) -> None:
         super().__init__(daemon=True)
-        self.llm, self.low, self.high = llm, low, high
+        self.llm, self.finished, self.every, self.gap = llm, finished, every, gap
         self.rng = random.Random(1)
         self.stop = threading.Event()
         self.kills: list[tuple[float, int]] = []  # (time, rank)
 
     def run(self) -> None:
-        while not self.stop.wait(self.rng.uniform(self.low, self.high)):
+        due, last = self.every, -self.gap
+        while not self.stop.wait(0.01):
+            if self.finished() < due or time.monotonic() - last < self.gap:
+                continue
             info = list(self.llm.engine.rank_info)
             rank = self.rng.randrange(len(info))
             try:
                 os.kill(info[rank]["pid"], signal.SIGKILL)
                 self.kills.append((time.monotonic(), rank))
+                last = time.monotonic()
+                due += self.every
             except ProcessLookupError:  # that gang is already gone, being rebuilt
                 pass
 
@@ -69,11 +77,11 @@ def test_every_request_comes_back_once_and_right_while_ranks_are_killed(
         reference = llm.generate(texts, PARAMS)
         undisturbed_s = time.monotonic() - started
 
-        killer = Killer(llm)
-        started = time.monotonic()
-        killer.start()
         seen: dict[int, list[int]] = {}
         deltas: dict[int, list[int]] = {}
+        killer = Killer(llm, lambda: len(seen), every=N_REQUESTS // 12)
+        started = time.monotonic()
+        killer.start()
         try:
             with caplog.at_level(logging.WARNING, logger="mpllama.engine"):
                 for out in llm.stream(texts, PARAMS):
