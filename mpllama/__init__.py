@@ -17,8 +17,12 @@ __all__ = [
 
 
 def __getattr__(name: str):  # the clients pull in Ray; import them only when asked for
-    if name in ("LLM", "AsyncLLM", "RequestOutput"):
+    if name in ("LLM", "RequestOutput"):
         from . import api
 
         return getattr(api, name)
+    if name == "AsyncLLM":
+        from .async_llm import AsyncLLM
+
+        return AsyncLLM
     raise AttributeError(name)

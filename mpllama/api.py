@@ -1,22 +1,20 @@
-"""The public clients. ``LLM`` validates everything it can before any actor starts, hands
+"""The public client. ``LLM`` validates everything it can before any actor starts, hands
 requests to the engine (which schedules them step by step on the gang) and shapes what
 comes back: whole results in input order (``generate``, ``chat``) or a stream of
-``RequestOutput`` deltas as tokens are made (``stream``). ``AsyncLLM`` is the same for
-asyncio programs: one request per ``generate`` call, many calls sharing the batch.
+``RequestOutput`` deltas as tokens are made (``stream``). ``AsyncLLM`` (async_llm.py) is
+the same for asyncio programs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import dataclasses
 import itertools
 import logging
 import os
 import queue
-import uuid
 import weakref
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,7 @@ from .outputs import (
 from .protocol import Event, RankSpec, Request, check_request, derive_seed
 from .tokenizer import Dialog, encode_dialog
 
-__all__ = ["LLM", "AsyncLLM", "RequestOutput"]
+__all__ = ["LLM", "RequestOutput"]
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +227,6 @@ class LLM:
         entries = self._requests(prompts, prompt_token_ids, sampling_params, errors)
         return (p.output() for p in self._run(entries))
 
-    def encode_dialogs(self, dialogs: Dialog | Sequence[Dialog]) -> list[list[int]]:
-        return [_raise(ids) for ids in self._encode_dialogs(dialogs)]
-
     def _encode_dialogs(self, dialogs: Dialog | Sequence[Dialog]) -> list[list[int] | Exception]:
         if dialogs and isinstance(dialogs[0], dict):
             dialogs = [dialogs]  # type: ignore[list-item]
@@ -305,7 +300,7 @@ class LLM:
                 )
                 problem = check_request(request, limit, vocab)
                 if problem is None:
-                    out.append(Progress(i, text, request, self._echo(text, request), errors))
+                    out.append(Progress(i, text, request, self.echo_text(text, request), errors))
                     continue
                 t = PromptError(f"prompt #{i}: {problem}")
             if errors == "raise":
@@ -313,7 +308,7 @@ class LLM:
             out.append(Progress.failed(i, text, ids[i] if isinstance(ids[i], list) else [], str(t)))
         return out
 
-    def _check(self, requests: list[Request], what: str = "prompt #{}") -> None:
+    def check_requests(self, requests: list[Request], what: str = "prompt #{}") -> None:
         """Refuse the call, before anything runs, if any request could not run."""
         limit, vocab = self.config.runtime.max_seq_len, self.args.vocab_size
         for i, r in enumerate(requests):
@@ -321,7 +316,8 @@ class LLM:
             if problem is not None:
                 raise PromptError(f"{what.format(i)}: {problem}")
 
-    def _echo(self, prompt: str | None, request: Request) -> str:
+    def echo_text(self, prompt: str | None, request: Request) -> str:
+        """What an echoing request's text starts with: its prompt."""
         if not request.params.echo:
             return ""
         return prompt if prompt is not None else self.tokenizer.decode(request.prompt_token_ids)
@@ -388,128 +384,12 @@ class LLM:
             pass
 
 
-class AsyncLLM:
-    """``LLM`` for asyncio programs: each ``generate`` call runs one request and yields its
-    outputs as they are made; concurrent calls share the running batch. Takes the same
-    constructor arguments as ``LLM``."""
-
-    def __init__(
-        self,
-        checkpoint_dir: str | os.PathLike[str] | None = None,
-        tokenizer_path: str | os.PathLike[str] | None = None,
-        *,
-        config: RunConfig | None = None,
-        placement_group: Any = None,
-        **settings: Any,
-    ) -> None:
-        self.llm = LLM(
-            checkpoint_dir,
-            tokenizer_path,
-            config=config,
-            placement_group=placement_group,
-            **settings,
-        )
-        self.tokenizer = self.llm.tokenizer
-        self.config = self.llm.config
-
-    @classmethod
-    def from_config(
-        cls,
-        path: str | os.PathLike[str],
-        overrides: list[str] | dict[str, dict[str, Any]] | None = None,
-        **settings: Any,
-    ) -> AsyncLLM:
-        return cls(config=load_run_config(path, overrides), **settings)
-
-    async def generate(
-        self,
-        prompt: str | Sequence[int],
-        sampling_params: SamplingParams | None = None,
-        request_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Run one request (a prompt string or its token ids); yield its outputs.
-
-        Cancelling the consuming task, or closing this iterator, aborts the request.
-        """
-        request, progress = self._request(prompt, sampling_params, request_id)
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[Event | BaseException] = asyncio.Queue()
-
-        def sink(item: Event | BaseException) -> None:  # on the engine's pump thread
-            try:
-                loop.call_soon_threadsafe(inbox.put_nowait, item)
-            except RuntimeError:
-                pass  # the loop is closed: nobody is waiting any more
-
-        self.llm.router.submit([request], sink)
-        finished = False
-        try:
-            while not finished:
-                item = await inbox.get()
-                if isinstance(item, BaseException):
-                    raise item
-                progress.add(item)
-                finished = item.finish_reason is not None
-                yield progress.output()
-        finally:
-            if not finished:
-                self.llm.router.abort([request.id])
-
-    def counts(self) -> tuple[int, int]:
-        """(running, waiting) requests, as ``LLM.counts``."""
-        return self.llm.counts()
-
-    async def abort(self, request_id: str) -> None:
-        """Give up a request: its generate() ends with finish_reason "abort"."""
-        self.llm.router.abort([request_id])
-
-    def _request(
-        self, prompt: str | Sequence[int], params: SamplingParams | None, request_id: str | None
-    ) -> tuple[Request, Progress]:
-        params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling_params is {type(params).__name__}, not SamplingParams")
-        text = prompt if isinstance(prompt, str) else None
-        if isinstance(prompt, str):
-            ids = self.llm.encode_prompt(prompt)
-        else:
-            ids = token_list(prompt, 0)
-        rid = request_id if request_id is not None else uuid.uuid4().hex
-        seed = (
-            params.seed if params.seed is not None else derive_seed(self.config.runtime.seed, rid)
-        )
-        request = Request(rid, ids, params, seed)
-        self.llm._check([request], f"request {rid!r}")
-        return request, Progress(0, text, request, self.llm._echo(text, request))
-
-    def close(self) -> None:
-        self.llm.close()
-
-    async def __aenter__(self) -> AsyncLLM:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-    def __enter__(self) -> AsyncLLM:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def _attempt(build: Any, value: Any, index: int) -> list[int] | Exception:
     """``build(value, index)``, or the input error it raised (kept for errors="return")."""
     try:
         return build(value, index)
     except (PromptError, TypeError) as exc:
         return exc
-
-
-def _raise(ids: list[int] | Exception) -> list[int]:
-    if isinstance(ids, Exception):
-        raise ids
-    return ids
 
 
 def _finals(progress: Iterator[Progress], n: int) -> list[RequestOutput]:

@@ -76,7 +76,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def cmd_chat(ns: argparse.Namespace) -> int:
-    from .api import AsyncLLM
+    from .async_llm import AsyncLLM
     from .chat import Chat
 
     config = _model_config(ns)
@@ -121,7 +121,7 @@ def _model_config(ns: argparse.Namespace) -> RunConfig:
 
 def cmd_serve(ns: argparse.Namespace) -> int:
     from .config import load_run_config
-    from .server import Server
+    from .deploy import Server
 
     config = load_run_config(ns.job, ns.set)
     server = Server(config)

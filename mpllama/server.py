@@ -3,8 +3,9 @@
 One Serve replica owns one model-parallel gang: the deployment reserves one
 placement-group bundle per rank, and the replica lends that group to its ``AsyncLLM``,
 whose rank i runs in bundle i. Serve brings the HTTP proxy, the routing between replicas
-and its own metrics; this module adds the OpenAI routes (FastAPI), server-sent events,
-the API key, backpressure (429 when a replica's queue is full) and mpllama's metrics.
+and its own metrics; this module is the replica: the OpenAI routes (FastAPI), server-sent
+events and the API key. ``capacity`` holds its backpressure (429 when its queue is full)
+and mpllama's metrics; ``deploy`` starts it all from the driver.
 
 Requests run exactly as ``LLM.generate`` runs them (same prompt encoding, same sampling
 defaults, same seeds), so greedy text over HTTP is the offline text. Prompts and
@@ -14,17 +15,11 @@ completions are never logged.
 # No `from __future__ import annotations`: FastAPI reads the route signatures of the Serve
 # ingress class at run time, and Serve's wrapping loses this module's names.
 import asyncio
-import dataclasses
-import errno
 import hmac
 import logging
-import os
-import socket
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -34,10 +29,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from . import checkpoint
-from .api import AsyncLLM, RequestOutput
-from .config import RunConfig, SamplingParams, api_key_from_env, ray_address_from_env
-from .errors import ConfigError, MpllamaError, PlacementError, PromptError
+from .api import RequestOutput
+from .async_llm import AsyncLLM
+from .capacity import Load, Metrics, Ticket
+from .config import RunConfig, SamplingParams
+from .errors import PromptError
 from .openai_api import (
     ApiError,
     ChatRequest,
@@ -57,8 +53,6 @@ from .tokenizer import IncrementalDecoder, encode_dialog
 
 log = logging.getLogger(__name__)
 
-APP_NAME = "mpllama"  # the Serve application's name (`serve status` shows it)
-RETRY_AFTER_S = 1  # what a 429 tells the client to wait
 
 app = FastAPI(title="mpllama", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -79,97 +73,6 @@ async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return ApiError(exc.status_code, str(exc.detail)).response()
 
 
-# ------------------------------------------------------------------ metrics and load
-
-
-class _Metrics:
-    """mpllama's Prometheus metrics, exported by Ray next to Serve's own (each tagged with
-    the application, deployment and replica)."""
-
-    def __init__(self) -> None:
-        from ray.serve.metrics import Counter, Gauge, Histogram
-
-        self.tokens = Counter("mpllama_generated_tokens", description="Tokens generated.")
-        self.finished = Counter(
-            "mpllama_requests_finished",
-            description="Sequences finished, by reason: stop, length, abort (the client "
-            "went away), error.",
-            tag_keys=("finish_reason",),
-        )
-        self.running = Gauge("mpllama_requests_running", description="Sequences in a slot.")
-        self.waiting = Gauge("mpllama_requests_waiting", description="Sequences awaiting a slot.")
-        self.ttft = Histogram(
-            "mpllama_time_to_first_token_seconds",
-            description="From a request's arrival to its first token.",
-            boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
-        )
-        self.itl = Histogram(
-            "mpllama_inter_token_latency_seconds",
-            description="Between a sequence's successive tokens.",
-            boundaries=[0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
-        )
-
-
-class _Load:
-    """Sequences this replica has taken on: at most ``slots`` run, up to ``queued`` more
-    wait; past that a request is answered 429. Counted here, not read from the engine, so
-    that requests admitted in the same instant cannot overshoot."""
-
-    def __init__(self, slots: int, queued: int, metrics: _Metrics) -> None:
-        self.slots, self.capacity, self.metrics = slots, slots + queued, metrics
-        self.taken = 0
-        self._show()
-
-    def take(self, n: int) -> "_Ticket":
-        if n > self.capacity:
-            raise ApiError(
-                400,
-                f"this request asks for {n} sequences (prompts x n); a replica runs at most "
-                f"{self.capacity} at a time",
-                param="n",
-            )
-        if self.taken + n > self.capacity:
-            raise ApiError(
-                429,
-                f"the server is at capacity ({self.taken} sequences running or queued); "
-                f"retry in {RETRY_AFTER_S}s",
-                type="rate_limit_exceeded",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
-        self.taken += n
-        self._show()
-        return _Ticket(self, n)
-
-    def give(self, n: int) -> None:
-        self.taken -= n
-        self._show()
-
-    def _show(self) -> None:
-        self.metrics.running.set(min(self.taken, self.slots))
-        self.metrics.waiting.set(max(0, self.taken - self.slots))
-
-
-class _Ticket:
-    """A request's share of the load, given back as its sequences finish. Also given back
-    when the ticket is dropped: a stream whose client left before it started never runs
-    its ``finally``."""
-
-    def __init__(self, load: _Load, n: int) -> None:
-        self.load, self.held = load, n
-
-    def give(self, n: int = 1) -> None:
-        n = min(n, self.held)
-        self.held -= n
-        self.load.give(n)
-
-    def __del__(self) -> None:
-        try:
-            self.give(self.held)
-        except Exception:  # the interpreter is going away
-            pass
-
-
 # ------------------------------------------------------------------ the deployment
 
 
@@ -188,8 +91,8 @@ class OpenAIServer:
         self.max_seq_len = config.runtime.max_seq_len
         self.vocab_size = self.llm.llm.args.vocab_size
         self.created = int(time.time())
-        self.metrics = _Metrics()
-        self.load = _Load(
+        self.metrics = Metrics()
+        self.load = Load(
             config.runtime.max_batch_size, config.serve.max_queued_requests, self.metrics
         )
         log.info("replica up: model %r, %d rank(s)", model_name, self.llm.llm.world_size)
@@ -390,7 +293,7 @@ class OpenAIServer:
         yield "data: [DONE]\n\n"
 
     async def _run(
-        self, rid: str, choices: list[Choice], ticket: _Ticket
+        self, rid: str, choices: list[Choice], ticket: Ticket
     ) -> AsyncIterator[tuple[Choice, list[str], list[float]]]:
         """Run every choice at once; yield each one's outputs as they come. Closing this
         (a client that left) cancels the rest: AsyncLLM aborts them, freeing their slots."""
@@ -530,219 +433,3 @@ class OpenAIServer:
             "created": self.created,
             "owned_by": "mpllama",
         }
-
-
-# ------------------------------------------------------------------ the driver side
-
-
-class Server:
-    """``mpllama serve`` on the driver: joins (or starts) Ray, starts Serve on
-    serve.host:serve.port, deploys ``serve.replicas`` replicas and waits until they
-    answer. ``close()`` removes the application, Serve and Ray if it started them."""
-
-    def __init__(self, config: RunConfig) -> None:
-        if not config.model.checkpoint_dir:
-            raise ConfigError("no model.checkpoint_dir in the serve YAML")
-        if config.parallel.replicas != 1:
-            raise ConfigError(
-                f"parallel.replicas={config.parallel.replicas!r}: a Serve replica holds one "
-                "gang; set serve.replicas for more gangs behind the server"
-            )
-        self.config = config
-        self.model_name = (
-            config.serve.model_name or Path(config.model.checkpoint_dir).resolve().name
-        )
-        self.api_key = config.serve.api_key or api_key_from_env()
-        host = config.serve.host
-        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        self.url = f"http://{f'[{shown}]' if ':' in shown else shown}:{config.serve.port}"
-        self._owns_serve = self._deployed = False
-        self._ray: Any = None  # runtime.Hold once Ray is joined
-
-    def start(self) -> str:
-        """Deploy and wait until every replica is up and the HTTP proxy answers; returns
-        the base URL (the OpenAI base_url is it plus /v1). On failure nothing is left."""
-        world = self._check_checkpoint()
-        try:
-            local = self._start_ray(world)
-            existing = serve.status()
-            if existing.applications or existing.proxies:
-                raise MpllamaError(
-                    "Ray Serve already runs on this cluster (applications: "
-                    f"{sorted(existing.applications) or 'none'}); `mpllama serve` starts its "
-                    "own on serve.host:serve.port. Stop the other one (`serve shutdown`) first"
-                )
-            _check_port(self.config.serve.host, self.config.serve.port)
-            serve.start(
-                http_options={"host": self.config.serve.host, "port": self.config.serve.port}
-            )
-            self._owns_serve = True
-            application = self.application(world, local)
-            self._deployed = True
-            serve.run_many(
-                [serve.RunTarget(application, name=APP_NAME, route_prefix="/")],
-                wait_for_applications_running=False,
-            )
-            self._wait_running()
-            self._wait_http()
-        except BaseException:
-            self.close()
-            raise
-        return self.url
-
-    def application(self, world: int, local: bool) -> Any:
-        """The Serve application: ``replicas`` copies of OpenAIServer, each reserving one
-        placement-group bundle per rank (the replica itself takes no resources of its own:
-        it sits in rank 0's bundle)."""
-        serve_cfg = self.config.serve
-        bundle = self._bundle(world, local)
-        strategy = _strategy(self.config.parallel.placement_strategy, bundle, world)
-        parallel = dataclasses.replace(
-            self.config.parallel,
-            model_parallel_size=world,
-            cpus_per_rank=bundle["CPU"],
-            gpus_per_rank=bundle.get("GPU", 0.0),
-            placement_strategy=strategy,
-        )
-        # The key travels as its own argument, not inside the config.
-        serve_only = dataclasses.replace(serve_cfg, api_key=None)
-        config = dataclasses.replace(self.config, parallel=parallel, serve=serve_only)
-        capacity = self.config.runtime.max_batch_size + serve_cfg.max_queued_requests
-        deployment = serve.deployment(
-            OpenAIServer,
-            name="OpenAIServer",
-            num_replicas=serve_cfg.replicas,
-            ray_actor_options={"num_cpus": 0},
-            placement_group_bundles=[dict(bundle) for _ in range(world)],
-            placement_group_strategy=strategy,
-            # Above the replica's own limit, so the replica (not Serve) turns requests
-            # away, with 429; Serve's router still prefers the least-busy replica.
-            max_ongoing_requests=capacity + 16,
-            max_constructor_retry_count=1,
-            graceful_shutdown_timeout_s=5,
-        )
-        return deployment.bind(config, self.model_name, self.api_key)
-
-    def _bundle(self, world: int, local: bool) -> dict[str, float]:
-        """One rank's resources, settled on the driver because Serve reserves them."""
-        parallel, replicas = self.config.parallel, self.config.serve.replicas
-        cpus = parallel.cpus_per_rank
-        if cpus is None:  # as LLM does: a local runtime of ours is shared by every rank
-            cpus = max(1, (os.cpu_count() or 1) // (world * replicas)) if local else 1
-        gpus = parallel.gpus_per_rank
-        if gpus is None:
-            has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-            gpus = 1 if has_gpu and self.config.runtime.device != "cpu" else 0
-        return {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}
-
-    def close(self) -> None:
-        """Remove the application, then Serve and Ray if this server started them."""
-        if self._deployed:
-            self._deployed = False
-            try:
-                serve.delete(APP_NAME)
-            except Exception as exc:
-                log.warning("could not delete the Serve application: %s", exc)
-        if self._owns_serve:
-            self._owns_serve = False
-            try:
-                serve.shutdown()
-            except Exception as exc:
-                log.warning("could not shut Serve down: %s", exc)
-        if self._ray is not None:
-            self._ray.release()  # stops Ray only if it was started for this server
-            self._ray = None
-
-    def __enter__(self) -> "Server":
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # ------------------------------------------------------------------ start-up steps
-
-    def _check_checkpoint(self) -> int:
-        """Checks that need no Ray, so a bad path fails in a second, not in a replica."""
-        model = self.config.model
-        _, args, shards = checkpoint.inspect(model.checkpoint_dir, model.tokenizer_path)
-        world = self.config.parallel.model_parallel_size or len(shards)
-        checkpoint.check_model_parallel(args, world)
-        checkpoint.shard_plan(len(shards), world)
-        return world
-
-    def _start_ray(self, world: int) -> bool:
-        """Join or start Ray (on a thread that outlives it, see runtime.py); True when it
-        is a local runtime started for this server."""
-        from . import runtime
-
-        address = self.config.parallel.ray_address or ray_address_from_env()
-        need = world * self.config.serve.replicas * (self.config.parallel.cpus_per_rank or 1)
-        self._ray = runtime.acquire(address, runtime.local_cpus(need))
-        return self._ray.local
-
-    def _wait_running(self) -> None:
-        parallel = self.config.parallel
-        limit = parallel.placement_timeout_s + parallel.call_timeout_s
-        deadline = time.monotonic() + limit
-        while True:
-            status = serve.status().applications.get(APP_NAME)
-            if status is not None and status.status == "RUNNING":
-                return
-            if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-                messages = [status.message] + [d.message for d in status.deployments.values()]
-                raise MpllamaError(f"the replicas did not start: {_cause(messages)}")
-            if time.monotonic() > deadline:
-                raise PlacementError(
-                    f"the replicas were not up within {limit:g}s (parallel.placement_timeout_s "
-                    "+ call_timeout_s); check `ray status` for free resources and `serve status`"
-                )
-            time.sleep(0.5)
-
-    def _wait_http(self, timeout_s: float = 60.0) -> None:
-        """The application runs; wait until the proxy routes to it."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as reply:
-                    if reply.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise MpllamaError(f"{self.url}/health did not answer within {timeout_s:g}s")
-            time.sleep(0.2)
-
-
-def _strategy(strategy: str, bundle: dict[str, float], world: int) -> str:
-    """A Ray placement strategy for the replica's group; "auto" = one node when one can
-    hold the whole gang (collectives stay off the network), else PACK."""
-    if strategy != "auto":
-        return strategy
-    for node in ray.nodes():
-        have = node.get("Resources", {})
-        if node.get("Alive") and all(have.get(k, 0) >= v * world for k, v in bundle.items()):
-            return "STRICT_PACK"
-    return "PACK"
-
-
-def _check_port(host: str, port: int) -> None:
-    """Fail early, and clearly, when the port is taken on this machine (Serve's proxy
-    would otherwise retry quietly)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(
-                    f"port {port} on {host} is in use; pick another with --set serve.port=N"
-                ) from None
-
-
-def _cause(messages: list[str]) -> str:
-    """The last line of a replica's traceback that names an error."""
-    lines = [line.strip() for m in messages for line in (m or "").splitlines() if line.strip()]
-    errors = [line for line in lines if "Error" in line or "Exception" in line]
-    return (errors or lines or ["no message"])[-1]

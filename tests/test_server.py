@@ -164,8 +164,8 @@ def test_serve_command_fails_fast_on_a_bad_checkpoint(tmp_path: Path, capsys) ->
 
 
 def test_a_port_in_use_is_named_before_serve_starts(tiny_ckpt: Path, ray_runtime) -> None:
+    from mpllama.deploy import Server
     from mpllama.errors import ConfigError
-    from mpllama.server import Server
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -254,7 +254,7 @@ def offline(tiny_ckpt: Path, ray_runtime) -> dict[str, Any]:
 class TestOneReplica:
     @pytest.fixture(scope="class")
     def server(self, tiny_ckpt: Path, offline, ray_runtime):
-        from mpllama.server import Server
+        from mpllama.deploy import Server
 
         with Server(serve_config(tiny_ckpt, api_key=KEY)) as server:
             yield server
@@ -269,8 +269,8 @@ class TestOneReplica:
     def test_a_second_server_refuses_and_leaves_the_first_running(
         self, server, tiny_ckpt: Path
     ) -> None:
+        from mpllama.deploy import Server
         from mpllama.errors import MpllamaError
-        from mpllama.server import Server
 
         with pytest.raises(MpllamaError, match="already runs"):
             Server(serve_config(tiny_ckpt)).start()
@@ -500,7 +500,7 @@ class TestOneReplica:
 
 
 def test_two_replicas_each_mp1_both_receive_traffic(tiny_ckpt: Path, ray_runtime) -> None:
-    from mpllama.server import Server
+    from mpllama.deploy import Server
 
     old = {label(k, "replica") for k in metrics("mpllama_generated_tokens")}  # earlier servers
     config = serve_config(tiny_ckpt, replicas=2)
