@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 from .errors import PromptError
@@ -22,6 +23,22 @@ PROMPT = ">>> "
 STOPPED = "[stopped]"  # after an answer cut short by Ctrl-C
 CUT = "[length limit]"  # after an answer that reached max_tokens or the context's end
 HELP = "/reset clears the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops an answer"
+
+
+@contextlib.contextmanager
+def sigint_for_the_main_thread_only() -> Iterator[None]:
+    """Threads started inside (Ray's, the engine's pump thread, and the threads they
+    start) block SIGINT, so the kernel hands Ctrl-C to the main thread. Python runs
+    signal handlers only there, and while it waits in input() (readline's select() on
+    stdin) a SIGINT taken by another thread would go unseen until the next key press."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def printable(text: str) -> str:

@@ -77,11 +77,13 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 def cmd_chat(ns: argparse.Namespace) -> int:
     from .async_llm import AsyncLLM
-    from .chat import Chat
+    from .chat import Chat, sigint_for_the_main_thread_only
 
     config = _model_config(ns)
     print(f"mpllama chat: starting {config.model.checkpoint_dir} ...", flush=True)
-    with AsyncLLM(config=config) as llm:
+    with sigint_for_the_main_thread_only():
+        llm = AsyncLLM(config=config)
+    with llm:
         Chat(llm, ns.system).run()
     return 0
 

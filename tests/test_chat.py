@@ -12,6 +12,7 @@ import re
 import select
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -154,3 +155,26 @@ def test_chat_in_a_terminal(tiny_ckpt: Path, reference, ray_runtime: Any) -> Non
         assert term.wait(60) == 0
     finally:
         term.close()
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no POSIX signal masks")
+def test_threads_started_for_the_chat_leave_ctrl_c_to_the_main_thread() -> None:
+    """Ray's and the engine's threads start inside this block: they must not take a
+    SIGINT that the main thread, waiting in input(), would then never see."""
+    from mpllama.chat import sigint_for_the_main_thread_only
+
+    masks: list[set[signal.Signals]] = []
+
+    def record() -> None:
+        masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+    with sigint_for_the_main_thread_only():
+        inside = threading.Thread(target=record)
+        inside.start()
+        inside.join()
+    outside = threading.Thread(target=record)
+    outside.start()
+    outside.join()
+    assert signal.SIGINT in masks[0]
+    assert signal.SIGINT not in masks[1]
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])

@@ -370,7 +370,8 @@ def test_async_cancelled_consumer_and_aclose_abort_the_request(allm1: AsyncLLM) 
 
     for stop_early in (cancel_consumer, close_iterator, break_out):
         seen = run_async(stop_early())
-        assert len(seen) == 2 and not seen[-1].finished, stop_early.__name__
+        # A cancelled consumer may have taken a few more outputs already queued for it.
+        assert len(seen) >= 2 and not seen[-1].finished, stop_early.__name__
         assert wait_until(lambda: engine.load == 0), (stop_early.__name__, engine.load)
         # One slot: the next request runs at once only if the abandoned one gave it back.
         steps = engine.steps_seen
