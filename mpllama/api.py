@@ -291,14 +291,13 @@ class LLM:
         With errors="raise", the first bad input fails the call before anything runs."""
         call = next(self._calls)
         seed = self.config.runtime.seed
-        limit, vocab = self.config.runtime.max_seq_len, self.args.vocab_size
         out = []
         for i, (text, t, p) in enumerate(zip(texts, ids, params, strict=True)):
             if not isinstance(t, Exception):
                 request = Request(
                     f"{call}-{i}", t, p, p.seed if p.seed is not None else derive_seed(seed, i)
                 )
-                problem = check_request(request, limit, vocab)
+                problem = self._problem(request)
                 if problem is None:
                     out.append(Progress(i, text, request, self.echo_text(text, request), errors))
                     continue
@@ -310,11 +309,14 @@ class LLM:
 
     def check_requests(self, requests: list[Request], what: str = "prompt #{}") -> None:
         """Refuse the call, before anything runs, if any request could not run."""
-        limit, vocab = self.config.runtime.max_seq_len, self.args.vocab_size
         for i, r in enumerate(requests):
-            problem = check_request(r, limit, vocab)
+            problem = self._problem(r)
             if problem is not None:
                 raise PromptError(f"{what.format(i)}: {problem}")
+
+    def _problem(self, request: Request) -> str | None:
+        """Why ``request`` cannot run on this model (the ranks' own check), or None."""
+        return check_request(request, self.config.runtime.max_seq_len, self.args.vocab_size)
 
     def echo_text(self, prompt: str | None, request: Request) -> str:
         """What an echoing request's text starts with: its prompt."""

@@ -232,17 +232,6 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def broadcast_from_lead(tensor: torch.Tensor) -> torch.Tensor:
-    """Every rank gets model-parallel rank 0's ``tensor`` (in place; returned for chaining)."""
-    if fs_init.get_model_parallel_world_size() > 1:
-        dist.broadcast(
-            tensor,
-            src=fs_init.get_model_parallel_src_rank(),
-            group=fs_init.get_model_parallel_group(),
-        )
-    return tensor
-
-
 # The group that carries step plans (CPU tensors); None until init_ranks.
 _plan_group: dist.ProcessGroup | None = None
 # Shared-memory collectives when every rank of a Gloo gang is on this machine.

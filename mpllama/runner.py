@@ -73,12 +73,16 @@ class Plan:
         return torch.tensor([t + [0] * (width - len(t)) for t in self.pf_tokens])
 
 
-def publish(plan: Plan, slots: int, broadcast: Broadcast | None) -> None:
+def publish(
+    plan: Plan, slots: int, broadcast: Broadcast | None, body: torch.Tensor | None = None
+) -> None:
+    """Send ``plan`` to the followers; ``body`` is ``plan.body()`` when the caller has
+    made it already."""
     if broadcast is None:
         return
     broadcast(plan.header(slots))
     if plan.pf_tokens:
-        broadcast(plan.body().flatten())
+        broadcast((plan.body() if body is None else body).flatten())
 
 
 def receive(slots: int, broadcast: Broadcast) -> tuple[int, dict[str, torch.Tensor]]:
@@ -302,8 +306,9 @@ class Runner:
             plan.dec_tokens.append(s.pending)  # type: ignore[arg-type]
         if not chunks and not decoding:
             return events
-        publish(plan, self.slots, self.broadcast)
-        pf_logits, dec_logits = execute(self.model, _parts(plan))
+        parts = _parts(plan)
+        publish(plan, self.slots, self.broadcast, parts.get("pf_tokens"))
+        pf_logits, dec_logits = execute(self.model, parts)
         self.steps += 1
 
         rows: list[Sequence] = []

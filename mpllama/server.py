@@ -147,13 +147,6 @@ class OpenAIServer:
             self._check_length(ids, params, body.max_tokens is not None)
         choices = self._choices(list(zip(prompts, encoded, strict=True)), params, body.n)
         top = body.logprobs or 0
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": self.model_name,
-        }
 
         def render(
             c: Choice, pieces: list[str], logprobs: list[float], text: str
@@ -168,7 +161,7 @@ class OpenAIServer:
                 "finish_reason": c.out.finish_reason if c.out is not None else None,
             }
 
-        return await self._answer(body, rid, choices, head, render, chat=False)
+        return await self._answer(body, choices, render, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
@@ -190,13 +183,6 @@ class OpenAIServer:
         self._check_length(ids, params, max_tokens is not None)
         choices = self._choices([(ids, ids)], params, body.n)
         top = body.top_logprobs or 0
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": self.model_name,
-        }
 
         def render(
             c: Choice, pieces: list[str], logprobs: list[float], text: str
@@ -208,19 +194,21 @@ class OpenAIServer:
                 "finish_reason": c.out.finish_reason if c.out is not None else None,
             }
 
-        return await self._answer(body, rid, choices, head, render, chat=True)
+        return await self._answer(body, choices, render, chat=True)
 
     # ------------------------------------------------------------------ answering
 
     async def _answer(
         self,
         body: SamplingBody,
-        rid: str,
         choices: list[Choice],
-        head: dict[str, Any],
         render: Callable[[Choice, list[str], list[float], str], dict[str, Any]],
         chat: bool,
     ) -> Response:
+        """Run the choices; one JSON body, or (``stream``) server-sent chunks."""
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        chunk = "chat.completion.chunk" if chat else "text_completion"
+        head = {"id": rid, "object": chunk, "created": int(time.time()), "model": self.model_name}
         ticket = self.load.take(len(choices))
         outputs = self._run(rid, choices, ticket)
         if body.stream:

@@ -60,7 +60,7 @@ class ShmGroup:
         create: bool = False,
     ) -> None:
         """Map the file at ``path`` (made, zeroed, with ``create``: rank 0's part)."""
-        self.path, self.rank, self.world = path, rank, world
+        self.rank, self.world = rank, world
         self.slot_bytes, self.timeout_s = slot_bytes, timeout_s
         size = _LINE * world + 2 * world * slot_bytes
         fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)

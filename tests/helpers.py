@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,3 +74,27 @@ def hf_greedy(model, prompt_ids: list[int], max_new: int) -> tuple[list[int], li
         logprobs.append(float(torch.log_softmax(logits, -1)[token]))
         seq.append(token)
     return tokens, logprobs
+
+
+LIVE_PG_STATES = {"PENDING", "CREATED", "RESCHEDULING"}
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0, every: float = 0.2) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
+
+
+def live_ray_objects() -> tuple[set[str], set[str]]:
+    """Actors not yet dead and placement groups not yet removed (``ray.util.state``
+    needs the dashboard, which the test runtime leaves out; these are the GCS tables)."""
+    import ray
+    from ray._private import state
+
+    actors = {k for k, v in state.actors().items() if v["State"] != "DEAD"}
+    pgs = {k for k, v in ray.util.placement_group_table().items() if v["state"] in LIVE_PG_STATES}
+    return actors, pgs

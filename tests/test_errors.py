@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_checkpoint
+from helpers import live_ray_objects, make_checkpoint
 
 from mpllama import LLM, SamplingParams
 from mpllama.config import ModelArgs
@@ -22,7 +22,6 @@ from mpllama.tokenizer import Tokenizer
 
 SMALL = {"cpus_per_rank": 0.5, "max_seq_len": 64, "max_batch_size": 4}
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-LIVE_PG_STATES = {"PENDING", "CREATED", "RESCHEDULING"}
 
 
 # ------------------------------------------------------------------ helpers
@@ -37,16 +36,6 @@ def ray_objects() -> tuple[set[str], set[str]]:
     from ray._private import state
 
     return set(state.actors()), set(ray.util.placement_group_table())
-
-
-def live_ray_objects() -> tuple[set[str], set[str]]:
-    """Actors not yet dead and placement groups not yet removed."""
-    import ray
-    from ray._private import state
-
-    actors = {k for k, v in state.actors().items() if v["State"] != "DEAD"}
-    pgs = {k for k, v in ray.util.placement_group_table().items() if v["state"] in LIVE_PG_STATES}
-    return actors, pgs
 
 
 @pytest.fixture

@@ -19,11 +19,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import PROMPTS
+from helpers import PROMPTS, live_ray_objects, wait_for
 
 from mpllama import LLM, SamplingParams
 from mpllama.errors import WorkerError
@@ -43,27 +42,6 @@ SETTINGS = {
 # running (see Fault), so however fast the engine is they land mid-generation.
 LONG = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
 WORK = PROMPTS * 3
-LIVE_PG_STATES = {"PENDING", "CREATED", "RESCHEDULING"}
-
-
-def live_ray_objects() -> tuple[set[str], set[str]]:
-    """Actors not yet dead and placement groups not yet removed (``ray.util.state``
-    needs the dashboard, which the test runtime leaves out; these are the GCS tables)."""
-    import ray
-    from ray._private import state
-
-    actors = {k for k, v in state.actors().items() if v["State"] != "DEAD"}
-    pgs = {k for k, v in ray.util.placement_group_table().items() if v["state"] in LIVE_PG_STATES}
-    return actors, pgs
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 15.0, every: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(every)
-    return True
 
 
 def pid_gone(pid: int) -> bool:

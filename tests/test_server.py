@@ -20,12 +20,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import PROMPTS
+from helpers import PROMPTS, live_ray_objects, wait_for
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("ray.serve")
@@ -44,32 +43,12 @@ DIALOG = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Hi there"},
 ]
-LIVE_PG_STATES = {"PENDING", "CREATED", "RESCHEDULING"}
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 15.0, every: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(every)
-    return True
-
-
-def live_ray_objects() -> tuple[set[str], set[str]]:
-    """Actors not yet dead and placement groups not yet removed (the GCS tables)."""
-    import ray
-    from ray._private import state
-
-    actors = {k for k, v in state.actors().items() if v["State"] != "DEAD"}
-    pgs = {k for k, v in ray.util.placement_group_table().items() if v["state"] in LIVE_PG_STATES}
-    return actors, pgs
 
 
 def serve_config(ckpt: Path, **serve: Any) -> RunConfig:

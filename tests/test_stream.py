@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
+from helpers import wait_for
 
 from mpllama import LLM, AsyncLLM, RequestOutput, SamplingParams
 from mpllama.tokenizer import Tokenizer
@@ -88,15 +89,6 @@ def assert_same_result(got: RequestOutput, want: RequestOutput) -> None:
         torch.testing.assert_close(
             torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-5, rtol=0
         )
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 1.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def run_async(main: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
@@ -365,14 +357,17 @@ def test_async_cancelled_consumer_and_aclose_abort_the_request(allm1: AsyncLLM) 
             seen.append(o)
             if len(seen) == 2:
                 break  # asyncio closes the dropped generator soon after
-        assert await asyncio.to_thread(wait_until, lambda: engine.load == 0)
+        assert await asyncio.to_thread(wait_for, lambda: engine.load == 0, 1.0, 0.01)
         return seen
 
     for stop_early in (cancel_consumer, close_iterator, break_out):
         seen = run_async(stop_early())
         # A cancelled consumer may have taken a few more outputs already queued for it.
         assert len(seen) >= 2 and not seen[-1].finished, stop_early.__name__
-        assert wait_until(lambda: engine.load == 0), (stop_early.__name__, engine.load)
+        assert wait_for(lambda: engine.load == 0, 1.0, every=0.01), (
+            stop_early.__name__,
+            engine.load,
+        )
         # One slot: the next request runs at once only if the abandoned one gave it back.
         steps = engine.steps_seen
         after = run_async(collect(allm1, PROMPTS[1], GREEDY))
@@ -435,7 +430,7 @@ def test_closing_the_sync_stream_early_aborts_the_rest(
     assert llm.engine.load == 12  # nothing has finished yet
     stream.close()
     assert not any(o.finished for o in seen)
-    assert wait_until(lambda: llm.engine.load == 0), llm.engine.load
+    assert wait_for(lambda: llm.engine.load == 0, 1.0, every=0.01), llm.engine.load
     steps = llm.engine.steps_seen
     again = llm.generate(PROMPTS, GREEDY)
     # The lead freed the four slots at once: the new requests did not wait for the
