@@ -27,10 +27,11 @@ HELP = "/reset clears the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops a
 
 @contextlib.contextmanager
 def sigint_for_the_main_thread_only() -> Iterator[None]:
-    """Threads started inside (Ray's, the engine's pump thread, and the threads they
-    start) block SIGINT, so the kernel hands Ctrl-C to the main thread. Python runs
-    signal handlers only there, and while it waits in input() (readline's select() on
-    stdin) a SIGINT taken by another thread would go unseen until the next key press."""
+    """Threads started inside (numpy's OpenBLAS pool, Ray's, the engine's pump thread,
+    and the threads they start) block SIGINT, so the kernel hands Ctrl-C to the main
+    thread. Python runs signal handlers only there, and while it waits in input()
+    (readline's select() on stdin) a SIGINT taken by another thread would go unseen
+    until the next key press. Enter it before the imports that start threads."""
     if not hasattr(signal, "pthread_sigmask"):  # Windows
         yield
         return

@@ -76,12 +76,14 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def cmd_chat(ns: argparse.Namespace) -> int:
-    from .async_llm import AsyncLLM
     from .chat import Chat, sigint_for_the_main_thread_only
 
     config = _model_config(ns)
     print(f"mpllama chat: starting {config.model.checkpoint_dir} ...", flush=True)
+    # The imports too: numpy's import starts an OpenBLAS thread.
     with sigint_for_the_main_thread_only():
+        from .async_llm import AsyncLLM
+
         llm = AsyncLLM(config=config)
     with llm:
         Chat(llm, ns.system).run()
@@ -364,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help=set_help)
 
-    from .fixtures import PRESETS
+    from .config import PRESETS
 
     p = add(
         "init-checkpoint",

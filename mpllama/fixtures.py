@@ -21,29 +21,13 @@ import torch
 from sentencepiece import SentencePieceTrainer
 
 from .checkpoint import full_shapes, resolve_vocab, write_checkpoint
-from .config import ModelArgs
+from .config import PRESETS, ModelArgs
 from .errors import ConfigError
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------- checkpoints
-
-PRESETS: dict[str, ModelArgs] = {
-    # Divisible by 1, 2 and 4 ranks everywhere; GQA so the KV-head path is exercised.
-    "tiny": ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=4, multiple_of=32, norm_eps=1e-5),
-    "small": ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, multiple_of=64, norm_eps=1e-5),
-    "medium": ModelArgs(
-        dim=1024,
-        n_layers=12,
-        n_heads=16,
-        n_kv_heads=8,
-        multiple_of=128,
-        ffn_dim_multiplier=1.3,
-        norm_eps=1e-5,
-        rope_theta=500000.0,
-    ),
-}
 
 
 def random_state(

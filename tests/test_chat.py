@@ -79,6 +79,22 @@ class Terminal:
         self.seen += text
         return True
 
+    def wait_for_input(self, timeout: float = 10) -> None:
+        """Wait until the child sleeps in readline's select() on the terminal, as it
+        has long before a person presses a key. CPython's readline takes a signal
+        only while in that select(): a ^C sent in the microseconds between the prompt
+        being drawn and the select() starting waits for the next key."""
+        wchan = Path(f"/proc/{self.pid}/wchan")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if any(w in wchan.read_text() for w in ("poll", "select")):
+                    return
+            except OSError:  # no /proc here: a person's reaction time will do
+                break
+            time.sleep(0.01)
+        time.sleep(0.5)
+
     def wait(self, timeout: float) -> int:
         deadline = time.monotonic() + timeout
         while self.status is None and time.monotonic() < deadline:
@@ -106,6 +122,20 @@ def reference(tiny_ckpt: Path, ray_runtime: Any):
         yield lambda dialog: llm.chat(dialog, GREEDY)[0].text
 
 
+def sigint_takers(pid: int) -> list[int]:
+    """The threads of ``pid`` that do not block SIGINT (Linux's /proc)."""
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.is_dir():
+        pytest.skip("needs Linux's /proc to read thread signal masks")
+    takers = []
+    for task in tasks.iterdir():
+        status = (task / "status").read_text()
+        blocked = int(re.search(r"^SigBlk:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+        if not blocked & (1 << (signal.SIGINT - 1)):
+            takers.append(int(task.name))
+    return takers
+
+
 def user(text: str) -> dict[str, str]:
     return {"role": "user", "content": text}
 
@@ -129,6 +159,9 @@ def test_chat_in_a_terminal(tiny_ckpt: Path, reference, ray_runtime: Any) -> Non
     term = Terminal(argv, env)
     try:
         term.expect(re.escape(PROMPT), 120)
+        # Ctrl-C at the prompt is seen only if the kernel gives SIGINT to the main
+        # thread: every other thread must block it (which one gets it is luck).
+        assert sigint_takers(term.pid) == [term.pid]
 
         # Each answer is what LLM.chat gives for the conversation so far.
         first = reference([user("Hello")])
@@ -147,6 +180,7 @@ def test_chat_in_a_terminal(tiny_ckpt: Path, reference, ray_runtime: Any) -> Non
         term.send("\x03")
         term.expect(rf" {re.escape(STOPPED)}\n{re.escape(PROMPT)}", 10)
         # ^C at the prompt only reminds how to leave.
+        term.wait_for_input()
         term.send("\x03")
         term.expect(rf"/exit.*\n{re.escape(PROMPT)}", 10)
         assert answer(term, "Thanks") != ""  # the gang still serves

@@ -13,7 +13,8 @@ from mpllama.protocol import Request, check_request, derive_seed
 def test_driver_side_modules_do_not_import_torch() -> None:
     code = (
         "import sys\n"
-        "import mpllama.protocol, mpllama.jobs, mpllama.config, mpllama.tokenizer\n"
+        "import mpllama.protocol, mpllama.jobs, mpllama.config, mpllama.tokenizer, mpllama.cli\n"
+        "mpllama.cli.build_parser()\n"
         "from mpllama.protocol import Request\n"
         "Request('a', [1, 2])\n"
         "heavy = [m for m in ('torch', 'fairscale', 'ray') if m in sys.modules]\n"
