@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
 from .errors import ConfigError
+from .typecheck import build, check_types
 
 # ---------------------------------------------------------------------------- model
 
@@ -46,7 +45,7 @@ class ModelArgs:
                 f"{source}: unknown key(s) {unknown}; known keys are {sorted(known)}. "
                 "Is this a LLaMA-family params.json (Llama 2, LLaMA-1, Code Llama)?"
             )
-        args = _build(cls, params, source)
+        args = build(cls, params, source)
         args.validate(source)
         return args
 
@@ -135,7 +134,7 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         elif isinstance(self.stop, list):
             object.__setattr__(self, "stop", tuple(self.stop))
-        _check_types(self, "SamplingParams")
+        check_types(self, "SamplingParams")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0.0 <= self.temperature < float("inf"):
@@ -366,7 +365,7 @@ def run_config_from_dict(data: dict[str, Any], source: str = "config") -> RunCon
         section = data.get(name) or {}
         if not isinstance(section, dict):
             raise ConfigError(f"{source}: section '{name}' must be a mapping, got {section!r}")
-        built[name] = _build(cls, section, f"{source}: {name}")
+        built[name] = build(cls, section, f"{source}: {name}")
     return RunConfig(**built)
 
 
@@ -397,76 +396,6 @@ def _resolve_paths(data: dict[str, Any], base: Path, source: str) -> dict[str, A
             expanded = Path(os.path.expanduser(os.path.expandvars(value)))
             out[section][key] = str(expanded if expanded.is_absolute() else base / expanded)
     return out
-
-
-def _build(cls: type, values: dict[str, Any], source: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    allowed = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - allowed)
-    if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {unknown}; allowed keys: {sorted(allowed)}")
-    kwargs = {k: _coerce(v, hints[k], f"{source}.{k}") for k, v in values.items()}
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check a YAML/JSON value against a field's type; ints are accepted for floats."""
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: {value!r} is not {_describe(hint)}")
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
-        return tuple(_coerce(v, typing.get_args(hint)[0], where) for v in value)
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint in (str, bool) and type(value) is hint:
-        return value
-    raise ConfigError(f"{where}: {value!r} is not {_describe(hint)}")
-
-
-def _describe(hint: Any) -> str:
-    if typing.get_origin(hint) in (Union, types.UnionType):
-        return " or ".join(_describe(h) for h in typing.get_args(hint))
-    if typing.get_origin(hint) is tuple:
-        return "a list of strings"
-    return {
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        bool: "true/false",
-        type(None): "null",
-    }.get(hint, str(hint))
-
-
-def _check_types(obj: Any, source: str) -> None:
-    hints = typing.get_type_hints(type(obj))
-    for f in fields(obj):
-        try:
-            _coerce(getattr(obj, f.name), hints[f.name], f"{source}.{f.name}")
-        except ConfigError as exc:
-            raise TypeError(str(exc)) from None
-        if hints[f.name] is float or typing.get_args(hints[f.name]) == (float, type(None)):
-            value = getattr(obj, f.name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                object.__setattr__(obj, f.name, float(value))
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

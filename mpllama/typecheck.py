@@ -1,0 +1,82 @@
+"""Dataclasses built from YAML, JSON and keyword arguments, checked against their type
+hints: one checker for every settings class (config.py), params.json (ModelArgs) and
+SamplingParams, so a wrong type reads the same wherever it comes from."""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import fields
+from typing import Any, Union
+
+from .errors import ConfigError
+
+
+def build(cls: type, values: dict[str, Any], source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; allowed keys: {sorted(allowed)}")
+    kwargs = {k: coerce(v, hints[k], f"{source}.{k}") for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check a YAML/JSON value against a field's type; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not {describe(hint)}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return tuple(coerce(v, typing.get_args(hint)[0], where) for v in value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (str, bool) and type(value) is hint:
+        return value
+    raise ConfigError(f"{where}: {value!r} is not {describe(hint)}")
+
+
+def describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(describe(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return "a list of strings"
+    return {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true/false",
+        type(None): "null",
+    }.get(hint, str(hint))
+
+
+def check_types(obj: Any, source: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        try:
+            coerce(getattr(obj, f.name), hints[f.name], f"{source}.{f.name}")
+        except ConfigError as exc:
+            raise TypeError(str(exc)) from None
+        if hints[f.name] is float or typing.get_args(hints[f.name]) == (float, type(None)):
+            value = getattr(obj, f.name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(obj, f.name, float(value))
