@@ -20,7 +20,7 @@ from bench_workloads import RunResult, Workload
 from transformers import ContinuousBatchingConfig, GenerationConfig, LlamaForCausalLM
 from transformers.generation.continuous_batching import ContinuousBatchingManager
 
-from mpllama import checkpoint
+from mpllama import checkpoint, weights
 from mpllama.convert import hf_config, meta_to_hf
 
 PAD_ID = 0
@@ -30,7 +30,7 @@ RESULT_TIMEOUT_S = 300.0  # the longest wait for one continuous-batching result
 def load_model(ckpt: Path) -> LlamaForCausalLM:
     """transformers' Llama on the weights of a one-shard mpllama checkpoint."""
     args = checkpoint.read_params(ckpt)
-    state = checkpoint.load_rank_state(checkpoint.find_shards(ckpt), args, 0, 1)
+    state = weights.load_rank_state(checkpoint.find_shards(ckpt), args, 0, 1)
     model = LlamaForCausalLM(hf_config(args))
     model.load_state_dict(meta_to_hf(state, args))
     model.generation_config.eos_token_id = None  # decode to max_new_tokens, like ignore_eos

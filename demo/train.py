@@ -12,7 +12,7 @@ the same files, with one thread or two (checked bit for bit).
 The model is mpllama's architecture (``mpllama/model.py``: RMSNorm, interleaved RoPE,
 grouped-query attention, SwiGLU) written here again in plain torch, because mpllama's
 own model is inference-only (no autograd, cache-addressed forward). Its state dict has
-Meta's keys, so ``checkpoint.write_checkpoint`` saves it as two shards; the script then
+Meta's keys, so ``weights.write_checkpoint`` saves it as two shards; the script then
 loads those shards with mpllama's model and checks that both give the same logits.
 """
 
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpllama import checkpoint, dist
+from mpllama import checkpoint, dist, weights
 from mpllama.config import ModelArgs, SamplingParams
 from mpllama.fixtures import train_tokenizer
 from mpllama.model import Transformer, apply_rope, materialize, rope_table
@@ -337,7 +337,7 @@ def save(model: nn.Module, args: ModelArgs, out: Path, dtype: torch.dtype) -> No
     if set(trained) != set(shapes):
         raise RuntimeError(f"key mismatch with Meta's layout: {sorted(set(trained) ^ set(shapes))}")
     state = {k: trained[k].detach().to(dtype).contiguous() for k in shapes}
-    checkpoint.write_checkpoint(out, args, state, parts=2)
+    weights.write_checkpoint(out, args, state, parts=2)
     model.load_state_dict({k: v.float() for k, v in state.items()})
 
 
@@ -348,7 +348,7 @@ def check_with_mpllama(
     then print greedy continuations of a few prompts through mpllama's Runner."""
     dist.init_single("gloo")
     args = checkpoint.read_params(out)
-    state = checkpoint.load_rank_state(checkpoint.find_shards(out), args, 0, 1)
+    state = weights.load_rank_state(checkpoint.find_shards(out), args, 0, 1)
     mp = materialize(Transformer(args), state, torch.device("cpu"), torch.float32)
     mp.setup_caches(4, cfg.seq_len)
     x = held[: cfg.seq_len][None]

@@ -1,18 +1,22 @@
-"""Meta-format checkpoints: finding shards, params.json, the shard-axis table, resharding
-N shards onto M ranks, strict key/shape checks, and the shard writer.
+"""Meta-format checkpoints without their tensors: finding shards, params.json, the
+shard-axis table, resharding N shards onto M ranks, and the strict key/shape checks.
 
-A checkpoint is untrusted input: every shard is read with ``weights_only=True`` (a pickle
-that would run code is refused) and memory-mapped, so a rank touches only what it uses.
+No torch here: the driver checks a checkpoint before any actor starts by reading each
+shard's pickled index (names and shapes), never its weights. Reading and writing the
+tensors themselves is ``weights.py``'s, on the ranks and in the converters.
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import math
+import pickle
 import re
+import zipfile
 from dataclasses import replace
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from .config import ModelArgs
 from .errors import CheckpointError, ConfigError
@@ -204,41 +208,26 @@ def resolve_vocab(args: ModelArgs, tokenizer_vocab: int, source: str = "params.j
     return args
 
 
-def load_shard(path: Path) -> dict[str, torch.Tensor]:
-    """One shard, memory-mapped, refusing anything but tensors."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"shard {path} does not exist") from None
-    except Exception as exc:  # torch raises several types for corrupt, truncated or unsafe files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            reason = "it holds Python objects other than tensors, refused for safety"
-        raise CheckpointError(
-            f"cannot read shard {path}: {reason}. Is the file truncated, "
-            "corrupt or not a PyTorch state dict?"
-        ) from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} is not a state dict (got {type(state).__name__})")
-    return {k: v for k, v in state.items() if k not in IGNORED_KEYS}
+# ------------------------------------------------------------------------ checking
+
+# A weight as the checks see it: its shape, or None where the shard holds something that
+# is not a tensor.
+Shapes = dict[str, tuple[int, ...] | None]
 
 
-def check_state(
-    state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str
-) -> None:
+def check_state(shapes: Shapes, expected: dict[str, tuple[int, ...]], source: str) -> None:
     """Strict: a missing, unexpected or mis-shaped key is an error listing the keys."""
     problems = []
     for label, keys in (
-        ("missing", [k for k in expected if k not in state]),
-        ("unexpected", [k for k in state if k not in expected]),
+        ("missing", [k for k in expected if k not in shapes]),
+        ("unexpected", [k for k in shapes if k not in expected]),
     ):
         if keys:
             problems.append(f"{len(keys)} {label} key(s): {_few(keys)}")
     wrong = [
-        f"{k} {tuple(state[k].shape)} != {expected[k]}"
+        f"{k} {'(not a tensor)' if shapes[k] is None else shapes[k]} != {expected[k]}"
         for k in expected
-        if k in state
-        and (not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != expected[k])
+        if k in shapes and shapes[k] != expected[k]
     ]
     if wrong:
         problems.append(f"{len(wrong)} wrong shape(s): {_few(wrong)}")
@@ -251,39 +240,83 @@ def _few(items: list[str], n: int = 5) -> str:
     return shown + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def load_rank_state(
-    shards: list[Path], args: ModelArgs, rank: int, world: int
-) -> dict[str, torch.Tensor]:
-    """The weights rank ``rank`` of ``world`` needs, read from its shard(s) only.
+# ------------------------------------------------------------------- shard indexes
 
-    Slices and concatenations are copied into fresh tensors of this rank's size; when
-    shards and ranks match one to one, the memory-mapped tensors are used directly.
-    """
-    files, piece, pieces = shard_plan(len(shards), world)[rank]
-    per_file = shard_shapes(args, len(shards))
-    loaded = []
-    for i in files:
-        state = load_shard(shards[i])
-        check_state(state, per_file, str(shards[i]))
-        loaded.append(state)
-    if len(loaded) == 1 and pieces == 1:
-        return loaded[0]
-    out = {}
-    for key in per_file:
-        axis = shard_axis(key)
-        if axis is None:
-            first = loaded[0][key]
-            if any(not torch.equal(first, other[key]) for other in loaded[1:]):
-                raise CheckpointError(
-                    f"replicated weight {key} differs between shards "
-                    f"{[shards[i].name for i in files]}"
-                )
-            out[key] = first.clone() if pieces > 1 else first
-        elif len(loaded) > 1:
-            out[key] = torch.cat([s[key] for s in loaded], dim=axis)
-        else:
-            out[key] = loaded[0][key].chunk(pieces, dim=axis)[piece].clone()
-    return out
+
+class _Tensor:
+    """A tensor in a shard's index: its shape; its bytes are never read."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+
+def _rebuild_tensor(_storage: Any, _offset: int, size: tuple[int, ...], *_rest: Any) -> _Tensor:
+    return _Tensor(tuple(size))
+
+
+def _rebuild_parameter(data: _Tensor, *_rest: Any) -> _Tensor:
+    return data
+
+
+# What torch.save writes for a state dict of tensors. Anything else (a subclass, a
+# quantized tensor, or a pickle that would run code) sends the shard to torch's own
+# weights-only loader, which accepts or refuses it as a rank would.
+_INDEX_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+}
+_STORAGE_TYPE = re.compile(r"[A-Za-z0-9]+Storage")
+
+
+class _NotPlain(Exception):
+    pass
+
+
+class _IndexReader(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _INDEX_GLOBALS:
+            return _INDEX_GLOBALS[module, name]
+        if module == "torch" and _STORAGE_TYPE.fullmatch(name):
+            return name  # a storage type, only named
+        raise _NotPlain(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> None:
+        return None  # ("storage", type, key, location, numel): the bytes stay unread
+
+
+def _plain_index(path: Path) -> dict[str, Any]:
+    """The unpickled index of a zip-format torch.save file, tensors as _Tensor."""
+    with zipfile.ZipFile(path) as archive:
+        (entry,) = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+        with archive.open(entry) as pickled:
+            return _IndexReader(pickled).load()
+
+
+def read_shapes(path: Path) -> Shapes:
+    """The weights a shard holds and their shapes, from its pickled index alone:
+    milliseconds even for a 70B shard, and no torch. A file that is not a plain state
+    dict of tensors (truncated, corrupt, legacy format, or carrying Python objects) is
+    read by ``weights.load_shard`` instead, which raises the rank's own CheckpointError."""
+    if not path.is_file():
+        raise CheckpointError(f"shard {path} does not exist")
+    try:
+        index = _plain_index(path)
+    except Exception:  # noqa: BLE001  (any failure: let torch's loader judge the file)
+        index = None
+    if not isinstance(index, dict) or not all(isinstance(k, str) for k in index):
+        from .weights import load_shard, tensor_shapes  # torch, on this rare path only
+
+        return tensor_shapes(load_shard(path))
+    return {
+        k: v.shape if isinstance(v, _Tensor) else None
+        for k, v in index.items()
+        if k not in IGNORED_KEYS
+    }
+
+
+def count_values(shapes: Shapes) -> int:
+    return sum(math.prod(shape) for shape in shapes.values() if shape is not None)
 
 
 def inspect(
@@ -301,51 +334,17 @@ def inspect(
 def check_shards(shards: list[Path], args: ModelArgs) -> None:
     """Every shard's keys and shapes, read on the driver before any actor starts.
 
-    Shards are memory-mapped, so this reads the pickled index of each file, not the
-    weights: milliseconds even for a 70B checkpoint. A truncated file, one that would
-    run code, or one that does not match params.json fails here, with the same
-    CheckpointError the rank would raise.
+    Only each file's pickled index is read (``read_shapes``), not the weights. A
+    truncated file, one that would run code, or one that does not match params.json
+    fails here, with the same CheckpointError the rank would raise.
     """
     expected = shard_shapes(args, len(shards))
     for path in shards:
-        state = load_shard(path)
+        shapes = read_shapes(path)
         try:
-            check_state(state, expected, str(path))
+            check_state(shapes, expected, str(path))
         except CheckpointError as exc:
             raise CheckpointError(
                 f"{exc}. The shards were written for another model or are damaged: "
                 "re-download or re-convert the checkpoint (mpllama convert / reshard)"
             ) from None
-        del state
-
-
-# ------------------------------------------------------------------------ writing
-
-
-def split_state(state: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
-    """Cut a full state dict into ``parts`` Meta shards along the shard-axis table."""
-    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(parts)]
-    for key, value in state.items():
-        axis = shard_axis(key)
-        pieces = [value] * parts if axis is None else list(value.chunk(parts, dim=axis))
-        for shard, piece in zip(shards, pieces, strict=True):
-            shard[key] = piece.clone()
-    return shards
-
-
-def write_checkpoint(
-    out_dir: str | Path, args: ModelArgs, state: dict[str, torch.Tensor], parts: int
-) -> list[Path]:
-    """Write ``state`` (full size) as ``parts`` consolidated.NN.pth shards + params.json."""
-    check_model_parallel(args, parts)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("consolidated.*.pth"):
-        stale.unlink()
-    paths = []
-    for i, shard in enumerate(split_state(state, parts)):
-        path = out / f"consolidated.{i:02d}.pth"
-        torch.save(shard, path)
-        paths.append(path)
-    (out / "params.json").write_text(json.dumps(args.to_params(), indent=2) + "\n")
-    return paths

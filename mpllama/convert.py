@@ -22,18 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoint import (
-    IGNORED_KEYS,
-    check_state,
-    find_shards,
-    full_shapes,
-    load_rank_state,
-    load_shard,
-    read_params,
-    write_checkpoint,
-)
+from .checkpoint import IGNORED_KEYS, check_state, find_shards, full_shapes, read_params
 from .config import ModelArgs
 from .errors import CheckpointError, ConfigError
+from .weights import load_rank_state, load_shard, tensor_shapes, write_checkpoint
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
@@ -84,7 +76,7 @@ def meta_to_hf(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
     args = _with_vocab(args, state, "tok_embeddings.weight")
     expected = full_shapes(args)
     weights = {k: v for k, v in state.items() if k not in IGNORED_KEYS}
-    check_state(weights, expected, "the Meta state dict")
+    check_state(tensor_shapes(weights), expected, "the Meta state dict")
     out = {}
     for key in expected:
         value = weights[key]
@@ -104,7 +96,7 @@ def hf_to_meta(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
     # Permuting rows keeps every shape, so the expected HF shapes are Meta's, renamed.
     expected = {hf_key(k): shape for k, shape in meta_shapes.items()}
     weights = {k: v for k, v in state.items() if not _HF_IGNORED.search(k)}
-    check_state(weights, expected, "the Hugging Face state dict")
+    check_state(tensor_shapes(weights), expected, "the Hugging Face state dict")
     out = {}
     for key in meta_shapes:
         value = weights[hf_key(key)]

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from sentencepiece import SentencePieceTrainer
 
-from .checkpoint import full_shapes, resolve_vocab, write_checkpoint
+from .checkpoint import full_shapes, resolve_vocab
 from .config import PRESETS, ModelArgs
 from .errors import ConfigError
 from .tokenizer import Tokenizer
+from .weights import write_checkpoint
 
 log = logging.getLogger(__name__)
 

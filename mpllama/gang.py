@@ -27,28 +27,38 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from .config import ParallelConfig
 from .errors import PlacementError, WorkerError
 from .protocol import Polled, RankSpec, Request
-from .worker import RankWorker, configure_rank_logging
 
 log = logging.getLogger(__name__)
 
 
-class RankActor(RankWorker):
-    """RankWorker inside a Ray actor: adds what only Ray knows (the node's address)."""
+class RankActor:
+    """One rank in a Ray actor: a RankWorker, plus what only Ray knows (the node's
+    address). The worker (torch, fairscale, the model) is imported in the actor's own
+    process, so the driver side (LLM, AsyncLLM, Serve replicas, jobs) never loads torch."""
 
     def __init__(self, rank: int, spec: RankSpec) -> None:
+        from .worker import RankWorker, configure_rank_logging
+
         configure_rank_logging(rank, spec.log_level)
-        super().__init__(rank, spec)
+        self.rank = rank
+        self.worker = RankWorker(rank, spec)
 
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
 
+    def open_store(self, host: str) -> int:
+        return self.worker.open_store(host)
+
     def setup_on_node(self, host: str, port: int) -> dict[str, Any]:
-        info = self.setup(host, port, self.node_ip())
+        info = self.worker.setup(host, port, self.node_ip())
         return {
             **info,
             "node_id": ray.get_runtime_context().get_node_id(),
             "node_ip": self.node_ip(),
         }
+
+    def memory(self) -> dict[str, float]:
+        return self.worker.memory()
 
     @ray.method(concurrency_group="health")
     def heartbeat(self) -> int:
@@ -59,25 +69,25 @@ class RankActor(RankWorker):
     # through RankWorker's queues from a thread of their own.
     @ray.method(concurrency_group="loop")
     def run(self) -> None:
-        super().run()
+        self.worker.run()
 
     @ray.method(concurrency_group="control")
     def submit(self, requests: list[Request]) -> None:
-        super().submit(requests)
+        self.worker.submit(requests)
 
     @ray.method(concurrency_group="control")
     def abort(self, ids: list[str]) -> None:
-        super().abort(ids)
+        self.worker.abort(ids)
 
     # Its own thread: a poll waits for the next step, and submit/abort must not queue
     # behind it.
     @ray.method(concurrency_group="events")
     def poll(self, wait_s: float) -> Polled:
-        return super().poll(wait_s)
+        return self.worker.poll(wait_s)
 
     @ray.method(concurrency_group="control")
     def stop(self) -> None:
-        super().stop()
+        self.worker.stop()
 
 
 # Set-up calls run in order on the default thread; the loop, the lead's control calls

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, dist
+from . import checkpoint, dist, weights
 from .model import Transformer, materialize, onednn_unsupported
 from .protocol import Event, Polled, RankSpec, Request
 from .runner import Runner, follow
@@ -80,7 +80,7 @@ class RankWorker:
         self._rss_before_load = peak_rss_mb()
         self._anon_before_load = resident_mb().get("anon_rss_mb", 0.0)
         shards = checkpoint.find_shards(spec.checkpoint_dir)
-        state = checkpoint.load_rank_state(shards, spec.args, self.rank, spec.world_size)
+        state = weights.load_rank_state(shards, spec.args, self.rank, spec.world_size)
         self.model = materialize(Transformer(spec.args), state, device, dtype)
         del state
         linear = _linear_kernel(spec.cpu_linear, device, dtype)

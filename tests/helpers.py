@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mpllama import checkpoint
+from mpllama import checkpoint, weights
 from mpllama.config import ModelArgs
 from mpllama.fixtures import random_state
 
@@ -39,13 +39,13 @@ def make_checkpoint(
     """A random checkpoint with custom ModelArgs, borrowing an existing tokenizer."""
     if not (out / "params.json").exists():
         shutil.copy(tokenizer_from / "tokenizer.model", out.mkdir(parents=True) or out)
-        checkpoint.write_checkpoint(out, args, random_state(args, seed), parts)
+        weights.write_checkpoint(out, args, random_state(args, seed), parts)
     return out
 
 
 def full_state(ckpt: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     args = checkpoint.read_params(ckpt)
-    return args, checkpoint.load_rank_state(checkpoint.find_shards(ckpt), args, 0, 1)
+    return args, weights.load_rank_state(checkpoint.find_shards(ckpt), args, 0, 1)
 
 
 def hf_model(ckpt: Path):

@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import shutil
+from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,15 +15,13 @@ import pytest
 import torch
 from helpers import LLAMA2_70B
 
-from mpllama import checkpoint
+from mpllama import checkpoint, weights
 from mpllama.checkpoint import (
     SHARD_AXES,
     check_model_parallel,
     find_shards,
     find_tokenizer,
     full_shapes,
-    load_rank_state,
-    load_shard,
     read_params,
     resolve_vocab,
     shard_axis,
@@ -32,6 +31,7 @@ from mpllama.checkpoint import (
 from mpllama.config import ModelArgs
 from mpllama.errors import CheckpointError, ConfigError
 from mpllama.fixtures import PRESETS, random_state
+from mpllama.weights import load_rank_state, load_shard
 
 COLUMN = (
     "attention.wq.weight",
@@ -359,6 +359,68 @@ def test_shard_that_would_run_code_is_refused(tiny_ckpts: dict[int, Path], tmp_p
     assert sentinel.exists()
 
 
+# ------------------------------------------------------------------- shard indexes
+
+
+def test_read_shapes_reads_the_index_as_torch_would(
+    tiny_ckpts: dict[int, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    odd = tmp_path / "odd.pth"
+    base = torch.arange(24.0).view(4, 6)
+    torch.save(
+        OrderedDict(
+            half=base.half(),
+            bf16=base.bfloat16(),
+            view=base[:, 2:5],  # a slice: shares the storage, has its own shape
+            param=torch.nn.Parameter(base),
+            scalar=torch.tensor(3),
+            count=7,  # not a tensor
+            **{"rope.freqs": torch.zeros(3)},  # ignored, as load_shard ignores it
+        ),
+        odd,
+    )
+    paths = [*find_shards(tiny_ckpts[2]), odd]
+    by_torch = {p: weights.tensor_shapes(weights.load_shard(p)) for p in paths}
+    # The fast path alone: torch's loader is never asked.
+    monkeypatch.setattr(weights, "load_shard", lambda path: pytest.fail(f"torch read {path}"))
+    for path in paths:
+        assert checkpoint.read_shapes(path) == by_torch[path]
+    assert checkpoint.read_shapes(odd)["view"] == (4, 3)
+    assert checkpoint.read_shapes(odd)["count"] is None
+    assert checkpoint.count_values(checkpoint.read_shapes(odd)) == 24 * 3 + 12 + 1
+
+
+def test_read_shapes_leaves_damaged_and_unsafe_files_to_torch(
+    tiny_ckpts: dict[int, Path], tmp_path: Path
+) -> None:
+    truncated = tmp_path / "truncated.pth"
+    data = find_shards(tiny_ckpts[1])[0].read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    legacy = tmp_path / "legacy.pth"  # pre-1.6 format: torch cannot memory-map it
+    torch.save({"a": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
+    listed = tmp_path / "listed.pth"
+    torch.save([torch.zeros(2)], listed)
+    for path, words in (
+        (truncated, "cannot read shard"),
+        (legacy, "cannot read shard"),
+        (listed, "is not a state dict"),
+        (tmp_path / "absent.pth", "does not exist"),
+    ):
+        with pytest.raises(CheckpointError, match=words):
+            checkpoint.read_shapes(path)
+    sentinel = tmp_path / "SENTINEL"
+    unsafe = tmp_path / "unsafe.pth"
+    torch.save({"norm.weight": _RunsCode(sentinel)}, unsafe)
+    with pytest.raises(CheckpointError, match="refused for safety"):
+        checkpoint.read_shapes(unsafe)
+    assert not sentinel.exists()
+
+
+def test_check_state_names_values_that_are_not_tensors() -> None:
+    with pytest.raises(CheckpointError, match=r"norm\.weight \(not a tensor\) != \(128,\)"):
+        checkpoint.check_state({"norm.weight": None}, {"norm.weight": (128,)}, "x.pth")
+
+
 # ------------------------------------------------------------- folders and params.json
 
 
@@ -450,9 +512,9 @@ def test_resolve_vocab() -> None:
 def test_split_state_and_writer_refuse_bad_parts(tmp_path: Path) -> None:
     args = tiny_args()
     state = random_state(args, seed=1)
-    shards = checkpoint.split_state(state, 4)
+    shards = weights.split_state(state, 4)
     assert shards[3]["output.weight"].shape == (128, 128)
     assert torch.equal(shards[2]["norm.weight"], state["norm.weight"])
     with pytest.raises(ConfigError, match="model_parallel_size=3"):
-        checkpoint.write_checkpoint(tmp_path, args, state, 3)
+        weights.write_checkpoint(tmp_path, args, state, 3)
     assert not list(tmp_path.iterdir())  # nothing half-written

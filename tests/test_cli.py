@@ -13,8 +13,9 @@ import pytest
 import torch
 import yaml
 
-from mpllama.checkpoint import find_shards, load_rank_state, read_params
+from mpllama.checkpoint import find_shards, read_params
 from mpllama.cli import main
+from mpllama.weights import load_rank_state
 
 COMMANDS = ["run", "generate", "chat", "init-checkpoint", "convert", "reshard", "check"]
 

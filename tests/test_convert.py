@@ -14,13 +14,7 @@ import torch
 import torch.nn.functional as F
 from helpers import LLAMA2_70B
 
-from mpllama.checkpoint import (
-    find_shards,
-    full_shapes,
-    load_rank_state,
-    read_params,
-    write_checkpoint,
-)
+from mpllama.checkpoint import find_shards, full_shapes, read_params
 from mpllama.config import ModelArgs
 from mpllama.convert import (
     args_from_hf_config,
@@ -33,6 +27,7 @@ from mpllama.convert import (
 )
 from mpllama.errors import CheckpointError
 from mpllama.fixtures import random_state
+from mpllama.weights import load_rank_state, write_checkpoint
 
 transformers = pytest.importorskip("transformers", reason="HF parity needs transformers")
 pytest.importorskip("safetensors", reason="HF folders are safetensors files")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpllama import checkpoint
+from mpllama import checkpoint, weights
 from mpllama.config import SamplingParams
 from mpllama.model import Transformer, materialize
 from mpllama.protocol import Request
@@ -57,7 +57,7 @@ def outputs(single_rank: None) -> dict[str, tuple[list[int], str]]:
     """Greedy ids and text for each GOLDEN prompt, from the demo model on one rank."""
     tok, args, shards = checkpoint.inspect(str(DEMO), None)
     # Both shards onto one rank: the golden path also covers resharding 2 -> 1.
-    state = checkpoint.load_rank_state(shards, args, 0, 1)
+    state = weights.load_rank_state(shards, args, 0, 1)
     model = materialize(Transformer(args), state, torch.device("cpu"), torch.float32)
     model.setup_caches(len(GOLDEN), 256)
     return greedy(model, tok, list(GOLDEN))

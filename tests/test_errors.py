@@ -5,10 +5,13 @@ possible; where an LLM already exists, a good call right after still works."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import re
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -432,7 +435,8 @@ def _calls(tree):
 
 def test_library_never_unpickles_or_evaluates_user_data() -> None:
     """Checkpoints, tokenizers and YAML are untrusted: weights-only torch.load, safe YAML,
-    no pickle, eval or exec anywhere in the package."""
+    no eval or exec anywhere in the package, and pickle only in checkpoint.py's index
+    reader, which resolves no global but its own shape-recording stubs (tested below)."""
     import ast
 
     import mpllama
@@ -467,6 +471,8 @@ def test_library_never_unpickles_or_evaluates_user_data() -> None:
                     else [node.module or ""]
                 )
                 bad = [n for n in names if n.split(".")[0] in forbidden_modules]
+                if bad == ["pickle"] and path.name == "checkpoint.py":
+                    continue  # the restricted index reader, below
                 if bad:
                     problems.append(f"{path.name}:{node.lineno}: imports {bad}")
         for call, name in _calls(tree):
@@ -482,3 +488,44 @@ def test_library_never_unpickles_or_evaluates_user_data() -> None:
                 problems.append(f"{where}: {name} (use yaml.safe_load)")
     assert not problems, problems
     assert loads >= 1  # the scan does see the shard reader
+    # The one unpickler: a subclass that overrides find_class, used through .load() only.
+    source = (Path(mpllama.__file__).parent / "checkpoint.py").read_text()
+    assert re.findall(r"pickle\.\w+", source) == ["pickle.Unpickler"]
+    assert "def find_class(" in source
+
+
+class _FloatStorage:
+    def __init__(self, path: str) -> None:
+        Path(path).touch()
+
+
+class _CallsAnything:
+    def __init__(self, func: object, *args: object) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return (self.func, self.args)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        lambda sentinel: {"w": _CallsAnything(os.system, f"touch {sentinel}")},
+        lambda sentinel: {"w": _CallsAnything(open, str(sentinel), "w")},
+        lambda sentinel: {"w": _CallsAnything(getattr, Path, "home")},
+        # Named like a storage type, but from another module.
+        lambda sentinel: {"w": _CallsAnything(_FloatStorage, str(sentinel))},
+    ],
+)
+def test_the_index_reader_resolves_no_global_of_a_file(payload: Any, tmp_path: Path) -> None:
+    """The shard index reader on its own (not torch's loader behind it) refuses every
+    global but torch.save's few, before anything is called."""
+    import io
+
+    from mpllama.checkpoint import _IndexReader, _NotPlain
+
+    sentinel = tmp_path / "SENTINEL"
+    data = pickle.dumps(payload(sentinel), protocol=2)
+    with pytest.raises(_NotPlain):
+        _IndexReader(io.BytesIO(data)).load()
+    assert not sentinel.exists()

@@ -10,10 +10,11 @@ import pytest
 import torch
 from sentencepiece import SentencePieceProcessor
 
-from mpllama.checkpoint import find_shards, load_rank_state, read_params
+from mpllama.checkpoint import find_shards, read_params
 from mpllama.errors import ConfigError
 from mpllama.fixtures import PRESETS, init_checkpoint, random_state, train_tokenizer
 from mpllama.tokenizer import Tokenizer
+from mpllama.weights import load_rank_state
 
 # ---------------------------------------------------------------------- checkpoints
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import LLAMA2_70B
 
-from mpllama import checkpoint
+from mpllama import checkpoint, weights
 from mpllama import model as model_module
 from mpllama.checkpoint import shard_shapes
 from mpllama.fixtures import PRESETS, random_state
@@ -25,7 +25,7 @@ CPU = torch.device("cpu")
 
 def load(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, dict]:
     args = checkpoint.read_params(folder)
-    state = checkpoint.load_rank_state(checkpoint.find_shards(folder), args, 0, 1)
+    state = weights.load_rank_state(checkpoint.find_shards(folder), args, 0, 1)
     return materialize(Transformer(args), state, CPU, dtype), state
 
 
@@ -99,7 +99,7 @@ def test_materialize_converts_when_dtype_differs(
 
 def test_materialize_is_strict(tiny_ckpts: dict[int, Path], single_rank: None) -> None:
     args = checkpoint.read_params(tiny_ckpts[1])
-    state = dict(checkpoint.load_rank_state(checkpoint.find_shards(tiny_ckpts[1]), args, 0, 1))
+    state = dict(weights.load_rank_state(checkpoint.find_shards(tiny_ckpts[1]), args, 0, 1))
     del state["layers.0.ffn_norm.weight"]
     with pytest.raises(RuntimeError, match=r"layers\.0\.ffn_norm\.weight"):
         materialize(Transformer(args), state, CPU, torch.float32)
@@ -131,7 +131,7 @@ MEMORY_PROBE = textwrap.dedent("""
     args = checkpoint.read_params(folder)
     files = checkpoint.find_shards(folder)
     rss0, anon0 = status_kb("VmRSS"), status_kb("RssAnon")
-    state = checkpoint.load_rank_state(files, args, 0, world)
+    state = weights.load_rank_state(files, args, 0, world)
     model = materialize(Transformer(args), state, torch.device("cpu"), torch.float32)
     del state
     # Touch every weight, so each page this rank holds is really resident.
@@ -152,7 +152,7 @@ def bigger_ckpts(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, Pa
     folders = {}
     for parts in (1, 2):
         folders[parts] = root / f"mp{parts}"
-        checkpoint.write_checkpoint(folders[parts], args, state, parts)
+        weights.write_checkpoint(folders[parts], args, state, parts)
     full_kb = sum(v.numel() * v.element_size() for v in state.values()) // 1024
     return folders, full_kb
 

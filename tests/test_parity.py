@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import PROMPTS, hf_greedy, hf_model, make_checkpoint
 
-from mpllama import checkpoint
+from mpllama import checkpoint, weights
 from mpllama.config import ModelArgs, SamplingParams
 from mpllama.model import Transformer, materialize
 from mpllama.protocol import Request
@@ -50,7 +50,7 @@ def test_greedy_matches_transformers(
     ckpt = make_checkpoint(ckpt_root / f"parity-{variant}", VARIANTS[variant], tiny_ckpt)
     tok = Tokenizer(ckpt / "tokenizer.model")
     args = checkpoint.read_params(ckpt)
-    state = checkpoint.load_rank_state(checkpoint.find_shards(ckpt), args, 0, 1)
+    state = weights.load_rank_state(checkpoint.find_shards(ckpt), args, 0, 1)
     model = materialize(Transformer(args), state, torch.device("cpu"), torch.float32)
     model.setup_caches(len(PROMPTS), 64)
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=True, ignore_eos=True)

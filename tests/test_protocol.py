@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from mpllama.config import SamplingParams
 from mpllama.protocol import Request, check_request, derive_seed
+
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "demo" / "model"
 
 
 def test_driver_side_modules_do_not_import_torch() -> None:
@@ -21,6 +24,22 @@ def test_driver_side_modules_do_not_import_torch() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_driver_checks_a_checkpoint_and_drives_gangs_without_torch() -> None:
+    """Ray, yes (it drives the actors); torch and fairscale only in the ranks' processes,
+    so an LLM, an AsyncLLM, a Serve replica or a job's driver does not load them."""
+    code = (
+        "import sys\n"
+        "import mpllama.api, mpllama.async_llm, mpllama.engine, mpllama.gang, mpllama.router\n"
+        "import mpllama.server, mpllama.deploy, mpllama.data, mpllama.chat\n"
+        "from mpllama import checkpoint\n"
+        f"tokenizer, args, shards = checkpoint.inspect({str(DEMO_MODEL)!r}, None)\n"
+        "checkpoint.check_shards(shards, args)\n"
+        "heavy = [m for m in ('torch', 'fairscale') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_check_request() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpllama import checkpoint
+from mpllama import checkpoint, weights
 from mpllama.config import SamplingParams
 from mpllama.model import Transformer, materialize
 from mpllama.protocol import Event, Request
@@ -31,7 +31,7 @@ def tok(tiny_ckpt: Path) -> Tokenizer:
 
 def load(ckpt: Path) -> Transformer:
     args = checkpoint.read_params(ckpt)
-    state = checkpoint.load_rank_state(checkpoint.find_shards(ckpt), args, 0, 1)
+    state = weights.load_rank_state(checkpoint.find_shards(ckpt), args, 0, 1)
     return materialize(Transformer(args), state, torch.device("cpu"), torch.float32)
 
 

@@ -1,0 +1,117 @@
+"""The tensors of Meta-format checkpoints: reading a rank's weights (resharding on the
+fly) and writing shards.
+
+A checkpoint is untrusted input: every shard is read with ``weights_only=True`` (a pickle
+that would run code is refused) and memory-mapped, so a rank touches only what it uses.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (
+    IGNORED_KEYS,
+    Shapes,
+    check_model_parallel,
+    check_state,
+    shard_axis,
+    shard_plan,
+    shard_shapes,
+)
+from .config import ModelArgs
+from .errors import CheckpointError
+
+# ------------------------------------------------------------------------ reading
+
+
+def load_shard(path: Path) -> dict[str, torch.Tensor]:
+    """One shard, memory-mapped, refusing anything but tensors."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"shard {path} does not exist") from None
+    except Exception as exc:  # torch raises several types for corrupt, truncated or unsafe files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            reason = "it holds Python objects other than tensors, refused for safety"
+        raise CheckpointError(
+            f"cannot read shard {path}: {reason}. Is the file truncated, "
+            "corrupt or not a PyTorch state dict?"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a state dict (got {type(state).__name__})")
+    return {k: v for k, v in state.items() if k not in IGNORED_KEYS}
+
+
+def tensor_shapes(state: dict[str, torch.Tensor]) -> Shapes:
+    return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
+
+
+def load_rank_state(
+    shards: list[Path], args: ModelArgs, rank: int, world: int
+) -> dict[str, torch.Tensor]:
+    """The weights rank ``rank`` of ``world`` needs, read from its shard(s) only.
+
+    Slices and concatenations are copied into fresh tensors of this rank's size; when
+    shards and ranks match one to one, the memory-mapped tensors are used directly.
+    """
+    files, piece, pieces = shard_plan(len(shards), world)[rank]
+    per_file = shard_shapes(args, len(shards))
+    loaded = []
+    for i in files:
+        state = load_shard(shards[i])
+        check_state(tensor_shapes(state), per_file, str(shards[i]))
+        loaded.append(state)
+    if len(loaded) == 1 and pieces == 1:
+        return loaded[0]
+    out = {}
+    for key in per_file:
+        axis = shard_axis(key)
+        if axis is None:
+            first = loaded[0][key]
+            if any(not torch.equal(first, other[key]) for other in loaded[1:]):
+                raise CheckpointError(
+                    f"replicated weight {key} differs between shards "
+                    f"{[shards[i].name for i in files]}"
+                )
+            out[key] = first.clone() if pieces > 1 else first
+        elif len(loaded) > 1:
+            out[key] = torch.cat([s[key] for s in loaded], dim=axis)
+        else:
+            out[key] = loaded[0][key].chunk(pieces, dim=axis)[piece].clone()
+    return out
+
+
+# ------------------------------------------------------------------------ writing
+
+
+def split_state(state: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    """Cut a full state dict into ``parts`` Meta shards along the shard-axis table."""
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(parts)]
+    for key, value in state.items():
+        axis = shard_axis(key)
+        pieces = [value] * parts if axis is None else list(value.chunk(parts, dim=axis))
+        for shard, piece in zip(shards, pieces, strict=True):
+            shard[key] = piece.clone()
+    return shards
+
+
+def write_checkpoint(
+    out_dir: str | Path, args: ModelArgs, state: dict[str, torch.Tensor], parts: int
+) -> list[Path]:
+    """Write ``state`` (full size) as ``parts`` consolidated.NN.pth shards + params.json."""
+    check_model_parallel(args, parts)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("consolidated.*.pth"):
+        stale.unlink()
+    paths = []
+    for i, shard in enumerate(split_state(state, parts)):
+        path = out / f"consolidated.{i:02d}.pth"
+        torch.save(shard, path)
+        paths.append(path)
+    (out / "params.json").write_text(json.dumps(args.to_params(), indent=2) + "\n")
+    return paths
