@@ -110,7 +110,7 @@ def test_materialize_is_strict(tiny_ckpts: dict[int, Path], single_rank: None) -
 MEMORY_PROBE = textwrap.dedent("""
     import json, sys
     import torch
-    from mpllama import checkpoint, dist, model as M
+    from mpllama import checkpoint, dist, weights, model as M
     from mpllama.model import Transformer, materialize
 
     folder, world = sys.argv[1], int(sys.argv[2])
