@@ -25,6 +25,10 @@ from torch import nn
 from .config import ModelArgs
 from .dist import all_gather, all_reduce
 
+# A call per row (CPU attention reading each row on its own) costs about what reading
+# this many bytes of KV cache does; see Transformer._row_ends.
+ROW_CALL_BYTES = 256 << 10
+
 # fairscale 0.4.13 allocates each parallel layer's weight with the legacy torch.Tensor()
 # constructor (which ignores the meta device) and, with more than one rank, initialises
 # a full-size master weight to copy this rank's slice from. Loading a 70B shard that way
@@ -195,13 +199,29 @@ class Attention(nn.Module):
         # Grouped-query attention: each K/V head serves n_heads / n_kv_heads query heads;
         # enable_gqa shares them without materialising repeated copies of the cache.
         gqa = self.n_local_heads != self.n_local_kv_heads
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),  # [B,H,T,D]
-            at.read(self.cache_k),  # [B,K,S,D]
-            at.read(self.cache_v),
-            attn_mask=at.mask,
-            enable_gqa=gqa,
-        )
+        q = q.transpose(1, 2)  # [B,H,T,D]
+        if at.row_ends is None:
+            out = F.scaled_dot_product_attention(
+                q,
+                at.read(self.cache_k),  # [B,K,S,D]
+                at.read(self.cache_v),
+                attn_mask=at.mask,
+                enable_gqa=gqa,
+            )
+        else:  # each row reads its own positions only (see CacheIndex.row_ends)
+            out = torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        q[i : i + 1],
+                        self.cache_k[slot, :, :end].unsqueeze(0),
+                        self.cache_v[slot, :, :end].unsqueeze(0),
+                        # One new token sees every position its slot holds.
+                        attn_mask=None if T == 1 else at.mask[i : i + 1, :, :, :end],
+                        enable_gqa=gqa,
+                    )
+                    for i, (slot, end) in enumerate(at.row_ends)
+                ]
+            )
         return self.wo(at.pack(out.transpose(1, 2).reshape(B, T, -1)))
 
 
@@ -279,6 +299,26 @@ class Transformer(nn.Module):
                     "weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach())
                 )
 
+    def _row_ends(self, slots: torch.Tensor, ends: torch.Tensor, S: int) -> list | None:
+        """[(slot, end)] per row when attention should read each row on its own.
+
+        One batched attention reads every row's cache up to the longest row (S); rows
+        at different lengths (the rule under continuous batching) make it read padding.
+        On a CPU, attention is bound by those bytes, and reading each row up to its own
+        end saves them for the cost of a call per row (about 13 us here, on the order of
+        reading 256 KiB). Measured on a 2-core EPYC, 32 decode rows at lengths 20-300,
+        16 heads of 64: 2.2 ms a layer instead of 3.4. GPUs keep the one batched call.
+        """
+        if self.device.type != "cpu" or ends.shape[0] == 1:
+            return None
+        attn = self.layers[0].attention
+        per_position = 2 * attn.n_local_kv_heads * attn.head_dim * attn.cache_k.element_size()
+        ends_list = ends.tolist()
+        wasted = (S * len(ends_list) - sum(ends_list)) * per_position
+        if wasted <= len(ends_list) * ROW_CALL_BYTES:
+            return None
+        return list(zip(slots.tolist(), ends_list, strict=True))
+
     @torch.inference_mode()
     def forward(
         self,
@@ -304,7 +344,8 @@ class Transformer(nn.Module):
         if real is not None:
             # Padding never reaches past the cache: park it at position 0 of the spare slot.
             positions = torch.where(real, positions, 0)
-        S = int(positions.max()) + 1
+        ends = positions.max(dim=1).values + 1  # [B]: positions each row reads
+        S = int(ends.max())
         if B > self.slots or S > self.max_seq_len:
             raise ValueError(
                 f"{B} row(s) up to position {S - 1} exceed the cache of {self.slots} slot(s) "
@@ -326,6 +367,7 @@ class Transformer(nn.Module):
             S,
             # A query at position p sees keys at positions <= p of its own slot: [B,1,T,S].
             (torch.arange(S, device=device) <= positions[:, :, None])[:, None],
+            self._row_ends(slots, ends, S),
         )
         cis = self.rope[positions]  # [B,T,D/2]
         h = at.pack(self.tok_embeddings(tokens))
@@ -351,6 +393,8 @@ class CacheIndex:
     slots: torch.Tensor  # [B]
     S: int  # positions to read: 0..S-1
     mask: torch.Tensor  # [B,1,T,S] True where a query may attend
+    # (slot, end) per row when attention reads each row up to its own end, not up to S.
+    row_ends: list[tuple[int, int]] | None = None
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[B,T,F] -> the real tokens, [N,F] (or [B,T,F] as it is when none is padding)."""

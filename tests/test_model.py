@@ -239,9 +239,19 @@ def run_alone(model: Transformer, chunks: list[torch.Tensor]) -> list[torch.Tens
     return out
 
 
-def test_rows_at_different_positions_equal_running_them_alone(tiny: Transformer) -> None:
+@pytest.mark.parametrize("read", ["batched", "per row"])
+def test_rows_at_different_positions_equal_running_them_alone(
+    tiny: Transformer, read: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Rows in slots 2 and 0 (not consecutive: the cache is gathered, not viewed), a
-    right-padded prefill whose padding must not touch either slot, then more tokens."""
+    right-padded prefill whose padding must not touch either slot, then more tokens;
+    with attention reading the rows together up to the longest, and each on its own."""
+    monkeypatch.setattr(model_module, "ROW_CALL_BYTES", 1 << 40 if read == "batched" else 0)
+    chosen = []
+    row_ends = Transformer._row_ends
+    monkeypatch.setattr(
+        Transformer, "_row_ends", lambda *a: chosen.append(row_ends(*a)) or chosen[-1]
+    )
     tiny.setup_caches(3, 32)
     a, b = tokens(2, 5), tokens(3, 11)
     a_more, b_more = tokens(4, 3), tokens(5, 3)
@@ -266,6 +276,26 @@ def test_rows_at_different_positions_equal_running_them_alone(tiny: Transformer)
     got = tiny(torch.stack([a_next, b_next]), slots, pos + 3, logits_at=zero)
     torch.testing.assert_close(got[0], want_a[2], atol=1e-5, rtol=0)
     torch.testing.assert_close(got[1], want_b[2], atol=1e-5, rtol=0)
+    two_rows = [c for c in chosen if c is None or len(c) == 2][-3:]
+    if read == "batched":
+        assert two_rows == [None, None, None]
+    else:  # (slot, end): the prefill, the three more tokens, the decode step
+        assert two_rows == [[(2, 5), (0, 11)], [(2, 8), (0, 14)], [(2, 9), (0, 15)]]
+
+
+def test_attention_reads_rows_on_their_own_when_padding_costs_more(tiny: Transformer) -> None:
+    """The tiny model keeps 512 bytes of K and V per position and layer; two rows read on
+    their own cost two calls, worth 512 KiB of reading."""
+    tiny.setup_caches(2, 2048)
+    slots = torch.tensor([0, 1])
+
+    def choice(*ends: int) -> list | None:
+        return tiny._row_ends(slots[: len(ends)], torch.tensor(ends), max(ends))
+
+    assert choice(10, 1500) == [(0, 10), (1, 1500)]  # 1490 positions of padding: 745 KiB
+    assert choice(10, 900) is None  # 445 KiB
+    assert choice(1500, 1500) is None  # no padding at all
+    assert choice(1500) is None  # one row has nothing to save
 
 
 def test_forward_refuses_more_than_the_cache(tiny: Transformer) -> None:
