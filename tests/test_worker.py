@@ -69,6 +69,53 @@ def test_one_rank_worker_runs_its_loop_through_submit_and_poll(
     assert worker.memory()["peak_rss_mb"] > 0
 
 
+def test_a_ranks_torch_work_all_runs_on_one_thread(
+    tiny_ckpts: dict[int, Path], single_rank: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Set-up and the loop are called on different threads (as Ray's concurrency groups
+    do), yet loading, placing and every forward run on the rank's own torch thread: a
+    second OpenMP team would cost a fifth of the step rate (see worker.py)."""
+    from mpllama import model
+    from mpllama import worker as worker_module
+
+    seen: list[str] = []
+
+    def on_thread(fn):  # type: ignore[no-untyped-def]
+        def wrapped(*args, **kwargs):  # type: ignore[no-untyped-def]
+            seen.append(f"{fn.__name__} on {threading.current_thread().name}")
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(
+        worker_module.weights, "load_rank_state", on_thread(worker_module.weights.load_rank_state)
+    )
+    monkeypatch.setattr(worker_module, "materialize", on_thread(worker_module.materialize))
+    monkeypatch.setattr(
+        model.Transformer, "setup_caches", on_thread(model.Transformer.setup_caches)
+    )
+    monkeypatch.setattr(model.Transformer, "forward", on_thread(model.Transformer.forward))
+    worker = RankWorker(0, spec_for(tiny_ckpts[1]))
+    worker.setup("127.0.0.1", 0, "127.0.0.1")
+    loop = threading.Thread(target=worker.run, name="the caller's loop thread")
+    loop.start()
+    try:
+        ids = worker.tokenizer.encode("Hello", bos=True, eos=False)
+        worker.submit([Request("a", ids, SamplingParams(temperature=0, max_tokens=2))])
+        while not any(e.finish_reason for step in worker.poll(5.0).steps for e in step):
+            pass
+    finally:
+        worker.stop()
+        loop.join(10)
+    assert {call.split(" on ")[0] for call in seen} == {
+        "load_rank_state",
+        "materialize",
+        "setup_caches",
+        "forward",
+    }
+    assert {call.split(" on ")[1] for call in seen} == {"mpllama-rank0"}
+
+
 def test_poll_carries_the_schedulers_counts(tiny_ckpts: dict[int, Path], single_rank: None) -> None:
     spec = dataclasses.replace(spec_for(tiny_ckpts[1]), max_seq_len=512)
     worker = RankWorker(0, spec)  # two slots
