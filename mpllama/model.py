@@ -299,7 +299,9 @@ class Transformer(nn.Module):
                     "weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach())
                 )
 
-    def _row_ends(self, slots: torch.Tensor, ends: torch.Tensor, S: int) -> list | None:
+    def _row_ends(
+        self, slots: torch.Tensor, ends: torch.Tensor, S: int
+    ) -> list[tuple[int, int]] | None:
         """[(slot, end)] per row when attention should read each row on its own.
 
         One batched attention reads every row's cache up to the longest row (S); rows
