@@ -331,14 +331,16 @@ def inspect(
     return tokenizer, args, shards
 
 
-def check_shards(shards: list[Path], args: ModelArgs) -> None:
-    """Every shard's keys and shapes, read on the driver before any actor starts.
+def check_shards(shards: list[Path], args: ModelArgs) -> int:
+    """Every shard's keys and shapes, read on the driver before any actor starts; how
+    many values the shards store.
 
     Only each file's pickled index is read (``read_shapes``), not the weights. A
     truncated file, one that would run code, or one that does not match params.json
     fails here, with the same CheckpointError the rank would raise.
     """
     expected = shard_shapes(args, len(shards))
+    values = 0
     for path in shards:
         shapes = read_shapes(path)
         try:
@@ -348,3 +350,5 @@ def check_shards(shards: list[Path], args: ModelArgs) -> None:
                 f"{exc}. The shards were written for another model or are damaged: "
                 "re-download or re-convert the checkpoint (mpllama convert / reshard)"
             ) from None
+        values += count_values(shapes)
+    return values

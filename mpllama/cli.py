@@ -233,12 +233,10 @@ def cmd_reshard(ns: argparse.Namespace) -> int:
 def cmd_check(ns: argparse.Namespace) -> int:
     from .checkpoint import (
         check_model_parallel,
-        check_state,
-        count_values,
+        check_shards,
         find_shards,
         find_tokenizer,
         read_params,
-        read_shapes,
         resolve_vocab,
         shard_plan,
         shard_shapes,
@@ -252,12 +250,8 @@ def cmd_check(ns: argparse.Namespace) -> int:
     tokenizer = Tokenizer(tok_path)
     args = resolve_vocab(args, tokenizer.n_words, str(folder / "params.json"))
     check_model_parallel(args, len(shards))
-    expected = shard_shapes(args, len(shards))
-    n_params = 0
-    for path in shards:
-        shapes = read_shapes(path)  # the file's index: cheap even for big shards
-        check_state(shapes, expected, str(path))
-        n_params += count_values(shapes)
+    n_params = check_shards(shards, args)  # the files' indexes: cheap even for big shards
+    n_weights = len(shard_shapes(args, len(shards)))
     print(f"{folder}: ok")
     print(
         f"  shards:    {len(shards)} ({', '.join(p.name for p in shards[:4])}"
@@ -267,7 +261,7 @@ def cmd_check(ns: argparse.Namespace) -> int:
         f"  model:     dim={args.dim} n_layers={args.n_layers} n_heads={args.n_heads} "
         f"n_kv_heads={args.kv_heads} ffn={args.ffn_dim} rope_theta={args.rope_theta:g}"
     )
-    print(f"  weights:   {len(expected)} tensors per shard, {n_params / 1e6:.2f}M values stored")
+    print(f"  weights:   {n_weights} tensors per shard, {n_params / 1e6:.2f}M values stored")
     print(f"  tokenizer: {tok_path} ({tokenizer.n_words} pieces = vocab_size)")
     if ns.mp is not None:
         check_model_parallel(args, ns.mp)

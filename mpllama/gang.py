@@ -40,7 +40,6 @@ class RankActor:
         from .worker import RankWorker, configure_rank_logging
 
         configure_rank_logging(rank, spec.log_level)
-        self.rank = rank
         self.worker = RankWorker(rank, spec)
 
     def node_ip(self) -> str:
@@ -63,7 +62,7 @@ class RankActor:
     @ray.method(concurrency_group="health")
     def heartbeat(self) -> int:
         """Answered on its own thread even mid-step: silence means a stopped process."""
-        return self.rank
+        return self.worker.rank
 
     # The loop holds its thread for the gang's life; the lead's control calls reach it
     # through RankWorker's queues from a thread of their own.

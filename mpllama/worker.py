@@ -40,7 +40,9 @@ T = TypeVar("T")
 
 class TorchThread:
     """One long-lived daemon thread that runs the calls handed to it, in order; the
-    caller waits for each (a failure is raised in the caller, its traceback kept)."""
+    caller waits for each (a failure is raised in the caller, its traceback kept).
+    Not a ThreadPoolExecutor: its thread is joined at interpreter exit, which would
+    hang a rank whose loop sits in a collective for a peer that is gone."""
 
     def __init__(self, name: str) -> None:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
