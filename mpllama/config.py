@@ -33,17 +33,29 @@ class ModelArgs:
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    use_scaled_rope: bool = False  # Llama 3.1+: RoPE frequencies rescaled for long contexts
+    # mpllama's own key (Meta's files never carry it): the scaling factor when
+    # use_scaled_rope is set. None = Meta's rule (see rope_scaling_factor).
+    rope_scale_factor: float | None = None
 
     @classmethod
     def from_params(cls, params: dict[str, Any], source: str = "params.json") -> ModelArgs:
         if not isinstance(params, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(params).__name__}")
+        for key, variant in _UNSUPPORTED_VARIANTS.items():
+            if key in params:
+                raise ConfigError(
+                    f"{source}: this is a {variant} checkpoint ({key!r} in params.json), "
+                    "which mpllama does not support: it is not a plain Llama and must not run "
+                    "as one. Use the release's plain bf16 checkpoint instead."
+                )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
             raise ConfigError(
                 f"{source}: unknown key(s) {unknown}; known keys are {sorted(known)}. "
-                "Is this a LLaMA-family params.json (Llama 2, LLaMA-1, Code Llama)?"
+                "Is this a LLaMA-family params.json (LLaMA 1, Llama 2, Code Llama, "
+                "Llama 3.x)?"
             )
         args = build(cls, params, source)
         args.validate(source)
@@ -67,6 +79,26 @@ class ModelArgs:
             raise ConfigError(f"{source}: vocab_size must be -1 or >= 1, got {self.vocab_size}")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ConfigError(f"{source}: norm_eps and rope_theta must be > 0")
+        if self.rope_scale_factor is not None and self.rope_scale_factor < 1:
+            raise ConfigError(
+                f"{source}: rope_scale_factor must be >= 1 (or null for Meta's rule), got "
+                f"{self.rope_scale_factor}"
+            )
+
+    @property
+    def rope_scaling_factor(self) -> float | None:
+        """The RoPE scaling factor in effect, or None when RoPE is not scaled.
+
+        Meta's reference ``apply_scaling`` hard-codes 8, but Llama 3.2 1B and 3B were
+        trained with 32 (llama-models issue #166, confirmed by Meta's maintainers; with 8
+        their output degrades at long context). Their shapes are recognised; a setting
+        (``model.rope_scale_factor``, stored here) overrides the rule.
+        """
+        if not self.use_scaled_rope:
+            return None
+        if self.rope_scale_factor is not None:
+            return self.rope_scale_factor
+        return 32.0 if (self.dim, self.n_layers) in LLAMA_3_2_SMALL_SHAPES else 8.0
 
     @property
     def kv_heads(self) -> int:
@@ -91,7 +123,30 @@ class ModelArgs:
             del out["n_kv_heads"]
         if out["ffn_dim_multiplier"] is None:
             del out["ffn_dim_multiplier"]
+        if not out["use_scaled_rope"]:
+            del out["use_scaled_rope"]
+        if out["rope_scale_factor"] is None:
+            del out["rope_scale_factor"]
         return out
+
+
+# Meta's RoPE scaling constants (``apply_scaling`` in llama-models), fixed for every
+# Llama 3.1+ release; only the factor varies.
+ROPE_LOW_FREQ_FACTOR = 1.0
+ROPE_HIGH_FREQ_FACTOR = 4.0
+ROPE_OLD_CONTEXT_LEN = 8192
+# (dim, n_layers) of Llama 3.2 1B and 3B: RoPE scaled by 32, not 8.
+LLAMA_3_2_SMALL_SHAPES = frozenset({(2048, 16), (3072, 28)})
+
+# params.json keys that mark a Meta release mpllama must refuse rather than run as a plain
+# model: each is another format whose weights mean something else.
+_UNSUPPORTED_VARIANTS = {
+    "quantization_args": "Meta quantized (SpinQuant / QAT int4)",
+    "lora_args": "Meta QLoRA",
+    "vision_chunk_size": "Llama 3.2 Vision",
+    "vision_max_num_chunks": "Llama 3.2 Vision",
+    "vision_num_cross_attention_layers": "Llama 3.2 Vision",
+}
 
 
 # The random checkpoints the project writes for tests and demos (mpllama init-checkpoint).
@@ -170,6 +225,16 @@ REPLICA_PLACEMENTS = ("spread", "pack")
 class ModelConfig:
     checkpoint_dir: str = ""
     tokenizer_path: str | None = None  # None = tokenizer.model beside the shards, or one up
+    # RoPE scaling factor for a use_scaled_rope checkpoint. None = Meta's rule: 32 for the
+    # Llama 3.2 1B and 3B shapes, 8 for every other Llama 3.1+ (see ModelArgs).
+    rope_scale_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.rope_scale_factor is not None and self.rope_scale_factor < 1:
+            raise ConfigError(
+                f"rope_scale_factor must be >= 1 (or null for Meta's rule), got "
+                f"{self.rope_scale_factor}"
+            )
 
 
 @dataclass(frozen=True)
