@@ -116,8 +116,47 @@ def test_missing_keys_take_meta_defaults() -> None:
 
 
 def test_unknown_params_key_is_named() -> None:
-    with pytest.raises(ConfigError, match=r"my/params\.json: unknown key.*'use_scaled_rope'"):
-        ModelArgs.from_params({**LLAMA2_7B, "use_scaled_rope": True}, "my/params.json")
+    with pytest.raises(ConfigError, match=r"my/params\.json: unknown key.*'moe_experts'"):
+        ModelArgs.from_params({**LLAMA2_7B, "moe_experts": 16}, "my/params.json")
+
+
+def test_llama_3_1_params_load_with_scaled_rope() -> None:
+    args = ModelArgs.from_params(
+        {**LLAMA2_7B, "n_kv_heads": 8, "vocab_size": 128256, "use_scaled_rope": True}
+    )
+    assert args.use_scaled_rope and args.rope_scaling_factor == 8.0
+    assert ModelArgs.from_params(LLAMA2_7B).rope_scaling_factor is None
+    assert args.to_params()["use_scaled_rope"] is True
+    assert "use_scaled_rope" not in ModelArgs.from_params(LLAMA2_7B).to_params()
+
+
+@pytest.mark.parametrize(
+    "dim, n_layers, factor", [(2048, 16, 32.0), (3072, 28, 32.0), (4096, 32, 8.0), (2048, 28, 8.0)]
+)
+def test_rope_scale_factor_follows_meta_rule(dim: int, n_layers: int, factor: float) -> None:
+    # Llama 3.2 1B (2048 x 16) and 3B (3072 x 28) were trained with 32, everything else 8.
+    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=16, use_scaled_rope=True)
+    assert args.rope_scaling_factor == factor
+
+
+def test_rope_scale_factor_setting_overrides_the_rule() -> None:
+    args = ModelArgs(dim=2048, n_layers=16, n_heads=16, use_scaled_rope=True, rope_scale_factor=8)
+    assert args.rope_scaling_factor == 8
+    with pytest.raises(ConfigError, match="rope_scale_factor must be >= 1"):
+        ModelArgs.from_params({**LLAMA2_7B, "use_scaled_rope": True, "rope_scale_factor": 0.5})
+
+
+@pytest.mark.parametrize(
+    "key, variant",
+    [
+        ("quantization_args", "quantized"),
+        ("lora_args", "QLoRA"),
+        ("vision_chunk_size", "Vision"),
+    ],
+)
+def test_meta_variants_are_refused_by_name(key: str, variant: str) -> None:
+    with pytest.raises(ConfigError, match=f"{variant}.*{key}.*not support"):
+        ModelArgs.from_params({**LLAMA2_7B, key: {"group_size": 32}}, "my/params.json")
 
 
 @pytest.mark.parametrize(
