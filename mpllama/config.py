@@ -146,6 +146,7 @@ _UNSUPPORTED_VARIANTS = {
     "vision_chunk_size": "Llama 3.2 Vision",
     "vision_max_num_chunks": "Llama 3.2 Vision",
     "vision_num_cross_attention_layers": "Llama 3.2 Vision",
+    "vision_model": "Llama 3.2 Vision",
 }
 
 
