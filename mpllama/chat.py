@@ -1,6 +1,8 @@
-"""The terminal side of ``mpllama chat``: a multi-turn conversation in the Llama 2 chat
-template, each answer streamed as it is made. CLI code (it prints and reads the
-terminal); the model work is ``AsyncLLM``'s.
+"""The terminal side of ``mpllama chat``: a multi-turn conversation in the model's own
+chat format (Llama 2's [INST] template, or Llama 3's header tokens, as the tokenizer
+says), each answer streamed as it is made and ended at the model's stop tokens (Llama 3:
+<|eot_id|>), as in Meta's chat example. CLI code (it prints and reads the terminal); the
+model work is ``AsyncLLM``'s.
 
 Ctrl-C stops the answer being written (its request is aborted, the gang serves on) and
 keeps what was shown as the assistant's turn; at the prompt it does nothing but remind.
@@ -17,7 +19,6 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 from .errors import PromptError
-from .tokenizer import encode_dialog
 
 PROMPT = ">>> "
 STOPPED = "[stopped]"  # after an answer cut short by Ctrl-C
@@ -91,7 +92,7 @@ class Chat:
         user = {"role": "user", "content": message}
         pieces: list[str] = []
         try:
-            ids = encode_dialog(self.llm.tokenizer, [*self.system, *self.history, user])
+            ids = self.llm.tokenizer.encode_dialog([*self.system, *self.history, user])
         except PromptError as exc:  # e.g. a tag reserved for the chat template
             self.say(f"error: {exc}")
             return

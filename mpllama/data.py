@@ -103,11 +103,9 @@ class Completer:
         return {**batch, **columns}
 
     def _encode(self, row: dict[str, Any]) -> list[int]:
-        from .tokenizer import encode_dialog
-
         messages = row.get(self.messages_column)
         if messages is not None:
-            return encode_dialog(self.llm.tokenizer, _dialog(messages))
+            return self.llm.tokenizer.encode_dialog(_dialog(messages))
         prompt = row.get(self.prompt_column)
         if prompt is None:
             raise ValueError(f"the row has neither {self.prompt_column!r} nor a dialog")

@@ -1,7 +1,7 @@
 """YAML batch jobs: a JSONL file of requests in, a JSONL file of results out.
 
 Each input line is an object ``{"id": ..., "prompt": "..."}`` or ``{"id": ...,
-"messages": [...]}`` (a Llama 2 chat dialog), optionally with ``"sampling": {...}``
+"messages": [...]}`` (a chat dialog, in the model's chat format), optionally with ``"sampling": {...}``
 overriding the job's sampling section for that request.
 
 Nothing is lost and nothing is written twice: every request is appended to the output,
@@ -27,7 +27,6 @@ from tqdm import tqdm
 from .config import RunConfig, SamplingParams, run_config_from_dict
 from .errors import ConfigError, MpllamaError, PromptError
 from .protocol import derive_seed
-from .tokenizer import encode_dialog
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +301,7 @@ def _run_pending(
     for request in pending:
         try:
             if request.messages is not None:
-                ids = encode_dialog(llm.tokenizer, request.messages)
+                ids = llm.tokenizer.encode_dialog(request.messages)
             else:
                 ids = llm.encode_prompt(request.prompt, request.line)
         except PromptError as exc:

@@ -44,6 +44,7 @@ class SamplingBody(Body):
     top_k: int | None = Field(None, ge=-1)  # an extra field, as in vLLM: -1 or 0 = off
     ignore_eos: bool | None = None  # an extra field
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # an extra field, as in vLLM
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1)
     stream: bool = False
@@ -81,9 +82,11 @@ class ContentPart(Body):
 
 
 class ChatMessage(Body):
-    role: Literal["system", "user", "assistant"]
+    # "tool" (a tool's result) needs a Llama 3 model: the Llama 2 format refuses it (400).
+    role: Literal["system", "user", "assistant", "tool"]
     content: str | list[ContentPart]
     name: str | None = None  # accepted, unused
+    tool_call_id: str | None = None  # accepted, unused (Llama 3's ipython turn has no id)
 
     @property
     def text(self) -> str:

@@ -96,6 +96,12 @@ def check_request(request: Request, max_seq_len: int, vocab_size: int) -> str | 
     ]
     if bad:
         return f"token id(s) {bad[:5]} are outside the vocabulary 0..{vocab_size - 1}"
+    stops = [t for t in request.params.stop_token_ids if t >= vocab_size]
+    if stops:
+        return (
+            f"stop_token_ids {stops[:5]} are outside the vocabulary 0..{vocab_size - 1}: "
+            "the model can never make them"
+        )
     return None
 
 

@@ -49,7 +49,7 @@ from .openai_api import (
 )
 from .protocol import Request as EngineRequest
 from .protocol import check_request
-from .tokenizer import IncrementalDecoder, encode_dialog
+from .tokenizer import IncrementalDecoder
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class OpenAIServer:
             )
         dialog = [{"role": m.role, "content": m.text} for m in body.messages]
         try:
-            ids = encode_dialog(self.tokenizer, dialog)  # type: ignore[arg-type]
+            ids = self.tokenizer.encode_dialog(dialog)  # type: ignore[arg-type]
         except PromptError as exc:
             raise ApiError(400, str(exc), param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -371,6 +371,8 @@ class OpenAIServer:
             given["top_k"] = max(0, body.top_k)
         if body.stop is not None:
             given["stop"] = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
+        if body.stop_token_ids is not None:
+            given["stop_token_ids"] = tuple(body.stop_token_ids)
         try:
             return self.defaults.replace(**given, **fixed)
         except (ValueError, TypeError) as exc:

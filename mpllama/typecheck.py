@@ -41,11 +41,12 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
                 continue
         raise ConfigError(f"{where}: {value!r} is not {describe(hint)}")
     if origin is tuple:
-        if isinstance(value, str):
+        item = typing.get_args(hint)[0]
+        if item is str and isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
-        return tuple(coerce(v, typing.get_args(hint)[0], where) for v in value)
+            raise ConfigError(f"{where}: expected {describe(hint)}, got {value!r}")
+        return tuple(coerce(v, item, where) for v in value)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
@@ -59,7 +60,7 @@ def describe(hint: Any) -> str:
     if typing.get_origin(hint) in (Union, types.UnionType):
         return " or ".join(describe(h) for h in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
-        return "a list of strings"
+        return "a list of integers" if typing.get_args(hint)[0] is int else "a list of strings"
     return {
         int: "an integer",
         float: "a number",

@@ -48,6 +48,9 @@ def test_check_request() -> None:
     assert "max_seq_len is 3" in check_request(Request("a", [1, 2, 3]), 3, 512)
     assert "[512, -1]" in check_request(Request("a", [1, 512, 5, -1]), 8, 512)
     assert "True" in check_request(Request("a", [1, True]), 8, 512)  # bools are not ids
+    far = SamplingParams(stop_token_ids=(5, 512, 900))
+    assert "stop_token_ids [512, 900]" in check_request(Request("a", [1], far), 8, 512)
+    assert check_request(Request("a", [1], SamplingParams(stop_token_ids=(511,))), 8, 512) is None
 
 
 def test_budget_is_max_tokens_capped_by_the_context_left() -> None:

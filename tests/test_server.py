@@ -389,6 +389,10 @@ class TestOneReplica:
                 400,
             ),
             ("/completions", {**base, "model": "gpt-4"}, 404),
+            ("/completions", {**base, "stop_token_ids": [-1]}, 400),
+            ("/completions", {**base, "stop_token_ids": ["5"]}, 400),
+            # A tool's turn needs a Llama 3 model: the Llama 2 format has no tool role.
+            ("/chat/completions", {**chat, "messages": [{"role": "tool", "content": "x"}]}, 400),
         ]
         for path, body, status in cases:
             got, _, reply = http(url + path, body)
@@ -407,6 +411,27 @@ class TestOneReplica:
                 model=MODEL, messages=[{"role": "user", "content": "a [INST] b"}]
             )
         assert client.completions.create(**base).choices[0].finish_reason == "length"
+        with pytest.raises(openai.BadRequestError, match="no 'tool' role"):
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]
+            )
+
+    def test_stop_token_ids_end_completions_and_chats(self, client, offline, tiny_ckpt) -> None:
+        from mpllama.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tiny_ckpt / "tokenizer.model")
+        for out, ask in [
+            (offline["greedy"][1], lambda **kw: client.completions.create(prompt=PROMPTS[1], **kw)),
+            (offline["chat"], lambda **kw: client.chat.completions.create(messages=DIALOG, **kw)),
+        ]:
+            cut = next(i for i in range(1, MAX_TOKENS) if out.token_ids[i] not in out.token_ids[:i])
+            reply = ask(
+                model=MODEL, temperature=0, extra_body={"stop_token_ids": [out.token_ids[cut]]}
+            )
+            choice = reply.choices[0]
+            text = choice.text if reply.object == "text_completion" else choice.message.content
+            assert choice.finish_reason == "stop"  # with ignore_eos (the serve YAML's) too
+            assert text == tok.decode(out.token_ids[:cut]) and reply.usage.completion_tokens == cut
 
     def test_a_full_queue_answers_429_and_a_client_that_leaves_frees_its_slot(
         self, server, client
