@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, runtime
+from . import checkpoint, memory, runtime
 from .config import (
     ParallelConfig,
     RunConfig,
@@ -36,7 +36,7 @@ from .outputs import (
     token_list,
 )
 from .protocol import Event, RankSpec, Request, check_request, derive_seed
-from .tokenizer import Dialog, encode_dialog
+from .tokenizer import Dialog
 
 __all__ = ["LLM", "RequestOutput"]
 
@@ -97,12 +97,13 @@ class LLM:
 
         # Everything that can be checked on the driver is checked before Ray starts.
         self.tokenizer, self.args, shards = checkpoint.inspect(
-            model.checkpoint_dir, model.tokenizer_path
+            model.checkpoint_dir, model.tokenizer_path, model.rope_scale_factor
         )
         world = parallel.model_parallel_size or len(shards)
         checkpoint.check_model_parallel(self.args, world)
         checkpoint.shard_plan(len(shards), world)
         checkpoint.check_shards(shards, self.args)
+        memory.check_kv_cache(self.args, world, runtime, parallel.gpus_per_rank)
         self.world_size = world
         self.spec = RankSpec(
             checkpoint_dir=str(Path(model.checkpoint_dir).resolve()),
@@ -205,9 +206,10 @@ class LLM:
         *,
         errors: str = "raise",
     ) -> list[RequestOutput]:
-        """Llama 2 chat: each dialog is a list of {"role", "content"} messages.
-        ``errors="return"`` also turns a malformed dialog, or one using a reserved chat
-        tag, into an error output."""
+        """Chat in the model's format (Llama 2 [INST] or Llama 3 headers, as the tokenizer
+        says): each dialog is a list of {"role", "content"} messages, roles system, user,
+        assistant and (Llama 3) tool. ``errors="return"`` also turns a malformed dialog,
+        or one using a reserved Llama 2 chat tag, into an error output."""
         entries = self._dialog_requests(dialogs, sampling_params, errors)
         return _finals(self._run(entries), len(entries))
 
@@ -233,7 +235,7 @@ class LLM:
         out: list[list[int] | Exception] = []
         for i, dialog in enumerate(dialogs):
             try:
-                out.append(encode_dialog(self.tokenizer, dialog))  # type: ignore[arg-type]
+                out.append(self.tokenizer.encode_dialog(dialog))  # type: ignore[arg-type]
             except PromptError as exc:
                 out.append(PromptError(f"dialog {i}: {exc}"))
         return out

@@ -20,15 +20,18 @@ from typing import Any
 
 from .config import ModelArgs
 from .errors import CheckpointError, ConfigError
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
 # Keys Meta's files carry that the model does not use (rope.freqs is recomputed).
 IGNORED_KEYS = frozenset({"rope.freqs"})
 
 # The one table of shard axes: column-parallel weights split their output rows (dim 0),
-# row-parallel weights and the embedding split their input columns (dim 1), norms are
-# replicated (None). Per-layer keys are listed without their "layers.N." prefix.
+# row-parallel weights split their input columns (dim 1), norms are replicated (None).
+# Per-layer keys are listed without their "layers.N." prefix. The embedding is the one
+# weight whose axis depends on the checkpoint: Llama 1/2 split it by model dimension
+# (dim 1, fairscale's ParallelEmbedding), Llama 3 by vocabulary (dim 0,
+# VocabParallelEmbedding); ``embedding_axis`` reads which from the shards' shapes.
 SHARD_AXES: dict[str, int | None] = {
     "tok_embeddings.weight": 1,
     "norm.weight": None,
@@ -44,14 +47,35 @@ SHARD_AXES: dict[str, int | None] = {
     "ffn_norm.weight": None,
 }
 _LAYER_KEY = re.compile(r"^layers\.\d+\.")
+EMBEDDING = "tok_embeddings.weight"
+# Keys holding key/value heads: with more ranks (or shards) than KV heads, each rank holds
+# a copy of one head instead of a slice of one (Meta's reshard_mp repeats them so).
+_KV_KEY = re.compile(r"^layers\.\d+\.attention\.w[kv]\.weight$")
 
 
-def shard_axis(key: str) -> int | None:
-    """The dimension ``key`` is split on across ranks, or None when it is replicated."""
+def shard_axis(key: str, embed_axis: int = 1) -> int | None:
+    """The dimension ``key`` is split on across ranks, or None when it is replicated;
+    ``embed_axis`` is the embedding's (1: Llama 1/2 layout, 0: vocabulary parallel)."""
+    if key == EMBEDDING:
+        return embed_axis
     try:
         return SHARD_AXES[_LAYER_KEY.sub("", key)]
     except KeyError:
         raise KeyError(f"{key!r} is not a LLaMA weight") from None
+
+
+def is_kv_key(key: str) -> bool:
+    return _KV_KEY.match(key) is not None
+
+
+def kv_heads_of(part: int, parts: int, kv_heads: int) -> list[int]:
+    """The KV heads part ``part`` of ``parts`` holds: a contiguous run of
+    kv_heads / parts heads, or, with more parts than heads, one head repeated on
+    parts / kv_heads consecutive parts (part p holds head p // (parts / kv_heads))."""
+    if parts <= kv_heads:
+        per = kv_heads // parts
+        return list(range(part * per, (part + 1) * per))
+    return [part // (parts // kv_heads)]
 
 
 def full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -78,32 +102,41 @@ def full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def shard_shapes(args: ModelArgs, parts: int) -> dict[str, tuple[int, ...]]:
-    """Each weight's shape in one of ``parts`` equal shards."""
+def shard_shapes(args: ModelArgs, parts: int, embed_axis: int = 1) -> dict[str, tuple[int, ...]]:
+    """Each weight's shape in one of ``parts`` equal shards (with more parts than KV
+    heads, wk and wv hold one head each)."""
+    kv_rows = len(kv_heads_of(0, parts, args.kv_heads)) * args.head_dim
     out = {}
     for key, shape in full_shapes(args).items():
-        axis = shard_axis(key)
-        if axis is not None:
+        axis = shard_axis(key, embed_axis)
+        if is_kv_key(key):
+            shape = (kv_rows, shape[1])
+        elif axis is not None:
             shape = shape[:axis] + (shape[axis] // parts,) + shape[axis + 1 :]
         out[key] = shape
     return out
 
 
 def check_model_parallel(args: ModelArgs, size: int) -> None:
-    """Raise ConfigError unless ``size`` ranks can split every sharded dimension evenly."""
+    """Raise ConfigError unless ``size`` ranks can split every sharded dimension evenly.
+
+    KV heads may also be fewer than the ranks, when the ranks are a multiple of them:
+    each rank then holds a copy of one KV head (405B's 8 KV heads on 16 ranks)."""
     if size < 1:
         raise ConfigError(f"model_parallel_size={size}: it must be >= 1")
-    dims = {
-        "n_heads": args.n_heads,
-        "n_kv_heads": args.kv_heads,
-        "FFN width": args.ffn_dim,
-        "dim": args.dim,
-    }
+    dims = {"n_heads": args.n_heads, "FFN width": args.ffn_dim, "dim": args.dim}
     if args.vocab_size > 0:
         dims["vocab_size"] = args.vocab_size
-    bad = [f"{name}={value}" for name, value in dims.items() if value % size]
+
+    def problems(n: int) -> list[str]:
+        bad = [f"{name}={value}" for name, value in dims.items() if value % n]
+        if args.kv_heads % n and n % args.kv_heads:
+            bad.append(f"n_kv_heads={args.kv_heads} (nor is it a multiple of it)")
+        return bad
+
+    bad = problems(size)
     if bad:
-        fits = [n for n in range(1, args.n_heads + 1) if all(v % n == 0 for v in dims.values())]
+        fits = [n for n in range(1, args.n_heads + 1) if not problems(n)]
         raise ConfigError(
             f"model_parallel_size={size} does not divide {', '.join(bad)}; "
             f"sizes that fit this model: {fits}"
@@ -320,15 +353,37 @@ def count_values(shapes: Shapes) -> int:
 
 
 def inspect(
-    checkpoint_dir: str, tokenizer_path: str | None
+    checkpoint_dir: str, tokenizer_path: str | None, rope_scale_factor: float | None = None
 ) -> tuple[Tokenizer, ModelArgs, list[Path]]:
     """What the driver reads before any actor starts: the tokenizer, the model's
-    arguments (vocabulary resolved against the tokenizer) and the shard files."""
+    arguments (vocabulary resolved against the tokenizer; ``rope_scale_factor``, the
+    setting model.rope_scale_factor, overriding Meta's rule when given) and the shards."""
     shards = find_shards(checkpoint_dir)
     args = read_params(checkpoint_dir)
-    tokenizer = Tokenizer(find_tokenizer(checkpoint_dir, tokenizer_path))
+    if rope_scale_factor is not None:
+        args = replace(args, rope_scale_factor=rope_scale_factor)
+    tokenizer = load_tokenizer(find_tokenizer(checkpoint_dir, tokenizer_path))
     args = resolve_vocab(args, tokenizer.n_words, str(Path(checkpoint_dir) / "params.json"))
     return tokenizer, args, shards
+
+
+def embedding_axis(shapes: Shapes, args: ModelArgs, parts: int) -> int:
+    """The axis a checkpoint of ``parts`` shards splits the embedding on, from one
+    shard's shapes: 0 (vocabulary parallel, Llama 3) or 1 (model dimension, Llama 1/2).
+    One shard holds the whole table, which either reading fits: 1 is taken. A shard
+    holding full-width rows is read as split by vocabulary (the strict check then names
+    a wrong row count against that layout)."""
+    shape = shapes.get(EMBEDDING)
+    if parts > 1 and shape is not None and len(shape) == 2 and shape[1] == args.dim:
+        return 0
+    return 1
+
+
+def detect_embedding_axis(shards: list[Path], args: ModelArgs) -> int:
+    """``embedding_axis`` of a checkpoint, read from its first shard's index (no torch)."""
+    if len(shards) == 1:
+        return 1
+    return embedding_axis(read_shapes(shards[0]), args, len(shards))
 
 
 def check_shards(shards: list[Path], args: ModelArgs) -> int:
@@ -337,14 +392,17 @@ def check_shards(shards: list[Path], args: ModelArgs) -> int:
 
     Only each file's pickled index is read (``read_shapes``), not the weights. A
     truncated file, one that would run code, or one that does not match params.json
-    fails here, with the same CheckpointError the rank would raise.
+    fails here, with the same CheckpointError the rank would raise. The embedding's
+    axis is read from the first shard; every shard must then agree with it.
     """
-    expected = shard_shapes(args, len(shards))
+    embed_axis: int | None = None
     values = 0
     for path in shards:
         shapes = read_shapes(path)
+        if embed_axis is None:
+            embed_axis = embedding_axis(shapes, args, len(shards))
         try:
-            check_state(shapes, expected, str(path))
+            check_state(shapes, shard_shapes(args, len(shards), embed_axis), str(path))
         except CheckpointError as exc:
             raise CheckpointError(
                 f"{exc}. The shards were written for another model or are damaged: "

@@ -165,6 +165,20 @@ PRESETS: dict[str, ModelArgs] = {
         norm_eps=1e-5,
         rope_theta=500000.0,
     ),
+    # Llama 3 shaped (Meta's tiktoken vocabulary, GQA, scaled RoPE at theta 5e5; head_dim
+    # 8 keeps low-frequency pairs that the scaling changes). The writer gives it Meta's
+    # real tokenizer.model and shards the embedding by vocabulary, as Meta does.
+    "llama3-tiny": ModelArgs(
+        dim=64,
+        n_layers=2,
+        n_heads=8,
+        n_kv_heads=2,
+        vocab_size=128256,
+        multiple_of=16,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        use_scaled_rope=True,
+    ),
 }
 
 
@@ -181,7 +195,11 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     seed: int | None = None  # None = derived from the engine seed and the request index
     stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
+    # Token ids that also end the request, beside the model's own stop ids (Llama 3:
+    # <|end_of_text|>, <|eom_id|>, <|eot_id|>; else EOS). Like stop strings, they are not
+    # part of the output.
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False  # ignore the model's stop ids (stop_token_ids still stop)
     logprobs: bool = False  # return the log-probability of each generated token
     echo: bool = False  # include the prompt in the returned text
 
@@ -190,6 +208,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         elif isinstance(self.stop, list):
             object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.stop_token_ids, list):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         check_types(self, "SamplingParams")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
@@ -203,6 +223,10 @@ class SamplingParams:
             raise ValueError(f"seed must be >= 0 or None, got {self.seed}")
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if any(i < 0 for i in self.stop_token_ids):
+            raise ValueError(
+                f"stop_token_ids must be token ids (>= 0), got {list(self.stop_token_ids)}"
+            )
 
     @property
     def greedy(self) -> bool:

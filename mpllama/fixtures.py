@@ -13,6 +13,7 @@ import inspect
 import io
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -51,6 +52,10 @@ def random_state(
     return out
 
 
+# Llama 3's vocabulary: 128000 BPE ranks and 256 special tokens (Meta's tiktoken file).
+LLAMA3_VOCAB = 128256
+
+
 def init_checkpoint(
     out_dir: str | Path,
     preset: str | ModelArgs = "tiny",
@@ -59,17 +64,60 @@ def init_checkpoint(
     dtype: torch.dtype = torch.float32,
     vocab_size: int = 512,
 ) -> Path:
-    """A seeded random checkpoint with its own freshly trained tokenizer.model."""
+    """A seeded random checkpoint with its own freshly trained tokenizer.model; a preset
+    with Llama 3's vocabulary (``llama3-tiny``) gets Meta's tokenizer and shards instead
+    (see ``init_llama3_checkpoint``; ``vocab_size`` is then unused)."""
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         preset = PRESETS[preset]
+    if preset.vocab_size == LLAMA3_VOCAB:
+        return init_llama3_checkpoint(out_dir, preset, parts, seed, dtype)
     out = Path(out_dir)
     tok_path = train_tokenizer(out / "tokenizer.model", vocab_size=vocab_size)
     args = resolve_vocab(preset, Tokenizer(tok_path).n_words)
     write_checkpoint(out, args, random_state(args, seed, dtype), parts)
     log.info("wrote %s: %d shard(s), %s", out, parts, args)
     return out
+
+
+def init_llama3_checkpoint(
+    out_dir: str | Path,
+    args: ModelArgs | None = None,
+    parts: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """A seeded random Llama-3-shaped checkpoint (default: the ``llama3-tiny`` preset),
+    sharded as Meta shards Llama 3 (the embedding by vocabulary; with more shards than KV
+    heads, each shard a copy of one), beside a copy of Meta's real tokenizer.model.
+
+    Needs the ``llama-models`` package (the test extra) for that file; mpllama itself
+    never does."""
+    args = PRESETS["llama3-tiny"] if args is None else args
+    if args.vocab_size != LLAMA3_VOCAB:
+        raise ConfigError(
+            f"a Llama 3 checkpoint has vocab_size={LLAMA3_VOCAB} (its tokenizer's), "
+            f"got {args.vocab_size}"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(llama3_tokenizer_path(), out / "tokenizer.model")
+    write_checkpoint(out, args, random_state(args, seed, dtype), parts, embed_axis=0)
+    log.info("wrote %s: %d shard(s), %s", out, parts, args)
+    return out
+
+
+def llama3_tokenizer_path() -> Path:
+    """Meta's Llama 3 tokenizer.model, as the ``llama-models`` package ships it."""
+    try:
+        from llama_models.llama3 import tokenizer as meta_tokenizer
+    except ImportError:
+        raise ConfigError(
+            "Llama 3 fixtures copy Meta's tokenizer.model from the llama-models package, "
+            "which is not installed: pip install 'mpllama[test]' (or llama-models)"
+        ) from None
+    return Path(meta_tokenizer.__file__).parent / "tokenizer.model"
 
 
 # ------------------------------------------------------------------------ tokenizer

@@ -14,16 +14,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
+from fairscale.nn.model_parallel.initialize import (
+    get_model_parallel_rank,
+    get_model_parallel_world_size,
+)
 from fairscale.nn.model_parallel.layers import (
     ColumnParallelLinear,
     ParallelEmbedding,
     RowParallelLinear,
+    VocabParallelEmbedding,
 )
 from torch import nn
 
 from .config import ModelArgs
-from .dist import all_gather, all_reduce
+from .dist import all_gather, all_reduce, gather_to_lead
+from .rope import apply_rope, rope_table
 
 # A call per row (CPU attention reading each row on its own) costs about what reading
 # this many bytes of KV cache does; see Transformer._row_ends.
@@ -77,6 +82,20 @@ class Embedding(ParallelEmbedding):
         return all_gather(F.embedding(tokens, self.weight))
 
 
+class VocabEmbedding(VocabParallelEmbedding):
+    """Each rank holds the rows of its own vocabulary range (a Llama 3 shard's layout):
+    it looks up the tokens in its range, zeros the others, and the sum over ranks is
+    every token's row (one all-reduce, as one all-gather is for ``Embedding``)."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.num_embeddings_per_partition == self.num_embeddings:
+            return F.embedding(tokens, self.weight)
+        local = tokens - self.vocab_start_index
+        outside = (local < 0) | (local >= self.num_embeddings_per_partition)
+        rows = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return all_reduce(rows.masked_fill_(outside[..., None], 0.0))
+
+
 def onednn_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why oneDNN cannot run this rank's linear layers, or None when it can."""
     if device.type != "cpu":
@@ -120,18 +139,35 @@ def row_parallel(in_features: int, out_features: int) -> nn.Module:
     )
 
 
-def parallel_embedding(num_embeddings: int, embedding_dim: int) -> nn.Module:
-    per_rank = embedding_dim // get_model_parallel_world_size()
+def parallel_embedding(num_embeddings: int, embedding_dim: int, axis: int = 1) -> nn.Module:
+    """The embedding split on ``axis``: 1, by model dimension (Llama 1/2 shards), or 0, by
+    vocabulary (Llama 3 shards), so a rank's slice is its shard's as stored."""
+    world = get_model_parallel_world_size()
+    common = {
+        "num_embeddings": num_embeddings,
+        "embedding_dim": embedding_dim,
+        "padding_idx": None,
+        "max_norm": None,
+        "norm_type": 2.0,
+        "scale_grad_by_freq": False,
+        "sparse": False,
+        "_weight": None,
+    }
+    if axis == 0:
+        per_rank = num_embeddings // world
+        start = get_model_parallel_rank() * per_rank
+        return _bare(
+            VocabEmbedding,
+            **common,
+            vocab_start_index=start,
+            vocab_end_index=start + per_rank,
+            num_embeddings_per_partition=per_rank,
+            weight=_meta_weight(per_rank, embedding_dim),
+        )
+    per_rank = embedding_dim // world
     return _bare(
         Embedding,
-        num_embeddings=num_embeddings,
-        embedding_dim=embedding_dim,
-        padding_idx=None,
-        max_norm=None,
-        norm_type=2.0,
-        scale_grad_by_freq=False,
-        sparse=False,
-        _weight=None,
+        **common,
         embedding_dim_per_partition=per_rank,
         weight=_meta_weight(num_embeddings, per_rank),
     )
@@ -150,31 +186,19 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rope_table(head_dim: int, max_seq_len: int, theta: float, device: torch.device) -> torch.Tensor:
-    """e^(i * position * freq) for every (position, pair): [max_seq_len, head_dim // 2]
-    complex64."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
-    return torch.polar(torch.ones_like(angles), angles)
-
-
-def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (2i, 2i+1) as Meta's layout does, one complex product per
-    pair (a third of the kernels of the real-arithmetic form). x [B,T,H,D]; cis [B,T,D/2]."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B,T,H,D/2]
-    return torch.view_as_real(pairs * cis[:, :, None, :]).flatten(-2).type_as(x)
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         world = get_model_parallel_world_size()
         self.n_local_heads = args.n_heads // world
-        self.n_local_kv_heads = args.kv_heads // world
+        # More ranks than KV heads: each rank holds a copy of the one KV head its query
+        # heads use (rank r: head r // (world / n_kv_heads)), as Meta's reshard_mp does.
+        self.n_local_kv_heads = max(args.kv_heads // world, 1)
         self.head_dim = args.head_dim
+        kv_rows = self.n_local_kv_heads * world * args.head_dim  # copies counted
         self.wq = column_parallel(args.dim, args.n_heads * args.head_dim, gather_output=False)
-        self.wk = column_parallel(args.dim, args.kv_heads * args.head_dim, gather_output=False)
-        self.wv = column_parallel(args.dim, args.kv_heads * args.head_dim, gather_output=False)
+        self.wk = column_parallel(args.dim, kv_rows, gather_output=False)
+        self.wv = column_parallel(args.dim, kv_rows, gather_output=False)
         self.wo = row_parallel(args.n_heads * args.head_dim, args.dim)
         # [slots + 1 spare, K, S_max, D]: a slot's keys up to S are a view in the layout
         # attention wants, so decoding never copies the cache.
@@ -253,17 +277,21 @@ class Transformer(nn.Module):
     """Built on the meta device; ``materialize`` gives it weights, ``setup_caches`` a cache.
 
     Needs fairscale's model-parallel state to be initialised (world size 1 included).
+    ``embed_axis`` is the embedding's split, the checkpoint's
+    (``checkpoint.detect_embedding_axis``): 1 by model dimension, 0 by vocabulary.
     """
 
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, embed_axis: int = 1) -> None:
         super().__init__()
         if args.vocab_size < 1:
             raise ValueError("ModelArgs.vocab_size must be resolved (take the tokenizer's)")
         self.args = args
-        self.tok_embeddings = parallel_embedding(args.vocab_size, args.dim)
+        self.tok_embeddings = parallel_embedding(args.vocab_size, args.dim, embed_axis)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = column_parallel(args.dim, args.vocab_size, gather_output=True)
+        # Each rank computes its vocabulary slice; only the lead, which samples, gathers
+        # the [B, V] logits (see forward).
+        self.output = column_parallel(args.dim, args.vocab_size, gather_output=False)
         self.slots = 0
         self.max_seq_len = 0
 
@@ -283,7 +311,10 @@ class Transformer(nn.Module):
             shape = (slots + 1, attn.n_local_kv_heads, max_seq_len, attn.head_dim)
             attn.cache_k = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
             attn.cache_v = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
-        self.rope = rope_table(self.args.head_dim, max_seq_len, self.args.rope_theta, weight.device)
+        args = self.args
+        self.rope = rope_table(
+            args.head_dim, max_seq_len, args.rope_theta, weight.device, args.rope_scaling_factor
+        )
         self.slots, self.max_seq_len = slots, max_seq_len
 
     def pack_linears(self) -> None:
@@ -329,8 +360,9 @@ class Transformer(nn.Module):
         start_pos: torch.Tensor,
         lengths: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Run up to T new tokens per row against that row's cache slot; float32 logits.
+    ) -> torch.Tensor | None:
+        """Run up to T new tokens per row against that row's cache slot; float32 logits
+        on the lead rank (rank 0), None on the others.
 
         tokens [B,T]; slots [B], the cache slot of each row (distinct); start_pos [B], each
         row's first new position (what its slot already holds); lengths [B] (optional),
@@ -378,7 +410,8 @@ class Transformer(nn.Module):
         h = at.unpack(h)  # [B,T,dim]
         if logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at]  # [B,dim]
-        return self.output(self.norm(h)).float()
+        logits = gather_to_lead(self.output(self.norm(h)))
+        return None if logits is None else logits.float()
 
 
 @dataclass

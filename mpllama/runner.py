@@ -110,7 +110,8 @@ def execute(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Run a step's forwards on this rank: the prompt chunks, then the decode tokens.
 
-    Returns logits [n_pf,V] at each chunk's last real token and [n_dec,V], or None.
+    Returns logits [n_pf,V] at each chunk's last real token and [n_dec,V], or None;
+    always None on a follower, which never receives the logits (only the lead samples).
     """
     device = model.device
     pf = dec = None
@@ -162,7 +163,10 @@ class Sequence:
             None if self.params.greedy else torch.Generator(device=device).manual_seed(request.seed)
         )
         self.decoder = IncrementalDecoder(tokenizer)
-        self.eos_id = tokenizer.eos_id
+        # The model's stop ids (ignore_eos drops them), and the request's own, which stop
+        # even with ignore_eos, as in vLLM.
+        model_stops = frozenset() if self.params.ignore_eos else tokenizer.stop_ids
+        self.stop_ids = model_stops | frozenset(self.params.stop_token_ids)
         self.text = ""  # decoded so far (cut at a stop string once one appears)
         self.shown = 0  # characters of text already emitted
         self.finish_reason: str | None = None
@@ -176,8 +180,8 @@ class Sequence:
         token_offset, text_offset = len(self.output), self.shown
         params = self.params
         new: list[int] = []
-        if token == self.eos_id and not params.ignore_eos:
-            self.finish_reason = "stop"  # EOS ends the request and is not part of it
+        if token in self.stop_ids:
+            self.finish_reason = "stop"  # a stop token ends the request and is not part of it
         else:
             new = [token]
             self.output.append(token)
@@ -363,11 +367,14 @@ class Runner:
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[Event]:
         params = [s.params for s in rows]
         tokens = next_tokens(logits, params, [s.generator for s in rows]).tolist()
-        lps = (
-            log_probs(logits, torch.tensor(tokens, device=logits.device)).tolist()
-            if any(p.logprobs for p in params)
-            else [None] * len(rows)
-        )
+        # Log-probs for the rows that asked only: a log-softmax over 128k entries a row.
+        lps: list[float | None] = [None] * len(rows)
+        want = [i for i, p in enumerate(params) if p.logprobs]
+        if want:
+            index = torch.tensor(want, device=logits.device)
+            picked = torch.tensor([tokens[i] for i in want], device=logits.device)
+            for i, lp in zip(want, log_probs(logits[index], picked).tolist(), strict=True):
+                lps[i] = lp
         events = []
         for s, token, lp in zip(rows, tokens, lps, strict=True):
             events.append(s.advance(token, lp if s.params.logprobs else None))

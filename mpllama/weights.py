@@ -17,6 +17,9 @@ from .checkpoint import (
     Shapes,
     check_model_parallel,
     check_state,
+    embedding_axis,
+    is_kv_key,
+    kv_heads_of,
     shard_axis,
     shard_plan,
     shard_shapes,
@@ -55,22 +58,34 @@ def load_rank_state(
 ) -> dict[str, torch.Tensor]:
     """The weights rank ``rank`` of ``world`` needs, read from its shard(s) only.
 
-    Slices and concatenations are copied into fresh tensors of this rank's size; when
-    shards and ranks match one to one, the memory-mapped tensors are used directly.
+    The embedding keeps the checkpoint's axis (``checkpoint.detect_embedding_axis``). Slices and
+    concatenations are copied into fresh tensors of this rank's size; when shards and
+    ranks match one to one, the memory-mapped tensors are used directly. KV heads are
+    repeated when the ranks outnumber them, and copies repeated on disk (more shards
+    than KV heads, as 405B's 16 shards) are taken once.
     """
     files, piece, pieces = shard_plan(len(shards), world)[rank]
-    per_file = shard_shapes(args, len(shards))
-    loaded = []
-    for i in files:
-        state = load_shard(shards[i])
+    loaded = [load_shard(shards[i]) for i in files]
+    embed_axis = embedding_axis(tensor_shapes(loaded[0]), args, len(shards))
+    per_file = shard_shapes(args, len(shards), embed_axis)
+    for i, state in zip(files, loaded, strict=True):
         check_state(tensor_shapes(state), per_file, str(shards[i]))
-        loaded.append(state)
     if len(loaded) == 1 and pieces == 1:
         return loaded[0]
     out = {}
     for key in per_file:
-        axis = shard_axis(key)
-        if axis is None:
+        axis = shard_axis(key, embed_axis)
+        if is_kv_key(key):
+            out[key] = _kv_heads(
+                key,
+                [(i, s[key]) for i, s in zip(files, loaded, strict=True)],
+                args,
+                len(shards),
+                rank,
+                world,
+                shards,
+            )
+        elif axis is None:
             first = loaded[0][key]
             if any(not torch.equal(first, other[key]) for other in loaded[1:]):
                 raise CheckpointError(
@@ -85,31 +100,72 @@ def load_rank_state(
     return out
 
 
+def _kv_heads(
+    key: str,
+    parts: list[tuple[int, torch.Tensor]],
+    args: ModelArgs,
+    n_shards: int,
+    rank: int,
+    world: int,
+    shards: list[Path],
+) -> torch.Tensor:
+    """This rank's wk or wv rows, head by head, from the shards it reads: shard i holds
+    ``kv_heads_of(i, n_shards)``, the rank needs ``kv_heads_of(rank, world)``."""
+    hd = args.head_dim
+    have: dict[int, torch.Tensor] = {}
+    for i, value in parts:
+        for j, head in enumerate(kv_heads_of(i, n_shards, args.kv_heads)):
+            rows = value[j * hd : (j + 1) * hd]
+            if head in have and not torch.equal(have[head], rows):
+                raise CheckpointError(
+                    f"{key}: KV head {head} is repeated across shards but its copies "
+                    f"differ ({shards[i].name}); re-download or re-convert the checkpoint"
+                )
+            have.setdefault(head, rows)
+    return torch.cat([have[h] for h in kv_heads_of(rank, world, args.kv_heads)])
+
+
 # ------------------------------------------------------------------------ writing
 
 
-def split_state(state: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
-    """Cut a full state dict into ``parts`` Meta shards along the shard-axis table."""
+def split_state(
+    state: dict[str, torch.Tensor],
+    parts: int,
+    embed_axis: int = 1,
+    kv_heads: int | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Cut a full state dict into ``parts`` Meta shards along the shard-axis table, the
+    embedding on ``embed_axis`` (1: Llama 1/2, 0: Llama 3). With ``kv_heads`` fewer than
+    ``parts``, each shard gets a copy of one KV head, as Meta ships 405B on 16 shards."""
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(parts)]
     for key, value in state.items():
-        axis = shard_axis(key)
-        pieces = [value] * parts if axis is None else list(value.chunk(parts, dim=axis))
+        axis = shard_axis(key, embed_axis)
+        if kv_heads is not None and is_kv_key(key) and parts > kv_heads:
+            heads = value.chunk(kv_heads, dim=0)
+            pieces = [heads[kv_heads_of(p, parts, kv_heads)[0]] for p in range(parts)]
+        else:
+            pieces = [value] * parts if axis is None else list(value.chunk(parts, dim=axis))
         for shard, piece in zip(shards, pieces, strict=True):
             shard[key] = piece.clone()
     return shards
 
 
 def write_checkpoint(
-    out_dir: str | Path, args: ModelArgs, state: dict[str, torch.Tensor], parts: int
+    out_dir: str | Path,
+    args: ModelArgs,
+    state: dict[str, torch.Tensor],
+    parts: int,
+    embed_axis: int = 1,
 ) -> list[Path]:
-    """Write ``state`` (full size) as ``parts`` consolidated.NN.pth shards + params.json."""
+    """Write ``state`` (full size) as ``parts`` consolidated.NN.pth shards + params.json,
+    the embedding split on ``embed_axis`` (0 as Meta shards Llama 3)."""
     check_model_parallel(args, parts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("consolidated.*.pth"):
         stale.unlink()
     paths = []
-    for i, shard in enumerate(split_state(state, parts)):
+    for i, shard in enumerate(split_state(state, parts, embed_axis, args.kv_heads)):
         path = out / f"consolidated.{i:02d}.pth"
         torch.save(shard, path)
         paths.append(path)

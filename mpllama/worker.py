@@ -25,9 +25,10 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+import psutil
 import torch
 
-from . import checkpoint, dist, weights
+from . import checkpoint, dist, memory, weights
 from .model import Transformer, materialize, onednn_unsupported
 from .protocol import Event, Polled, RankSpec, Request
 from .runner import Runner, follow
@@ -120,13 +121,17 @@ class RankWorker:
         self._rss_before_load = peak_rss_mb()
         self._anon_before_load = resident_mb().get("anon_rss_mb", 0.0)
         shards = checkpoint.find_shards(spec.checkpoint_dir)
+        embed_axis = checkpoint.detect_embedding_axis(shards, spec.args)
         state = weights.load_rank_state(shards, spec.args, self.rank, spec.world_size)
-        self.model = materialize(Transformer(spec.args), state, device, dtype)
+        self.model = materialize(Transformer(spec.args, embed_axis), state, device, dtype)
         del state
         linear = _linear_kernel(spec.cpu_linear, device, dtype)
         if linear == "onednn":
             self.model.pack_linears()
-        self.model.setup_caches(spec.max_batch_size, spec.max_seq_len)
+        # Gloo ranks that met in shared memory are all on this machine and share its RAM.
+        _setup_caches(
+            self.model, spec, device, dtype, spec.world_size if collectives == "shm" else 1
+        )
         info = {
             "rank": self.rank,
             "device": str(device),
@@ -283,6 +288,29 @@ def _shm_slot_bytes(spec: RankSpec, dtype: torch.dtype) -> int:
     vocab_slice = -(-args.vocab_size // spec.world_size)
     elements = max(rows * args.dim, spec.max_batch_size * vocab_slice)
     return min(SHM_SLOT_CAP, elements * dtype.itemsize)
+
+
+def _setup_caches(
+    model: Transformer, spec: RankSpec, device: torch.device, dtype: torch.dtype, ranks: int = 1
+) -> None:
+    """Allocate the KV cache, refusing first one that cannot fit this rank's free memory
+    (RAM on a CPU rank, shared by ``ranks`` ranks; the GPU's on a GPU rank): a CPU
+    allocation would otherwise succeed lazily and the rank be killed later, when the
+    pages are touched. An allocation that fails anyway gives the same message."""
+    slots, seq = spec.max_batch_size, spec.max_seq_len
+    need = memory.kv_cache_bytes(spec.args, spec.world_size, slots, seq, dtype.itemsize)
+    if device.type == "cuda":
+        available, where, ranks = torch.cuda.mem_get_info(device)[0], f"{device}", 1
+    else:
+        available, where = psutil.virtual_memory().available, "this rank's machine"
+    if need * ranks > available:
+        raise memory.kv_cache_error(need, available, where, slots, seq, ranks)
+    try:
+        model.setup_caches(slots, seq)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "alloc" not in str(exc).lower():
+            raise
+        raise memory.kv_cache_error(need, available, where, slots, seq, ranks) from exc
 
 
 def _linear_kernel(choice: str, device: torch.device, dtype: torch.dtype) -> str:

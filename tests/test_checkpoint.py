@@ -130,18 +130,24 @@ def _numel(shape: tuple[int, ...]) -> int:
 # --------------------------------------------------------------- check_model_parallel
 
 
-@pytest.mark.parametrize("size", [1, 2, 4, 8])
+# 12 heads sharing 4 KV heads: 6 ranks split the heads but not the KV heads (6 is
+# neither a divisor nor a multiple of 4).
+KV4_OF_12 = ModelArgs(dim=96, n_layers=1, n_heads=12, n_kv_heads=4, multiple_of=48, vocab_size=600)
+
+
+@pytest.mark.parametrize("size", [1, 2, 4, 8, 16, 32, 64])
 def test_model_parallel_sizes_that_fit_70b(size: int) -> None:
+    # Past 8 ranks, 70B's 8 KV heads are repeated: each rank holds a copy of one.
     check_model_parallel(LLAMA2_70B, size)
 
 
 @pytest.mark.parametrize(
     "args, size, names, fits",
     [
-        (LLAMA2_70B, 3, ["n_heads=64", "n_kv_heads=8"], [1, 2, 4, 8]),
-        (LLAMA2_70B, 16, ["n_kv_heads=8"], [1, 2, 4, 8]),
-        (tiny_args(), 8, ["n_kv_heads=4"], [1, 2, 4]),
-        (tiny_args(), 3, ["n_heads=8", "n_kv_heads=4"], [1, 2, 4]),
+        (LLAMA2_70B, 3, ["n_heads=64", "n_kv_heads=8"], [1, 2, 4, 8, 16, 32, 64]),
+        (LLAMA2_70B, 24, ["n_heads=64"], [1, 2, 4, 8, 16, 32, 64]),
+        (KV4_OF_12, 6, ["n_kv_heads=4"], [1, 2, 4, 12]),
+        (tiny_args(), 3, ["n_heads=8", "n_kv_heads=4"], [1, 2, 4, 8]),
     ],
 )
 def test_model_parallel_errors_list_sizes_that_fit(

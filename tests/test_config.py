@@ -405,6 +405,19 @@ def test_single_stop_string_in_yaml(tmp_path: Path) -> None:
     assert cfg.sampling.stop == ("END",)
 
 
+def test_stop_token_ids_in_yaml_and_code(tmp_path: Path) -> None:
+    cfg = load_run_config(write(tmp_path, "sampling:\n  stop_token_ids: [128009, 7]\n"))
+    assert cfg.sampling.stop_token_ids == (128009, 7)
+    assert SamplingParams(stop_token_ids=[3]).stop_token_ids == (3,)
+    assert SamplingParams().stop_token_ids == ()
+    hash(SamplingParams(stop_token_ids=[3]))
+    with pytest.raises(ValueError, match=r"stop_token_ids must be token ids.*\[-1\]"):
+        SamplingParams(stop_token_ids=[-1])
+    for bad, words in [("[a]", "'a' is not an integer"), ("5", "expected a list of integers")]:
+        with pytest.raises(ConfigError, match=rf"sampling\.stop_token_ids: {words}"):
+            load_run_config(write(tmp_path, f"sampling:\n  stop_token_ids: {bad}\n"))
+
+
 def test_home_and_env_vars_expand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MPLLAMA_TEST_MODELS", str(tmp_path / "models"))
     cfg = load_run_config(
@@ -590,3 +603,50 @@ def test_serve_api_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
 def test_serve_section_rejects_bad_values(values: dict, words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         run_config_from_dict({"serve": values})
+
+
+# Meta's params.json of each release the Llama 3.x templates are for (their original/ folder).
+_L3 = {"vocab_size": 128256, "norm_eps": 1e-5, "rope_theta": 500000.0}
+_L3_8B = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "multiple_of": 1024}
+_L3_70B = {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "multiple_of": 4096}
+META_RELEASES = {
+    "llama3-8b": {**_L3_8B, "ffn_dim_multiplier": 1.3, **_L3},
+    "llama3.1-8b": {**_L3_8B, "ffn_dim_multiplier": 1.3, "use_scaled_rope": True, **_L3},
+    "llama3.1-70b": {**_L3_70B, "ffn_dim_multiplier": 1.3, "use_scaled_rope": True, **_L3},
+    "llama3.3-70b": {**_L3_70B, "ffn_dim_multiplier": 1.3, "use_scaled_rope": True, **_L3},
+    "llama3.1-405b": {
+        **{"dim": 16384, "n_layers": 126, "n_heads": 128, "n_kv_heads": 8, "multiple_of": 4096},
+        **{"ffn_dim_multiplier": 1.2, "use_scaled_rope": True, **_L3},
+    },
+    "llama3.2-1b": {
+        **{"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "multiple_of": 256},
+        **{"ffn_dim_multiplier": 1.5, "use_scaled_rope": True, **_L3},
+    },
+    "llama3.2-3b": {
+        **{"dim": 3072, "n_layers": 28, "n_heads": 24, "n_kv_heads": 8, "multiple_of": 256},
+        **{"ffn_dim_multiplier": 1.0, "use_scaled_rope": True, **_L3},
+    },
+}
+TEMPLATES = Path(__file__).resolve().parent.parent / "configs" / "models"
+
+
+def test_every_model_template_loads() -> None:
+    names = sorted(p.stem for p in TEMPLATES.glob("*.yaml"))
+    assert set(META_RELEASES) <= set(names)
+    for name in names:
+        load_run_config(TEMPLATES / f"{name}.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(META_RELEASES))
+def test_llama3_templates_fit_their_release(name: str) -> None:
+    from mpllama.checkpoint import check_model_parallel
+
+    cfg = load_run_config(TEMPLATES / f"{name}.yaml")
+    args = ModelArgs.from_params(META_RELEASES[name])
+    mp = cfg.parallel.model_parallel_size
+    assert mp is not None
+    check_model_parallel(args, mp)  # raises when the template's rank count cannot split it
+    assert cfg.runtime.max_seq_len <= (8192 if name == "llama3-8b" else 131072)
+    # The factor the README and the template promise: 32 for 3.2 1B/3B only.
+    expected = None if name == "llama3-8b" else 32.0 if name.startswith("llama3.2") else 8.0
+    assert args.rope_scaling_factor == expected

@@ -141,14 +141,19 @@ def test_world_size_not_dividing_heads(tmp_path: Path, tiny_ckpt: Path, no_actor
         LLM(ckpt, model_parallel_size=4, **SMALL)
 
 
-def test_world_size_not_dividing_kv_heads(tiny_ckpts: dict[int, Path], no_actor_starts) -> None:
-    # The tiny preset has 8 query heads but 4 KV heads.
+def test_world_size_not_dividing_kv_heads(
+    tmp_path: Path, tokenizer_768: Path, no_actor_starts
+) -> None:
+    # 12 query heads share 4 KV heads: 6 ranks split the query heads, but 6 is neither a
+    # divisor of 4 nor a multiple of it (a multiple, such as 12, repeats the KV heads).
+    args = ModelArgs(dim=96, n_layers=1, n_heads=12, n_kv_heads=4, multiple_of=48, vocab_size=768)
+    ckpt = make_checkpoint(tmp_path / "ckpt", args, tokenizer_768.parent, parts=1)
     with raises(
         ConfigError,
-        "model_parallel_size=8 does not divide n_kv_heads=4",
-        "sizes that fit this model: [1, 2, 4]",
+        "model_parallel_size=6 does not divide n_kv_heads=4",
+        "sizes that fit this model: [1, 2, 4, 12]",
     ):
-        LLM(tiny_ckpts[1], model_parallel_size=8, **SMALL)
+        LLM(ckpt, model_parallel_size=6, **SMALL)
 
 
 def test_missing_tokenizer(tmp_path: Path, tiny_ckpt: Path, no_actor_starts) -> None:

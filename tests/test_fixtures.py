@@ -12,7 +12,13 @@ from sentencepiece import SentencePieceProcessor
 
 from mpllama.checkpoint import find_shards, read_params
 from mpllama.errors import ConfigError
-from mpllama.fixtures import PRESETS, init_checkpoint, random_state, train_tokenizer
+from mpllama.fixtures import (
+    PRESETS,
+    init_checkpoint,
+    init_llama3_checkpoint,
+    random_state,
+    train_tokenizer,
+)
 from mpllama.tokenizer import Tokenizer
 from mpllama.weights import load_rank_state
 
@@ -44,6 +50,34 @@ def test_random_state_is_seeded() -> None:
 def test_init_checkpoint_unknown_preset(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"unknown preset 'huge'.*medium"):
         init_checkpoint(tmp_path, "huge")
+
+
+def test_llama3_preset_is_written_as_meta_writes_llama3(tmp_path: Path) -> None:
+    """Meta's real tokenizer.model beside shards that split the embedding by vocabulary
+    and, past the KV-head count, hold a copy of one KV head each."""
+    from mpllama.checkpoint import detect_embedding_axis, read_shapes
+    from mpllama.fixtures import llama3_tokenizer_path
+
+    out = init_checkpoint(tmp_path / "l3", "llama3-tiny", parts=4)
+    assert (out / "tokenizer.model").read_bytes() == llama3_tokenizer_path().read_bytes()
+    args = read_params(out)
+    assert args == PRESETS["llama3-tiny"]
+    assert (args.vocab_size, args.kv_heads, args.use_scaled_rope, args.rope_theta) == (
+        128256,
+        2,
+        True,
+        500000.0,
+    )
+    shards = find_shards(out)
+    assert detect_embedding_axis(shards, args) == 0
+    shapes = read_shapes(shards[3])
+    assert shapes["tok_embeddings.weight"] == (128256 // 4, 64)
+    assert shapes["layers.0.attention.wk.weight"] == (args.head_dim, 64)  # one KV head
+    written = load_rank_state(shards, args, 0, 1)
+    expected = random_state(args, seed=0)
+    assert all(torch.equal(written[k], v) for k, v in expected.items())
+    with pytest.raises(ConfigError, match="vocab_size=128256"):
+        init_llama3_checkpoint(tmp_path / "bad", replace(args, vocab_size=1000))
 
 
 # ------------------------------------------------------------------------ tokenizer

@@ -189,6 +189,27 @@ def test_resharding_allocates_only_the_slice(bigger_ckpts: tuple[dict[int, Path]
     assert got["anon_kb"] < 0.75 * full_kb, (got, full_kb)
 
 
+def test_vocabulary_parallel_embedding_rows_sum_to_the_full_lookup(
+    single_rank: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Llama 3 shard's embedding: each of 4 ranks looks up only its own vocabulary
+    range and zeros the rest, so the ranks' rows (summed by the all-reduce, a no-op in
+    this one-rank group) are the full table's."""
+    full = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[0, 9, 10, 39], [25, 20, 19, 30]])
+    monkeypatch.setattr(model_module, "get_model_parallel_world_size", lambda: 4)
+    total = torch.zeros(2, 4, 6)
+    for rank in range(4):
+        monkeypatch.setattr(model_module, "get_model_parallel_rank", lambda r=rank: r)
+        layer = model_module.parallel_embedding(40, 6, axis=0)
+        layer.weight = torch.nn.Parameter(full[rank * 10 : (rank + 1) * 10], requires_grad=False)
+        rows = layer(ids)
+        mine = (ids >= rank * 10) & (ids < (rank + 1) * 10)
+        assert bool((rows[~mine] == 0).all())
+        total += rows
+    assert torch.equal(total, full[ids])
+
+
 # -------------------------------------------------------------------------------- RoPE
 
 
