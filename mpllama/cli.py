@@ -205,7 +205,8 @@ def cmd_convert(ns: argparse.Namespace) -> int:
 
 
 def cmd_reshard(ns: argparse.Namespace) -> int:
-    from .checkpoint import find_shards, find_tokenizer, read_params
+    from .checkpoint import detect_embedding_axis, find_shards, find_tokenizer, read_params
+    from .tokenizer import load_tokenizer
     from .weights import load_rank_state, write_checkpoint
 
     src, out = Path(ns.dir), Path(ns.out)
@@ -216,11 +217,17 @@ def cmd_reshard(ns: argparse.Namespace) -> int:
     # Merges every shard into one full state dict: the whole model sits in memory at once
     # (the shards are memory-mapped, the merged tensors are not). Fine up to host RAM.
     full = load_rank_state(shards, args, 0, 1)
-    write_checkpoint(out, args, full, ns.mp)
     try:
         tokenizer = find_tokenizer(src)
     except MpllamaError:
         tokenizer = None
+    # The embedding keeps the source's split (Llama 3: by vocabulary); one shard shows
+    # none, so the tokenizer says which generation it is.
+    if len(shards) > 1:
+        axis = detect_embedding_axis(shards, args)
+    else:
+        axis = 0 if tokenizer is not None and load_tokenizer(tokenizer).kind == "tiktoken" else 1
+    write_checkpoint(out, args, full, ns.mp, embed_axis=axis)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, out / "tokenizer.model")
     print(
@@ -234,6 +241,7 @@ def cmd_check(ns: argparse.Namespace) -> int:
     from .checkpoint import (
         check_model_parallel,
         check_shards,
+        detect_embedding_axis,
         find_shards,
         find_tokenizer,
         read_params,
@@ -241,28 +249,37 @@ def cmd_check(ns: argparse.Namespace) -> int:
         shard_plan,
         shard_shapes,
     )
-    from .tokenizer import Tokenizer
+    from .hf_config import generation
+    from .tokenizer import load_tokenizer
 
     folder = Path(ns.dir)
     shards = find_shards(folder)
     args = read_params(folder)
     tok_path = find_tokenizer(folder, ns.tokenizer)
-    tokenizer = Tokenizer(tok_path)
+    tokenizer = load_tokenizer(tok_path)
     args = resolve_vocab(args, tokenizer.n_words, str(folder / "params.json"))
     check_model_parallel(args, len(shards))
     n_params = check_shards(shards, args)  # the files' indexes: cheap even for big shards
     n_weights = len(shard_shapes(args, len(shards)))
+    # How the shards split the embedding: Llama 3 by vocabulary, Llama 1/2 by dimension.
+    split = "vocabulary" if detect_embedding_axis(shards, args) == 0 else "model dimension"
     print(f"{folder}: ok")
     print(
         f"  shards:    {len(shards)} ({', '.join(p.name for p in shards[:4])}"
         f"{', ...' if len(shards) > 4 else ''})"
+        + (f", embedding split by {split}" if len(shards) > 1 else "")
     )
     print(
         f"  model:     dim={args.dim} n_layers={args.n_layers} n_heads={args.n_heads} "
         f"n_kv_heads={args.kv_heads} ffn={args.ffn_dim} rope_theta={args.rope_theta:g}"
     )
+    factor = args.rope_scaling_factor
+    print(
+        f"  release:   {generation(args, tokenizer.kind)} (RoPE scaling: "
+        f"{'none' if factor is None else f'factor {factor:g}'})"
+    )
     print(f"  weights:   {n_weights} tensors per shard, {n_params / 1e6:.2f}M values stored")
-    print(f"  tokenizer: {tok_path} ({tokenizer.n_words} pieces = vocab_size)")
+    print(f"  tokenizer: {tok_path} ({tokenizer.kind}, {tokenizer.n_words} pieces = vocab_size)")
     if ns.mp is not None:
         check_model_parallel(args, ns.mp)
         shard_plan(len(shards), ns.mp)
@@ -336,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "chat",
         cmd_chat,
-        "Chat in the terminal (Llama 2 chat template), answers streamed as they are made: "
+        "Chat in the terminal (the model's chat format: Llama 2 [INST] or Llama 3 headers), "
+        "answers streamed as they are made: "
         "Ctrl-C stops an answer, /reset clears the conversation, /exit leaves.",
     )
     p.add_argument("source", metavar="CHECKPOINT_OR_YAML", help=source_help)

@@ -5,30 +5,39 @@ Meta's RoPE rotates interleaved pairs (2i, 2i+1) of each head; Hugging Face's ro
 two halves (i, i + head_dim/2). Conversion permutes those rows per head, so the same
 rotation meets the same weights. Everything else is copied as is.
 
-transformers is imported only inside the functions that build its config: the runner
-never needs it, only conversion and the parity tests do.
+Folders carry more than weights: config.json's RoPE scaling (``hf_config.py``), tied
+embeddings, bos/eos ids from the tokenizer, and the tokenizer file itself. transformers is
+imported only where its config is built: the runner never needs it.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .checkpoint import IGNORED_KEYS, check_state, find_shards, full_shapes, read_params
 from .config import ModelArgs
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
+from .hf_config import LLAMA3_VOCAB_SIZE, args_from_hf_config, context_length, generation, hf_config
+from .tokenizer import load_tokenizer
 from .weights import load_rank_state, load_shard, tensor_shapes, write_checkpoint
 
-if TYPE_CHECKING:
-    from transformers import LlamaConfig
+__all__ = [
+    "args_from_hf_config",
+    "convert_hf_to_meta",
+    "convert_meta_to_hf",
+    "generation",
+    "hf_config",
+    "hf_key",
+    "hf_to_meta",
+    "meta_to_hf",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +61,6 @@ _LAYER_KEYS: dict[str, str] = {
 _META_LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 # Older HF checkpoints store the RoPE frequencies; like Meta's rope.freqs they are recomputed.
 _HF_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-# Meta's default rounding; tried first so Llama 2 7B/13B and Code Llama keep their params.json.
-_META_MULTIPLE_OF = 256
 
 
 # ------------------------------------------------------------------------ state dicts
@@ -128,149 +135,47 @@ def _with_vocab(args: ModelArgs, state: dict[str, torch.Tensor], embedding: str)
     return args
 
 
-# ------------------------------------------------------------------------ configs
-
-
-def hf_config(
-    args: ModelArgs, max_position_embeddings: int = 4096, dtype: torch.dtype | None = None
-) -> LlamaConfig:
-    """The ``transformers.LlamaConfig`` of a model with these params.json settings.
-
-    ``dtype`` is recorded as the checkpoint's dtype (what ``from_pretrained(dtype="auto")``
-    loads). Works with transformers 4 (``rope_theta=``) and 5 (``rope_parameters=``).
-    """
-    from transformers import LlamaConfig
-
-    if args.vocab_size < 1:
-        raise ConfigError(
-            f"vocab_size={args.vocab_size}: a Hugging Face config needs the real vocabulary "
-            "size; resolve it first (from the tokenizer or the embedding's row count)"
-        )
-    accepted = inspect.signature(LlamaConfig.__init__).parameters
-    kwargs: dict[str, Any] = dict(
-        architectures=["LlamaForCausalLM"],
-        hidden_size=args.dim,
-        intermediate_size=args.ffn_dim,
-        num_hidden_layers=args.n_layers,
-        num_attention_heads=args.n_heads,
-        num_key_value_heads=args.kv_heads,
-        vocab_size=args.vocab_size,
-        rms_norm_eps=args.norm_eps,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-        hidden_act="silu",
-    )
-    if "rope_parameters" in accepted:  # transformers >= 5
-        kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": args.rope_theta}
-    else:
-        kwargs["rope_theta"] = args.rope_theta
-    if dtype is not None:
-        kwargs["dtype" if "dtype" in accepted else "torch_dtype"] = dtype
-    return LlamaConfig(**kwargs)
-
-
-def args_from_hf_config(config_dict: dict[str, Any], source: str = "config.json") -> ModelArgs:
-    """params.json settings from a Hugging Face Llama ``config.json`` (as a dict).
-
-    Written by transformers 4 (``rope_theta``, ``rope_scaling``) or 5 (``rope_parameters``).
-    ``multiple_of``/``ffn_dim_multiplier`` are chosen so that ``ffn_dim`` equals the
-    config's ``intermediate_size``; they need not be the values Meta wrote.
-    """
-    model_type = config_dict.get("model_type", "llama")
-    if model_type != "llama":
-        raise CheckpointError(f"{source}: model_type is {model_type!r}; only 'llama' converts")
-    required = (
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "vocab_size",
-    )
-    missing = [k for k in required if k not in config_dict]
-    if missing:
-        raise CheckpointError(f"{source}: missing key(s) {missing}; is it a Llama config.json?")
-    # Architectural switches Meta's model does not have; converting them would run silently wrong.
-    unsupported = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
-    wrong = [
-        f"{k}={config_dict[k]!r} (needs {v!r})"
-        for k, v in unsupported.items()
-        if config_dict.get(k, v) != v
-    ]
-    dim, n_heads = config_dict["hidden_size"], config_dict["num_attention_heads"]
-    head_dim = config_dict.get("head_dim")
-    if head_dim is not None and head_dim * n_heads != dim:
-        wrong.append(f"head_dim={head_dim} (needs hidden_size / num_attention_heads)")
-    rope = config_dict.get("rope_parameters") or {}
-    scaling = config_dict.get("rope_scaling") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type")) or rope.get("rope_type", "default")
-    if rope_type != "default":
-        wrong.append(f"rope_type={rope_type!r} (needs plain RoPE: 'default')")
-    if wrong:
-        raise CheckpointError(
-            f"{source}: not expressible as a Meta params.json: " + "; ".join(wrong)
-        )
-
-    kv = config_dict.get("num_key_value_heads") or n_heads
-    multiple_of, multiplier = _ffn_fields(dim, config_dict["intermediate_size"], source)
-    args = ModelArgs(
-        dim=dim,
-        n_layers=config_dict["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=None if kv == n_heads else kv,
-        vocab_size=config_dict["vocab_size"],
-        multiple_of=multiple_of,
-        ffn_dim_multiplier=multiplier,
-        norm_eps=float(config_dict.get("rms_norm_eps", 1e-6)),  # HF's default when absent
-        rope_theta=float(rope.get("rope_theta", config_dict.get("rope_theta", 10000.0))),
-    )
-    try:
-        args.validate(source)
-    except ConfigError as exc:
-        raise CheckpointError(str(exc)) from None
-    return args
-
-
-def _ffn_fields(dim: int, width: int, source: str) -> tuple[int, float | None]:
-    """(multiple_of, ffn_dim_multiplier) for which Meta's FFN rule gives ``width``.
-
-    Meta rounds int(8*dim/3) (times the multiplier) up to a multiple of multiple_of, so
-    multiple_of = width works whenever int(8*dim/3) <= width (Llama 2 70B: 21845 -> 28672);
-    narrower FFNs need a multiplier below 1 to bring the base under width first.
-    """
-    base = int(2 * (4 * dim) / 3)
-    candidates: list[tuple[int, float | None]] = [
-        (_META_MULTIPLE_OF, None),
-        (width, None),
-        (width, width / base),
-    ]
-    for multiple_of, multiplier in candidates if width >= 1 else []:
-        trial = ModelArgs(dim=dim, multiple_of=multiple_of, ffn_dim_multiplier=multiplier)
-        if trial.ffn_dim == width:
-            return multiple_of, multiplier
-    raise CheckpointError(
-        f"{source}: intermediate_size={width} cannot be expressed with Meta's FFN rule for "
-        f"hidden_size={dim} (multiple_of and ffn_dim_multiplier)"
-    )
-
-
 # ------------------------------------------------------------------------ folders
 
 
 def convert_meta_to_hf(meta_dir: str | Path, out_dir: str | Path) -> Path:
     """A Meta folder (consolidated.NN.pth + params.json) -> a Hugging Face folder
-    (config.json + model.safetensors), with tokenizer.model copied when present."""
-    shards = find_shards(meta_dir)
-    args = read_params(meta_dir)
-    if args.vocab_size == -1:
-        # The embedding is split on its columns, so every shard holds all vocab rows.
-        embedding = load_shard(shards[0]).get("tok_embeddings.weight")
-        if embedding is None:
-            raise CheckpointError(f"{shards[0]} has no tok_embeddings.weight")
-        args = replace(args, vocab_size=embedding.shape[0])
+    (config.json + model.safetensors), with tokenizer.model copied when present.
+
+    bos/eos ids come from the tokenizer: eos is its stop ids (Llama 3: 128001, 128008 and
+    128009, as Meta's Instruct releases write it; mpllama stops at all three for every
+    model, and a base model rarely emits the other two). An output layer equal to the
+    embedding (Llama 3.2 1B/3B) is written once, with ``tie_word_embeddings``.
+    """
+    folder = Path(meta_dir)
+    shards = find_shards(folder)
+    args = _vocab_from_shards(read_params(folder), shards)
+    tok_path = _find_tokenizer(folder, folder.parent)
+    # Without a tokenizer, the kind (for the context length) follows the vocabulary.
+    kind = "tiktoken" if args.vocab_size == LLAMA3_VOCAB_SIZE else "sentencepiece"
+    bos: int | None = None
+    eos: int | list[int] | None = None
+    if tok_path is None:
+        log.warning(
+            "%s: no tokenizer.model beside it or one folder up: bos/eos ids left "
+            "out of config.json",
+            folder,
+        )
+    else:
+        kind, bos, eos = _token_ids(tok_path)
     state = meta_to_hf(load_rank_state(shards, args, 0, 1), args)
-    config = hf_config(args, dtype=state["model.embed_tokens.weight"].dtype)
+    tied = torch.equal(state["model.embed_tokens.weight"], state["lm_head.weight"])
+    if tied:
+        del state["lm_head.weight"]  # transformers ties it to the embedding on load
+    name = generation(args, kind)
+    config = hf_config(
+        args,
+        max_position_embeddings=context_length(args, kind),
+        dtype=state["model.embed_tokens.weight"].dtype,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        tie_word_embeddings=tied,
+    )
 
     from safetensors.torch import save_file
 
@@ -284,14 +189,16 @@ def convert_meta_to_hf(meta_dir: str | Path, out_dir: str | Path) -> Path:
         out / "model.safetensors",
         metadata={"format": "pt"},
     )
-    _copy_tokenizer(Path(meta_dir), out)
-    log.info("wrote %s from %s (%d shard(s))", out, meta_dir, len(shards))
+    if tok_path is not None:
+        shutil.copyfile(tok_path, out / "tokenizer.model")
+    log.info("wrote %s from %s (%d shard(s), %s)", out, meta_dir, len(shards), name)
     return out
 
 
 def convert_hf_to_meta(hf_dir: str | Path, out_dir: str | Path, parts: int) -> Path:
     """A Hugging Face Llama folder (config.json + *.safetensors, sharded or not) -> a Meta
-    folder of ``parts`` shards, with tokenizer.model copied when present."""
+    folder of ``parts`` shards, with tokenizer.model copied when present (in the folder,
+    or in its ``original/`` folder as Meta's Hugging Face releases keep it)."""
     folder = Path(hf_dir)
     config_path = folder / "config.json"
     try:
@@ -304,17 +211,56 @@ def convert_hf_to_meta(hf_dir: str | Path, out_dir: str | Path, parts: int) -> P
         raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from None
     args = args_from_hf_config(config, str(config_path))
     state = _read_safetensors(folder)
-    if (
-        config.get("tie_word_embeddings")
-        and "lm_head.weight" not in state
-        and "model.embed_tokens.weight" in state
-    ):
-        # Tied models store one matrix; Meta's format keeps output.weight separately.
+    if config.get("tie_word_embeddings") and "model.embed_tokens.weight" in state:
+        # Tied models store one matrix (transformers uses the embedding for both, even
+        # where lm_head is stored too); Meta's format keeps output.weight separately.
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    write_checkpoint(out_dir, args, hf_to_meta(state, args), parts)
-    _copy_tokenizer(folder, Path(out_dir))
+    tok_path = _find_tokenizer(folder, folder / "original")
+    kind = _token_ids(tok_path)[0] if tok_path is not None else None
+    # Split the embedding as the generation's own shards do (Llama 3: by vocabulary).
+    embed_axis = 0 if _vocab_parallel(args, kind) else 1
+    write_checkpoint(out_dir, args, hf_to_meta(state, args), parts, embed_axis=embed_axis)
+    if tok_path is not None:
+        shutil.copyfile(tok_path, Path(out_dir) / "tokenizer.model")
     log.info("wrote %s from %s (%d shard(s))", out_dir, folder, parts)
     return Path(out_dir)
+
+
+def _vocab_from_shards(args: ModelArgs, shards: list[Path]) -> ModelArgs:
+    """params.json may say vocab_size -1 (= the tokenizer's); the embedding shards say it
+    too: [vocab, dim / N] when split on the model dimension (Llama 2), [vocab / N, dim]
+    when split on the vocabulary (Llama 3)."""
+    if args.vocab_size != -1:
+        return args
+    embedding = load_shard(shards[0]).get("tok_embeddings.weight")
+    if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2:
+        raise CheckpointError(f"{shards[0]} has no tok_embeddings.weight matrix")
+    rows, cols = embedding.shape
+    return replace(args, vocab_size=rows * len(shards) if cols == args.dim else rows)
+
+
+def _vocab_parallel(args: ModelArgs, tokenizer_kind: str | None) -> bool:
+    """Whether to split tok_embeddings by vocabulary (dim 0) as Llama 3 does, or by model
+    dimension (dim 1) as Llama 2 does: by the tokenizer kind, or without a tokenizer by
+    Llama 3's vocabulary size or scaled RoPE."""
+    if tokenizer_kind is not None:
+        return tokenizer_kind == "tiktoken"
+    return args.vocab_size == LLAMA3_VOCAB_SIZE or args.use_scaled_rope
+
+
+def _find_tokenizer(*folders: Path) -> Path | None:
+    for folder in folders:
+        if (folder / "tokenizer.model").is_file():
+            return folder / "tokenizer.model"
+    return None
+
+
+def _token_ids(path: Path) -> tuple[str, int, int | list[int]]:
+    """(kind, bos id, eos id or ids) of a tokenizer.model, for config.json: the eos is
+    every stop id, a list where there are several (Llama 3)."""
+    tok = load_tokenizer(path)
+    stops = sorted(tok.stop_ids)
+    return tok.kind, tok.bos_id, stops[0] if len(stops) == 1 else stops
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -345,8 +291,3 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path} repeats key(s) already read: {repeated[:5]}")
         state.update(part)
     return state
-
-
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    if (src / "tokenizer.model").is_file():
-        shutil.copyfile(src / "tokenizer.model", dst / "tokenizer.model")

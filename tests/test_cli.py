@@ -47,6 +47,38 @@ def test_check_good(tiny_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert main(["check", str(tiny_ckpt), "--mp", "4"]) == 0
     out = capsys.readouterr().out
     assert "ok" in out and "shards:    2" in out and "--mp 4: ok" in out
+    assert "embedding split by model dimension" in out
+    assert "release:   LLaMA 1/2 (RoPE scaling: none)" in out
+    assert "(sentencepiece, 512 pieces = vocab_size)" in out
+
+
+def test_check_and_convert_llama3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("llama_models", reason="Meta's tokenizer.model for Llama 3")
+    meta, hf, back = tmp_path / "meta", tmp_path / "hf", tmp_path / "back"
+    assert main(["init-checkpoint", str(meta), "--preset", "llama3-tiny", "--mp", "2"]) == 0
+    assert main(["convert", str(meta), str(hf), "--to", "hf"]) == 0
+    assert main(["convert", str(hf), str(back), "--to", "meta", "--mp", "2"]) == 0
+    capsys.readouterr()
+    for folder in (meta, back):  # vocabulary-parallel shards, written by both
+        assert main(["check", str(folder), "--mp", "4"]) == 0
+        out = capsys.readouterr().out
+        assert "release:   Llama 3.1/3.3 (RoPE scaling: factor 8)" in out
+        assert "(tiktoken, 128256 pieces = vocab_size)" in out
+        assert "--mp 4: ok" in out
+        assert "embedding split by vocabulary" in out
+    original, converted = full_state(meta), full_state(back)
+    assert original.keys() == converted.keys()
+    for key, value in original.items():
+        assert torch.equal(value, converted[key]), key
+
+    # Meta's rule says 32 for the Llama 3.2 1B/3B shapes; a params.json may say it too.
+    params = json.loads((meta / "params.json").read_text())
+    (meta / "params.json").write_text(json.dumps({**params, "rope_scale_factor": 32.0}))
+    assert main(["check", str(meta)]) == 0
+    assert "release:   Llama 3.2 (RoPE scaling: factor 32)" in capsys.readouterr().out
+    (meta / "params.json").write_text(json.dumps({**params, "use_scaled_rope": False}))
+    assert main(["check", str(meta)]) == 0
+    assert "release:   Llama 3 (RoPE scaling: none)" in capsys.readouterr().out
 
 
 def test_check_incompatible_mp(tiny_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -126,6 +158,25 @@ def test_init_checkpoint_and_reshard_round_trip(
         assert torch.equal(original[key], merged[key]), key
     assert main(["reshard", str(a), "--mp", "3", str(tmp_path / "d")]) == 1
     error_line(capsys, "reshard")
+
+
+def test_reshard_keeps_llama3_vocabulary_split(tmp_path: Path) -> None:
+    from mpllama.checkpoint import detect_embedding_axis, read_shapes
+
+    a, b, c, d = (tmp_path / n for n in "abcd")
+    assert main(["init-checkpoint", str(a), "--preset", "llama3-tiny", "--mp", "2"]) == 0
+    assert main(["reshard", str(a), "--mp", "1", str(b)]) == 0
+    assert main(["reshard", str(b), "--mp", "4", str(c)]) == 0  # one shard: the tokenizer says
+    assert main(["reshard", str(c), "--mp", "2", str(d)]) == 0
+    args = read_params(a)
+    for folder, parts in ((a, 2), (c, 4), (d, 2)):
+        shards = find_shards(folder)
+        assert len(shards) == parts
+        assert detect_embedding_axis(shards, args) == 0, folder
+        assert read_shapes(shards[0])["tok_embeddings.weight"] == (128256 // parts, args.dim)
+    original, back = full_state(a), full_state(d)
+    for key in original:
+        assert torch.equal(original[key], back[key]), key
 
 
 def test_convert_round_trip(

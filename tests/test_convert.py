@@ -265,8 +265,10 @@ def test_any_ffn_width_is_expressible(dim: int, width: int) -> None:
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_type='llama3'"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}, "rope_type='yarn'"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_type='dynamic'"),
         ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, "rope_type='linear'"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "without \\['low_freq_factor'"),
         ({"head_dim": 32}, "head_dim=32"),
         ({"attention_bias": True}, "attention_bias=True"),
         ({"model_type": "mistral"}, "model_type is 'mistral'"),
@@ -281,19 +283,23 @@ def test_configs_meta_cannot_express_are_refused(change: dict, message: str) -> 
 # ------------------------------------------------------------------ folders
 
 
-def test_folder_round_trip_through_hf(tmp_path: Path) -> None:
+def test_folder_round_trip_through_hf(tmp_path: Path, model_path: Path) -> None:
     args = GQA
     state = random_state(args, seed=3)
     meta = tmp_path / "meta"
     write_checkpoint(meta, args, state, parts=2)
     # Meta's own files say -1 and leave the vocabulary to the embedding / tokenizer.
     (meta / "params.json").write_text(json.dumps({**args.to_params(), "vocab_size": -1}))
-    (meta / "tokenizer.model").write_bytes(b"sentencepiece bytes")
+    (meta / "tokenizer.model").write_bytes(model_path.read_bytes())  # sentencepiece
 
     hf = convert_meta_to_hf(meta, tmp_path / "hf")
     config = json.loads((hf / "config.json").read_text())
     assert config["vocab_size"] == args.vocab_size
-    assert (hf / "tokenizer.model").read_bytes() == b"sentencepiece bytes"
+    assert (hf / "tokenizer.model").read_bytes() == model_path.read_bytes()
+    # Llama 2's ids (the trained tokenizer's, as Meta's), plain RoPE, an untied output.
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+    assert config["rope_parameters"]["rope_type"] == "default"
+    assert config["tie_word_embeddings"] is False
     model, info = transformers.LlamaForCausalLM.from_pretrained(hf, output_loading_info=True)
     assert not any(info.values()), info
 
