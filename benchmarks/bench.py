@@ -16,11 +16,16 @@ Parts (all by default; pick with --only mixed,uniform,...):
   memory    per-rank resident-memory growth at MP=1 and MP=2
   replicas  the mixed workload on one MP=1 gang using every core against as many MP=1
             gangs (replicas) as cores, one core each: data-parallel scaling on one node
+  llama3    a Llama-3-shaped model (vocabulary 128256, random weights), 32 rows decoding
+            at MP=1 and MP=2: ms per step split into forward / logits / sampling, with
+            the logits all-gathered to every rank (before) or gathered to the lead, and
+            sampling per row before (full sort, multinomial) and now (bench_vocab.py)
 
 Nothing here asserts a timing; targets are printed as met or not met, and the exit
 status is 0 unless a runner crashes.
 
     python benchmarks/bench.py [--quick] [--only mixed,uniform] [--baselines-only]
+    python benchmarks/bench.py --only llama3     # just the large-vocabulary part
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ from bench_workloads import (  # noqa: E402
 from mpllama import checkpoint  # noqa: E402
 from mpllama.config import ModelArgs  # noqa: E402
 
-PARTS = ("mixed", "uniform", "load", "overhead", "memory", "replicas")
+PARTS = ("mixed", "uniform", "load", "overhead", "memory", "replicas", "llama3")
 MP_SIZES = (1, 2)
 TINY_VOCAB = 512
 
@@ -294,6 +299,15 @@ def part_replicas(b: Bench) -> None:
     print_agreement(rows[0].name, rows[0], rows[1].name, rows[1])
 
 
+def part_llama3(b: Bench) -> None:
+    if not b.with_mpllama:
+        print("\n== llama3: mpllama only: skipped with --baselines-only")
+        return
+    from bench_vocab import part
+
+    part(b.sizes is QUICK, b.seed, b.sizes.slots)
+
+
 def param_count(args: ModelArgs) -> int:
     return sum(math.prod(shape) for shape in checkpoint.full_shapes(args).values())
 
@@ -305,6 +319,7 @@ PART_RUNNERS = {
     "overhead": part_overhead,
     "memory": part_memory,
     "replicas": part_replicas,
+    "llama3": part_llama3,
 }
 
 

@@ -12,6 +12,11 @@ one call ahead of the slowest (it cannot finish call n + 1 before every rank has
 published n + 1, which each does only after reading call n), so the set it writes next
 is never one a slower rank still reads.
 
+A gather to one rank (the logits, which only the lead samples from) lets the other
+ranks publish and go on without waiting: such a rank is "lagging", and before it next
+writes it waits for every rank to have published that gather, which keeps the rule
+above.
+
 Every rank sums the slots in rank order, so an all-reduce gives all ranks the same bits.
 Ordering relies on x86's total store order (a rank's slot is written before its
 counter and read after the others'); other architectures keep Gloo. A message bigger
@@ -48,7 +53,8 @@ def supported() -> str | None:
 
 
 class ShmGroup:
-    """One gang's shared-memory collectives (sum all-reduce, all-gather, broadcast)."""
+    """One gang's shared-memory collectives (sum all-reduce, all-gather, gather,
+    broadcast)."""
 
     def __init__(
         self,
@@ -78,6 +84,8 @@ class ShmGroup:
             for s in (0, 1)
         ]
         self._calls = 0
+        # Published a gather without waiting: the next call first waits for the others.
+        self._lagging = False
 
     def _offset(self, half: int, rank: int) -> int:
         return _LINE * self.world + (half * self.world + rank) * self.slot_bytes
@@ -111,6 +119,23 @@ class ShmGroup:
         parts = self._exchange(x, write=True)
         return None if parts is None else torch.cat(parts, dim=-1)
 
+    def fits(self, x: torch.Tensor) -> bool:
+        return x.numel() * x.element_size() <= self.slot_bytes
+
+    def gather(self, x: torch.Tensor, dst: int) -> torch.Tensor | None:
+        """Rank ``dst`` gets every rank's x concatenated along the last dimension (rank
+        order); the others publish theirs, return None at once and never read. Only
+        for an x that ``fits`` (all ranks call with the same shape, so all agree)."""
+        if not self.fits(x):
+            raise ValueError(f"{x.numel() * x.element_size()} bytes do not fit a slot")
+        if self.rank != dst:
+            self._exchange(x, write=True, wait=False)
+            return None
+        parts = self._exchange(x, write=False)  # its own part is x itself
+        assert parts is not None
+        parts[dst] = x
+        return torch.cat(parts, dim=-1)
+
     def broadcast(self, x: torch.Tensor, src: int) -> bool:
         """x = rank ``src``'s x, in place."""
         parts = self._exchange(x, write=self.rank == src)
@@ -120,19 +145,26 @@ class ShmGroup:
             x.copy_(parts[src])
         return True
 
-    def _exchange(self, x: torch.Tensor, write: bool) -> list[torch.Tensor] | None:
-        """Publish x (when ``write``), wait for every rank, and return every rank's slot
-        viewed as x; None when x does not fit a slot."""
+    def _exchange(
+        self, x: torch.Tensor, write: bool, wait: bool = True
+    ) -> list[torch.Tensor] | None:
+        """Publish x (when ``write``), wait for every rank (unless not ``wait``: a
+        gather's sender), and return every rank's slot viewed as x; None when x does
+        not fit a slot."""
         nbytes = x.numel() * x.element_size()
         if nbytes > self.slot_bytes:
             return None
+        if self._lagging:  # every rank must be done reading the set this call reuses
+            self._wait(self._calls)
+        self._lagging = not wait
         self._calls += 1
         half = self._calls % 2
         parts = [s[:nbytes].view(x.dtype).view(x.shape) for s in self._slots[half]]
         if write:
             parts[self.rank].copy_(x)
         self._counters[self.rank * (_LINE // 8)] = self._calls
-        self._wait(self._calls)
+        if wait:
+            self._wait(self._calls)
         return parts
 
     def _wait(self, call: int) -> None:

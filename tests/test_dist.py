@@ -61,3 +61,46 @@ def test_auto_on_a_gpu_is_cuda_bf16_or_fp16_nccl() -> None:
     assert dist.resolve_dtype("auto", device) in (torch.bfloat16, torch.float16)
     expected = "nccl" if torch.distributed.is_nccl_available() else "gloo"
     assert dist.resolve_backend("auto", device) == expected
+
+
+def gather_rank(port: int, shm_bytes: int, rank: int, world: int, out: object) -> None:
+    """One rank of a Gloo gang: gathers of a small and a big message (the big one does
+    not fit a shared-memory slot and takes Gloo), then an all-reduce after them."""
+    torch.set_num_threads(1)
+    carrier = dist.init_ranks(
+        rank, world, "127.0.0.1", port, "gloo", "127.0.0.1", 30.0, shm_bytes=shm_bytes
+    )
+    try:
+        got = []
+        for call, cols in enumerate([3, 5000, 4, 6000]):
+            x = torch.full((2, cols), float(10 * call + rank))
+            y = dist.gather_to_lead(x)
+            got.append(None if y is None else y[0].unique_consecutive().tolist())
+        total = dist.all_reduce(torch.ones(3))
+        out.put((rank, carrier, got, total.tolist()))
+    finally:
+        dist.teardown()
+
+
+@pytest.mark.parametrize("shm_bytes", [0, 4096])
+def test_gather_to_lead_gives_rank_0_every_part_and_the_others_none(shm_bytes: int) -> None:
+    import multiprocessing as mp
+
+    world = 3
+    store = dist.open_store("127.0.0.1", world + 1, 30.0)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=gather_rank, args=(store.port, shm_bytes, r, world, out))
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    carrier = "shm" if shm_bytes and dist.shm.supported() is None else "gloo"
+    lead_parts = [[10.0 * call + r for r in range(world)] for call in range(4)]
+    assert results[0] == (0, carrier, lead_parts, [3.0] * 3)
+    for rank in (1, 2):
+        assert results[rank] == (rank, carrier, [None] * 4, [3.0] * 3)

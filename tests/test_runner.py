@@ -114,9 +114,10 @@ def assert_same(got: Done, want: Done, atol: float = 1e-4) -> None:
 
 
 def with_eos(tok: Tokenizer, eos_id: int) -> Tokenizer:
-    """The same tokenizer claiming ``eos_id`` as its end-of-sequence token."""
+    """The same tokenizer claiming ``eos_id`` as its end-of-sequence (and only stop) token."""
     other = copy.copy(tok)
     other.eos_id = eos_id
+    other.stop_ids = frozenset({eos_id})
     return other
 
 
@@ -214,6 +215,27 @@ def test_logprobs_only_when_asked(model: Transformer, tok: Tokenizer) -> None:
     assert out[0].token_ids == run(model, tok, [req(tok, PROMPTS[0])])[0].token_ids
 
 
+def test_logprobs_of_the_rows_that_ask_are_those_of_each_alone(
+    model: Transformer, tok: Tokenizer
+) -> None:
+    """Log-probs are computed for the asking rows only: they still sit among rows that
+    do not ask, sampled ones (top-k, top-p) included, and must be each row's own."""
+    sized(model)
+    topk = SamplingParams(temperature=0.9, top_k=5, max_tokens=8)
+    topp = SamplingParams(temperature=1.1, top_p=0.8, max_tokens=8, logprobs=True)
+    requests = [
+        req(tok, PROMPTS[0], GREEDY.replace(logprobs=False)),
+        req(tok, PROMPTS[1], topp, seed=9),
+        req(tok, PROMPTS[2], topk, seed=3),
+        req(tok, PROMPTS[3]),
+    ]
+    batch = run(model, tok, requests)
+    for got, want in zip(batch, alone(model, tok, requests), strict=True):
+        assert_same(got, want)
+    assert batch[0].logprobs is None and batch[2].logprobs is None
+    assert len(batch[1].logprobs) == 8 and len(batch[3].logprobs) == 12
+
+
 # ---------------------------------------------------------------------- stop reasons
 
 
@@ -238,6 +260,42 @@ def test_ignore_eos_continues(model: Transformer, tok: Tokenizer) -> None:
     base = run(model, tok, [req(tok, PROMPTS[0])])[0]
     eos_tok = with_eos(tok, base.token_ids[3])
     (got,) = run(model, eos_tok, [req(tok, PROMPTS[0], GREEDY.replace(ignore_eos=True))])
+    assert_same(got, base)
+
+
+def test_every_stop_id_stops(model: Transformer, tok: Tokenizer) -> None:
+    """A tokenizer with several stop ids (Llama 3's three) stops at whichever comes."""
+    sized(model)
+    base = run(model, tok, [req(tok, PROMPTS[0])])[0].token_ids
+    cut = next(i for i in range(2, len(base)) if base[i] not in base[:i])
+    many = copy.copy(tok)
+    many.stop_ids = frozenset({base[cut], tok.eos_id, tok.n_words - 1})
+    (got,) = run(model, many, [req(tok, PROMPTS[0])])
+    assert got.finish_reason == "stop" and got.token_ids == base[:cut]
+    assert got.text == tok.decode(base[:cut])
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_stop_token_ids(model: Transformer, tok: Tokenizer, ignore_eos: bool) -> None:
+    """A request's own stop ids stop it, ignore_eos or not (vLLM's rule), and are not
+    part of its tokens or text."""
+    sized(model)
+    base = run(model, tok, [req(tok, PROMPTS[0])])[0].token_ids
+    cut = next(i for i in range(2, len(base)) if base[i] not in base[:i])
+    params = GREEDY.replace(stop_token_ids=(base[cut], tok.n_words - 1), ignore_eos=ignore_eos)
+    other = req(tok, PROMPTS[1])
+    stopped, rider = run(model, tok, [req(tok, PROMPTS[0], params), other])
+    assert stopped.finish_reason == "stop" and stopped.token_ids == base[:cut]
+    assert stopped.text == tok.decode(base[:cut]) and len(stopped.logprobs) == cut
+    assert_same(rider, alone(model, tok, [other])[0])  # another request's ids are its own
+
+
+def test_ignore_eos_ignores_every_model_stop_id(model: Transformer, tok: Tokenizer) -> None:
+    sized(model)
+    base = run(model, tok, [req(tok, PROMPTS[0])])[0]
+    many = copy.copy(tok)
+    many.stop_ids = frozenset(base.token_ids[2:5])
+    (got,) = run(model, many, [req(tok, PROMPTS[0], GREEDY.replace(ignore_eos=True))])
     assert_same(got, base)
 
 

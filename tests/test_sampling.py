@@ -8,7 +8,17 @@ import pytest
 import torch
 
 from mpllama.config import SamplingParams
-from mpllama.sampling import greedy, log_probs, next_tokens, sample, top_k_filter, top_p_filter
+from mpllama.sampling import (
+    _flat_nucleus,
+    draw,
+    greedy,
+    kept_tokens,
+    log_probs,
+    next_tokens,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
 
 V = 64
 
@@ -234,3 +244,95 @@ def test_next_tokens_rows_do_not_depend_on_the_batch() -> None:
 def test_next_tokens_needs_one_generator_per_row() -> None:
     with pytest.raises(ValueError):
         next_tokens(random_logits(0, (2, V)), [SamplingParams()] * 2, [gen(0)])
+
+
+# ------------------------------------------------------------- large vocabularies
+
+
+def reference_kept(x: torch.Tensor, k: int, p: float) -> list[int]:
+    """Brute force in float64: rank every token (value, then id), cut at the k-th value
+    (ties kept), then keep the prefix whose earlier tokens have not yet reached p."""
+    values = x.double().tolist()
+    ranked = sorted(range(len(values)), key=lambda i: (-values[i], i))
+    if 0 < k < len(values):
+        kth = values[ranked[k - 1]]
+        ranked = [i for i in ranked if values[i] >= kth]
+    top = values[ranked[0]]
+    weights = [math.exp(values[i] - top) for i in ranked]
+    total, before, out = sum(weights), 0.0, []
+    for i, w in zip(ranked, weights, strict=True):
+        if out and before >= p:
+            break
+        out.append(i)
+        before += w / total
+    return out
+
+
+def tied_logits(seed: int, n: int, distinct: int) -> torch.Tensor:
+    """n logits drawn from ``distinct`` values: many exact ties, at every rank."""
+    g = gen(seed)
+    pool = torch.randn(distinct, generator=g) * 2
+    return pool[torch.randint(distinct, (n,), generator=g)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kept_tokens_equal_a_brute_force_reference_with_ties(seed: int) -> None:
+    n = 1200
+    rows = [random_logits(seed, (n,)), tied_logits(seed, n, 40), tied_logits(seed, n, 1200)]
+    rows.append(random_logits(seed, (n,), scale=0.05))  # near flat: the full-sort branch
+    g = gen(100 + seed)
+    cases = [(0, 0.5), (1, 0.9), (5, 1.0), (n - 1, 0.97), (n, 0.3)]
+    for _ in range(20):
+        cases.append(
+            (int(torch.randint(0, 300, (1,), generator=g)), float(torch.rand(1, generator=g)))
+        )
+    cases += [(0, float(torch.rand(1, generator=g)) * 0.999 + 1e-3) for _ in range(10)]
+    for x in rows:
+        for k, p in cases:
+            p = max(p, 1e-4)
+            ids, values = kept_tokens(x, k, p)
+            want = reference_kept(x, k, p)
+            assert ids.tolist() == want, (k, p)
+            assert torch.equal(values, x[ids])
+            if k == 0 and p < 1:  # the full-sort fallback, ties fixed after an unstable sort
+                assert _flat_nucleus(x, torch.softmax(x, -1), p)[0].tolist() == want
+            # The full-sort filters keep the same set.
+            filtered = top_p_filter(top_k_filter(x, k), p)
+            assert sorted(torch.isfinite(filtered).nonzero()[:, 0].tolist()) == sorted(want)
+
+
+def test_kept_tokens_at_llama3_vocabulary_size() -> None:
+    V = 128256
+    for seed, scale in [(0, 8.0), (1, 3.0)]:
+        x = random_logits(seed, (V,), scale=scale)
+        for k, p in [(0, 0.9), (50, 0.95), (40, 1.0), (0, 0.5)]:
+            ids, _ = kept_tokens(x, k, p)
+            filtered = top_p_filter(top_k_filter(x, k), p)
+            assert sorted(ids.tolist()) == torch.isfinite(filtered).nonzero()[:, 0].tolist()
+
+
+def test_draw_follows_the_probabilities_and_skips_zeros() -> None:
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.25, 0.25, 0.0]])
+    g = gen(5)
+    got = torch.cat([draw(probs, [g]) for _ in range(4000)])
+    assert set(got.tolist()) == {1, 3, 4}
+    counts = torch.bincount(got, minlength=6).double()[[1, 3, 4]]
+    expected = 4000 * torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
+    assert float(((counts - expected) ** 2 / expected).sum()) < 13.82  # chi2, 2 dof, p=.001
+    # Unnormalised rows are fine; each row uses only its own generator.
+    two = draw(torch.tensor([[0.0, 2.0], [3.0, 0.0]]), [gen(1), gen(2)])
+    assert two.tolist() == [1, 0]
+
+
+def test_top_p_sampling_matches_the_filtered_distribution_at_large_vocabulary() -> None:
+    V = 128256
+    x = random_logits(3, (V,), scale=0.1) - 20.0  # a negligible tail
+    x[[7, 1000, 99999, 128255]] = torch.tensor([3.0, 2.0, 2.0, 1.0])
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    got = draws(x, params, 600, seed=9)
+    keep = torch.isfinite(top_p_filter(x, 0.9))
+    assert set(got.tolist()) == set(keep.nonzero()[:, 0].tolist())
+    expected = torch.softmax(x.masked_fill(~keep, float("-inf")), dim=-1)[[7, 1000, 99999]]
+    counts = torch.tensor([(got == i).sum() for i in (7, 1000, 99999)], dtype=torch.float64)
+    chi2 = float(((counts - 600 * expected) ** 2 / (600 * expected)).sum())
+    assert chi2 < 13.82

@@ -172,3 +172,53 @@ def test_files_of_dead_creators_are_removed_and_no_others(tmp_path: Path) -> Non
     finally:
         for path in (orphan, mine, young):
             path.unlink(missing_ok=True)
+
+
+def gathers(path: str, rank: int, world: int, out: mp.Queue) -> None:
+    """Gathers to rank 0 mixed with the other collectives, runs of gathers included: the
+    senders publish and go on, so the lead is often behind them."""
+    torch.set_num_threads(1)
+    group = shm.ShmGroup(Path(path), rank, world, SLOT, timeout_s=30)
+    wrong = []
+    for call in range(ROUNDS):
+        shape = (1 + call % 5, 8 + call % 3)
+        if call % 4 == 3:  # a sum every fourth call, gathers in between
+            x = value(rank, call, shape)
+            assert group.all_reduce(x)
+            want = sum((value(r, call, shape) for r in range(1, world)), value(0, call, shape))
+            ok = torch.equal(x, want)
+        else:
+            if rank == 0 and call % 7 == 0:
+                time.sleep(0.002)  # a slow lead: the senders run ahead into the next call
+            got = group.gather(value(rank, call, shape), 0)
+            if rank == 0:
+                want = torch.cat([value(r, call, shape) for r in range(world)], dim=-1)
+                ok = got is not None and torch.equal(got, want)
+            else:
+                ok = got is None
+        if not ok:
+            wrong.append(call)
+    out.put((rank, wrong))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_gather_reaches_the_lead_only_and_keeps_later_calls_right(world: int) -> None:
+    path = shm.slot_path()
+    creator = shm.ShmGroup(path, 0, world, SLOT, timeout_s=30, create=True)
+    try:
+        results = spawn(gathers, world, str(path))
+    finally:
+        path.unlink()
+        del creator
+    assert results == [(r, []) for r in range(world)]
+
+
+def test_gather_of_a_message_bigger_than_a_slot_is_refused() -> None:
+    path = shm.slot_path()
+    try:
+        group = shm.ShmGroup(path, 1, 2, 1024, timeout_s=30, create=True)
+        assert not group.fits(torch.ones(257))
+        with pytest.raises(ValueError, match="1028 bytes do not fit"):
+            group.gather(torch.ones(257), 0)
+    finally:
+        path.unlink()
