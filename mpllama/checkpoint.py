@@ -190,6 +190,14 @@ def find_shards(checkpoint_dir: str | Path) -> list[Path]:
             f"{folder}: shard(s) {[f'consolidated.{i:02d}.pth' for i in missing]} missing; "
             f"found {len(found)} of {max(found) + 1}"
         )
+    scales = sorted(folder.glob("fp8_scales_*.pt"))
+    if scales:
+        raise CheckpointError(
+            f"{folder} is a Meta FP8 quantized checkpoint ({scales[0].name} beside the shards: "
+            "its feed-forward weights are float8 with per-row scales), which mpllama does not "
+            "support; running it as a plain model would give garbage. Use the release's bf16 "
+            "checkpoint instead."
+        )
     return [found[i] for i in sorted(found)]
 
 

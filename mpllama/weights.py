@@ -46,7 +46,19 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a state dict (got {type(state).__name__})")
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.dtype not in PLAIN_DTYPES:
+            # Meta's FP8 / int4 releases store quantized weights whose meaning needs
+            # scales: cast to the model's dtype they would load without error, as garbage.
+            raise CheckpointError(
+                f"{path}: {key} is {str(value.dtype).removeprefix('torch.')}, a quantized "
+                "weight mpllama cannot load as a plain one; use the release's bf16 checkpoint"
+            )
     return {k: v for k, v in state.items() if k not in IGNORED_KEYS}
+
+
+# What a plain Meta or converted checkpoint stores its weights as.
+PLAIN_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 
 def tensor_shapes(state: dict[str, torch.Tensor]) -> Shapes:

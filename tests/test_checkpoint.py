@@ -524,3 +524,25 @@ def test_split_state_and_writer_refuse_bad_parts(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model_parallel_size=3"):
         weights.write_checkpoint(tmp_path, args, state, 3)
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_meta_fp8_checkpoint_is_refused(tiny_ckpts: dict[int, Path], tmp_path: Path) -> None:
+    # Meta's 405B FP8 release keeps fp8_scales_N.pt beside float8 shards.
+    folder = tmp_path / "fp8"
+    shutil.copytree(tiny_ckpts[1], folder)
+    torch.save({"0_feed_forward.w1_0": torch.ones(4)}, folder / "fp8_scales_0.pt")
+    with pytest.raises(CheckpointError, match="FP8 quantized checkpoint.*fp8_scales_0.pt"):
+        checkpoint.find_shards(folder)
+
+
+def test_quantized_weights_are_refused_not_cast(
+    tiny_ckpts: dict[int, Path], tmp_path: Path
+) -> None:
+    state = load_shard(checkpoint.find_shards(tiny_ckpts[1])[0])
+    state = {k: v.clone() for k, v in state.items()}
+    state["layers.0.feed_forward.w1.weight"] = state["layers.0.feed_forward.w1.weight"].to(
+        torch.float8_e4m3fn
+    )
+    torch.save(state, tmp_path / "consolidated.00.pth")
+    with pytest.raises(CheckpointError, match=r"w1\.weight is float8_e4m3fn, a quantized weight"):
+        load_shard(tmp_path / "consolidated.00.pth")
