@@ -212,3 +212,32 @@ def test_threads_started_for_the_chat_leave_ctrl_c_to_the_main_thread() -> None:
     assert signal.SIGINT in masks[0]
     assert signal.SIGINT not in masks[1]
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def test_chat_on_a_llama3_checkpoint(tmp_path: Path, ray_runtime: Any) -> None:
+    """A Llama 3 checkpoint (Meta's tiktoken tokenizer): the terminal chat with a system
+    prompt answers what LLM.chat answers in the Llama 3 header format, and leaves."""
+    from mpllama.fixtures import init_llama3_checkpoint
+
+    ckpt = init_llama3_checkpoint(tmp_path / "llama3", parts=1, seed=5)
+    system = {"role": "system", "content": "Be brief."}
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    with LLM(ckpt, **SETTINGS) as llm:
+        ids = llm.tokenizer.special_ids
+        prompt = llm.tokenizer.encode_dialog([system, user("Hello")])
+        assert prompt[:2] == [ids["<|begin_of_text|>"], ids["<|start_header_id|>"]]
+        expected = llm.chat([[system, user("Hello")]], greedy)[0].text
+    address = ray_runtime.get_runtime_context().gcs_address
+    argv = [sys.executable, "-m", "mpllama.cli", "chat", str(ckpt), "--system", "Be brief."]
+    argv += ["--max-tokens", "12", "--temperature", "0"]
+    argv += ["--set", f"parallel.ray_address={address}", "--set", "parallel.cpus_per_rank=0.5"]
+    argv += ["--set", "runtime.max_seq_len=1024", "--set", "runtime.max_batch_size=2"]
+    env = {**os.environ, "TERM": "dumb", "PYTHONIOENCODING": "utf-8"}
+    term = Terminal(argv, env)
+    try:
+        term.expect(re.escape(PROMPT), 120)
+        assert answer(term, "Hello") == printable(expected)
+        term.send("/exit\r")
+        assert term.wait(60) == 0
+    finally:
+        term.close()
