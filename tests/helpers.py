@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,6 +25,49 @@ LLAMA2_70B = ModelArgs(
     ffn_dim_multiplier=1.3,
     norm_eps=1e-5,
 )
+
+# The params.json of Meta's Llama 3.x releases (their original/ folders), vocab resolved.
+_LLAMA3 = {"vocab_size": 128256, "norm_eps": 1e-5, "rope_theta": 500000.0, "n_kv_heads": 8}
+_LLAMA3_8B = ModelArgs(
+    dim=4096, n_layers=32, n_heads=32, multiple_of=1024, ffn_dim_multiplier=1.3, **_LLAMA3
+)
+_LLAMA3_70B = ModelArgs(
+    dim=8192, n_layers=80, n_heads=64, multiple_of=4096, ffn_dim_multiplier=1.3, **_LLAMA3
+)
+LLAMA3_RELEASES: dict[str, ModelArgs] = {
+    "llama3-8b": _LLAMA3_8B,
+    "llama3-70b": _LLAMA3_70B,
+    "llama3.1-8b": replace(_LLAMA3_8B, use_scaled_rope=True),
+    "llama3.1-70b": replace(_LLAMA3_70B, use_scaled_rope=True),
+    "llama3.1-405b": ModelArgs(
+        dim=16384,
+        n_layers=126,
+        n_heads=128,
+        multiple_of=4096,
+        ffn_dim_multiplier=1.2,
+        use_scaled_rope=True,
+        **_LLAMA3,
+    ),
+    "llama3.2-1b": ModelArgs(
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        multiple_of=256,
+        ffn_dim_multiplier=1.5,
+        use_scaled_rope=True,
+        **_LLAMA3,
+    ),
+    "llama3.2-3b": ModelArgs(
+        dim=3072,
+        n_layers=28,
+        n_heads=24,
+        multiple_of=256,
+        ffn_dim_multiplier=1.0,
+        use_scaled_rope=True,
+        **_LLAMA3,
+    ),
+    "llama3.3-70b": replace(_LLAMA3_70B, use_scaled_rope=True),
+}
 
 PROMPTS = [
     "Hello world",

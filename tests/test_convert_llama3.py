@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import LLAMA3_RELEASES
 
 from mpllama.checkpoint import detect_embedding_axis, find_shards, read_params
 from mpllama.config import ModelArgs, SamplingParams
@@ -52,73 +53,20 @@ LLAMA31 = ModelArgs(
     use_scaled_rope=True,
 )
 
-# Released params.json files (vocab 128256) and their Hugging Face intermediate_size.
-LLAMA3_8B = ModelArgs(
-    dim=4096,
-    n_layers=32,
-    n_heads=32,
-    n_kv_heads=8,
-    vocab_size=128256,
-    multiple_of=1024,
-    ffn_dim_multiplier=1.3,
-    norm_eps=1e-5,
-    rope_theta=500000.0,
-)
-LLAMA31_70B = ModelArgs(
-    dim=8192,
-    n_layers=80,
-    n_heads=64,
-    n_kv_heads=8,
-    vocab_size=128256,
-    multiple_of=4096,
-    ffn_dim_multiplier=1.3,
-    norm_eps=1e-5,
-    rope_theta=500000.0,
-    use_scaled_rope=True,
-)
+# Released params.json files and their Hugging Face intermediate_size and release line.
 RELEASED = {
-    "llama3-8b": (LLAMA3_8B, 14336, "Llama 3"),
-    "llama3-70b": (replace(LLAMA31_70B, use_scaled_rope=False), 28672, "Llama 3"),
-    "llama3.1-70b": (LLAMA31_70B, 28672, "Llama 3.1/3.3"),
-    "llama3.1-405b": (
-        replace(LLAMA31_70B, dim=16384, n_layers=126, n_heads=128, ffn_dim_multiplier=1.2),
-        53248,
-        "Llama 3.1/3.3",
-    ),
-    "llama3.1-8b": (replace(LLAMA3_8B, use_scaled_rope=True), 14336, "Llama 3.1/3.3"),
-    "llama3.2-1b": (
-        ModelArgs(
-            dim=2048,
-            n_layers=16,
-            n_heads=32,
-            n_kv_heads=8,
-            vocab_size=128256,
-            multiple_of=256,
-            ffn_dim_multiplier=1.5,
-            norm_eps=1e-5,
-            rope_theta=500000.0,
-            use_scaled_rope=True,
-        ),
-        8192,
-        "Llama 3.2",
-    ),
-    "llama3.2-3b": (
-        ModelArgs(
-            dim=3072,
-            n_layers=28,
-            n_heads=24,
-            n_kv_heads=8,
-            vocab_size=128256,
-            multiple_of=256,
-            ffn_dim_multiplier=1.0,
-            norm_eps=1e-5,
-            rope_theta=500000.0,
-            use_scaled_rope=True,
-        ),
-        8192,
-        "Llama 3.2",
-    ),
+    name: (LLAMA3_RELEASES[name], width, release)
+    for name, width, release in [
+        ("llama3-8b", 14336, "Llama 3"),
+        ("llama3-70b", 28672, "Llama 3"),
+        ("llama3.1-70b", 28672, "Llama 3.1/3.3"),
+        ("llama3.1-405b", 53248, "Llama 3.1/3.3"),
+        ("llama3.1-8b", 14336, "Llama 3.1/3.3"),
+        ("llama3.2-1b", 8192, "Llama 3.2"),
+        ("llama3.2-3b", 8192, "Llama 3.2"),
+    ]
 }
+LLAMA3_8B = LLAMA3_RELEASES["llama3-8b"]
 
 
 # ------------------------------------------------------------------ configs

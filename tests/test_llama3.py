@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import LLAMA3_RELEASES
 
 from mpllama import LLM, SamplingParams, checkpoint, memory, weights
 from mpllama import model as model_module
@@ -36,22 +37,8 @@ from mpllama.tokenizer import Tokenizer
 
 CPU = torch.device("cpu")
 TINY3 = PRESETS["llama3-tiny"]  # dim 64, 8 heads of 8, 2 KV heads, vocab 128256
-# Llama 3.1's released params.json for 8B and 405B (vocab resolved).
-LLAMA31_8B = ModelArgs(
-    dim=4096,
-    n_layers=32,
-    n_heads=32,
-    n_kv_heads=8,
-    vocab_size=128256,
-    multiple_of=1024,
-    ffn_dim_multiplier=1.3,
-    norm_eps=1e-5,
-    rope_theta=500000.0,
-    use_scaled_rope=True,
-)
-LLAMA31_405B = replace(
-    LLAMA31_8B, dim=16384, n_layers=126, n_heads=128, ffn_dim_multiplier=1.2, multiple_of=4096
-)
+LLAMA31_8B = LLAMA3_RELEASES["llama3.1-8b"]  # Meta's released params.json, vocab resolved
+LLAMA31_405B = LLAMA3_RELEASES["llama3.1-405b"]
 TEXTS = ["Hello world", "The quick brown fox jumps over the lazy dog.", "a", "Numbers 12345 🦙"]
 MAX_NEW = 6
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=True, ignore_eos=True)
