@@ -142,3 +142,16 @@ def live_ray_objects() -> tuple[set[str], set[str]]:
     actors = {k for k, v in state.actors().items() if v["State"] != "DEAD"}
     pgs = {k for k, v in ray.util.placement_group_table().items() if v["state"] in LIVE_PG_STATES}
     return actors, pgs
+
+
+def completable(start: bytes) -> bool:
+    """Whether some continuation makes ``start`` one valid UTF-8 character (only the
+    second byte has ranges narrower than 80..BF)."""
+    for second in range(0x80, 0xC0):
+        for more in range(3):
+            try:
+                (start + bytes((second,)) + b"\x80" * more).decode("utf-8")
+                return True
+            except UnicodeDecodeError:
+                pass
+    return False

@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 import pytest
+from helpers import completable
 
 from mpllama.errors import CheckpointError, PromptError
 from mpllama.tokenizer import (
@@ -166,19 +167,6 @@ def test_errors(tok: Tokenizer) -> None:
 
 
 # ------------------------------------------------------------------ streaming decode
-
-
-def completable(start: bytes) -> bool:
-    """Whether some continuation makes ``start`` one valid UTF-8 character (only the
-    second byte has ranges narrower than 80..BF)."""
-    for second in range(0x80, 0xC0):
-        for more in range(3):
-            try:
-                (start + bytes((second,)) + b"\x80" * more).decode("utf-8")
-                return True
-            except UnicodeDecodeError:
-                pass
-    return False
 
 
 def check_stream(tok: Tokenizer, ids: list[int]) -> list[str]:
