@@ -30,7 +30,8 @@ import torch
 from mpllama import dist
 from mpllama import model as model_module
 from mpllama.config import ModelArgs, SamplingParams
-from mpllama.model import Transformer, materialize, onednn_unsupported
+from mpllama.layers import onednn_unsupported
+from mpllama.model import Transformer, materialize
 from mpllama.protocol import Request
 from mpllama.runner import Runner, follow
 from mpllama.sampling import greedy, top_k_filter, top_p_filter

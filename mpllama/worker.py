@@ -29,7 +29,8 @@ import psutil
 import torch
 
 from . import checkpoint, dist, memory, weights
-from .model import Transformer, materialize, onednn_unsupported
+from .layers import onednn_unsupported
+from .model import Transformer, materialize
 from .protocol import Event, Polled, RankSpec, Request
 from .runner import Runner, follow
 from .tokenizer import Tokenizer

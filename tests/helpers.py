@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -155,3 +156,14 @@ def completable(start: bytes) -> bool:
             except UnicodeDecodeError:
                 pass
     return False
+
+
+def pretend_model_parallel(monkeypatch: Any, world: int, rank: int = 0) -> None:
+    """Make the model and its layers build rank ``rank`` of ``world`` in a one-rank
+    process (shape maths on the meta device, no collectives)."""
+    from mpllama import layers, model
+
+    for module in (model, layers):
+        monkeypatch.setattr(module, "get_model_parallel_world_size", lambda: world)
+        if hasattr(module, "get_model_parallel_rank"):
+            monkeypatch.setattr(module, "get_model_parallel_rank", lambda: rank)

@@ -11,7 +11,7 @@ import torch
 from helpers import PROMPTS, hf_greedy, hf_model
 
 from mpllama import LLM, SamplingParams, shm
-from mpllama.model import onednn_unsupported
+from mpllama.layers import onednn_unsupported
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, logprobs=True, ignore_eos=True)
 SMALL = {"cpus_per_rank": 0.5, "max_seq_len": 64, "max_batch_size": 4}

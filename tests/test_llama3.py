@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LLAMA3_RELEASES
+from helpers import LLAMA3_RELEASES, pretend_model_parallel
 
 from mpllama import LLM, SamplingParams, checkpoint, memory, weights
-from mpllama import model as model_module
 from mpllama.checkpoint import (
     check_model_parallel,
     detect_embedding_axis,
@@ -327,8 +326,7 @@ def test_405b_on_16_ranks_is_pure_shape_maths(
     assert shapes["layers.125.attention.wv.weight"] == (128, 16384)
     assert [kv_heads_of(r, 16, 8) for r in range(16)] == [[r // 2] for r in range(16)]
     # The model's layers at that size agree with the table, built on meta (nothing allocated).
-    monkeypatch.setattr(model_module, "get_model_parallel_world_size", lambda: 16)
-    monkeypatch.setattr(model_module, "get_model_parallel_rank", lambda: 3)
+    pretend_model_parallel(monkeypatch, 16, 3)
     model = Transformer(LLAMA31_405B, embed_axis=0)
     assert {k: tuple(p.shape) for k, p in model.named_parameters()} == shapes
     attn = model.layers[0].attention

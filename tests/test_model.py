@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LLAMA2_70B
+from helpers import LLAMA2_70B, pretend_model_parallel
 
-from mpllama import checkpoint, weights
+from mpllama import checkpoint, layers, weights
 from mpllama import model as model_module
 from mpllama.checkpoint import shard_shapes
 from mpllama.fixtures import PRESETS, random_state
@@ -58,7 +58,7 @@ def test_meta_70b_at_mp8_matches_the_shard_table(
     single_rank: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The model's layer choice and the checkpoint's axis table must agree at real shapes.
-    monkeypatch.setattr(model_module, "get_model_parallel_world_size", lambda: 8)
+    pretend_model_parallel(monkeypatch, 8)
     model = Transformer(LLAMA2_70B)
     shapes = {k: tuple(p.shape) for k, p in model.named_parameters()}
     assert shapes == shard_shapes(LLAMA2_70B, 8)
@@ -110,13 +110,13 @@ def test_materialize_is_strict(tiny_ckpts: dict[int, Path], single_rank: None) -
 MEMORY_PROBE = textwrap.dedent("""
     import json, sys
     import torch
-    from mpllama import checkpoint, dist, weights, model as M
+    from mpllama import checkpoint, dist, layers, weights, model as M
     from mpllama.model import Transformer, materialize
 
     folder, world = sys.argv[1], int(sys.argv[2])
     dist.init_single("gloo")
     # Build rank 0's model at this world size (the layers read the size from here).
-    M.get_model_parallel_world_size = lambda: world
+    M.get_model_parallel_world_size = layers.get_model_parallel_world_size = lambda: world
 
     def status_kb(field):
         for line in open("/proc/self/status"):
@@ -197,11 +197,10 @@ def test_vocabulary_parallel_embedding_rows_sum_to_the_full_lookup(
     this one-rank group) are the full table's."""
     full = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
     ids = torch.tensor([[0, 9, 10, 39], [25, 20, 19, 30]])
-    monkeypatch.setattr(model_module, "get_model_parallel_world_size", lambda: 4)
     total = torch.zeros(2, 4, 6)
     for rank in range(4):
-        monkeypatch.setattr(model_module, "get_model_parallel_rank", lambda r=rank: r)
-        layer = model_module.parallel_embedding(40, 6, axis=0)
+        pretend_model_parallel(monkeypatch, 4, rank)
+        layer = layers.parallel_embedding(40, 6, axis=0)
         layer.weight = torch.nn.Parameter(full[rank * 10 : (rank + 1) * 10], requires_grad=False)
         rows = layer(ids)
         mine = (ids >= rank * 10) & (ids < (rank + 1) * 10)
@@ -330,7 +329,7 @@ def test_forward_refuses_more_than_the_cache(tiny: Transformer) -> None:
 
 # ------------------------------------------------------------------ oneDNN linear layers
 
-ONEDNN = model_module.onednn_unsupported(CPU, torch.float32) is None
+ONEDNN = layers.onednn_unsupported(CPU, torch.float32) is None
 needs_onednn = pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN linear")
 
 
@@ -341,8 +340,8 @@ def test_packed_linears_give_the_plain_models_logits(tiny_ckpt: Path, single_ran
     plain, _ = load(tiny_ckpt)
     packed, _ = load(tiny_ckpt)
     packed.pack_linears()
-    linears = [m for m in packed.modules() if isinstance(m, model_module.ColumnLinear)]
-    linears += [m for m in packed.modules() if isinstance(m, model_module.RowLinear)]
+    linears = [m for m in packed.modules() if isinstance(m, layers.ColumnLinear)]
+    linears += [m for m in packed.modules() if isinstance(m, layers.RowLinear)]
     assert len(linears) == 7 * packed.args.n_layers + 1
     assert all(m.weight.layout == torch._mkldnn for m in linears)
     assert not any(p.layout == torch._mkldnn for p in packed.parameters())
@@ -362,8 +361,8 @@ def test_packed_linears_give_the_plain_models_logits(tiny_ckpt: Path, single_ran
 
 
 def test_onednn_refusals_say_why() -> None:
-    assert "cuda" in (model_module.onednn_unsupported(torch.device("cuda"), torch.float32) or "")
-    assert "float16" in (model_module.onednn_unsupported(CPU, torch.float16) or "")
+    assert "cuda" in (layers.onednn_unsupported(torch.device("cuda"), torch.float32) or "")
+    assert "float16" in (layers.onednn_unsupported(CPU, torch.float16) or "")
 
 
 def test_a_rank_chooses_its_linear_kernel() -> None:
@@ -380,7 +379,7 @@ def test_a_rank_chooses_its_linear_kernel() -> None:
 
 
 @pytest.mark.skipif(
-    model_module.onednn_unsupported(CPU, torch.bfloat16) is not None,
+    layers.onednn_unsupported(CPU, torch.bfloat16) is not None,
     reason="oneDNN has no bfloat16 linear kernel on this CPU",
 )
 def test_packed_bfloat16_linears_track_the_plain_bfloat16_model(
