@@ -47,7 +47,7 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a state dict (got {type(state).__name__})")
     for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.dtype not in PLAIN_DTYPES:
+        if isinstance(value, torch.Tensor) and _quantized(value.dtype):
             # Meta's FP8 / int4 releases store quantized weights whose meaning needs
             # scales: cast to the model's dtype they would load without error, as garbage.
             raise CheckpointError(
@@ -57,8 +57,13 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k not in IGNORED_KEYS}
 
 
-# What a plain Meta or converted checkpoint stores its weights as.
-PLAIN_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+def _quantized(dtype: torch.dtype) -> bool:
+    """Whether weights of ``dtype`` are quantized (float8, or int8/uint8 holding int8 or
+    packed int4 values): a cast would give numbers without their scales."""
+    return "float8" in str(dtype) or dtype in _QUANTIZED_INTS
+
+
+_QUANTIZED_INTS = frozenset({torch.int8, torch.uint8, torch.qint8, torch.quint8, torch.quint4x2})
 
 
 def tensor_shapes(state: dict[str, torch.Tensor]) -> Shapes:

@@ -535,14 +535,15 @@ def test_meta_fp8_checkpoint_is_refused(tiny_ckpts: dict[int, Path], tmp_path: P
         checkpoint.find_shards(folder)
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8, torch.uint8])
 def test_quantized_weights_are_refused_not_cast(
-    tiny_ckpts: dict[int, Path], tmp_path: Path
+    dtype: torch.dtype, tiny_ckpts: dict[int, Path], tmp_path: Path
 ) -> None:
     state = load_shard(checkpoint.find_shards(tiny_ckpts[1])[0])
     state = {k: v.clone() for k, v in state.items()}
-    state["layers.0.feed_forward.w1.weight"] = state["layers.0.feed_forward.w1.weight"].to(
-        torch.float8_e4m3fn
-    )
+    w1 = "layers.0.feed_forward.w1.weight"
+    state[w1] = state[w1].to(dtype)
     torch.save(state, tmp_path / "consolidated.00.pth")
-    with pytest.raises(CheckpointError, match=r"w1\.weight is float8_e4m3fn, a quantized weight"):
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(CheckpointError, match=rf"w1\.weight is {name}, a quantized weight"):
         load_shard(tmp_path / "consolidated.00.pth")
