@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .typecheck import build, check_types
+from .sampling_params import SamplingParams
+from .typecheck import build
 
 # ---------------------------------------------------------------------------- model
 
@@ -180,60 +181,6 @@ PRESETS: dict[str, ModelArgs] = {
         use_scaled_rope=True,
     ),
 }
-
-
-# --------------------------------------------------------------------------- sampling
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request is decoded (names as vLLM users know them)."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int | None = None  # None = derived from the engine seed and the request index
-    stop: tuple[str, ...] = ()
-    # Token ids that also end the request, beside the model's own stop ids (Llama 3:
-    # <|end_of_text|>, <|eom_id|>, <|eot_id|>; else EOS). Like stop strings, they are not
-    # part of the output.
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False  # ignore the model's stop ids (stop_token_ids still stop)
-    logprobs: bool = False  # return the log-probability of each generated token
-    echo: bool = False  # include the prompt in the returned text
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        elif isinstance(self.stop, list):
-            object.__setattr__(self, "stop", tuple(self.stop))
-        if isinstance(self.stop_token_ids, list):
-            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        check_types(self, "SamplingParams")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not 0.0 <= self.temperature < float("inf"):
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.seed is not None and self.seed < 0:
-            raise ValueError(f"seed must be >= 0 or None, got {self.seed}")
-        if any(s == "" for s in self.stop):
-            raise ValueError("stop strings must not be empty")
-        if any(i < 0 for i in self.stop_token_ids):
-            raise ValueError(
-                f"stop_token_ids must be token ids (>= 0), got {list(self.stop_token_ids)}"
-            )
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
-
-    def replace(self, **changes: Any) -> SamplingParams:
-        return dataclasses.replace(self, **changes)
 
 
 # ------------------------------------------------------------------------ run settings

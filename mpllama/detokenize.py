@@ -84,6 +84,10 @@ class IncrementalDecoder:
         self._tail = b""  # the last bytes of the window's trailing byte-fallback tokens
         self._last_control = False  # whether the window's last token is a control piece
 
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
     def add(self, token_id: int) -> str:
         """The text ``token_id`` completes: "" while it ends partway through a character."""
         tok = self._tokenizer

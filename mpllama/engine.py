@@ -416,4 +416,5 @@ def _unseen(e: Event, live: Live, replica: int) -> Event | None:
         e.finish_reason,
         e.error,
         replica,
+        e.top_logprobs[skip:] if e.top_logprobs is not None else None,
     )

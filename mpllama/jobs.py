@@ -375,6 +375,8 @@ def _record(
     }
     if params.logprobs:
         record["logprobs"] = out.logprobs
+    if params.top_logprobs:  # JSON's keys are strings: {"123": -0.5}
+        record["top_logprobs"] = out.top_logprobs
     record.update(prompt_tokens=len(ids), completion_tokens=len(out.token_ids), timing=timing)
     return record
 

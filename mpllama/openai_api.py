@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .api import RequestOutput
 from .config import SamplingParams
 from .errors import PromptError
-from .tokenizer import IncrementalDecoder
+from .tokenizer import IncrementalDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,11 @@ class SamplingBody(Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted, unused
-    frequency_penalty: float | None = None  # accepted at their no-op value 0 only
-    presence_penalty: float | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)  # an extra field, as in vLLM
+    logit_bias: dict[str, float] | None = None  # token id (a string, in JSON) -> bias
+    min_tokens: int | None = Field(None, ge=0)  # an extra field, as in vLLM
 
     @field_validator("stop")
     @classmethod
@@ -61,18 +64,21 @@ class SamplingBody(Body):
             raise ValueError(f"give at most {MAX_STOP} non-empty stop strings")
         return stop
 
-    @field_validator("frequency_penalty", "presence_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _penalty(cls, value: float | None) -> float | None:
-        if value:
-            raise ValueError("penalties are not supported; leave them out or send 0")
-        return value
+    def _bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not key.isdigit():
+                raise ValueError(f'keys must be token ids, e.g. "128", got {key!r}')
+            if not -100 <= value <= 100:
+                raise ValueError(f"values must be in [-100, 100], got {value} for {key!r}")
+        return bias
 
 
 class CompletionRequest(SamplingBody):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    # Only the chosen token's log-prob is computed: top_logprobs lists that token alone.
+    # k: each token's log-prob and the k most likely tokens' (OpenAI's limit: 5).
     logprobs: int | None = Field(None, ge=0, le=5)
 
 
@@ -99,7 +105,7 @@ class ChatRequest(SamplingBody):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)  # as for completions: the chosen one
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # the k most likely, with logprobs
 
 
 # ------------------------------------------------------------------ errors
@@ -183,6 +189,8 @@ class Choice:
     out: RequestOutput | None = None
     pieces: list[str] = dataclasses.field(default_factory=list)  # one text per token
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    # Per token, the most likely tokens' texts and log-probs (top_logprobs > 0).
+    tops: list[list[tuple[str, float]]] = dataclasses.field(default_factory=list)
 
     def add(self, out: RequestOutput) -> tuple[list[str], list[float]]:
         """Take the next output; return its tokens' texts and log-probs (when asked for)."""
@@ -195,32 +203,68 @@ class Choice:
             pieces[-1] += self.decoder.flush()
         self.pieces += pieces
         self.logprobs += new
+        if out.top_logprobs is not None:
+            # The chosen token among them shows as its own piece (at the start of the
+            # text, without the leading space), the others as they read mid-text.
+            tokenizer = self.decoder.tokenizer
+            new_tops = out.top_logprobs[len(self.tops) :]
+            for token, piece, top in zip(out.delta_token_ids, pieces, new_tops, strict=True):
+                self.tops.append(
+                    [
+                        (piece if t == token else token_text(tokenizer, t), lp)
+                        for t, lp in top.items()
+                    ]
+                )
         return pieces, new
+
+    def top(self, pieces: list[str]) -> list[list[tuple[str, float]]]:
+        """The alternatives of the last ``len(pieces)`` tokens."""
+        return self.tops[len(self.tops) - len(pieces) :] if pieces else []
+
+
+def token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    """A token's text where it stands mid-text, as OpenAI lists alternatives: a
+    sentencepiece word piece with its leading space, a lone byte as U+FFFD."""
+    raw = tokenizer.token_bytes(token_id)
+    if raw is None:  # "▁word": decode drops the space it shows mid-text
+        return " " + tokenizer.decode([token_id])
+    return raw.decode("utf-8", errors="replace")
 
 
 def completion_logprobs(
-    pieces: list[str], logprobs: list[float], top: int, offset: int
+    pieces: list[str], logprobs: list[float], tops: list[list[tuple[str, float]]], offset: int
 ) -> dict[str, Any]:
+    """OpenAI's completions shape; ``tops`` (one list per token, or none at all) become
+    its top_logprobs: each token's alternatives, with the chosen token among them."""
     offsets = []
     for piece in pieces:
         offsets.append(offset)
         offset += len(piece)
+    top_logprobs = None
+    if tops:
+        top_logprobs = [
+            {**dict(alts), piece: lp}
+            for piece, lp, alts in zip(pieces, logprobs, tops, strict=True)
+        ]
     return {
         "tokens": pieces,
         "token_logprobs": logprobs,
-        "top_logprobs": [{p: lp} for p, lp in zip(pieces, logprobs, strict=True)] if top else None,
+        "top_logprobs": top_logprobs,
         "text_offset": offsets,
     }
 
 
-def chat_logprobs(pieces: list[str], logprobs: list[float], top: int) -> dict[str, Any]:
+def chat_logprobs(
+    pieces: list[str], logprobs: list[float], tops: list[list[tuple[str, float]]]
+) -> dict[str, Any]:
     def entry(piece: str, lp: float) -> dict[str, Any]:
         return {"token": piece, "logprob": lp, "bytes": list(piece.encode())}
 
+    alternatives = tops or [[] for _ in pieces]
     return {
         "content": [
-            {**entry(p, lp), "top_logprobs": [entry(p, lp)] if top else []}
-            for p, lp in zip(pieces, logprobs, strict=True)
+            {**entry(p, lp), "top_logprobs": [entry(t, tlp) for t, tlp in alts]}
+            for p, lp, alts in zip(pieces, logprobs, alternatives, strict=True)
         ]
     }
 

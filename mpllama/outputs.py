@@ -34,6 +34,8 @@ class RequestOutput:
     request_id: str = ""
     error: str | None = None  # with finish_reason "error": what was wrong with the input
     replica: int = 0  # the gang that made it
+    # Per token, the top_logprobs most likely tokens {id: raw log-prob}, when asked for.
+    top_logprobs: list[dict[int, float]] | None = None
 
 
 class Progress:
@@ -47,6 +49,9 @@ class Progress:
         self.text = ""
         self.token_ids: list[int] = []
         self.logprobs: list[float] | None = [] if request.params.logprobs else None
+        self.top_logprobs: list[dict[int, float]] | None = (
+            [] if request.params.top_logprobs else None
+        )
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.replica = 0
@@ -70,6 +75,8 @@ class Progress:
         self.token_ids += e.token_ids
         if self.logprobs is not None and e.logprobs is not None:
             self.logprobs += e.logprobs
+        if self.top_logprobs is not None and e.top_logprobs is not None:
+            self.top_logprobs += e.top_logprobs
         self.finish_reason, self.error, self.replica = e.finish_reason, e.error, e.replica
 
     def output(self, delta: bool = True) -> RequestOutput:
@@ -87,6 +94,7 @@ class Progress:
             self.request.id,
             self.error,
             self.replica,
+            None if self.top_logprobs is None else list(self.top_logprobs),
         )
 
 

@@ -48,6 +48,8 @@ class Event:
     finish_reason: str | None = None  # one of FINISH_REASONS once finished
     error: str | None = None  # with finish_reason "error": what was wrong
     replica: int = 0  # which gang made it (set on the driver)
+    # One {token id: log-prob} of the most likely tokens per token, when asked for.
+    top_logprobs: list[dict[int, float]] | None = None
 
 
 @dataclass
@@ -96,12 +98,20 @@ def check_request(request: Request, max_seq_len: int, vocab_size: int) -> str | 
     ]
     if bad:
         return f"token id(s) {bad[:5]} are outside the vocabulary 0..{vocab_size - 1}"
-    stops = [t for t in request.params.stop_token_ids if t >= vocab_size]
+    return check_params(request.params, vocab_size)
+
+
+def check_params(params: SamplingParams, vocab_size: int) -> str | None:
+    """Why ``params`` name tokens this model does not have, or None."""
+    stops = [t for t in params.stop_token_ids if t >= vocab_size]
     if stops:
         return (
             f"stop_token_ids {stops[:5]} are outside the vocabulary 0..{vocab_size - 1}: "
             "the model can never make them"
         )
+    biased = [t for t in params.logit_bias if t >= vocab_size]
+    if biased:
+        return f"logit_bias token id(s) {biased[:5]} are outside the vocabulary 0..{vocab_size - 1}"
     return None
 
 

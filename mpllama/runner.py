@@ -23,7 +23,7 @@ import torch
 from .config import SamplingParams
 from .model import Transformer
 from .protocol import Event, Request, check_request
-from .sampling import log_probs, next_tokens
+from .sampling import LogitAdjuster, log_probs, next_tokens, top_log_probs
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,11 @@ class Sequence:
         # even with ignore_eos, as in vLLM.
         model_stops = frozenset() if self.params.ignore_eos else tokenizer.stop_ids
         self.stop_ids = model_stops | frozenset(self.params.stop_token_ids)
+        self.adjuster = (
+            LogitAdjuster(self.params, request.prompt_token_ids, self.stop_ids)
+            if self.params.adjusts_logits
+            else None
+        )
         self.text = ""  # decoded so far (cut at a stop string once one appears)
         self.shown = 0  # characters of text already emitted
         self.finish_reason: str | None = None
@@ -175,8 +180,11 @@ class Sequence:
     def prompt_left(self) -> int:
         return len(self.request.prompt_token_ids) - self.cached
 
-    def advance(self, token: int, logprob: float | None) -> Event:
-        """Take one sampled token; decide whether the request has finished."""
+    def advance(
+        self, token: int, logprob: float | None, top: dict[int, float] | None = None
+    ) -> Event:
+        """Take one sampled token (its raw log-prob and the most likely tokens', when
+        asked for); decide whether the request has finished."""
         token_offset, text_offset = len(self.output), self.shown
         params = self.params
         new: list[int] = []
@@ -187,9 +195,12 @@ class Sequence:
             self.output.append(token)
             if logprob is not None:
                 self.logprobs.append(logprob)
+            if self.adjuster is not None:
+                self.adjuster.add(token)
             before = len(self.text)
             self.text += self.decoder.add(token)
-            if params.stop and self._stopped(before):
+            # Stop strings, as stop ids, cannot end it before min_tokens (vLLM's rule).
+            if params.stop and len(self.output) > params.min_tokens and self._stopped(before):
                 self.finish_reason = "stop"
             elif len(self.output) >= self.budget:
                 self.finish_reason = "length"
@@ -211,6 +222,9 @@ class Sequence:
             token_offset,
             text_offset,
             self.finish_reason,
+            top_logprobs=([top] if new and top is not None else [])
+            if params.top_logprobs
+            else None,
         )
 
     def _stopped(self, before: int) -> bool:
@@ -366,7 +380,16 @@ class Runner:
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[Event]:
         params = [s.params for s in rows]
-        tokens = next_tokens(logits, params, [s.generator for s in rows]).tolist()
+        # Rows with penalties, logit_bias or min_tokens pick from an adjusted float32
+        # copy; the others' logits are the same numbers (an exact upcast), so they pick
+        # as they would alone. Log-probs stay the raw model distribution's.
+        adjusted = logits
+        if any(s.adjuster is not None for s in rows):
+            adjusted = logits.to(torch.float32, copy=True)
+            for row, s in enumerate(rows):
+                if s.adjuster is not None:
+                    s.adjuster.apply(adjusted[row])
+        tokens = next_tokens(adjusted, params, [s.generator for s in rows]).tolist()
         # Log-probs for the rows that asked only: a log-softmax over 128k entries a row.
         lps: list[float | None] = [None] * len(rows)
         want = [i for i, p in enumerate(params) if p.logprobs]
@@ -375,9 +398,13 @@ class Runner:
             picked = torch.tensor([tokens[i] for i in want], device=logits.device)
             for i, lp in zip(want, log_probs(logits[index], picked).tolist(), strict=True):
                 lps[i] = lp
+        tops: list[dict[int, float] | None] = [None] * len(rows)
+        for i, p in enumerate(params):
+            if p.top_logprobs:
+                tops[i] = top_log_probs(logits[i], p.top_logprobs)
         events = []
-        for s, token, lp in zip(rows, tokens, lps, strict=True):
-            events.append(s.advance(token, lp if s.params.logprobs else None))
+        for s, token, lp, top in zip(rows, tokens, lps, tops, strict=True):
+            events.append(s.advance(token, lp if s.params.logprobs else None, top))
             if s.finish_reason is not None:
                 self.live.pop(s.request.id, None)
                 self._release(s)

@@ -39,6 +39,14 @@ def log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None])[:, 0]
 
 
+def top_log_probs(logits: torch.Tensor, k: int) -> dict[int, float]:
+    """[V] -> the ``k`` most likely token ids under the raw model distribution and their
+    log-probabilities, most likely first (ties by id)."""
+    ls = torch.log_softmax(logits.float(), dim=-1)
+    ids, values = _ranked(ls, _top_set(ls, min(k, ls.shape[-1])))
+    return dict(zip(ids[:k].tolist(), values[:k].tolist(), strict=True))
+
+
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the ``k`` largest logits of each row (ties at the cut kept), -inf the rest."""
     if k <= 0 or k >= logits.shape[-1]:
@@ -156,6 +164,106 @@ def _nucleus(
     keep[0] = True
     m = int(keep.sum())  # a prefix: the running mass only grows
     return ids[:m], values[:m]
+
+
+# ------------------------------------------------------------- logit adjustments
+# In vLLM's order, on a float32 [V] row, in place: logit_bias and the min_tokens mask,
+# then the penalties. Temperature, top-k and top-p come after, in ``sample``.
+
+
+def add_bias(row: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """row[ids] += bias (``ids`` distinct)."""
+    return row.index_add_(0, ids, bias)
+
+
+def mask_ids(row: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """row[ids] = -inf: tokens that cannot be picked."""
+    return row.index_fill_(0, ids, float("-inf"))
+
+
+def apply_penalties(
+    row: torch.Tensor,
+    counts: torch.Tensor | None,
+    seen: torch.Tensor | None,
+    presence: float,
+    frequency: float,
+    repetition: float,
+) -> torch.Tensor:
+    """vLLM's penalties. ``counts`` [V] float32: how often each token was generated;
+    ``seen`` [V] bool: in the prompt or generated. A seen token's logit is divided by
+    ``repetition`` when positive, multiplied when not; then
+    ``row -= frequency * counts`` and ``row -= presence * (counts > 0)``."""
+    if repetition != 1.0 and seen is not None:
+        scaled = torch.where(row > 0, row / repetition, row * repetition)
+        row.copy_(torch.where(seen, scaled, row))
+    if counts is not None:
+        if frequency:
+            row.sub_(frequency * counts)
+        if presence:
+            row.sub_(presence * (counts > 0).float())
+    return row
+
+
+class LogitAdjuster:
+    """One request's logit adjustments and the history they need: the counts of its
+    generated tokens (presence, frequency) and the tokens seen in its prompt or output
+    (repetition), both [V], kept up to date a token at a time. Built from the request's
+    prompt alone, so a replayed request, regenerating its tokens, sees the same history.
+    """
+
+    def __init__(self, params: SamplingParams, prompt: list[int], stop_ids: frozenset[int]) -> None:
+        self.params = params
+        self.prompt = prompt
+        self.stop_ids = sorted(stop_ids) if params.min_tokens else []
+        self.generated = 0
+        self.counts: torch.Tensor | None = None  # made on first use: [V], the row's device
+        self.seen: torch.Tensor | None = None
+        self.history: list[int] = []  # tokens added before the tensors exist
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def add(self, token: int) -> None:
+        """A token the request generated."""
+        self.generated += 1
+        if self.counts is None:
+            self.history.append(token)
+            return
+        self.counts[token] += 1
+        if self.seen is not None:
+            self.seen[token] = True
+
+    def apply(self, row: torch.Tensor) -> torch.Tensor:
+        """Adjust the float32 [V] ``row`` of the next token's logits, in place."""
+        p = self.params
+        if self.counts is None:
+            self._start(row)
+        if self.bias is not None:
+            add_bias(row, *self.bias)
+        if self.generated < p.min_tokens and self.stop_ids:
+            mask_ids(row, torch.tensor(self.stop_ids, device=row.device))
+        if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+            apply_penalties(
+                row,
+                self.counts,
+                self.seen,
+                p.presence_penalty,
+                p.frequency_penalty,
+                p.repetition_penalty,
+            )
+        return row
+
+    def _start(self, row: torch.Tensor) -> None:
+        V, device, p = row.shape[-1], row.device, self.params
+        self.counts = torch.zeros(V, dtype=torch.float32, device=device)
+        for t in self.history:
+            self.counts[t] += 1
+        if p.repetition_penalty != 1.0:
+            self.seen = torch.zeros(V, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(self.prompt + self.history, device=device)] = True
+        self.history = []
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=device)
+            values = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=device)
+            self.bias = (ids, values)
 
 
 def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:

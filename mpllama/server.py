@@ -48,7 +48,7 @@ from .openai_api import (
     usage_of,
 )
 from .protocol import Request as EngineRequest
-from .protocol import check_request
+from .protocol import check_params, check_request
 from .tokenizer import IncrementalDecoder
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,11 @@ class OpenAIServer:
                 param="echo",
             )
         params = self._params(
-            body, body.max_tokens, logprobs=body.logprobs is not None, echo=body.echo
+            body,
+            body.max_tokens,
+            logprobs=body.logprobs is not None,
+            top_logprobs=body.logprobs or 0,
+            echo=body.echo,
         )
         prompts = body.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -146,7 +150,6 @@ class OpenAIServer:
         for ids in encoded:
             self._check_length(ids, params, body.max_tokens is not None)
         choices = self._choices(list(zip(prompts, encoded, strict=True)), params, body.n)
-        top = body.logprobs or 0
 
         def render(
             c: Choice, pieces: list[str], logprobs: list[float], text: str
@@ -155,7 +158,7 @@ class OpenAIServer:
             return {
                 "index": c.index,
                 "text": text,
-                "logprobs": completion_logprobs(pieces, logprobs, top, offset)
+                "logprobs": completion_logprobs(pieces, logprobs, c.top(pieces), offset)
                 if c.params.logprobs
                 else None,
                 "finish_reason": c.out.finish_reason if c.out is not None else None,
@@ -178,11 +181,18 @@ class OpenAIServer:
             ids = self.tokenizer.encode_dialog(dialog)  # type: ignore[arg-type]
         except PromptError as exc:
             raise ApiError(400, str(exc), param="messages") from None
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = self._params(body, max_tokens, logprobs=body.logprobs, echo=False)
+        params = self._params(
+            body,
+            max_tokens,
+            logprobs=body.logprobs,
+            top_logprobs=body.top_logprobs or 0,
+            echo=False,
+        )
         self._check_length(ids, params, max_tokens is not None)
         choices = self._choices([(ids, ids)], params, body.n)
-        top = body.top_logprobs or 0
 
         def render(
             c: Choice, pieces: list[str], logprobs: list[float], text: str
@@ -190,7 +200,9 @@ class OpenAIServer:
             return {
                 "index": c.index,
                 "delta": {"content": text} if text else {},
-                "logprobs": chat_logprobs(pieces, logprobs, top) if c.params.logprobs else None,
+                "logprobs": chat_logprobs(pieces, logprobs, c.top(pieces))
+                if c.params.logprobs
+                else None,
                 "finish_reason": c.out.finish_reason if c.out is not None else None,
             }
 
@@ -362,7 +374,16 @@ class OpenAIServer:
     def _params(self, body: SamplingBody, max_tokens: int | None, **fixed: Any) -> SamplingParams:
         given: dict[str, Any] = {
             name: value
-            for name in ("temperature", "top_p", "seed", "ignore_eos")
+            for name in (
+                "temperature",
+                "top_p",
+                "seed",
+                "ignore_eos",
+                "presence_penalty",
+                "frequency_penalty",
+                "repetition_penalty",
+                "min_tokens",
+            )
             if (value := getattr(body, name)) is not None
         }
         if max_tokens is not None:
@@ -373,10 +394,16 @@ class OpenAIServer:
             given["stop"] = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
         if body.stop_token_ids is not None:
             given["stop_token_ids"] = tuple(body.stop_token_ids)
+        if body.logit_bias is not None:
+            given["logit_bias"] = {int(k): v for k, v in body.logit_bias.items()}
         try:
-            return self.defaults.replace(**given, **fixed)
+            params = self.defaults.replace(**given, **fixed)
         except (ValueError, TypeError) as exc:
             raise ApiError(400, str(exc)) from None
+        problem = check_params(params, self.vocab_size)
+        if problem is not None:
+            raise ApiError(400, problem)
+        return params
 
     def _encode(self, prompt: str | list[int], index: int) -> list[int]:
         if isinstance(prompt, str):

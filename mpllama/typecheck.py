@@ -47,6 +47,14 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected {describe(hint)}, got {value!r}")
         return tuple(coerce(v, item, where) for v in value)
+    if origin is dict:
+        key_hint, value_hint = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected {describe(hint)}, got {value!r}")
+        return {
+            _key(k, key_hint, where): coerce(v, value_hint, f"{where}[{k!r}]")
+            for k, v in value.items()
+        }
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
@@ -56,11 +64,24 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     raise ConfigError(f"{where}: {value!r} is not {describe(hint)}")
 
 
+def _key(key: Any, hint: Any, where: str) -> Any:
+    """A mapping's key; JSON's keys are strings, so "123" is taken for an integer key."""
+    if hint is int and isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        return int(key)
+    try:
+        return coerce(key, hint, where)
+    except ConfigError:
+        raise ConfigError(f"{where}: key {key!r} is not {describe(hint)}") from None
+
+
 def describe(hint: Any) -> str:
     if typing.get_origin(hint) in (Union, types.UnionType):
         return " or ".join(describe(h) for h in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
         return "a list of integers" if typing.get_args(hint)[0] is int else "a list of strings"
+    if typing.get_origin(hint) is dict:
+        key, value = typing.get_args(hint)
+        return f"a mapping from {describe(key)} to {describe(value)}"
     return {
         int: "an integer",
         float: "a number",

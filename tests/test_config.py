@@ -212,6 +212,17 @@ def test_params_must_be_an_object() -> None:
         ({"top_p": -0.1}, "-0.1"),
         ({"top_k": -1}, "-1"),
         ({"seed": -7}, "-7"),
+        ({"presence_penalty": 2.5}, "2.5"),
+        ({"presence_penalty": -2.01}, "-2.01"),
+        ({"frequency_penalty": -3}, "-3"),
+        ({"repetition_penalty": 0}, "0"),
+        ({"repetition_penalty": -1.0}, "-1.0"),
+        ({"logit_bias": {5: 100.5}}, "100.5"),
+        ({"logit_bias": {-1: 1.0}}, "-1"),
+        ({"min_tokens": -1}, "-1"),
+        ({"min_tokens": 17}, "17"),  # more than max_tokens (16)
+        ({"top_logprobs": 21}, "21"),
+        ({"top_logprobs": -1}, "-1"),
     ],
 )
 def test_sampling_value_errors_show_the_value(kwargs: dict, shown: str) -> None:
@@ -233,6 +244,12 @@ def test_sampling_value_errors_show_the_value(kwargs: dict, shown: str) -> None:
         ({"stop": ["ok", 3]}, "3"),
         ({"ignore_eos": 1}, "1"),
         ({"logprobs": "yes"}, "'yes'"),
+        ({"presence_penalty": "1"}, "'1'"),
+        ({"min_tokens": 1.0}, "1.0"),
+        ({"logit_bias": [1, 2]}, "[1, 2]"),
+        ({"logit_bias": {"a": 1}}, "'a'"),
+        ({"logit_bias": {1: "big"}}, "'big'"),
+        ({"logit_bias": {1: True}}, "True"),
     ],
 )
 def test_sampling_type_errors_show_the_value(kwargs: dict, shown: str) -> None:
@@ -629,3 +646,40 @@ def test_llama3_templates_fit_their_release(name: str) -> None:
     # The factor the README and the template promise: 32 for 3.2 1B/3B only.
     expected = None if name == "llama3-8b" else 32.0 if name.startswith("llama3.2") else 8.0
     assert args.rope_scaling_factor == expected
+
+
+def test_penalties_logit_bias_and_min_tokens_in_yaml_and_code(tmp_path: Path) -> None:
+    text = (
+        "sampling:\n  presence_penalty: 0.5\n  frequency_penalty: -1\n"
+        "  repetition_penalty: 1.2\n  min_tokens: 4\n  logit_bias: {7: 5, '12': -100}\n"
+    )
+    cfg = load_run_config(write(tmp_path, text))
+    assert cfg.sampling == SamplingParams(
+        presence_penalty=0.5,
+        frequency_penalty=-1.0,
+        repetition_penalty=1.2,
+        min_tokens=4,
+        logit_bias={7: 5.0, 12: -100.0},
+    )
+    assert isinstance(cfg.sampling.frequency_penalty, float)
+    assert all(isinstance(v, float) for v in cfg.sampling.logit_bias.values())
+    # JSON's string keys, as OpenAI clients send them; the dict is copied, not shared.
+    bias = {"3": 1}
+    p = SamplingParams(logit_bias=bias)
+    assert p.logit_bias == {3: 1.0} and p.adjusts_logits and not SamplingParams().adjusts_logits
+    bias["4"] = 2
+    assert p.logit_bias == {3: 1.0}
+    hash(p)  # still hashable: logit_bias is left out of the hash
+    assert p == SamplingParams(logit_bias={3: 1.0}) != SamplingParams(logit_bias={3: 2.0})
+    over = load_run_config(write(tmp_path, ""), ["sampling.logit_bias={9: 1}"]).sampling
+    assert over.logit_bias == {9: 1.0}
+    with pytest.raises(ConfigError, match=r"sampling\.logit_bias: key 'x' is not an integer"):
+        load_run_config(write(tmp_path, "sampling:\n  logit_bias: {x: 1}\n"))
+    with pytest.raises(ConfigError, match=r"presence_penalty must be in \[-2, 2\]"):
+        load_run_config(write(tmp_path, "sampling:\n  presence_penalty: 9\n"))
+
+
+def test_top_logprobs_needs_logprobs() -> None:
+    assert SamplingParams(logprobs=True, top_logprobs=20).top_logprobs == 20
+    with pytest.raises(ValueError, match="top_logprobs needs logprobs=True"):
+        SamplingParams(top_logprobs=2)

@@ -39,8 +39,17 @@ SETTINGS = {
     "restart_backoff_s": 0.2,
 }
 # Three rounds of 200 tokens through the 4 slots. Faults are sent once the requests are
-# running (see Fault), so however fast the engine is they land mid-generation.
-LONG = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+# running (see Fault), so however fast the engine is they land mid-generation. The
+# penalties make each token depend on every one before it: a replay must rebuild that
+# history exactly to reproduce the reference.
+LONG = SamplingParams(
+    temperature=0,
+    max_tokens=200,
+    ignore_eos=True,
+    frequency_penalty=0.2,
+    presence_penalty=0.1,
+    repetition_penalty=1.1,
+)
 WORK = PROMPTS * 3
 
 

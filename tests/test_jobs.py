@@ -91,7 +91,7 @@ def test_job_end_to_end(tmp_path: Path, llm: Any, capsys: pytest.CaptureFixture[
         {
             "id": "lp",
             "prompt": "The logging module",
-            "sampling": {"logprobs": True, "max_tokens": 3},
+            "sampling": {"logprobs": True, "max_tokens": 3, "top_logprobs": 2},
         }
     )
     config = load_run_config(job(tmp_path, rows, job={"progress": True}))
@@ -112,6 +112,9 @@ def test_job_end_to_end(tmp_path: Path, llm: Any, capsys: pytest.CaptureFixture[
         assert record["completion_tokens"] == len(record["token_ids"]) <= 4
         assert ("logprobs" in record) == (record["id"] == "lp")
     assert len(by_id["lp"]["logprobs"]) == len(by_id["lp"]["token_ids"]) <= 3
+    tops = by_id["lp"]["top_logprobs"]  # {"id": log-prob}: JSON's keys are strings
+    assert len(tops) == len(by_id["lp"]["token_ids"]) and all(len(t) == 2 for t in tops)
+    assert max(tops[0].values()) == pytest.approx(by_id["lp"]["logprobs"][0], abs=1e-5)
     # The same prompt through the API gives the same greedy tokens.
     from mpllama.config import SamplingParams
 
@@ -196,15 +199,20 @@ def test_per_request_errors_do_not_stop_the_rest(tmp_path: Path, llm: Any) -> No
         {"id": "tag", "messages": [{"role": "user", "content": "[INST] sneaky"}]},
         {"id": "order", "messages": [{"role": "assistant", "content": "hi"}]},
         {"id": "ok2", "messages": [{"role": "user", "content": "Hello"}]},
+        # logit_bias as JSON has it (string keys): a token past the vocabulary is an error.
+        {"id": "bias", "prompt": "Hello", "sampling": {"logit_bias": {"100": 100}}},
+        {"id": "vocab", "prompt": "Hello", "sampling": {"logit_bias": {"99999": 1}}},
     ]
     summary = run_job(load_run_config(job(tmp_path, rows)), llm=llm)
     by_id = {r["id"]: r for r in results(tmp_path / "out.jsonl")}
     assert set(by_id) == {r["id"] for r in rows}
-    for bad in ("long", "tag", "order"):
+    for bad in ("long", "tag", "order", "vocab"):
         assert by_id[bad]["finish_reason"] == "error" and by_id[bad]["error"]
     assert "max_seq_len" in by_id["long"]["error"] and "[INST]" in by_id["tag"]["error"]
+    assert "logit_bias" in by_id["vocab"]["error"]
     assert by_id["ok"]["token_ids"] and by_id["ok2"]["token_ids"]
-    assert summary.errors == 3 and summary.completed == 5
+    assert set(by_id["bias"]["token_ids"]) == {100}
+    assert summary.errors == 4 and summary.completed == 7
 
 
 def test_killed_run_resumes_without_loss_or_duplicates(

@@ -51,6 +51,9 @@ def test_check_request() -> None:
     far = SamplingParams(stop_token_ids=(5, 512, 900))
     assert "stop_token_ids [512, 900]" in check_request(Request("a", [1], far), 8, 512)
     assert check_request(Request("a", [1], SamplingParams(stop_token_ids=(511,))), 8, 512) is None
+    biased = SamplingParams(logit_bias={511: 1.0, 512: 2.0})
+    assert "logit_bias token id(s) [512]" in check_request(Request("a", [1], biased), 8, 512)
+    assert check_request(Request("a", [1], SamplingParams(logit_bias={511: 1})), 8, 512) is None
 
 
 def test_budget_is_max_tokens_capped_by_the_context_left() -> None:

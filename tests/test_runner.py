@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mpllama import checkpoint, weights
+from mpllama import runner as runner_module
 from mpllama.config import SamplingParams
 from mpllama.model import Transformer, materialize
 from mpllama.protocol import Event, Request
@@ -499,3 +500,127 @@ def test_follower_runs_the_lead_steps(tiny_ckpt: Path, single_rank: None, tok: T
     for a, b in zip(lead_model.layers, follower_model.layers, strict=True):
         assert torch.equal(a.attention.cache_k, b.attention.cache_k)
         assert torch.equal(a.attention.cache_v, b.attention.cache_v)
+
+
+# ------------------------------------------- penalties, logit_bias and min_tokens
+
+
+def spy_logits(monkeypatch: pytest.MonkeyPatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Record each step's raw logits (what ``_sample`` gets) and the logits it picks
+    from (what ``next_tokens`` gets)."""
+    raw: list[torch.Tensor] = []
+    picked: list[torch.Tensor] = []
+    sample, pick = Runner._sample, runner_module.next_tokens
+
+    def spy_sample(self: Runner, rows: list, logits: torch.Tensor) -> list[Event]:
+        raw.append(logits.clone())
+        return sample(self, rows, logits)
+
+    def spy_pick(logits: torch.Tensor, *args: object) -> torch.Tensor:
+        picked.append(logits.clone())
+        return pick(logits, *args)
+
+    monkeypatch.setattr(Runner, "_sample", spy_sample)
+    monkeypatch.setattr(runner_module, "next_tokens", spy_pick)
+    return raw, picked
+
+
+def test_min_tokens_holds_off_eos(model: Transformer, tok: Tokenizer) -> None:
+    sized(model)
+    base = run(model, tok, [req(tok, PROMPTS[0])])[0].token_ids
+    cut = next(i for i in range(2, len(base)) if base[i] not in base[:i])
+    eos_tok = with_eos(tok, base[cut])
+    (held,) = run(model, eos_tok, [req(tok, PROMPTS[0], GREEDY.replace(min_tokens=cut + 3))])
+    assert held.token_ids[:cut] == base[:cut]
+    assert len(held.token_ids) >= cut + 3 and base[cut] not in held.token_ids[: cut + 3]
+    # min_tokens reached: the stop id stops it again at once.
+    (at,) = run(model, eos_tok, [req(tok, PROMPTS[0], GREEDY.replace(min_tokens=cut))])
+    assert at.finish_reason == "stop" and at.token_ids == base[:cut]
+    # Stop strings wait for min_tokens too (vLLM's rule).
+    first = tok.decode(base[:1])
+    params = GREEDY.replace(stop=(first,), min_tokens=3)
+    (late,) = run(model, tok, [req(tok, PROMPTS[0], params)])
+    (early,) = run(model, tok, [req(tok, PROMPTS[0], params.replace(min_tokens=0))])
+    assert early.finish_reason == "stop" and early.text == ""
+    assert late.token_ids[:3] == base[:3] and late.text.startswith(first)
+
+
+def test_logit_bias_makes_greedy_pick_the_token_and_logprobs_stay_raw(
+    model: Transformer, tok: Tokenizer
+) -> None:
+    sized(model)
+    base = run(model, tok, [req(tok, PROMPTS[1])])[0]
+    target = next(t for t in range(100, tok.n_words) if t not in base.token_ids)
+    params = GREEDY.replace(logit_bias={target: 100.0}, max_tokens=6)
+    (got,) = run(model, tok, [req(tok, PROMPTS[1], params)])
+    assert got.token_ids == [target] * 6
+    # The raw model's log-probs: far below the ~0 the biased distribution gives.
+    assert all(lp < -1.0 for lp in got.logprobs)
+    # A bias of -100 on the greedy pick moves the pick elsewhere.
+    (away,) = run(
+        model, tok, [req(tok, PROMPTS[1], GREEDY.replace(logit_bias={base.token_ids[0]: -100}))]
+    )
+    assert away.token_ids[0] != base.token_ids[0]
+
+
+def test_frequency_and_presence_penalties_adjust_the_logits_exactly(
+    model: Transformer, tok: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each step picks from raw - frequency * count - presence * (count > 0), counts over
+    the tokens generated before it (the prompt does not count); greedy is its argmax."""
+    sized(model)
+    base = run(model, tok, [req(tok, PROMPTS[2], GREEDY.replace(max_tokens=16))])[0].token_ids
+    assert len(set(base)) < len(base)  # plain greedy repeats itself: the penalty bites
+    raw, picked = spy_logits(monkeypatch)
+    params = GREEDY.replace(max_tokens=16, frequency_penalty=1.5, presence_penalty=0.5)
+    (got,) = run(model, tok, [req(tok, PROMPTS[2], params)])
+    assert got.token_ids != base and len(raw) == len(got.token_ids) == 16
+    for k, token in enumerate(got.token_ids):
+        counts = torch.zeros(raw[k].shape[-1])
+        for t in got.token_ids[:k]:
+            counts[t] += 1
+        want = raw[k][0] - 1.5 * counts - 0.5 * (counts > 0).float()
+        torch.testing.assert_close(
+            torch.log_softmax(picked[k][0], -1), torch.log_softmax(want, -1), atol=1e-5, rtol=0
+        )
+        assert token == int(want.argmax())
+        # The log-prob returned is the raw model's.
+        assert got.logprobs[k] == pytest.approx(
+            float(torch.log_softmax(raw[k][0], -1)[token]), abs=1e-5
+        )
+
+
+def test_adjusted_rows_leave_plain_rows_exactly_as_alone(
+    model: Transformer, tok: Tokenizer
+) -> None:
+    sized(model)
+    sampled = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, logprobs=True)
+    requests = [
+        req(tok, PROMPTS[0]),
+        req(tok, PROMPTS[1], GREEDY.replace(frequency_penalty=2.0, logit_bias={5: 3.0})),
+        req(tok, PROMPTS[2], sampled, seed=7),
+        req(tok, PROMPTS[3], sampled.replace(repetition_penalty=1.3, min_tokens=4), seed=8),
+    ]
+    batch = run(model, tok, requests)
+    for got, want in zip(batch, alone(model, tok, requests), strict=True):
+        assert_same(got, want)
+    plain = alone(model, tok, [req(tok, PROMPTS[1]), req(tok, PROMPTS[3], sampled, seed=8)])
+    assert batch[1].token_ids != plain[0].token_ids or batch[3].token_ids != plain[1].token_ids
+
+
+def test_top_logprobs_list_the_most_likely_raw_tokens(
+    model: Transformer, tok: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sized(model)
+    raw, _ = spy_logits(monkeypatch)
+    params = GREEDY.replace(top_logprobs=3, logit_bias={7: 5.0})
+    got, plain = run(model, tok, [req(tok, PROMPTS[0], params), req(tok, PROMPTS[1])])
+    tops = [t for e in got.events for t in (e.top_logprobs or [])]
+    assert len(tops) == len(got.token_ids) == 12
+    assert all(e.top_logprobs is None for e in plain.events)
+    for k, top in enumerate(tops):
+        ls = torch.log_softmax(raw[k][0], -1)  # the raw distribution, before logit_bias
+        want = torch.topk(ls, 3)
+        assert list(top) == want.indices.tolist()
+        assert list(top.values()) == pytest.approx(want.values.tolist(), abs=1e-6)
+        assert got.logprobs[k] == pytest.approx(float(ls[got.token_ids[k]]), abs=1e-6)

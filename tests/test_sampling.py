@@ -9,7 +9,9 @@ import torch
 
 from mpllama.config import SamplingParams
 from mpllama.sampling import (
+    LogitAdjuster,
     _flat_nucleus,
+    apply_penalties,
     draw,
     greedy,
     kept_tokens,
@@ -17,6 +19,7 @@ from mpllama.sampling import (
     next_tokens,
     sample,
     top_k_filter,
+    top_log_probs,
     top_p_filter,
 )
 
@@ -336,3 +339,82 @@ def test_top_p_sampling_matches_the_filtered_distribution_at_large_vocabulary() 
     counts = torch.tensor([(got == i).sum() for i in (7, 1000, 99999)], dtype=torch.float64)
     chi2 = float(((counts - 600 * expected) ** 2 / (600 * expected)).sum())
     assert chi2 < 13.82
+
+
+# ------------------------------------------------------------- logit adjustments
+
+
+def test_penalties_equal_a_hand_computed_reference() -> None:
+    """Repetition over prompt and output (positive divided, negative multiplied), then
+    frequency times each count, then presence once per generated token; repeats count."""
+    row = torch.tensor([2.0, -1.0, 0.5, -3.0, 4.0, 0.0])
+    prompt, generated = [0, 1], [2, 2, 2, 4]
+    counts = torch.zeros(6)
+    for t in generated:
+        counts[t] += 1
+    seen = torch.zeros(6, dtype=torch.bool)
+    seen[prompt + generated] = True
+    got = apply_penalties(row.clone(), counts, seen, 0.5, 0.25, 2.0)
+    want = torch.tensor(
+        [
+            2.0 / 2,  # prompt only: repetition alone
+            -1.0 * 2,
+            0.5 / 2 - 0.25 * 3 - 0.5,  # generated three times
+            -3.0,  # never seen: untouched
+            4.0 / 2 - 0.25 - 0.5,
+            0.0,
+        ]
+    )
+    assert torch.equal(got, want)
+
+
+def test_adjuster_applies_bias_then_min_tokens_then_penalties_incrementally() -> None:
+    params = SamplingParams(
+        max_tokens=8,
+        frequency_penalty=1.0,
+        presence_penalty=0.5,
+        logit_bias={"3": 10, 5: -2.5},
+        min_tokens=2,
+    )
+    adj = LogitAdjuster(params, [1, 2], frozenset({0}))
+    row = torch.arange(6, dtype=torch.float32)
+    first = adj.apply(row.clone())
+    assert torch.equal(first, torch.tensor([-math.inf, 1, 2, 13, 4, 2.5]))
+    adj.add(3)
+    adj.add(3)
+    # Two tokens made: the stop id is free again; token 3 is penalised 2 * 1 + 0.5.
+    second = adj.apply(row.clone())
+    assert torch.equal(second, torch.tensor([0, 1, 2, 13 - 2.5, 4, 2.5]))
+
+
+def test_adjuster_counts_tokens_added_before_its_first_use() -> None:
+    """Replay and prompts without logits yet: the history is rebuilt, not lost."""
+    params = SamplingParams(frequency_penalty=1.0, repetition_penalty=2.0)
+    early = LogitAdjuster(params, [4], frozenset())
+    early.add(1)
+    early.add(1)
+    late = LogitAdjuster(params, [4], frozenset())
+    late.apply(torch.zeros(6))
+    late.add(1)
+    late.add(1)
+    row = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    want = torch.tensor([1.0, 2.0 / 2 - 2, 3.0, 4.0, 5.0 / 2, 6.0])
+    assert torch.equal(early.apply(row.clone()), want)
+    assert torch.equal(late.apply(row.clone()), want)
+
+
+def test_greedy_after_penalties_is_the_adjusted_argmax() -> None:
+    params = SamplingParams(temperature=0, logit_bias={7: 100})
+    adj = LogitAdjuster(params, [1], frozenset())
+    logits = random_logits(3)
+    row = adj.apply(logits.clone())
+    assert int(next_tokens(row[None], [params], [None])[0]) == 7
+
+
+def test_top_log_probs_are_the_k_most_likely_raw_log_probs_ties_by_id() -> None:
+    logits = torch.tensor([1.0, 3.0, 2.0, 3.0, -1.0])
+    got = top_log_probs(logits, 3)
+    ls = torch.log_softmax(logits, -1)
+    assert list(got) == [1, 3, 2]  # most likely first; the tie at 3.0 by id
+    assert list(got.values()) == [float(ls[1]), float(ls[3]), float(ls[2])]
+    assert list(top_log_probs(logits, 20)) == [1, 3, 2, 0, 4]  # k past V: all of them

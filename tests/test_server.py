@@ -39,6 +39,9 @@ MAX_TOKENS = 6
 SLOTS, QUEUED = 4, 28  # 32 sequences per replica at once, the 33rd gets 429
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
 SEEDED = GREEDY.replace(temperature=0.8, top_p=0.9, seed=1234)
+# Negative penalties: a random model repeats itself only when pushed to.
+PENALISED = GREEDY.replace(presence_penalty=-2.0, frequency_penalty=-2.0)
+BIASED = 100  # a token id logit_bias pushes to the top
 DIALOG = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Hi there"},
@@ -227,6 +230,9 @@ def offline(tiny_ckpt: Path, ray_runtime) -> dict[str, Any]:
             "chat": llm.chat(DIALOG, GREEDY)[0],
             "long": llm.generate(PROMPTS[0], GREEDY.replace(max_tokens=40))[0],
             "ids": llm.tokenizer.encode(PROMPTS[0], bos=True, eos=False),
+            "biased": llm.generate(PROMPTS[0], GREEDY.replace(logit_bias={BIASED: 100}))[0],
+            "penalised": llm.generate(PROMPTS[0], PENALISED.replace(logprobs=True))[0],
+            "repeating": llm.generate(PROMPTS[1], GREEDY.replace(repetition_penalty=0.5))[0],
         }
 
 
@@ -391,6 +397,14 @@ class TestOneReplica:
             ("/completions", {**base, "model": "gpt-4"}, 404),
             ("/completions", {**base, "stop_token_ids": [-1]}, 400),
             ("/completions", {**base, "stop_token_ids": ["5"]}, 400),
+            ("/completions", {**base, "presence_penalty": 2.5}, 400),
+            ("/completions", {**base, "frequency_penalty": "1"}, 400),
+            ("/chat/completions", {**chat, "repetition_penalty": 0}, 400),
+            ("/completions", {**base, "logit_bias": {"a": 1}}, 400),
+            ("/completions", {**base, "logit_bias": {"5": 101}}, 400),
+            ("/chat/completions", {**chat, "logit_bias": {"99999": 1}}, 400),  # past the vocab
+            ("/completions", {**base, "min_tokens": -1}, 400),
+            ("/completions", {**base, "min_tokens": 9, "max_tokens": 4}, 400),
             # A tool's turn needs a Llama 3 model: the Llama 2 format has no tool role.
             ("/chat/completions", {**chat, "messages": [{"role": "tool", "content": "x"}]}, 400),
         ]
@@ -432,6 +446,64 @@ class TestOneReplica:
             text = choice.text if reply.object == "text_completion" else choice.message.content
             assert choice.finish_reason == "stop"  # with ignore_eos (the serve YAML's) too
             assert text == tok.decode(out.token_ids[:cut]) and reply.usage.completion_tokens == cut
+
+    def test_penalties_logit_bias_and_min_tokens(self, client, offline) -> None:
+        """The Python API's penalties and logit_bias, the same over HTTP; log-probs stay
+        the raw model's (the runner's tests check the adjusted distribution itself)."""
+        biased = offline["biased"]
+        assert biased.token_ids == [BIASED] * MAX_TOKENS
+        reply = client.completions.create(
+            model=MODEL, prompt=PROMPTS[0], temperature=0, logit_bias={str(BIASED): 100}
+        )
+        assert reply.choices[0].text == biased.text
+        chat = client.chat.completions.create(
+            model=MODEL, messages=DIALOG, temperature=0, logit_bias={str(BIASED): 100}
+        )
+        assert chat.choices[0].message.content == biased.text
+        assert chat.usage.completion_tokens == MAX_TOKENS
+
+        penalised = offline["penalised"]
+        assert penalised.token_ids != offline["greedy"][0].token_ids
+        scored = client.completions.create(
+            model=MODEL,
+            prompt=PROMPTS[0],
+            temperature=0,
+            presence_penalty=-2.0,
+            frequency_penalty=-2,
+            logprobs=1,
+            extra_body={"min_tokens": 2},
+        )
+        assert scored.choices[0].text == penalised.text
+        lps = scored.choices[0].logprobs.token_logprobs
+        assert lps == pytest.approx(penalised.logprobs, abs=1e-5)
+        repeating = offline["repeating"]
+        assert repeating.token_ids != offline["greedy"][1].token_ids
+        again = client.completions.create(
+            model=MODEL, prompt=PROMPTS[1], temperature=0, extra_body={"repetition_penalty": 0.5}
+        )
+        assert again.choices[0].text == repeating.text
+
+    def test_top_logprobs_in_openai_shapes(self, client, offline) -> None:
+        greedy = offline["greedy"][3]
+        scored = client.completions.create(
+            model=MODEL, prompt=PROMPTS[3], temperature=0, logprobs=3
+        )
+        lp = scored.choices[0].logprobs
+        assert lp.token_logprobs == pytest.approx(greedy.logprobs, abs=1e-5)
+        for piece, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+            assert 3 <= len(top) <= 4 and top[piece] == chosen
+            assert max(top.values()) == pytest.approx(chosen)  # greedy: the most likely
+        chat = client.chat.completions.create(
+            model=MODEL, messages=DIALOG, temperature=0, logprobs=True, top_logprobs=4
+        )
+        for item in chat.choices[0].logprobs.content:
+            values = [t.logprob for t in item.top_logprobs]
+            assert len(values) == 4 and values == sorted(values, reverse=True)
+            assert values[0] == pytest.approx(item.logprob)
+            assert item.top_logprobs[0].token == item.token
+            assert all(t.bytes == list(t.token.encode()) for t in item.top_logprobs)
+        with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+            client.chat.completions.create(model=MODEL, messages=DIALOG, top_logprobs=2)
 
     def test_a_full_queue_answers_429_and_a_client_that_leaves_frees_its_slot(
         self, server, client
