@@ -33,8 +33,9 @@ from mpllama.config import ModelArgs, SamplingParams
 from mpllama.layers import onednn_unsupported
 from mpllama.model import Transformer, materialize
 from mpllama.protocol import Request
-from mpllama.runner import Runner, follow
+from mpllama.runner import Runner
 from mpllama.sampling import greedy, top_k_filter, top_p_filter
+from mpllama.step_plan import follow
 
 LLAMA3_VOCAB = 128256
 # The repo's "small" preset's dims with Llama 3's vocabulary, GQA and scaled RoPE.

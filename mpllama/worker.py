@@ -32,7 +32,8 @@ from . import checkpoint, dist, memory, weights
 from .layers import onednn_unsupported
 from .model import Transformer, materialize
 from .protocol import Event, Polled, RankSpec, Request
-from .runner import Runner, follow
+from .runner import Runner
+from .step_plan import follow
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,8 @@ from mpllama import runner as runner_module
 from mpllama.config import SamplingParams
 from mpllama.model import Transformer, materialize
 from mpllama.protocol import Event, Request
-from mpllama.runner import OP_STOP, Plan, Runner, follow, publish, receive
+from mpllama.runner import Runner
+from mpllama.step_plan import OP_STOP, Plan, follow, publish, receive
 from mpllama.tokenizer import Tokenizer
 
 PROMPTS = ["Once upon a time", "The cat sat on the mat and", "Hi", "In the beginning"]
