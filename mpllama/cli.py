@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import signal
 import sys
 import time
@@ -20,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli_checkpoints import cmd_check, cmd_convert, cmd_init_checkpoint, cmd_reshard
 from .errors import MpllamaError
 
 if TYPE_CHECKING:
@@ -158,133 +158,6 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
-
-
-def cmd_init_checkpoint(ns: argparse.Namespace) -> int:
-    import torch
-
-    from .checkpoint import find_shards
-    from .fixtures import init_checkpoint
-
-    out = Path(ns.out)
-    if ns.if_missing and (out / "params.json").is_file():
-        shards = find_shards(out)
-        print(f"{out} exists ({len(shards)} shard(s)); left as it is")
-        return 0
-    kwargs: dict[str, Any] = {}
-    if ns.preset is not None:
-        kwargs["preset"] = ns.preset
-    if ns.mp is not None:
-        kwargs["parts"] = ns.mp
-    if ns.seed is not None:
-        kwargs["seed"] = ns.seed
-    if ns.dtype is not None:
-        kwargs["dtype"] = getattr(torch, ns.dtype)
-    if ns.vocab_size is not None:
-        kwargs["vocab_size"] = ns.vocab_size
-    init_checkpoint(out, **kwargs)
-    print(f"wrote {out}: {len(find_shards(out))} shard(s), params.json, tokenizer.model")
-    return 0
-
-
-def cmd_convert(ns: argparse.Namespace) -> int:
-    from . import convert  # written alongside; imported only when asked for
-
-    if ns.to == "meta":
-        if ns.mp is None:
-            raise MpllamaError("convert --to meta needs --mp N (how many shards to write)")
-        out = convert.convert_hf_to_meta(ns.src, ns.out, ns.mp)
-    else:
-        if ns.mp is not None:
-            raise MpllamaError(
-                "--mp applies to --to meta only (a Hugging Face folder is not sharded by rank)"
-            )
-        out = convert.convert_meta_to_hf(ns.src, ns.out)
-    print(f"wrote {out}")
-    return 0
-
-
-def cmd_reshard(ns: argparse.Namespace) -> int:
-    from .checkpoint import detect_embedding_axis, find_shards, find_tokenizer, read_params
-    from .tokenizer import load_tokenizer
-    from .weights import load_rank_state, write_checkpoint
-
-    src, out = Path(ns.dir), Path(ns.out)
-    if out.resolve() == src.resolve():
-        raise MpllamaError(f"reshard would overwrite its input {src}; give another OUT folder")
-    shards = find_shards(src)
-    args = read_params(src)
-    # Merges every shard into one full state dict: the whole model sits in memory at once
-    # (the shards are memory-mapped, the merged tensors are not). Fine up to host RAM.
-    full = load_rank_state(shards, args, 0, 1)
-    try:
-        tokenizer = find_tokenizer(src)
-    except MpllamaError:
-        tokenizer = None
-    # The embedding keeps the source's split (Llama 3: by vocabulary); one shard shows
-    # none, so the tokenizer says which generation it is.
-    if len(shards) > 1:
-        axis = detect_embedding_axis(shards, args)
-    else:
-        axis = 0 if tokenizer is not None and load_tokenizer(tokenizer).kind == "tiktoken" else 1
-    write_checkpoint(out, args, full, ns.mp, embed_axis=axis)
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, out / "tokenizer.model")
-    print(
-        f"wrote {out}: {len(shards)} shard(s) -> {ns.mp}"
-        + ("" if tokenizer else " (no tokenizer.model found to copy)")
-    )
-    return 0
-
-
-def cmd_check(ns: argparse.Namespace) -> int:
-    from .checkpoint import (
-        check_model_parallel,
-        check_shards,
-        detect_embedding_axis,
-        find_shards,
-        find_tokenizer,
-        read_params,
-        resolve_vocab,
-        shard_plan,
-        shard_shapes,
-    )
-    from .hf_config import generation
-    from .tokenizer import load_tokenizer
-
-    folder = Path(ns.dir)
-    shards = find_shards(folder)
-    args = read_params(folder)
-    tok_path = find_tokenizer(folder, ns.tokenizer)
-    tokenizer = load_tokenizer(tok_path)
-    args = resolve_vocab(args, tokenizer.n_words, str(folder / "params.json"))
-    check_model_parallel(args, len(shards))
-    n_params = check_shards(shards, args)  # the files' indexes: cheap even for big shards
-    n_weights = len(shard_shapes(args, len(shards)))
-    # How the shards split the embedding: Llama 3 by vocabulary, Llama 1/2 by dimension.
-    split = "vocabulary" if detect_embedding_axis(shards, args) == 0 else "model dimension"
-    print(f"{folder}: ok")
-    print(
-        f"  shards:    {len(shards)} ({', '.join(p.name for p in shards[:4])}"
-        f"{', ...' if len(shards) > 4 else ''})"
-        + (f", embedding split by {split}" if len(shards) > 1 else "")
-    )
-    print(
-        f"  model:     dim={args.dim} n_layers={args.n_layers} n_heads={args.n_heads} "
-        f"n_kv_heads={args.kv_heads} ffn={args.ffn_dim} rope_theta={args.rope_theta:g}"
-    )
-    factor = args.rope_scaling_factor
-    print(
-        f"  release:   {generation(args, tokenizer.kind)} (RoPE scaling: "
-        f"{'none' if factor is None else f'factor {factor:g}'})"
-    )
-    print(f"  weights:   {n_weights} tensors per shard, {n_params / 1e6:.2f}M values stored")
-    print(f"  tokenizer: {tok_path} ({tokenizer.kind}, {tokenizer.n_words} pieces = vocab_size)")
-    if ns.mp is not None:
-        check_model_parallel(args, ns.mp)
-        shard_plan(len(shards), ns.mp)
-        print(f"  --mp {ns.mp}: ok ({len(shards)} shard(s) -> {ns.mp} rank(s))")
-    return 0
 
 
 # ------------------------------------------------------------------------ parser
