@@ -29,7 +29,7 @@ import torch
 
 from mpllama import dist
 from mpllama import model as model_module
-from mpllama.config import ModelArgs, SamplingParams
+from mpllama.config import LLAMA3_VOCAB_SIZE, ModelArgs, SamplingParams
 from mpllama.layers import onednn_unsupported
 from mpllama.model import Transformer, materialize
 from mpllama.protocol import Request
@@ -37,7 +37,6 @@ from mpllama.runner import Runner
 from mpllama.sampling import greedy, top_k_filter, top_p_filter
 from mpllama.step_plan import follow
 
-LLAMA3_VOCAB = 128256
 # The repo's "small" preset's dims with Llama 3's vocabulary, GQA and scaled RoPE.
 LLAMA3_MODEL = ModelArgs(
     dim=512,
@@ -48,7 +47,7 @@ LLAMA3_MODEL = ModelArgs(
     norm_eps=1e-5,
     rope_theta=500000.0,
     use_scaled_rope=True,
-    vocab_size=LLAMA3_VOCAB,
+    vocab_size=LLAMA3_VOCAB_SIZE,
 )
 QUICK_LLAMA3_MODEL = ModelArgs(
     dim=128,
@@ -59,7 +58,7 @@ QUICK_LLAMA3_MODEL = ModelArgs(
     norm_eps=1e-5,
     rope_theta=500000.0,
     use_scaled_rope=True,
-    vocab_size=LLAMA3_VOCAB,
+    vocab_size=LLAMA3_VOCAB_SIZE,
 )
 SETTINGS = {
     "greedy": SamplingParams(temperature=0),

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import ModelArgs
+from .config import LLAMA3_VOCAB_SIZE, ModelArgs
 from .errors import CheckpointError, ConfigError
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -385,6 +385,15 @@ def embedding_axis(shapes: Shapes, args: ModelArgs, parts: int) -> int:
     if parts > 1 and shape is not None and len(shape) == 2 and shape[1] == args.dim:
         return 0
     return 1
+
+
+def generation_axis(args: ModelArgs, tokenizer_kind: str | None) -> int:
+    """The axis a generation's own shards split the embedding on, for writing shards
+    when no source shows one: 0 (by vocabulary) for Llama 3, told by its tiktoken
+    tokenizer or, without a tokenizer, by its vocabulary size or scaled RoPE; else 1."""
+    if tokenizer_kind is not None:
+        return 0 if tokenizer_kind == "tiktoken" else 1
+    return 0 if args.vocab_size == LLAMA3_VOCAB_SIZE or args.use_scaled_rope else 1
 
 
 def detect_embedding_axis(shards: list[Path], args: ModelArgs) -> int:

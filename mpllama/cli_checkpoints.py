@@ -58,7 +58,13 @@ def cmd_convert(ns: argparse.Namespace) -> int:
 
 
 def cmd_reshard(ns: argparse.Namespace) -> int:
-    from .checkpoint import detect_embedding_axis, find_shards, find_tokenizer, read_params
+    from .checkpoint import (
+        detect_embedding_axis,
+        find_shards,
+        find_tokenizer,
+        generation_axis,
+        read_params,
+    )
     from .tokenizer import load_tokenizer
     from .weights import load_rank_state, write_checkpoint
 
@@ -79,7 +85,7 @@ def cmd_reshard(ns: argparse.Namespace) -> int:
     if len(shards) > 1:
         axis = detect_embedding_axis(shards, args)
     else:
-        axis = 0 if tokenizer is not None and load_tokenizer(tokenizer).kind == "tiktoken" else 1
+        axis = generation_axis(args, load_tokenizer(tokenizer).kind if tokenizer else None)
     write_checkpoint(out, args, full, ns.mp, embed_axis=axis)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, out / "tokenizer.model")

@@ -136,6 +136,8 @@ class ModelArgs:
 ROPE_LOW_FREQ_FACTOR = 1.0
 ROPE_HIGH_FREQ_FACTOR = 4.0
 ROPE_OLD_CONTEXT_LEN = 8192
+# Every Llama 3.x vocabulary: 128000 BPE tokens + 256 special tokens (Meta's tiktoken file).
+LLAMA3_VOCAB_SIZE = 128256
 # (dim, n_layers) of Llama 3.2 1B and 3B: RoPE scaled by 32, not 8.
 LLAMA_3_2_SMALL_SHAPES = frozenset({(2048, 16), (3072, 28)})
 
@@ -174,7 +176,7 @@ PRESETS: dict[str, ModelArgs] = {
         n_layers=2,
         n_heads=8,
         n_kv_heads=2,
-        vocab_size=128256,
+        vocab_size=LLAMA3_VOCAB_SIZE,
         multiple_of=16,
         norm_eps=1e-5,
         rope_theta=500000.0,

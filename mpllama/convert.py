@@ -21,10 +21,17 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import IGNORED_KEYS, check_state, find_shards, full_shapes, read_params
-from .config import ModelArgs
+from .checkpoint import (
+    IGNORED_KEYS,
+    check_state,
+    find_shards,
+    full_shapes,
+    generation_axis,
+    read_params,
+)
+from .config import LLAMA3_VOCAB_SIZE, ModelArgs
 from .errors import CheckpointError
-from .hf_config import LLAMA3_VOCAB_SIZE, args_from_hf_config, context_length, generation, hf_config
+from .hf_config import args_from_hf_config, context_length, generation, hf_config
 from .tokenizer import load_tokenizer
 from .weights import load_rank_state, load_shard, tensor_shapes, write_checkpoint
 
@@ -218,7 +225,7 @@ def convert_hf_to_meta(hf_dir: str | Path, out_dir: str | Path, parts: int) -> P
     tok_path = _find_tokenizer(folder, folder / "original")
     kind = _token_ids(tok_path)[0] if tok_path is not None else None
     # Split the embedding as the generation's own shards do (Llama 3: by vocabulary).
-    embed_axis = 0 if _vocab_parallel(args, kind) else 1
+    embed_axis = generation_axis(args, kind)
     write_checkpoint(out_dir, args, hf_to_meta(state, args), parts, embed_axis=embed_axis)
     if tok_path is not None:
         shutil.copyfile(tok_path, Path(out_dir) / "tokenizer.model")
@@ -237,15 +244,6 @@ def _vocab_from_shards(args: ModelArgs, shards: list[Path]) -> ModelArgs:
         raise CheckpointError(f"{shards[0]} has no tok_embeddings.weight matrix")
     rows, cols = embedding.shape
     return replace(args, vocab_size=rows * len(shards) if cols == args.dim else rows)
-
-
-def _vocab_parallel(args: ModelArgs, tokenizer_kind: str | None) -> bool:
-    """Whether to split tok_embeddings by vocabulary (dim 0) as Llama 3 does, or by model
-    dimension (dim 1) as Llama 2 does: by the tokenizer kind, or without a tokenizer by
-    Llama 3's vocabulary size or scaled RoPE."""
-    if tokenizer_kind is not None:
-        return tokenizer_kind == "tiktoken"
-    return args.vocab_size == LLAMA3_VOCAB_SIZE or args.use_scaled_rope
 
 
 def _find_tokenizer(*folders: Path) -> Path | None:

@@ -22,7 +22,7 @@ import torch
 from sentencepiece import SentencePieceTrainer
 
 from .checkpoint import full_shapes, resolve_vocab
-from .config import PRESETS, ModelArgs
+from .config import LLAMA3_VOCAB_SIZE, PRESETS, ModelArgs
 from .errors import ConfigError
 from .tokenizer import Tokenizer
 from .weights import write_checkpoint
@@ -52,10 +52,6 @@ def random_state(
     return out
 
 
-# Llama 3's vocabulary: 128000 BPE ranks and 256 special tokens (Meta's tiktoken file).
-LLAMA3_VOCAB = 128256
-
-
 def init_checkpoint(
     out_dir: str | Path,
     preset: str | ModelArgs = "tiny",
@@ -71,7 +67,7 @@ def init_checkpoint(
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         preset = PRESETS[preset]
-    if preset.vocab_size == LLAMA3_VOCAB:
+    if preset.vocab_size == LLAMA3_VOCAB_SIZE:
         return init_llama3_checkpoint(out_dir, preset, parts, seed, dtype)
     out = Path(out_dir)
     tok_path = train_tokenizer(out / "tokenizer.model", vocab_size=vocab_size)
@@ -95,9 +91,9 @@ def init_llama3_checkpoint(
     Needs the ``llama-models`` package (the test extra) for that file; mpllama itself
     never does."""
     args = PRESETS["llama3-tiny"] if args is None else args
-    if args.vocab_size != LLAMA3_VOCAB:
+    if args.vocab_size != LLAMA3_VOCAB_SIZE:
         raise ConfigError(
-            f"a Llama 3 checkpoint has vocab_size={LLAMA3_VOCAB} (its tokenizer's), "
+            f"a Llama 3 checkpoint has vocab_size={LLAMA3_VOCAB_SIZE} (its tokenizer's), "
             f"got {args.vocab_size}"
         )
     out = Path(out_dir)

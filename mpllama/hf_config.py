@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .config import (
+    LLAMA3_VOCAB_SIZE,
     LLAMA_3_2_SMALL_SHAPES,
     ROPE_HIGH_FREQ_FACTOR,
     ROPE_LOW_FREQ_FACTOR,
@@ -29,8 +30,6 @@ if TYPE_CHECKING:
     import torch
     from transformers import LlamaConfig
 
-# 128000 BPE tokens + 256 special tokens: every Llama 3.x release.
-LLAMA3_VOCAB_SIZE = 128256
 # Meta's default rounding; tried first so Llama 2 7B/13B and Code Llama keep their params.json.
 _META_MULTIPLE_OF = 256
 # Meta's released (multiple_of, ffn_dim_multiplier) pairs, in an order where each release
