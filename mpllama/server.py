@@ -383,6 +383,8 @@ class OpenAIServer:
                 "frequency_penalty",
                 "repetition_penalty",
                 "min_tokens",
+                "stop_token_ids",  # a list: SamplingParams makes it a tuple
+                "logit_bias",  # "123" keys: SamplingParams takes them as ids
             )
             if (value := getattr(body, name)) is not None
         }
@@ -392,10 +394,6 @@ class OpenAIServer:
             given["top_k"] = max(0, body.top_k)
         if body.stop is not None:
             given["stop"] = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
-        if body.stop_token_ids is not None:
-            given["stop_token_ids"] = tuple(body.stop_token_ids)
-        if body.logit_bias is not None:
-            given["logit_bias"] = {int(k): v for k, v in body.logit_bias.items()}
         try:
             params = self.defaults.replace(**given, **fixed)
         except (ValueError, TypeError) as exc:
