@@ -102,7 +102,8 @@ def check_request(request: Request, max_seq_len: int, vocab_size: int) -> str | 
 
 
 def check_params(params: SamplingParams, vocab_size: int) -> str | None:
-    """Why ``params`` name tokens this model does not have, or None."""
+    """Why ``params`` name tokens this model does not have or hold a grammar that does not
+    compile, or None."""
     stops = [t for t in params.stop_token_ids if t >= vocab_size]
     if stops:
         return (
@@ -112,6 +113,8 @@ def check_params(params: SamplingParams, vocab_size: int) -> str | None:
     biased = [t for t in params.logit_bias if t >= vocab_size]
     if biased:
         return f"logit_bias token id(s) {biased[:5]} are outside the vocabulary 0..{vocab_size - 1}"
+    if params.guided is not None:
+        return params.guided.problem()
     return None
 
 

@@ -17,9 +17,10 @@ from collections.abc import Iterable
 
 import torch
 
+from .constrain import Grammars
 from .model import Transformer
 from .protocol import Event, Request, check_request
-from .sampling import log_probs, next_tokens, top_log_probs
+from .sampling import greedy, log_probs, next_tokens, top_log_probs
 from .sequence import Sequence
 from .step_plan import OP_IDLE, OP_STOP, Broadcast, Plan, execute, lead_parts, publish
 from .tokenizer import Tokenizer
@@ -47,6 +48,7 @@ class Runner:
         self.live: dict[str, Sequence] = {}
         self.inbox: list[Event] = []  # events made outside a step (errors, aborts)
         self.steps = 0
+        self.grammars = Grammars(tokenizer, model.args.vocab_size)
 
     @property
     def has_work(self) -> bool:
@@ -58,10 +60,16 @@ class Runner:
             problem = check_request(request, self.max_seq_len, self.model.args.vocab_size)
             if problem is None and request.id in self.live:
                 problem = f"request id {request.id!r} is already running"
+            guide = None
+            if problem is None and request.params.guided is not None:
+                try:
+                    guide = self.grammars.matcher(request.params.guided)
+                except ValueError as exc:
+                    problem = str(exc)
             if problem is not None:
                 self.inbox.append(Event(request.id, [], None, "", 0, 0, "error", problem))
                 continue
-            seq = Sequence(request, self.tokenizer, self.max_seq_len, self.model.device)
+            seq = Sequence(request, self.tokenizer, self.max_seq_len, self.model.device, guide)
             self.live[request.id] = seq
             self.waiting.append(seq)
 
@@ -91,27 +99,29 @@ class Runner:
             plan.dec_tokens.append(s.pending)  # type: ignore[arg-type]
         if not chunks and not decoding:
             return events
+        # The rows sampled this step: prompts this step completes, then every decode.
+        done_prompts = [i for i, (s, n) in enumerate(chunks) if s.prompt_left == n]
+        rows = [chunks[i][0] for i in done_prompts] + decoding
+        guides = [s.guide for s in rows if s.guide is not None]
+        masks = self.grammars.submit(guides) if guides else None  # while the forward runs
         parts = lead_parts(plan)
         publish(plan, self.slots, self.broadcast, parts.get("pf_tokens"))
         pf_logits, dec_logits = execute(self.model, parts)
         self.steps += 1
 
-        rows: list[Sequence] = []
         picked: list[torch.Tensor] = []
-        done_prompts = [i for i, (s, n) in enumerate(chunks) if s.prompt_left == n]
         for s, n in chunks:
             s.cached += n
         if done_prompts:
-            rows += [chunks[i][0] for i in done_prompts]
             picked.append(pf_logits[done_prompts])  # type: ignore[index]
         for s in decoding:
             s.cached += 1
             s.pending = None
         if decoding:
-            rows += decoding
             picked.append(dec_logits)  # type: ignore[arg-type]
         if rows:
-            events += self._sample(rows, torch.cat(picked) if len(picked) > 1 else picked[0])
+            logits = torch.cat(picked) if len(picked) > 1 else picked[0]
+            events += self._sample(rows, logits, masks.result() if masks else None)
         return events
 
     def idle(self) -> None:
@@ -145,18 +155,11 @@ class Runner:
             plan.pf_tokens.append(s.request.prompt_token_ids[s.cached : s.cached + n])
         return plan, chunks
 
-    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[Event]:
+    def _sample(
+        self, rows: list[Sequence], logits: torch.Tensor, masks: torch.Tensor | None
+    ) -> list[Event]:
         params = [s.params for s in rows]
-        # Rows with penalties, logit_bias or min_tokens pick from an adjusted float32
-        # copy; the others' logits are the same numbers (an exact upcast), so they pick
-        # as they would alone. Log-probs stay the raw model distribution's.
-        adjusted = logits
-        if any(s.adjuster is not None for s in rows):
-            adjusted = logits.to(torch.float32, copy=True)
-            for row, s in enumerate(rows):
-                if s.adjuster is not None:
-                    s.adjuster.apply(adjusted[row])
-        tokens = next_tokens(adjusted, params, [s.generator for s in rows]).tolist()
+        tokens = self._pick(rows, logits, masks)
         # Log-probs for the rows that asked only: a log-softmax over 128k entries a row.
         lps: list[float | None] = [None] * len(rows)
         want = [i for i, p in enumerate(params) if p.logprobs]
@@ -173,9 +176,51 @@ class Runner:
         for s, token, lp, top in zip(rows, tokens, lps, tops, strict=True):
             events.append(s.advance(token, lp if s.params.logprobs else None, top))
             if s.finish_reason is not None:
+                s.guide = None
                 self.live.pop(s.request.id, None)
                 self._release(s)
         return events
+
+    def _pick(
+        self, rows: list[Sequence], logits: torch.Tensor, masks: torch.Tensor | None
+    ) -> list[int]:
+        """The next token of every row. Rows with penalties, logit_bias, min_tokens or a
+        grammar (``masks``: one additive row per guided row, in order) pick from a float32
+        copy of their logits, adjusted; the others from the model's logits untouched, so
+        they pick exactly as they would alone. Log-probs stay the raw distribution's."""
+        params = [s.params for s in rows]
+        generators = [s.generator for s in rows]
+        special = [i for i, s in enumerate(rows) if s.adjuster is not None or s.guide is not None]
+        if not special:
+            return next_tokens(logits, params, generators).tolist()
+        adjusted = logits[special].float()  # a copy: indexing copies
+        guided = 0
+        for row, i in zip(adjusted, special, strict=True):
+            s = rows[i]
+            if s.adjuster is not None:
+                s.adjuster.apply(row)
+            if s.guide is not None:
+                assert masks is not None
+                row.add_(masks[guided].to(row.device))
+                guided += 1
+        tokens = [0] * len(rows)
+        picks = next_tokens(
+            adjusted, [params[i] for i in special], [generators[i] for i in special]
+        )
+        for i, token in zip(special, picks.tolist(), strict=True):
+            tokens[i] = token
+        plain = sorted(set(range(len(rows))) - set(special))
+        if plain and all(params[i].greedy for i in plain):
+            best = greedy(logits).tolist()  # one argmax over every row beats a copy
+            for i in plain:
+                tokens[i] = best[i]
+        elif plain:
+            picks = next_tokens(
+                logits[plain], [params[i] for i in plain], [generators[i] for i in plain]
+            )
+            for i, token in zip(plain, picks.tolist(), strict=True):
+                tokens[i] = token
+        return tokens
 
     def _release(self, seq: Sequence) -> None:
         self.running.remove(seq)

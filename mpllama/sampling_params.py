@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .guided import Guided
 from .typecheck import check_types
 
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI's do
@@ -54,8 +55,13 @@ class SamplingParams:
     # The stop ids (model's and stop_token_ids) cannot be made, nor stop strings match,
     # before this many tokens (vLLM's rule).
     min_tokens: int = 0
+    # Structured output: the text must match a JSON schema, any JSON object, a regex, a
+    # grammar or one of some strings (``Guided``; a dict such as {"regex": "..."} is taken).
+    guided: Guided | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.guided, dict):
+            object.__setattr__(self, "guided", Guided.of(self.guided))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif isinstance(self.stop, list):

@@ -5,6 +5,7 @@ finished (stop ids, stop strings, its token budget)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,13 +14,21 @@ from .protocol import Event, Request
 from .sampling import LogitAdjuster
 from .tokenizer import IncrementalDecoder, Tokenizer
 
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
+
 
 class Sequence:
     """One request from admission to retirement: its slot, what its slot caches, what it
     has generated, and the text it has shown."""
 
     def __init__(
-        self, request: Request, tokenizer: Tokenizer, max_seq_len: int, device: torch.device
+        self,
+        request: Request,
+        tokenizer: Tokenizer,
+        max_seq_len: int,
+        device: torch.device,
+        guide: LLMatcher | None = None,
     ) -> None:
         self.request = request
         self.params: SamplingParams = request.params
@@ -42,6 +51,10 @@ class Sequence:
             if self.params.adjusts_logits
             else None
         )
+        # A guided request's grammar state: it has taken every token of the output. A
+        # replayed request starts afresh and takes them again as it remakes them.
+        self.guide = guide
+        self.error: str | None = None
         self.text = ""  # decoded so far (cut at a stop string once one appears)
         self.shown = 0  # characters of text already emitted
         self.finish_reason: str | None = None
@@ -69,9 +82,13 @@ class Sequence:
                 self.adjuster.add(token)
             before = len(self.text)
             self.text += self.decoder.add(token)
+            if self.guide is not None and not self.guide.consume_token(token):
+                self.finish_reason, self.error = "error", self.guide.get_error()
             # Stop strings, as stop ids, cannot end it before min_tokens (vLLM's rule).
-            if params.stop and len(self.output) > params.min_tokens and self._stopped(before):
+            elif params.stop and len(self.output) > params.min_tokens and self._stopped(before):
                 self.finish_reason = "stop"
+            elif self.guide is not None and self.guide.is_stopped():
+                self.finish_reason = "stop"  # the grammar is complete and takes nothing more
             elif len(self.output) >= self.budget:
                 self.finish_reason = "length"
             else:
@@ -92,6 +109,7 @@ class Sequence:
             token_offset,
             text_offset,
             self.finish_reason,
+            self.error,
             top_logprobs=([top] if new and top is not None else [])
             if params.top_logprobs
             else None,

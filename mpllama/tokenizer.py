@@ -109,6 +109,13 @@ class Tokenizer(ABC):
         sentencepiece gives one byte for exactly its byte-fallback pieces."""
 
     @abstractmethod
+    def vocab_bytes(self) -> list[bytes]:
+        """Per id, the bytes the token stands for in the middle of a text (a sentencepiece
+        word piece with its leading space), a special or control token as b"\\xff" and its
+        name (llguidance's convention: no text can spell it). What a grammar engine needs
+        to know which tokens continue a text."""
+
+    @abstractmethod
     def encode_dialog(self, dialog: Dialog) -> list[int]:
         """The prompt tokens for ``dialog`` in this model's chat format, ending where the
         assistant's answer starts. PromptError, naming the message, for a bad dialog."""
@@ -246,6 +253,17 @@ class SentencePieceTokenizer(Tokenizer):
     def token_bytes(self, token_id: int) -> bytes | None:
         return self._bytes[token_id]
 
+    def vocab_bytes(self) -> list[bytes]:
+        sp = self._sp
+        return [
+            b"\xff" + sp.id_to_piece(i).encode()
+            if sp.is_control(i) or sp.is_unknown(i)
+            else known
+            if (known := self._bytes[i]) is not None
+            else sp.id_to_piece(i).replace("\u2581", " ").encode()
+            for i in range(self.n_words)
+        ]
+
     def encode_dialog(self, dialog: Dialog) -> list[int]:
         return chat_format.encode_llama2(self, dialog)
 
@@ -342,6 +360,11 @@ class TiktokenTokenizer(Tokenizer):
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._enc.decode_single_token_bytes(token_id)
+
+    def vocab_bytes(self) -> list[bytes]:
+        special = set(self.special_ids.values())
+        token = self._enc.decode_single_token_bytes
+        return [b"\xff" + token(i) if i in special else token(i) for i in range(self.n_words)]
 
     def encode_dialog(self, dialog: Dialog) -> list[int]:
         return chat_format.encode_llama3(self, dialog)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import types
 import typing
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from typing import Any, Union
 
 from .errors import ConfigError
@@ -35,6 +35,8 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         for option in options:
             if option is type(None):
                 continue
+            if isinstance(value, dict) and isinstance(option, type) and is_dataclass(option):
+                return coerce(value, option, where)  # its own error names the bad key
             try:
                 return coerce(value, option, where)
             except ConfigError:
@@ -55,6 +57,14 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             _key(k, key_hint, where): coerce(v, value_hint, f"{where}[{k!r}]")
             for k, v in value.items()
         }
+    if hint is Any:
+        return value
+    if isinstance(hint, type) and is_dataclass(hint):  # a nested settings class
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, dict):
+            return build(hint, value, where)
+        raise ConfigError(f"{where}: expected a mapping of {hint.__name__}'s keys, got {value!r}")
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
@@ -82,6 +92,8 @@ def describe(hint: Any) -> str:
     if typing.get_origin(hint) is dict:
         key, value = typing.get_args(hint)
         return f"a mapping from {describe(key)} to {describe(value)}"
+    if isinstance(hint, type) and is_dataclass(hint):
+        return f"a mapping of {hint.__name__}'s keys"
     return {
         int: "an integer",
         float: "a number",

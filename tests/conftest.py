@@ -48,6 +48,18 @@ def tiny_ckpts(ckpt_root: Path) -> dict[int, Path]:
 
 
 @pytest.fixture(scope="session")
+def llama3_ckpt(ckpt_root: Path) -> Path:
+    """The llama3-tiny preset (Meta's real tiktoken tokenizer, vocab 128256), one shard."""
+    pytest.importorskip("llama_models")
+    from mpllama.fixtures import init_llama3_checkpoint
+
+    out = ckpt_root / "llama3"
+    if not (out / "params.json").exists():
+        init_llama3_checkpoint(out, parts=1, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tokenizer freshly trained by the project's own trainer (the stdlib corpus)."""
     from mpllama.fixtures import train_tokenizer

@@ -513,9 +513,9 @@ def spy_logits(monkeypatch: pytest.MonkeyPatch) -> tuple[list[torch.Tensor], lis
     picked: list[torch.Tensor] = []
     sample, pick = Runner._sample, runner_module.next_tokens
 
-    def spy_sample(self: Runner, rows: list, logits: torch.Tensor) -> list[Event]:
+    def spy_sample(self: Runner, rows: list, logits: torch.Tensor, masks: object) -> list[Event]:
         raw.append(logits.clone())
-        return sample(self, rows, logits)
+        return sample(self, rows, logits, masks)
 
     def spy_pick(logits: torch.Tensor, *args: object) -> torch.Tensor:
         picked.append(logits.clone())
