@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .api import RequestOutput
 from .config import SamplingParams
 from .errors import PromptError
+from .guided import Guided
 from .tokenizer import IncrementalDecoder, Tokenizer
+from .tools import ToolStream
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,18 @@ class Body(BaseModel):
 
 class StreamOptions(Body):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(Body):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # accepted: the schema is always enforced
+
+
+class ResponseFormat(Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingBody(Body):
@@ -55,6 +69,32 @@ class SamplingBody(Body):
     repetition_penalty: float | None = Field(None, gt=0)  # an extra field, as in vLLM
     logit_bias: dict[str, float] | None = None  # token id (a string, in JSON) -> bias
     min_tokens: int | None = Field(None, ge=0)  # an extra field, as in vLLM
+    # Structured outputs: OpenAI's response_format, or vLLM's extra guided_* fields.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def guided(self) -> Guided | None:
+        """The one constraint the body asks for; ValueError for none-of-one."""
+        given: dict[str, Any] = {}
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            given["json"] = True
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise ValueError("response_format json_schema needs json_schema.schema")
+            given["json_schema"] = fmt.json_schema.schema_
+        for name in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{name}")
+            if value is not None:
+                given["json_schema" if name == "json" else name] = value
+        if len(given) > 1:
+            raise ValueError(
+                "give one structured output at most (response_format or one guided_* field)"
+            )
+        return Guided.of(given) if given else None
 
     @field_validator("stop")
     @classmethod
@@ -87,18 +127,57 @@ class ContentPart(Body):
     text: str
 
 
+class FunctionCall(Body):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Body):
     # "tool" (a tool's result) needs a Llama 3 model: the Llama 2 format refuses it (400).
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[ContentPart]
+    content: str | list[ContentPart] | None = None  # None: an assistant turn of tool calls
     name: str | None = None  # accepted, unused
     tool_call_id: str | None = None  # accepted, unused (Llama 3's ipython turn has no id)
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return (
             self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
         )
+
+    def plain(self) -> dict[str, Any]:
+        calls = [c.model_dump() for c in self.tool_calls or []]
+        return {"role": self.role, "content": self.text, **({"tool_calls": calls} if calls else {})}
+
+
+class FunctionDef(Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None  # accepted: required and named calls are always enforced
+
+
+class Tool(Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(Body):
+    name: str
+
+
+class NamedToolChoice(Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatRequest(SamplingBody):
@@ -106,6 +185,9 @@ class ChatRequest(SamplingBody):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)  # the k most likely, with logprobs
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted: Llama 3.1 makes one call a turn
 
 
 # ------------------------------------------------------------------ errors
@@ -191,6 +273,7 @@ class Choice:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     # Per token, the most likely tokens' texts and log-probs (top_logprobs > 0).
     tops: list[list[tuple[str, float]]] = dataclasses.field(default_factory=list)
+    tools: ToolStream | None = None  # a chat answer that may be a tool call
 
     def add(self, out: RequestOutput) -> tuple[list[str], list[float]]:
         """Take the next output; return its tokens' texts and log-probs (when asked for)."""

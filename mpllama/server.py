@@ -50,6 +50,7 @@ from .openai_api import (
 from .protocol import Request as EngineRequest
 from .protocol import check_params, check_request
 from .tokenizer import IncrementalDecoder
+from .tools import ToolUse, dialog_of, parse_call, tool_use
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +177,11 @@ class OpenAIServer:
             raise ApiError(
                 400, "messages is empty; send at least one user message", param="messages"
             )
-        dialog = [{"role": m.role, "content": m.text} for m in body.messages]
+        use = self._tool_use(body)
         try:
+            dialog = dialog_of([m.plain() for m in body.messages], use.tools if use else None)
             ids = self.tokenizer.encode_dialog(dialog)  # type: ignore[arg-type]
-        except PromptError as exc:
+        except (PromptError, ValueError) as exc:
             raise ApiError(400, str(exc), param="messages") from None
         if body.top_logprobs and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -190,20 +192,31 @@ class OpenAIServer:
             logprobs=body.logprobs,
             top_logprobs=body.top_logprobs or 0,
             echo=False,
+            guided=use.guided if use else None,
         )
         self._check_length(ids, params, max_tokens is not None)
         choices = self._choices([(ids, ids)], params, body.n)
+        for c in choices:
+            c.tools = use.stream() if use else None
 
         def render(
             c: Choice, pieces: list[str], logprobs: list[float], text: str
         ) -> dict[str, Any]:
+            finished = c.out is not None and c.out.finished
+            if c.tools is not None:
+                delta = c.tools.delta(text, finished) or {}
+            else:
+                delta = {"content": text} if text else {}
+            finish = c.out.finish_reason if c.out is not None else None
             return {
                 "index": c.index,
-                "delta": {"content": text} if text else {},
+                "delta": delta,
                 "logprobs": chat_logprobs(pieces, logprobs, c.top(pieces))
                 if c.params.logprobs
                 else None,
-                "finish_reason": c.out.finish_reason if c.out is not None else None,
+                "finish_reason": "tool_calls"
+                if finish == "stop" and c.tools is not None and c.tools.made_call
+                else finish,
             }
 
         return await self._answer(body, choices, render, chat=True)
@@ -238,13 +251,7 @@ class OpenAIServer:
         for c in choices:
             assert c.out is not None
             if chat:
-                shaped = render(c, c.pieces, c.logprobs, "")
-                item = {
-                    "index": c.index,
-                    "message": {"role": "assistant", "content": c.out.text},
-                    "logprobs": shaped["logprobs"],
-                    "finish_reason": shaped["finish_reason"],
-                }
+                item = self._message(c, render(c, c.pieces, c.logprobs, "")["logprobs"])
             else:
                 item = render(c, c.pieces, c.logprobs, c.out.text)
             result.append(item)
@@ -341,7 +348,40 @@ class OpenAIServer:
                 self.metrics.finished.inc(len(left), tags={"finish_reason": "abort"})
             ticket.give(ticket.held)
 
+    @staticmethod
+    def _message(c: Choice, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+        """A whole chat choice: its text, or the tool call it is."""
+        assert c.out is not None
+        message: dict[str, Any] = {"role": "assistant", "content": c.out.text}
+        finish = c.out.finish_reason
+        call = parse_call(c.out.text, c.tools.names) if c.tools is not None else None
+        if call is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": [call.openai()]}
+            finish = "tool_calls" if finish == "stop" else finish
+        return {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+
     # ------------------------------------------------------------------ checks
+
+    def _tool_use(self, body: ChatRequest) -> ToolUse | None:
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+        choice = body.tool_choice
+        try:
+            use = tool_use(
+                tools,
+                choice.model_dump()
+                if choice is not None and not isinstance(choice, str)
+                else choice,
+            )
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="tool_choice") from None
+        if use is not None and self.tokenizer.kind != "tiktoken":
+            raise ApiError(
+                400,
+                "tool calling needs a Llama 3.1+ model (Meta's JSON tool format and the ipython "
+                "role); this model's chat format is Llama 2's",
+                param="tools",
+            )
+        return use
 
     def _authorize(self, request: Request) -> None:
         if self._key is None:
@@ -395,6 +435,13 @@ class OpenAIServer:
         if body.stop is not None:
             given["stop"] = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
         try:
+            guided = body.guided()
+            if guided is not None and fixed.get("guided") is not None:
+                raise ValueError(
+                    "tool_choice required or a named function constrains the answer already: "
+                    "leave out response_format and guided_*"
+                )
+            given["guided"] = fixed.pop("guided", None) or guided
             params = self.defaults.replace(**given, **fixed)
         except (ValueError, TypeError) as exc:
             raise ApiError(400, str(exc)) from None
