@@ -37,7 +37,10 @@ SCHEMA = {
         "pets": {"type": "array", "items": {"enum": ["cat", "dog", "fish"]}, "maxItems": 3},
         "home": {
             "type": "object",
-            "properties": {"city": {"enum": ["Paris", "Lima"]}, "floor": {"type": "integer"}},
+            "properties": {
+                "city": {"enum": ["Paris", "Lima"]},
+                "floor": {"type": "integer", "minimum": -5, "maximum": 99},
+            },
             "required": ["city"],
             "additionalProperties": False,
         },

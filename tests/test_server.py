@@ -483,6 +483,28 @@ class TestOneReplica:
         )
         assert again.choices[0].text == repeating.text
 
+    def test_structured_outputs_on_a_sentencepiece_model(self, client) -> None:
+        """The Llama 2 kind over HTTP (test_server_guided.py serves Llama 3): a schema's
+        answer validates; tools are refused, its chat format has no tool turns."""
+        jsonschema = pytest.importorskip("jsonschema")
+        schema = {
+            "type": "object",
+            "properties": {"a": {"enum": ["x", "yz"]}, "n": {"type": "integer", "maximum": 99}},
+            "required": ["a", "n"],
+            "additionalProperties": False,
+        }
+        fmt = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}
+        hi = [{"role": "user", "content": "Hi"}]  # the context is 64 tokens
+        reply = client.chat.completions.create(
+            model=MODEL, messages=hi, response_format=fmt, max_tokens=40, n=2, seed=4
+        )
+        for choice in reply.choices:
+            assert choice.finish_reason == "stop"
+            jsonschema.validate(json.loads(choice.message.content), schema)
+        tools = [{"type": "function", "function": {"name": "f"}}]
+        with pytest.raises(openai.BadRequestError, match="Llama 3.1"):
+            client.chat.completions.create(model=MODEL, messages=DIALOG, tools=tools)
+
     def test_top_logprobs_in_openai_shapes(self, client, offline) -> None:
         greedy = offline["greedy"][3]
         scored = client.completions.create(
