@@ -11,6 +11,7 @@ import torch
 from helpers import PROMPTS, hf_greedy, hf_model
 
 from mpllama import LLM, SamplingParams, shm
+from mpllama.errors import PromptError
 from mpllama.layers import onednn_unsupported
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, logprobs=True, ignore_eos=True)
@@ -221,3 +222,10 @@ def test_errors_return_answers_bad_inputs_and_runs_the_rest(llm2: LLM) -> None:
     assert sorted(o.finish_reason for o in streamed) == ["error", "length"]
     with pytest.raises(ValueError, match="errors must be one of"):
         llm2.generate(good, GREEDY, errors="ignore")
+    # A grammar that does not compile is its request's error; the others run.
+    bad = GREEDY.replace(guided={"json_schema": {"type": "objekt"}})
+    guided = llm2.generate(good, [bad, GREEDY], errors="return")
+    assert [o.finish_reason for o in guided] == ["error", "length"]
+    assert "objekt" in guided[0].error and guided[1].token_ids == clean[1].token_ids
+    with pytest.raises(PromptError, match="objekt"):
+        llm2.generate(good[:1], bad)

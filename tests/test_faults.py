@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -51,6 +52,10 @@ LONG = SamplingParams(
     repetition_penalty=1.1,
 )
 WORK = PROMPTS * 3
+# Every third request is also guided by a grammar: a replay must rebuild each one's
+# grammar state from the tokens it remakes, or its masks (and tokens) would differ.
+WORDS = r"([a-z]+ ){1,200}"
+PARAMS = [LONG.replace(guided={"regex": WORDS}) if i % 3 == 0 else LONG for i in range(len(WORK))]
 
 
 def pid_gone(pid: int) -> bool:
@@ -96,7 +101,9 @@ def llm(ckpt: Path, baseline):
 @pytest.fixture(scope="module")
 def reference(llm: LLM) -> list[list[int]]:
     """The undisturbed greedy run every faulty run must reproduce."""
-    return [o.token_ids for o in llm.generate(WORK, LONG)]
+    outputs = llm.generate(WORK, PARAMS)
+    assert all(re.fullmatch(WORDS, o.text + " ") for o in outputs[::3])  # cut by length
+    return [o.token_ids for o in outputs]
 
 
 class Fault:
@@ -133,7 +140,7 @@ class Fault:
         return outputs
 
     def call(self) -> list[list[int]]:
-        return [o.token_ids for o in self.llm.generate(WORK, LONG)]
+        return [o.token_ids for o in self.llm.generate(WORK, PARAMS)]
 
     def _inject(self) -> None:
         if not wait_for(lambda: self.llm.counts()[0] > 0, 30, every=0.005):
@@ -178,7 +185,7 @@ class StreamFault(Fault):
     outputs: list = []
 
     def call(self) -> list[list[int]]:
-        self.outputs = list(self.llm.stream(WORK, LONG))
+        self.outputs = list(self.llm.stream(WORK, PARAMS))
         finals = sorted((o for o in self.outputs if o.finished), key=lambda o: o.index)
         return [o.token_ids for o in finals]
 
@@ -227,7 +234,7 @@ def test_a_call_past_its_timeout_stops_the_gang(llm: LLM, reference) -> None:
     assert time.monotonic() - started < 3.0
     assert info.value.method == "memory"
     assert not llm.engine.alive
-    assert [o.token_ids for o in llm.generate(WORK, LONG)] == reference
+    assert [o.token_ids for o in llm.generate(WORK, PARAMS)] == reference
 
 
 def test_rank_that_raises_while_rebuilding_is_retried(
@@ -315,14 +322,14 @@ def test_ctrl_c_mid_generation_aborts_its_requests_and_the_gang_serves_on(
         armed.set()
         timer.start()
         with pytest.raises(KeyboardInterrupt):
-            llm.generate(WORK, LONG)
+            llm.generate(WORK, PARAMS)
     finally:
         armed.clear()
         timer.cancel()
         timer.join()
         signal.signal(signal.SIGINT, previous)
     assert llm.engine.load == 0
-    assert [o.token_ids for o in llm.generate(WORK, LONG)] == reference
+    assert [o.token_ids for o in llm.generate(WORK, PARAMS)] == reference
     assert [info["pid"] for info in llm.engine.rank_info] == pids
 
 
