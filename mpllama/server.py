@@ -4,8 +4,10 @@ One Serve replica owns one model-parallel gang: the deployment reserves one
 placement-group bundle per rank, and the replica lends that group to its ``AsyncLLM``,
 whose rank i runs in bundle i. Serve brings the HTTP proxy, the routing between replicas
 and its own metrics; this module is the replica: the OpenAI routes (FastAPI), server-sent
-events and the API key. ``capacity`` holds its backpressure (429 when its queue is full)
-and mpllama's metrics; ``deploy`` starts it all from the driver.
+events and the API key. ``openai_requests`` turns a body into checked choices (400s,
+sampling, structured outputs, tool use), ``openai_api`` holds the API's shapes,
+``capacity`` its backpressure (429 when its queue is full) and mpllama's metrics;
+``deploy`` starts it all from the driver.
 
 Requests run exactly as ``LLM.generate`` runs them (same prompt encoding, same sampling
 defaults, same seeds), so greedy text over HTTP is the offline text. Prompts and
@@ -32,7 +34,7 @@ from starlette.exceptions import HTTPException
 from .api import RequestOutput
 from .async_llm import AsyncLLM
 from .capacity import Load, Metrics, Ticket
-from .config import RunConfig, SamplingParams
+from .config import RunConfig
 from .errors import PromptError
 from .openai_api import (
     ApiError,
@@ -47,10 +49,8 @@ from .openai_api import (
     sse,
     usage_of,
 )
-from .protocol import Request as EngineRequest
-from .protocol import check_params, check_request
-from .tokenizer import IncrementalDecoder
-from .tools import ToolUse, dialog_of, parse_call, tool_use
+from .openai_requests import RequestBuilder
+from .tools import dialog_of
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,13 @@ class OpenAIServer:
         self.tokenizer = self.llm.tokenizer
         self.model_name = model_name
         self._key = api_key.encode() if api_key else None
-        self.defaults = config.sampling
-        self.max_seq_len = config.runtime.max_seq_len
-        self.vocab_size = self.llm.llm.args.vocab_size
+        self.build = RequestBuilder(
+            self.tokenizer,
+            config.sampling,
+            config.runtime.max_seq_len,
+            self.llm.llm.args.vocab_size,
+            self.llm.llm.encode_prompt,
+        )
         self.created = int(time.time())
         self.metrics = Metrics()
         self.load = Load(
@@ -128,14 +132,14 @@ class OpenAIServer:
             CompletionRequest, await request.body(), "/v1/completions"
         )
         self._check_model(body.model)
-        self._check_stream(body)
+        self.build.check_stream(body)
         if body.echo and body.logprobs is not None:
             raise ApiError(
                 400,
                 "echo with logprobs is not supported (prompt log-probs are not computed)",
                 param="echo",
             )
-        params = self._params(
+        params = self.build.params(
             body,
             body.max_tokens,
             logprobs=body.logprobs is not None,
@@ -147,10 +151,10 @@ class OpenAIServer:
             prompts = [prompts]  # type: ignore[list-item]
         if not prompts:
             raise ApiError(400, "prompt is empty", param="prompt")
-        encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
+        encoded = [self.build.encode(p, i) for i, p in enumerate(prompts)]
         for ids in encoded:
-            self._check_length(ids, params, body.max_tokens is not None)
-        choices = self._choices(list(zip(prompts, encoded, strict=True)), params, body.n)
+            self.build.check_length(ids, params, body.max_tokens is not None)
+        choices = self.build.choices(list(zip(prompts, encoded, strict=True)), params, body.n)
 
         def render(
             c: Choice, pieces: list[str], logprobs: list[float], text: str
@@ -172,12 +176,12 @@ class OpenAIServer:
         self._authorize(request)
         body: ChatRequest = parse_body(ChatRequest, await request.body(), "/v1/chat/completions")
         self._check_model(body.model)
-        self._check_stream(body)
+        self.build.check_stream(body)
         if not body.messages:
             raise ApiError(
                 400, "messages is empty; send at least one user message", param="messages"
             )
-        use = self._tool_use(body)
+        use = self.build.tool_use(body)
         try:
             dialog = dialog_of([m.plain() for m in body.messages], use.tools if use else None)
             ids = self.tokenizer.encode_dialog(dialog)  # type: ignore[arg-type]
@@ -186,7 +190,7 @@ class OpenAIServer:
         if body.top_logprobs and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = self._params(
+        params = self.build.params(
             body,
             max_tokens,
             logprobs=body.logprobs,
@@ -194,8 +198,8 @@ class OpenAIServer:
             echo=False,
             guided=use.guided if use else None,
         )
-        self._check_length(ids, params, max_tokens is not None)
-        choices = self._choices([(ids, ids)], params, body.n)
+        self.build.check_length(ids, params, max_tokens is not None)
+        choices = self.build.choices([(ids, ids)], params, body.n)
         for c in choices:
             c.tools = use.stream() if use else None
 
@@ -251,7 +255,7 @@ class OpenAIServer:
         for c in choices:
             assert c.out is not None
             if chat:
-                item = self._message(c, render(c, c.pieces, c.logprobs, "")["logprobs"])
+                item = self.build.message(c, render(c, c.pieces, c.logprobs, "")["logprobs"])
             else:
                 item = render(c, c.pieces, c.logprobs, c.out.text)
             result.append(item)
@@ -348,40 +352,7 @@ class OpenAIServer:
                 self.metrics.finished.inc(len(left), tags={"finish_reason": "abort"})
             ticket.give(ticket.held)
 
-    @staticmethod
-    def _message(c: Choice, logprobs: dict[str, Any] | None) -> dict[str, Any]:
-        """A whole chat choice: its text, or the tool call it is."""
-        assert c.out is not None
-        message: dict[str, Any] = {"role": "assistant", "content": c.out.text}
-        finish = c.out.finish_reason
-        call = parse_call(c.out.text, c.tools.names) if c.tools is not None else None
-        if call is not None:
-            message = {"role": "assistant", "content": None, "tool_calls": [call.openai()]}
-            finish = "tool_calls" if finish == "stop" else finish
-        return {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish}
-
     # ------------------------------------------------------------------ checks
-
-    def _tool_use(self, body: ChatRequest) -> ToolUse | None:
-        tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
-        choice = body.tool_choice
-        try:
-            use = tool_use(
-                tools,
-                choice.model_dump()
-                if choice is not None and not isinstance(choice, str)
-                else choice,
-            )
-        except ValueError as exc:
-            raise ApiError(400, str(exc), param="tool_choice") from None
-        if use is not None and self.tokenizer.kind != "tiktoken":
-            raise ApiError(
-                400,
-                "tool calling needs a Llama 3.1+ model (Meta's JSON tool format and the ipython "
-                "role); this model's chat format is Llama 2's",
-                param="tools",
-            )
-        return use
 
     def _authorize(self, request: Request) -> None:
         if self._key is None:
@@ -403,90 +374,6 @@ class OpenAIServer:
                 param="model",
                 code="model_not_found",
             )
-
-    @staticmethod
-    def _check_stream(body: SamplingBody) -> None:
-        if body.stream_options is not None and not body.stream:
-            raise ApiError(
-                400, "stream_options is only allowed with stream: true", param="stream_options"
-            )
-
-    def _params(self, body: SamplingBody, max_tokens: int | None, **fixed: Any) -> SamplingParams:
-        given: dict[str, Any] = {
-            name: value
-            for name in (
-                "temperature",
-                "top_p",
-                "seed",
-                "ignore_eos",
-                "presence_penalty",
-                "frequency_penalty",
-                "repetition_penalty",
-                "min_tokens",
-                "stop_token_ids",  # a list: SamplingParams makes it a tuple
-                "logit_bias",  # "123" keys: SamplingParams takes them as ids
-            )
-            if (value := getattr(body, name)) is not None
-        }
-        if max_tokens is not None:
-            given["max_tokens"] = max_tokens
-        if body.top_k is not None:
-            given["top_k"] = max(0, body.top_k)
-        if body.stop is not None:
-            given["stop"] = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
-        try:
-            guided = body.guided()
-            if guided is not None and fixed.get("guided") is not None:
-                raise ValueError(
-                    "tool_choice required or a named function constrains the answer already: "
-                    "leave out response_format and guided_*"
-                )
-            given["guided"] = fixed.pop("guided", None) or guided
-            params = self.defaults.replace(**given, **fixed)
-        except (ValueError, TypeError) as exc:
-            raise ApiError(400, str(exc)) from None
-        problem = check_params(params, self.vocab_size)
-        if problem is not None:
-            raise ApiError(400, problem)
-        return params
-
-    def _encode(self, prompt: str | list[int], index: int) -> list[int]:
-        if isinstance(prompt, str):
-            try:
-                return self.llm.llm.encode_prompt(prompt, index)
-            except PromptError as exc:
-                raise ApiError(400, str(exc), param="prompt") from None
-        return list(prompt)
-
-    def _check_length(self, ids: list[int], params: SamplingParams, explicit: bool) -> None:
-        problem = check_request(EngineRequest("", ids, params), self.max_seq_len, self.vocab_size)
-        if problem is None and explicit and len(ids) + params.max_tokens > self.max_seq_len:
-            problem = (
-                f"this model's context is {self.max_seq_len} tokens, but the request asks for "
-                f"{len(ids) + params.max_tokens} ({len(ids)} in the prompt, {params.max_tokens} "
-                "to generate); shorten the prompt or lower max_tokens"
-            )
-        if problem is not None:
-            too_long = len(ids) + (params.max_tokens if explicit else 1) > self.max_seq_len
-            code = "context_length_exceeded" if too_long else None
-            raise ApiError(400, problem, param="prompt", code=code)
-
-    def _choices(
-        self, prompts: list[tuple[str | list[int], list[int]]], params: SamplingParams, n: int
-    ) -> list[Choice]:
-        """n choices per prompt, numbered prompt by prompt; choice j of a seeded request
-        samples with seed + j, so n=1 samples exactly as the offline API with that seed."""
-        choices = []
-        for i, (prompt, ids) in enumerate(prompts):
-            for j in range(n):
-                p = (
-                    params
-                    if params.seed is None
-                    else params.replace(seed=(params.seed + j) % 2**63)
-                )
-                decoder = IncrementalDecoder(self.tokenizer)
-                choices.append(Choice(len(choices), i, prompt, len(ids), p, decoder))
-        return choices
 
     def _card(self) -> dict[str, Any]:
         return {
