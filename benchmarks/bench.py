@@ -20,12 +20,18 @@ Parts (all by default; pick with --only mixed,uniform,...):
             at MP=1 and MP=2: ms per step split into forward / logits / sampling, with
             the logits all-gathered to every rank (before) or gathered to the lead, and
             sampling per row before (full sort, multinomial) and now (bench_vocab.py)
+  guided    constrained decoding (a nested JSON schema, llguidance masks): ms per decode
+            step of the lead Runner in-process at 1 row and a full batch, plain, guided
+            and half-and-half, on the bench model and a Llama-3-shaped one (vocabulary
+            128256); where the guided time goes; the schema's compile time
+            (bench_guided.py)
 
 Nothing here asserts a timing; targets are printed as met or not met, and the exit
 status is 0 unless a runner crashes.
 
     python benchmarks/bench.py [--quick] [--only mixed,uniform] [--baselines-only]
     python benchmarks/bench.py --only llama3     # just the large-vocabulary part
+    python benchmarks/bench.py --only guided     # just constrained decoding
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ from bench_workloads import (  # noqa: E402
 from mpllama import checkpoint  # noqa: E402
 from mpllama.config import ModelArgs  # noqa: E402
 
-PARTS = ("mixed", "uniform", "load", "overhead", "memory", "replicas", "llama3")
+PARTS = ("mixed", "uniform", "load", "overhead", "memory", "replicas", "llama3", "guided")
 MP_SIZES = (1, 2)
 TINY_VOCAB = 512
 
@@ -96,7 +102,8 @@ class Bench:
         self.cpus_per_rank: float | None = opts.cpus_per_rank
         self.root = root
         self.memory: dict[int, tuple[str, list[float] | str]] = {}  # mp -> (after what, MiB)
-        self.targets: list[tuple[str, float, float]] = []  # (what, measured, goal)
+        # (what, measured, goal, whether the goal is a ceiling rather than a floor)
+        self.targets: list[tuple[str, float, float, bool]] = []
 
     def checkpoint(self, parts: int) -> Path:
         return make_checkpoint(self.root, "bench", self.sizes.model, parts)
@@ -131,8 +138,8 @@ class Bench:
                 self.memory[mp] = (f"{len(works[-1])} requests", rank_memory_mb(llm))
         return results
 
-    def target(self, what: str, measured: float, goal: float) -> None:
-        self.targets.append((what, measured, goal))
+    def target(self, what: str, measured: float, goal: float, at_most: bool = False) -> None:
+        self.targets.append((what, measured, goal, at_most))
 
 
 # ------------------------------------------------------------------------ parts
@@ -308,6 +315,17 @@ def part_llama3(b: Bench) -> None:
     part(b.sizes is QUICK, b.seed, b.sizes.slots)
 
 
+def part_guided(b: Bench) -> None:
+    if not b.with_mpllama:
+        print("\n== guided: mpllama only: skipped with --baselines-only")
+        return
+    from bench_guided import part
+
+    rows = b.sizes.slots
+    for model, ratio in part(b.sizes is QUICK, b.seed, rows, b.checkpoint(1)).items():
+        b.target(f"guided: {model}, {rows} rows, guided / plain", ratio, 1.1, at_most=True)
+
+
 def param_count(args: ModelArgs) -> int:
     return sum(math.prod(shape) for shape in checkpoint.full_shapes(args).values())
 
@@ -320,6 +338,7 @@ PART_RUNNERS = {
     "memory": part_memory,
     "replicas": part_replicas,
     "llama3": part_llama3,
+    "guided": part_guided,
 }
 
 
@@ -352,13 +371,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-def print_targets(targets: list[tuple[str, float, float]]) -> None:
+def print_targets(targets: list[tuple[str, float, float, bool]]) -> None:
     if not targets:
         return
     print("\n== targets (reported, never asserted)")
-    for what, measured, goal in targets:
-        verdict = "met" if measured >= goal else "NOT met"
-        print(f"  {what:<50} {measured:5.2f}x  (goal >= {goal:.1f}x: {verdict})")
+    for what, measured, goal, at_most in targets:
+        met = measured <= goal if at_most else measured >= goal
+        bound = "<=" if at_most else ">="
+        verdict = "met" if met else "NOT met"
+        print(f"  {what:<54} {measured:5.2f}x  (goal {bound} {goal:.1f}x: {verdict})")
 
 
 # ------------------------------------------------------------------------ main
