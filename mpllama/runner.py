@@ -193,16 +193,25 @@ class Runner:
         special = [i for i, s in enumerate(rows) if s.adjuster is not None or s.guide is not None]
         if not special:
             return next_tokens(logits, params, generators).tolist()
-        adjusted = logits[special].float()  # a copy: indexing copies
-        guided = 0
+        if masks is not None and len(masks) == len(special):
+            # Every special row is guided: its mask row (0 or MASKED, float32, ours) takes
+            # the logits in place, saving a [rows, V] copy (1.4 ms at 32 x 128k).
+            adjusted = masks.to(logits.device)
+            for row, i in zip(adjusted, special, strict=True):
+                row.add_(logits[i])
+        else:
+            adjusted = logits[special].float()  # a copy: indexing copies
+            guided = 0
+            for row, i in zip(adjusted, special, strict=True):
+                if rows[i].guide is not None:
+                    assert masks is not None
+                    row.add_(masks[guided].to(row.device))
+                    guided += 1
+        # The mask first: allowed entries gain exactly 0, so the adjustments see the raw
+        # values there; masked ones stay near MASKED whatever a penalty does to them.
         for row, i in zip(adjusted, special, strict=True):
-            s = rows[i]
-            if s.adjuster is not None:
-                s.adjuster.apply(row)
-            if s.guide is not None:
-                assert masks is not None
-                row.add_(masks[guided].to(row.device))
-                guided += 1
+            if rows[i].adjuster is not None:
+                rows[i].adjuster.apply(row)
         tokens = [0] * len(rows)
         picks = next_tokens(
             adjusted, [params[i] for i in special], [generators[i] for i in special]

@@ -155,6 +155,15 @@ def test_plain_rows_beside_guided_ones_are_exactly_as_alone(kit) -> None:
     batch = run(model, tok, requests)
     for got, want in zip(batch, alone(model, tok, requests), strict=True):
         assert_same(got, want)
+    # Guided rows with penalties beside rows with logit_bias alone: the same holds.
+    mixed = [
+        req(tok, greedy.replace(logit_bias={7: 2.0}), "Once upon a time"),
+        req(tok, sampled.replace(guided=GUIDES["choice"], presence_penalty=1.0), "Hi", seed=9),
+        req(tok, greedy.replace(guided=GUIDES["lark"], repetition_penalty=1.3), "The cat"),
+        requests[2],
+    ]
+    for got, want in zip(run(model, tok, mixed), alone(model, tok, mixed), strict=True):
+        assert_same(got, want)
 
 
 def test_a_bad_grammar_is_its_request_error_alone(kit) -> None:
