@@ -27,7 +27,7 @@ from .config import (
     load_run_config,
     ray_address_from_env,
 )
-from .errors import ConfigError, PromptError, WorkerError
+from .errors import ConfigError, MpllamaError, PromptError, WorkerError
 from .outputs import (
     Progress,
     RequestOutput,
@@ -178,7 +178,15 @@ class LLM:
         # A local runtime sized for the gang, even on a laptop with fewer cores.
         need = self.world_size * (self.config.parallel.cpus_per_rank or 1)
         self._ray = runtime.acquire(address, runtime.local_cpus(need))
+        self._ray.on_lost(self._lose)
         return self._ray.local
+
+    def _lose(self, error: MpllamaError) -> None:
+        """The runtime died under this LLM (runtime.py's watchdog): its requests fail
+        with ``error`` now, rather than wait on ranks that are gone."""
+        if self.router is not None:
+            for engine in self.router.engines:
+                engine.lose(error)
 
     # ------------------------------------------------------------------ generation
 
@@ -338,6 +346,9 @@ class LLM:
         refused inputs first, already finished)."""
         if self._closed:
             raise WorkerError("this LLM has been closed; make a new one")
+        lost = self._ray.lost() if self._ray is not None else None
+        if lost is not None:
+            raise lost
         refused = [p for p in entries if p.finish_reason == "error"]
         yield from refused
         by_id = {p.request.id: p for p in entries if p.finish_reason is None}

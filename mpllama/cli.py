@@ -4,18 +4,26 @@ check.
 The CLI has no defaults of its own: an option left out is not passed on, so the
 dataclass (or function) default applies. Errors are one line on stderr with exit code 1
 (2 for usage errors, from argparse); ``--debug`` shows the traceback.
+
+Stopping: SIGTERM and SIGINT (Ctrl-C) stop ``run``, ``generate`` and ``serve`` the same
+way, whether sent to the process or to its whole process group: the first one unwinds
+the command through its cleanup (``serve`` drains, then removes everything it started;
+``run`` keeps what finished, so a rerun resumes), later ones are ignored meanwhile. A
+stopped ``serve`` exits 0 (stopping is how a server ends); ``run`` and ``generate`` exit
+128 + the signal's number (130 for SIGINT, 143 for SIGTERM), as a shell reports them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
 import sys
-import time
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,22 +46,37 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from .jobs import run_job
 
     config = load_run_config(ns.job, ns.set)
-    if config.job.input and _is_parquet(config.job.input):
-        from .data import run_dataset
-
-        stats = run_dataset(config)
-        print(f"results: {stats['output']} (Parquet)")
-        print(
-            f"summary: {stats['rows']} row(s), {stats['errors']} error(s), "
-            f"{stats['completion_tokens']} token(s) in {stats['wall_s']}s"
-        )
-        return 0
-    summary = run_job(config)
+    with _stopped_by_signals():
+        if config.job.input and _is_parquet(config.job.input):
+            return _run_dataset(config)
+        try:
+            summary = run_job(config)
+        except KeyboardInterrupt:
+            if config.job.output:
+                print(
+                    f"mpllama run: stopped; finished results are in {config.job.output}, "
+                    "run the job again to resume",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            raise
     print(f"results: {summary.output}")
     print(f"summary: {summary.describe()}")
     for record in _head(summary.output, _SHOWN_RESULTS):
         shown = record.get("text", "") if "error" not in record else f"ERROR {record['error']}"
         print(f"  [{record['id']}] {_one_line(shown)}")
+    return 0
+
+
+def _run_dataset(config: RunConfig) -> int:
+    from .data import run_dataset
+
+    stats = run_dataset(config)
+    print(f"results: {stats['output']} (Parquet)")
+    print(
+        f"summary: {stats['rows']} row(s), {stats['errors']} error(s), "
+        f"{stats['completion_tokens']} token(s) in {stats['wall_s']}s"
+    )
     return 0
 
 
@@ -66,7 +89,8 @@ def _is_parquet(path: str) -> bool:
 def cmd_generate(ns: argparse.Namespace) -> int:
     from .api import LLM
 
-    with LLM(config=_model_config(ns)) as llm:
+    config = _model_config(ns)
+    with _stopped_by_signals(), LLM(config=config) as llm:
         outputs = llm.generate(ns.prompt, llm.config.sampling)
     for i, out in enumerate(outputs):
         if len(outputs) > 1:
@@ -135,29 +159,62 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             "(set MPLLAMA_API_KEY or serve.api_key)",
             file=sys.stderr,
         )
-    try:
-        url = server.start()
-        # SIGTERM (`kill`, `ray job stop`, a container stop) stops as cleanly as Ctrl-C.
-        # Set after start: ray.init installs a SIGTERM handler of its own.
-        signal.signal(signal.SIGTERM, _interrupt)
-        print(
-            f"mpllama serve: model {server.model_name!r} ready at {url}/v1 "
-            "(OpenAI API; Ctrl-C to stop)",
-            flush=True,
-        )
+    # SIGTERM (`kill`, `ray job stop`, a container or systemd stop) stops as Ctrl-C does,
+    # during start-up too.
+    with _stopped_by_signals() as stopping:
         try:
-            while True:
-                time.sleep(3600)
+            url = server.start()
+            print(
+                f"mpllama serve: model {server.model_name!r} ready at {url}/v1 "
+                "(OpenAI API; Ctrl-C to stop)",
+                flush=True,
+            )
+            while (lost := server.wait_lost(3600)) is None:
+                pass
+            raise lost  # Ray died under the server: an error, not a stop
         except KeyboardInterrupt:
-            print("mpllama serve: shutting down", flush=True)
-    finally:
-        server.close()
+            print(
+                f"mpllama serve: shutting down (requests in flight get up to "
+                f"{config.serve.drain_timeout_s:g}s)",
+                flush=True,
+            )
+        finally:
+            stopping.set()  # a second signal must not cut the cleanup short
+            server.close()
     print("mpllama serve: stopped", flush=True)
     return 0
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+class _Stop(KeyboardInterrupt):
+    """A stop signal (SIGTERM or SIGINT), raised in the main thread as Ctrl-C is."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[threading.Event]:
+    """SIGTERM and SIGINT raise ``_Stop`` in the main thread, once: after the first (or
+    once the caller sets the event it gets: cleanup has begun) they are ignored, so a
+    second Ctrl-C, or a group signal that arrives twice, cannot cut the cleanup short.
+    The main thread only; the previous handlers come back on exit."""
+    stopping = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopping
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            raise _Stop(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stopping
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # ------------------------------------------------------------------------ parser
@@ -309,9 +366,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return ns.func(ns)
-    except KeyboardInterrupt:
-        print("mpllama: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, _Stop) else signal.SIGINT
+        print(
+            f"mpllama {ns.command}: stopped by {signal.Signals(signum).name}",
+            file=sys.stderr,
+        )
+        return 128 + signum
     except (MpllamaError, ValueError, TypeError, OSError) as exc:
         if ns.debug:
             traceback.print_exc()

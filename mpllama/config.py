@@ -311,6 +311,9 @@ class ServeConfig:
     # None = $MPLLAMA_API_KEY; neither set = no key asked for. Kept out of repr (and logs).
     api_key: str | None = field(default=None, repr=False)
     max_queued_requests: int = 64  # per replica, waiting for a slot; more get 429
+    # On Ctrl-C or SIGTERM: how long requests in flight may take to finish (new ones are
+    # refused meanwhile) before they are cut off and the server exits.
+    drain_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -323,6 +326,10 @@ class ServeConfig:
             raise ConfigError("model_name and api_key must be non-empty strings, or null")
         if self.max_queued_requests < 0:
             raise ConfigError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        if not 0 <= self.drain_timeout_s <= 600:
+            raise ConfigError(
+                f"drain_timeout_s must be in 0..600 seconds, got {self.drain_timeout_s}"
+            )
 
 
 def api_key_from_env() -> str | None:

@@ -1,6 +1,14 @@
 """``mpllama serve`` on the driver: join (or start) Ray, start Serve on
 serve.host:serve.port, deploy the replicas of ``server.OpenAIServer`` and wait until
-they answer; tear all of it down again on close or failure."""
+they answer; tear all of it down again on close or failure.
+
+Closing drains: the application is deleted first, so the proxy stops routing new
+requests to it while each replica finishes what it is running (Serve's graceful
+shutdown, for up to serve.drain_timeout_s, then the replica and its gang are killed);
+only then do Serve's proxy and controller go, then Ray if this server started it. Every
+step is bounded: a Ray runtime that died under the server (runtime.py watches the one
+it starts) is not asked to tear anything down, and a teardown that hangs is given up.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,7 @@ import errno
 import logging
 import os
 import socket
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -25,6 +34,12 @@ from .server import OpenAIServer
 log = logging.getLogger(__name__)
 
 APP_NAME = "mpllama"  # the Serve application's name (`serve status` shows it)
+# How often a draining replica checks whether its requests are done, and the driver
+# whether the application is gone.
+DRAIN_POLL_S = 0.25
+# Longest Serve's own teardown may take on top of the drain (the proxy and controller go
+# in a second or two); past it the server gives up on Serve and stops Ray regardless.
+TEARDOWN_S = 15.0
 
 
 class Server:
@@ -50,6 +65,7 @@ class Server:
         self.url = f"http://{f'[{shown}]' if ':' in shown else shown}:{config.serve.port}"
         self._owns_serve = self._deployed = False
         self._ray: Any = None  # runtime.Hold once Ray is joined
+        self._lost = threading.Event()  # set when the Ray runtime died under the server
 
     def start(self) -> str:
         """Deploy and wait until every replica is up and the HTTP proxy answers; returns
@@ -111,7 +127,10 @@ class Server:
             # away, with 429; Serve's router still prefers the least-busy replica.
             max_ongoing_requests=capacity + 16,
             max_constructor_retry_count=1,
-            graceful_shutdown_timeout_s=5,
+            # Deleting the application drains each replica: it waits for its requests
+            # in flight, for up to drain_timeout_s, before Serve kills it.
+            graceful_shutdown_timeout_s=serve_cfg.drain_timeout_s,
+            graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
         )
         return deployment.bind(config, self.model_name, self.api_key)
 
@@ -128,22 +147,50 @@ class Server:
         return {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}
 
     def close(self) -> None:
-        """Remove the application, then Serve and Ray if this server started them."""
-        if self._deployed:
-            self._deployed = False
-            try:
-                serve.delete(APP_NAME)
-            except Exception as exc:
-                log.warning("could not delete the Serve application: %s", exc)
-        if self._owns_serve:
-            self._owns_serve = False
-            try:
-                serve.shutdown()
-            except Exception as exc:
-                log.warning("could not shut Serve down: %s", exc)
+        """Drain and remove the application, then Serve and Ray if this server started
+        them (see the module's doc). Returns within serve.drain_timeout_s + TEARDOWN_S,
+        plus Ray's own shutdown; idempotent."""
+        if self._deployed or self._owns_serve:
+            if self.lost() is not None:
+                log.warning("the Ray runtime died: nothing of Serve's is left to remove")
+            else:
+                self._teardown_serve()
+            self._deployed = self._owns_serve = False
         if self._ray is not None:
             self._ray.release()  # stops Ray only if it was started for this server
             self._ray = None
+
+    def lost(self) -> MpllamaError | None:
+        """Why the Ray runtime this server started died under it, or None."""
+        return self._ray.lost() if self._ray is not None else None
+
+    def wait_lost(self, timeout: float) -> MpllamaError | None:
+        """Wait up to ``timeout`` seconds for the runtime to die under the server (its
+        watchdog says so); return why, or None if it still runs."""
+        self._lost.wait(timeout)
+        return self.lost()
+
+    def _teardown_serve(self) -> None:
+        """Serve's teardown, on a thread of its own so that the wait is bounded even if
+        a Ray call blocks (a GCS that dies meanwhile)."""
+        deadline = time.monotonic() + self.config.serve.drain_timeout_s + TEARDOWN_S
+        deployed, owns = self._deployed, self._owns_serve
+        worker = threading.Thread(
+            target=_remove_serve, args=(deployed, owns, deadline), name="mpllama-serve-close"
+        )
+        worker.daemon = True
+        worker.start()
+        while worker.is_alive():
+            worker.join(min(DRAIN_POLL_S, max(0.0, deadline - time.monotonic())))
+            if self.lost() is not None:
+                log.warning("the Ray runtime died while Serve was being removed")
+                return
+            if time.monotonic() > deadline and worker.is_alive():
+                log.warning(
+                    "Serve was not removed within serve.drain_timeout_s + %gs; stopping without it",
+                    TEARDOWN_S,
+                )
+                return
 
     def __enter__(self) -> Server:
         self.start()
@@ -171,6 +218,7 @@ class Server:
         address = self.config.parallel.ray_address or ray_address_from_env()
         need = world * self.config.serve.replicas * (self.config.parallel.cpus_per_rank or 1)
         self._ray = runtime.acquire(address, runtime.local_cpus(need))
+        self._ray.on_lost(lambda error: self._lost.set())
         return self._ray.local
 
     def _wait_running(self) -> None:
@@ -204,6 +252,28 @@ class Server:
             if time.monotonic() > deadline:
                 raise MpllamaError(f"{self.url}/health did not answer within {timeout_s:g}s")
             time.sleep(0.2)
+
+
+def _remove_serve(deployed: bool, owns: bool, deadline: float) -> None:
+    """Delete the application and wait until its replicas have drained and gone, then
+    shut Serve down when this server started it. Logs what fails, raises nothing."""
+    try:
+        if deployed:
+            serve.delete(APP_NAME, _blocking=False)
+            while time.monotonic() < deadline:
+                status = serve.status().applications.get(APP_NAME)
+                if status is None or status.status == "NOT_STARTED":
+                    break
+                time.sleep(DRAIN_POLL_S)
+            else:
+                log.warning("the Serve application was not deleted in time")
+    except Exception as exc:
+        log.warning("could not delete the Serve application: %s", exc)
+    if owns:
+        try:
+            serve.shutdown()
+        except Exception as exc:
+            log.warning("could not shut Serve down: %s", exc)
 
 
 def _strategy(strategy: str, bundle: dict[str, float], world: int) -> str:

@@ -84,6 +84,7 @@ class Engine:
         self._live: dict[str, Live] = {}
         self._up = False
         self._closed = False
+        self._gone: MpllamaError | None = None  # why the engine can no longer run (lose)
         self._wake = threading.Event()
         self._poll: Any = None
         self._loops: list[Any] = []
@@ -105,7 +106,7 @@ class Engine:
         """Queue requests; returns at once. ``sink`` gets each one's events."""
         with self._lock:
             if self._closed:
-                raise WorkerError("the engine has been closed")
+                raise self._gone or WorkerError("the engine has been closed")
             ids = [r.id for r in requests]
             taken = [i for i in ids if i in self._live]
             if taken or len(set(ids)) != len(ids):
@@ -192,6 +193,24 @@ class Engine:
         self.gang.shutdown()
         for entry in live:
             entry.sink(WorkerError("the engine was closed before the request finished"))
+
+    def lose(self, error: MpllamaError) -> None:
+        """The Ray runtime died under the engine: fail every unfinished request with
+        ``error`` and stop, making no Ray call that needs the GCS (the ranks go with the
+        runtime). Later submits raise ``error``. Idempotent; a no-op once closed."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._up = False
+            self._gone = error
+            live, self._live = list(self._live.values()), {}
+        self._wake.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5 * POLL_WAIT_S + 5)
+        self.gang.forget()
+        for entry in live:
+            entry.sink(error)
 
     # ------------------------------------------------------------------ pump thread
 

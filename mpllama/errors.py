@@ -46,3 +46,8 @@ class WorkerError(MpllamaError):
 
 class PlacementError(MpllamaError):
     """Ray could not place the ranks: the cluster lacks the resources asked for."""
+
+
+class RuntimeLostError(MpllamaError):
+    """The local Ray runtime mpllama started died under it (its GCS or raylet killed):
+    requests in flight failed; a new ``LLM`` starts a fresh runtime."""

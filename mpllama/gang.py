@@ -24,6 +24,7 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from . import runtime
 from .config import ParallelConfig
 from .errors import PlacementError, WorkerError
 from .protocol import Polled, RankSpec, Request
@@ -192,6 +193,9 @@ class Gang:
 
     def shutdown(self) -> None:
         """Kill every actor and free the placement group. Safe to call twice."""
+        if runtime.lost() is not None or not ray.is_initialized():
+            self.forget()  # a dead GCS would hang the calls below; the ranks die with it
+            return
         self._up = False
         for actor in self.actors:
             try:
@@ -205,6 +209,13 @@ class Gang:
             except Exception:
                 pass
             self.pg = None
+
+    def forget(self) -> None:
+        """Drop the actors and the placement group without a Ray call: for a runtime
+        that died, whose processes take the ranks with them."""
+        self._up = False
+        self.actors = []
+        self.pg = None
 
     @property
     def alive(self) -> bool:
