@@ -124,6 +124,21 @@ def test_vllm_style_regex_and_choice(client) -> None:
     )
     assert {c.message.content for c in chat.choices} <= {"sunny", "rain", "snow storm"}
     assert all(c.finish_reason == "stop" for c in chat.choices)
+    gbnf = 'root ::= "<" [a-c] [a-c]? ">"'
+    grammar = client.completions.create(
+        model=MODEL, prompt="Tag:", max_tokens=20, extra_body={"guided_grammar": gbnf}
+    )
+    assert re.fullmatch("<[a-c]{1,2}>", grammar.choices[0].text)
+    small = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    as_json = client.completions.create(
+        model=MODEL, prompt="Flag:", max_tokens=20, extra_body={"guided_json": small}
+    )
+    jsonschema.validate(json.loads(as_json.choices[0].text), small)
 
 
 def test_bad_constraints_are_400s_in_openai_shape(client) -> None:
