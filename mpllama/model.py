@@ -86,23 +86,23 @@ class Attention(nn.Module):
         gqa = self.n_local_heads != self.n_local_kv_heads
         q = q.transpose(1, 2)  # [B,H,T,D]
         if at.row_ends is None:
-            out = F.scaled_dot_product_attention(
+            out = attend(
                 q,
                 at.read(self.cache_k),  # [B,K,S,D]
                 at.read(self.cache_v),
-                attn_mask=at.mask,
-                enable_gqa=gqa,
+                at.mask,
+                gqa,
             )
         else:  # each row reads its own positions only (see CacheIndex.row_ends)
             out = torch.cat(
                 [
-                    F.scaled_dot_product_attention(
+                    attend(
                         q[i : i + 1],
                         self.cache_k[slot, :, :end].unsqueeze(0),
                         self.cache_v[slot, :, :end].unsqueeze(0),
                         # One new token sees every position its slot holds.
-                        attn_mask=None if T == 1 else at.mask[i : i + 1, :, :, :end],
-                        enable_gqa=gqa,
+                        None if T == 1 else at.mask[i : i + 1, :, :, :end],
+                        gqa,
                     )
                     for i, (slot, end) in enumerate(at.row_ends)
                 ]
@@ -273,6 +273,29 @@ class Transformer(nn.Module):
             h = h[torch.arange(B, device=h.device), logits_at]  # [B,dim]
         logits = gather_to_lead(self.output(self.norm(h)))
         return None if logits is None else logits.float()
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, gqa: bool
+) -> torch.Tensor:
+    """Attention of q [B,H,T,D] over k, v [B,K,S,D] (mask [B,1,T,S], True = may attend).
+
+    SDPA, except for one new token per row in bf16 or fp16 on a CPU: there oneDNN's flash
+    kernel runs a single query several times slower than it does in float32 (it is built
+    for blocks of queries), while two matrix products with a float32 softmax between them,
+    as transformers' eager attention computes it, run faster than either. Float32, GPUs
+    and prefill keep SDPA."""
+    if q.shape[2] != 1 or q.dtype == torch.float32 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    B, H, _, D = q.shape
+    K = k.shape[1]
+    # Query head h reads KV head h // (H / K), as enable_gqa has it: group them per KV head.
+    grouped = q.reshape(B, K, H // K, D)
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).float().mul_(D**-0.5)  # [B,K,G,S]
+    if mask is not None:
+        scores.masked_fill_(~mask[:, :, 0, None, :], float("-inf"))  # [B,1,1,S]
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(probs, v).view(B, H, 1, D)
 
 
 @dataclass

@@ -396,3 +396,35 @@ def test_packed_bfloat16_linears_track_the_plain_bfloat16_model(
     assert outs[1].dtype == torch.float32
     torch.testing.assert_close(outs[1], outs[0], atol=0.1, rtol=0)
     assert (outs[1].argmax(-1) == outs[0].argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4)])
+def test_reduced_precision_decode_attention_matches_float32_sdpa(heads: int, kv_heads: int) -> None:
+    """One query per row in bf16 on a CPU takes two products and a float32 softmax, not
+    SDPA (slow there for a single query): grouped heads and masks as enable_gqa and
+    attn_mask have them, within bf16's rounding of float32 SDPA, and no worse than bf16
+    SDPA itself."""
+    torch.manual_seed(0)
+    B, S, D = 3, 19, 16
+    q, k, v = (
+        torch.randn(B, heads, 1, D),
+        torch.randn(B, kv_heads, S, D),
+        torch.randn(B, kv_heads, S, D),
+    )
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    mask[0, ..., 11:] = False  # a shorter row, as in a padded batch
+    gqa = heads != kv_heads
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, enable_gqa=gqa
+    )
+    half = [t.bfloat16() for t in (q, k, v)]
+    got = model_module.attend(*half, mask, gqa).float()
+    sdpa = torch.nn.functional.scaled_dot_product_attention(*half, attn_mask=mask, enable_gqa=gqa)
+    assert got.shape == exact.shape
+    torch.testing.assert_close(got, exact, atol=2e-2, rtol=0)
+    assert (got - exact).abs().max() <= 2 * (sdpa.float() - exact).abs().max() + 1e-3
+    # A masked position changes nothing: row 0 without its masked tail gives the same.
+    alone = model_module.attend(half[0][:1], half[1][:1, :, :11], half[2][:1, :, :11], None, gqa)
+    torch.testing.assert_close(alone.float(), got[:1], atol=1e-2, rtol=0)
+    # Float32 keeps SDPA, bit for bit.
+    assert torch.equal(model_module.attend(q, k, v, mask, gqa), exact)
