@@ -3,10 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# llama.cpp for `make bench`, in an environment of its own (never .venv or the tests' path).
+BENCH_VENV := .bench-venv
 # Tests run on local Ray with auth off; real clusters keep Ray's token auth on.
 TEST_ENV := RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 
-.PHONY: install test run bench bench-serve lint soak clean
+.PHONY: install test run bench bench-env bench-serve lint soak clean
 
 # Create .venv in the repo and install mpllama editable with its test and cluster extras.
 install: $(STAMP)
@@ -27,8 +29,18 @@ run: $(STAMP)
 	$(TEST_ENV) $(VENV)/bin/mpllama run configs/jobs/demo.yaml
 
 # Speed and memory benchmarks, printed as ratios against baselines from the same run.
+# The llama.cpp env is built first (once). Where it cannot be built, the bench's llamacpp
+# part says so in one line and the rest runs; a failed build is retried by bench-env only.
 bench: $(STAMP)
-	$(TEST_ENV) $(PY) benchmarks/bench.py
+	@[ -f $(BENCH_VENV)/.failed ] || $(MAKE) -s --no-print-directory bench-env 2>/dev/null || true
+	$(TEST_ENV) MPLLAMA_BENCH_ENV=$(BENCH_VENV) $(PY) benchmarks/bench.py
+
+# The llamacpp part's llama.cpp: llama-cpp-python built from source with native CPU flags
+# (AVX-512, VNNI, bf16 where present) and llama.cpp's GGUF converter, into .bench-venv
+# (benchmarks/llamacpp_env.sh; about 5 minutes on 2 cores, redone only when it changes).
+bench-env: $(BENCH_VENV)/.built
+$(BENCH_VENV)/.built: benchmarks/llamacpp_env.sh
+	sh benchmarks/llamacpp_env.sh $(BENCH_VENV)
 
 # mpllama serve against transformers serve --continuous-batching over HTTP (openai client,
 # Poisson arrivals): throughput, TTFT and ITL at three load levels (about 5 minutes).

@@ -1,0 +1,197 @@
+"""llama.cpp on the bench model's own weights, for the ``llamacpp`` part of bench.py.
+
+The weights take the path a user's would: mpllama's Hugging Face conversion of the bench
+checkpoint (``convert_meta_to_hf``: config.json, model.safetensors and the sentencepiece
+tokenizer.model), then llama.cpp's own converter (convert_hf_to_gguf.py) to GGUF at f32,
+bf16 and q8_0.
+
+llama.cpp lives in an environment of its own, ``.bench-venv`` (``make bench-env``; see
+llamacpp_env.sh): llama-cpp-python built from source with native CPU flags, and the
+converter from the same sdist. The converter imports torch, which the bench env leaves
+out, so it runs on this process's interpreter (the project's) from the files kept in the
+bench env. llama.cpp itself runs in a child process on the bench env's interpreter: this
+file, run as a script. That child decodes the way llama.cpp's batched-bench does: every request is a
+sequence of its own in one ``llama_batch``, all prompts prefilled in one ``llama_decode``,
+then one token per sequence per ``llama_decode``; greedy (argmax of the logits), EOS
+ignored. The clock runs from the prefill to the last token, after a warm-up.
+
+Only the standard library is imported at the top: the bench env has neither torch nor
+mpllama.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_ENV = Path(os.environ.get("MPLLAMA_BENCH_ENV", REPO / ".bench-venv"))
+# llama.cpp's other settings stay at its defaults, as its batched-bench runs them: flash
+# attention "auto" and an f16 KV cache for every weight type. (A KV cache of the weights'
+# own type is slower here: f32 weights with an f32 cache made 217 tok/s at batch 32 where
+# the f16 cache made 383, RESULTS.md; the faster of the two is the baseline.)
+GGUF_TYPES = ("f32", "bf16", "q8_0")
+RUN_TIMEOUT_S = 1800.0
+
+
+class Unavailable(RuntimeError):
+    """llama.cpp cannot run on this machine; the message says why, in one line."""
+
+
+def installed_version(env: Path = BENCH_ENV) -> str:
+    """The llama-cpp-python version in the bench env, e.g. '0.3.36', once it imports."""
+    if not (env / ".built").is_file():
+        if (env / ".failed").is_file():
+            why = (env / ".failed").read_text().strip()
+            raise Unavailable(f"{why} here (see {env}/build.log; `make bench-env` retries)")
+        raise Unavailable(f"no {env} (`make bench-env` builds it, about 5 minutes on 2 cores)")
+    code = "import llama_cpp; print(llama_cpp.__version__)"
+    out = subprocess.run(
+        [str(env / "bin/python"), "-c", code], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:  # e.g. an env copied from another machine
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise Unavailable(f"llama_cpp does not import from {env}: {last}")
+    return out.stdout.strip()
+
+
+def make_ggufs(ckpt: Path, out: Path, env: Path = BENCH_ENV) -> dict[str, Path]:
+    """GGUFs of a one-shard mpllama checkpoint at every type of GGUF_TYPES, through
+    mpllama's HF conversion and llama.cpp's converter; reused when already there."""
+    from mpllama.convert import convert_meta_to_hf
+
+    hf = out / "hf"
+    if not (hf / "model.safetensors").is_file():
+        convert_meta_to_hf(ckpt, hf)
+    ggufs = {}
+    for kind in GGUF_TYPES:
+        gguf = out / f"{ckpt.name}-{kind}.gguf"
+        if not gguf.is_file():
+            # Written under another name first: an interrupted run leaves no half file.
+            part = gguf.with_suffix(".part")
+            converter = env / "llama.cpp" / "convert_hf_to_gguf.py"
+            cmd = [sys.executable, str(converter), str(hf), "--outtype", kind]
+            done = subprocess.run(
+                [*cmd, "--outfile", str(part)], capture_output=True, text=True, check=False
+            )
+            if done.returncode != 0:
+                tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+                raise RuntimeError(f"convert_hf_to_gguf.py --outtype {kind} failed: {tail}")
+            part.rename(gguf)
+        ggufs[kind] = gguf
+    return ggufs
+
+
+def run(
+    gguf: Path, works: list[tuple[list[list[int]], int]], threads: int, env: Path = BENCH_ENV
+) -> list[tuple[float, list[list[int]]]]:
+    """Each of ``works`` (prompts as token ids, new tokens per prompt), as one batch of
+    that many sequences, through llama.cpp in the bench env; (seconds, tokens) for each."""
+    request = {"gguf": str(gguf), "threads": threads, "works": works}
+    done = subprocess.run(
+        [str(env / "bin/python"), __file__],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        check=False,
+    )
+    if done.returncode != 0:  # a crash in llama.cpp (e.g. an env built for another CPU)
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"llama.cpp on {gguf.name} exited {done.returncode}: {tail}")
+    return [(r["seconds"], r["tokens"]) for r in json.loads(done.stdout.splitlines()[-1])]
+
+
+# ------------------------------------------------------------------------ in the bench env
+
+
+def _decode(llama: Any, ctx: Any, batch: Any, tokens: list[tuple[int, int, int, bool]]) -> None:
+    """One ``llama_decode`` of (token, position, sequence, wants logits) entries."""
+    batch.n_tokens = len(tokens)
+    for i, (token, pos, seq, logits) in enumerate(tokens):
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = logits
+    status = llama.llama_decode(ctx, batch)
+    if status != 0:
+        raise RuntimeError(f"llama_decode returned {status}")
+
+
+def _greedy(
+    prompts: list[list[int]], new_tokens: int, llama: Any, ctx: Any, n_vocab: int
+) -> list[list[int]]:
+    """Every prompt as its own sequence: one prefill for all, then one decode per step
+    with one token per sequence; returns each sequence's ``new_tokens`` argmax tokens."""
+    import numpy as np
+
+    n = len(prompts)
+    batch = llama.llama_batch_init(max(n, sum(map(len, prompts))), 0, 1)
+    try:
+        # Only each prompt's last position needs logits: its first new token.
+        prefill = [
+            (t, pos, seq, pos == len(p) - 1)
+            for seq, p in enumerate(prompts)
+            for pos, t in enumerate(p)
+        ]
+        _decode(llama, ctx, batch, prefill)
+        out: list[list[int]] = [[] for _ in range(n)]
+        for step in range(new_tokens):
+            # One logits row per sequence, in batch order (= sequence order).
+            rows = np.ctypeslib.as_array(llama.llama_get_logits(ctx), shape=(n, n_vocab))
+            for seq, token in enumerate(rows.argmax(axis=1).tolist()):
+                out[seq].append(token)
+            if step + 1 < new_tokens:
+                last = [
+                    (o[-1], len(p) + step, s, True)
+                    for s, (p, o) in enumerate(zip(prompts, out, strict=True))
+                ]
+                _decode(llama, ctx, batch, last)
+        return out
+    finally:
+        llama.llama_batch_free(batch)
+
+
+def _serve(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The child's work: load the GGUF once, then per workload a context with one
+    sequence per prompt, a warm-up, a cleared cache and the timed pass."""
+    import llama_cpp as llama
+
+    llama.llama_backend_init()
+    model = llama.llama_model_load_from_file(
+        request["gguf"].encode(), llama.llama_model_default_params()
+    )
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {request['gguf']}")
+    n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
+    results = []
+    for prompts, new_tokens in request["works"]:
+        params = llama.llama_context_default_params()
+        params.n_seq_max = len(prompts)
+        # Each sequence gets n_ctx / n_seq_max positions of the (per-sequence) KV cache.
+        params.n_ctx = len(prompts) * (max(map(len, prompts)) + new_tokens)
+        params.n_batch = max(params.n_batch, sum(map(len, prompts)))  # one prefill call
+        params.n_threads = params.n_threads_batch = request["threads"]
+        ctx = llama.llama_init_from_model(model, params)
+        if not ctx:
+            raise RuntimeError("llama_init_from_model failed")
+        try:
+            _greedy(prompts[:2], 2, llama, ctx, n_vocab)  # warm up
+            llama.llama_memory_clear(llama.llama_get_memory(ctx), True)
+            start = time.perf_counter()
+            tokens = _greedy(prompts, new_tokens, llama, ctx, n_vocab)
+            results.append({"seconds": time.perf_counter() - start, "tokens": tokens})
+        finally:
+            llama.llama_free(ctx)
+    llama.llama_model_free(model)
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(_serve(json.load(sys.stdin))))
