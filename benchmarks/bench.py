@@ -55,6 +55,9 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# transformers' baselines run in float32: mpllama's rows match them unless a part says
+# otherwise (the llamacpp part runs both fp32 and bf16 explicitly).
+os.environ.setdefault("MPLLAMA_DTYPE", "float32")
 
 import torch  # noqa: E402
 from bench_hf import load_model, run_continuous_batching, run_generate  # noqa: E402

@@ -265,7 +265,9 @@ class ParallelConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     device: str = "auto"  # auto = cuda when the rank has a GPU, else cpu
-    dtype: str = "auto"  # auto = bf16 (or fp16) on GPU, float32 on CPU
+    # auto = bf16 (or fp16) on GPU; on a CPU bf16 where it has bf16 instructions, else
+    # float32 (dist.resolve_dtype). Left out, MPLLAMA_DTYPE decides (the tests: float32).
+    dtype: str = field(default_factory=lambda: os.environ.get("MPLLAMA_DTYPE") or "auto")
     max_batch_size: int = 8  # KV-cache slots: requests running at once (more wait)
     max_seq_len: int = 512  # positions per slot: prompt plus generated tokens
     # Most prompt tokens prefilled per step: bigger prefills faster, smaller stalls the

@@ -20,6 +20,7 @@ from fairscale.nn.model_parallel import initialize as fs_init
 
 from . import shm
 from .errors import ConfigError
+from .hardware import cpu_native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on GPUs that support it, else fp16 on GPU; float32 on CPU (bf16
-    matrix products are far slower than fp32 on most CPUs)."""
+    """``auto``: bf16 on GPUs that support it, else fp16 on GPU; on a CPU, bf16 where it
+    has bf16 instructions (``hardware.cpu_native_bf16``: about 2x float32's products
+    there), else float32 (emulated bf16 products run slower than float32)."""
     if dtype == "auto":
         if device.type != "cuda":
-            return torch.float32
+            return torch.bfloat16 if cpu_native_bf16() else torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     try:
         return _DTYPES[dtype]

@@ -13,6 +13,7 @@ import psutil
 from .checkpoint import kv_heads_of
 from .config import ModelArgs, RuntimeConfig
 from .errors import ConfigError
+from .hardware import cpu_native_bf16
 
 
 def kv_cache_bytes(
@@ -41,8 +42,8 @@ def kv_cache_error(
     )
 
 
-# Bytes per value of each runtime.dtype on a CPU rank (auto: float32 there; see dist).
-CPU_DTYPE_BYTES = {"auto": 4, "float32": 4, "bfloat16": 2, "float16": 2}
+# Bytes per value of each runtime.dtype on a CPU rank (auto: see dist.resolve_dtype).
+CPU_DTYPE_BYTES = {"auto": 2 if cpu_native_bf16() else 4, "float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def check_kv_cache(

@@ -10,6 +10,9 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Exactness is checked in float32 (the references, transformers' and Meta's, are): the
+# default dtype, bf16 on a CPU with bf16 instructions, is tested where a test says so.
+os.environ.setdefault("MPLLAMA_DTYPE", "float32")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -683,3 +683,14 @@ def test_top_logprobs_needs_logprobs() -> None:
     assert SamplingParams(logprobs=True, top_logprobs=20).top_logprobs == 20
     with pytest.raises(ValueError, match="top_logprobs needs logprobs=True"):
         SamplingParams(top_logprobs=2)
+
+
+def test_dtype_left_out_is_mpllama_dtype_else_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MPLLAMA_DTYPE", raising=False)
+    assert RuntimeConfig().dtype == "auto"
+    monkeypatch.setenv("MPLLAMA_DTYPE", "bfloat16")
+    assert RuntimeConfig().dtype == "bfloat16"
+    assert RuntimeConfig(dtype="float32").dtype == "float32"  # YAML and keywords win
+    monkeypatch.setenv("MPLLAMA_DTYPE", "float64")
+    with pytest.raises(ConfigError, match="dtype"):
+        RuntimeConfig()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from mpllama import dist
+from mpllama import dist, hardware
 from mpllama.errors import ConfigError
 
 needs_gpu = pytest.mark.skipif(
@@ -13,13 +15,28 @@ needs_gpu = pytest.mark.skipif(
 )
 
 
-def test_auto_on_a_cpu_machine_is_cpu_float32_gloo() -> None:
+def test_auto_on_a_cpu_machine_is_cpu_gloo_and_bf16_where_the_cpu_has_it() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU; see the gpu-marked test")
     device = dist.resolve_device("auto")
     assert device == torch.device("cpu")
-    assert dist.resolve_dtype("auto", device) is torch.float32
+    native = bool({"avx512_bf16", "amx_bf16"} & set(Path("/proc/cpuinfo").read_text().split()))
+    assert hardware.cpu_native_bf16() is native
+    assert dist.resolve_dtype("auto", device) is (torch.bfloat16 if native else torch.float32)
     assert dist.resolve_backend("auto", device) == "gloo"
+
+
+def test_bf16_detection_reads_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    for flags, native in [
+        ({"avx512f", "avx512_bf16"}, True),
+        ({"amx_bf16"}, True),
+        ({"avx512f", "avx512_vnni"}, False),
+        (set(), False),
+    ]:
+        monkeypatch.setattr(hardware, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert hardware.cpu_native_bf16() is native
+        want = torch.bfloat16 if native else torch.float32
+        assert dist.resolve_dtype("auto", torch.device("cpu")) is want
 
 
 def test_explicit_dtypes_and_errors() -> None:
