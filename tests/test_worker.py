@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from mpllama import checkpoint
+from mpllama import checkpoint, dist
 from mpllama.config import SamplingParams
 from mpllama.protocol import Event, RankSpec, Request
 from mpllama.tokenizer import Tokenizer
@@ -36,7 +37,9 @@ def test_one_rank_worker_runs_its_loop_through_submit_and_poll(
 ) -> None:
     worker = RankWorker(0, spec_for(tiny_ckpts[2]))  # 2 shards merged onto one rank
     info = worker.setup("127.0.0.1", 0, "127.0.0.1")
-    assert (info["device"], info["dtype"], info["backend"]) == ("cpu", "float32", "gloo")
+    # The spec's dtype is "auto": bf16 on a CPU with bf16 instructions, else float32.
+    auto = str(dist.resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    assert (info["device"], info["dtype"], info["backend"]) == ("cpu", auto, "gloo")
     loop = threading.Thread(target=worker.run)
     loop.start()
     try:
