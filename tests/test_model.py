@@ -336,14 +336,22 @@ needs_onednn = pytest.mark.skipif(not ONEDNN, reason="this torch build has no on
 @needs_onednn
 def test_packed_linears_give_the_plain_models_logits(tiny_ckpt: Path, single_rank: None) -> None:
     """Prefill chunks of different lengths, then decode steps: every logit of the packed
-    model within 1e-4 of the plain one; the weights are replaced, not copied."""
+    model (q, k, v and w1, w3 each stacked into one product) within 1e-4 of the plain
+    one; the weights are replaced, not copied."""
     plain, _ = load(tiny_ckpt)
     packed, _ = load(tiny_ckpt)
     packed.pack_linears()
-    linears = [m for m in packed.modules() if isinstance(m, layers.ColumnLinear)]
-    linears += [m for m in packed.modules() if isinstance(m, layers.RowLinear)]
-    assert len(linears) == 7 * packed.args.n_layers + 1
-    assert all(m.weight.layout == torch._mkldnn for m in linears)
+    kinds = (layers.ColumnLinear, layers.RowLinear, layers.Fused)
+    products = [m for m in packed.modules() if isinstance(m, kinds) and hasattr(m, "weight")]
+    # Per layer: qkv, wo, w13, w2; and the output layer. wq, wk, wv, w1, w3 hold nothing.
+    assert len(products) == 4 * packed.args.n_layers + 1
+    assert all(m.weight.layout == torch._mkldnn for m in products)
+    fused = packed.layers[0].attention.wqkv
+    assert fused is not None and fused.sizes == [
+        packed.layers[0].attention.wq.output_size_per_partition,
+        packed.layers[0].attention.wk.output_size_per_partition,
+        packed.layers[0].attention.wv.output_size_per_partition,
+    ]
     assert not any(p.layout == torch._mkldnn for p in packed.parameters())
     assert packed.device == CPU
     for m in (plain, packed):
