@@ -181,36 +181,38 @@ class Engine:
 
     def close(self) -> None:
         """Stop the pump and the gang; unfinished requests fail. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._up = False
-            live, self._live = list(self._live.values()), {}
-        self._wake.set()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=5 * POLL_WAIT_S + 5)
-        self.gang.shutdown()
-        for entry in live:
-            entry.sink(WorkerError("the engine was closed before the request finished"))
+        self._end(
+            lambda: WorkerError("the engine was closed before the request finished"),
+            self.gang.shutdown,
+        )
 
     def lose(self, error: MpllamaError) -> None:
         """The Ray runtime died under the engine: fail every unfinished request with
         ``error`` and stop, making no Ray call that needs the GCS (the ranks go with the
         runtime). Later submits raise ``error``. Idempotent; a no-op once closed."""
+        self._end(lambda: error, self.gang.forget, gone=error)
+
+    def _end(
+        self,
+        error: Callable[[], BaseException],
+        teardown: Callable[[], None],
+        gone: MpllamaError | None = None,
+    ) -> None:
+        """Stop the pump, ``teardown`` the gang, fail what was still running."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._up = False
-            self._gone = error
+            if gone is not None:
+                self._gone = gone
             live, self._live = list(self._live.values()), {}
         self._wake.set()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5 * POLL_WAIT_S + 5)
-        self.gang.forget()
+        teardown()
         for entry in live:
-            entry.sink(error)
+            entry.sink(error())
 
     # ------------------------------------------------------------------ pump thread
 

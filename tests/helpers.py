@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -167,3 +168,33 @@ def pretend_model_parallel(monkeypatch: Any, world: int, rank: int = 0) -> None:
         monkeypatch.setattr(module, "get_model_parallel_world_size", lambda: world)
         if hasattr(module, "get_model_parallel_rank"):
             monkeypatch.setattr(module, "get_model_parallel_rank", lambda: rank)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def openai_client(ckpt: Path, runtime: dict[str, Any], max_tokens: int) -> Iterator[Any]:
+    """A real `mpllama serve` (on the session's Ray) on ``ckpt`` with one replica, and
+    the real openai client pointed at it; the server stops on exit."""
+    import openai
+
+    from mpllama.config import run_config_from_dict
+    from mpllama.deploy import Server
+
+    config = run_config_from_dict(
+        {
+            "model": {"checkpoint_dir": str(ckpt)},
+            "parallel": {"cpus_per_rank": 0.5, "backend": "gloo"},
+            "runtime": {"device": "cpu", **runtime},
+            "sampling": {"max_tokens": max_tokens},
+            "serve": {"port": free_port()},
+        }
+    )
+    with Server(config) as server:
+        yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import PROMPTS, live_ray_objects, wait_for
+from helpers import PROMPTS, free_port, live_ray_objects, wait_for
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("ray.serve")
@@ -46,12 +46,6 @@ DIALOG = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Hi there"},
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_config(ckpt: Path, **serve: Any) -> RunConfig:

@@ -13,15 +13,13 @@ import re
 from pathlib import Path
 
 import pytest
-from test_server import free_port
+from helpers import openai_client
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("ray.serve")
 
 from test_guided import SCHEMA  # noqa: E402
-
-from mpllama.config import run_config_from_dict  # noqa: E402
 
 MODEL = "llama3"
 WEATHER = {
@@ -58,19 +56,8 @@ ASK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "
 
 @pytest.fixture(scope="module")
 def client(llama3_ckpt: Path, ray_runtime):
-    from mpllama.deploy import Server
-
-    config = run_config_from_dict(
-        {
-            "model": {"checkpoint_dir": str(llama3_ckpt)},
-            "parallel": {"cpus_per_rank": 0.5, "backend": "gloo"},
-            "runtime": {"device": "cpu", "max_batch_size": 4, "max_seq_len": 640},
-            "sampling": {"max_tokens": 8},
-            "serve": {"port": free_port()},
-        }
-    )
-    with Server(config) as server:
-        yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    with openai_client(llama3_ckpt, {"max_batch_size": 4, "max_seq_len": 640}, 8) as client:
+        yield client
 
 
 def test_a_json_schema_answer_always_validates_and_without_it_none_parses(client) -> None:

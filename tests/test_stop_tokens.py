@@ -7,14 +7,14 @@ it run on, and a request's own stop_token_ids still stop it."""
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import openai_client
 
 from mpllama import LLM, SamplingParams
-from mpllama.config import ModelArgs, run_config_from_dict
+from mpllama.config import ModelArgs
 from mpllama.fixtures import random_state
 from mpllama.weights import write_checkpoint
 
@@ -98,29 +98,12 @@ def test_ignore_eos_runs_on_and_stop_token_ids_still_stop(llm: LLM) -> None:
 # ------------------------------------------------------------------------ the server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def client(ckpt: Path, ray_runtime):
-    openai = pytest.importorskip("openai")
+    pytest.importorskip("openai")
     pytest.importorskip("ray.serve")
-    from mpllama.deploy import Server
-
-    config = run_config_from_dict(
-        {
-            "model": {"checkpoint_dir": str(ckpt)},
-            "parallel": {"cpus_per_rank": 0.5, "backend": "gloo"},
-            "runtime": {"device": "cpu", "max_batch_size": 2, "max_seq_len": 64},
-            "sampling": {"max_tokens": 5},
-            "serve": {"port": free_port()},
-        }
-    )
-    with Server(config) as server:
-        yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    with openai_client(ckpt, {"max_batch_size": 2, "max_seq_len": 64}, 5) as client:
+        yield client
 
 
 def test_server_completion_and_chat_end_at_once(client) -> None:
