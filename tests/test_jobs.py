@@ -268,3 +268,24 @@ def test_killed_run_resumes_without_loss_or_duplicates(
     assert clean.completed == len(rows)
     reference = {r["id"]: r["token_ids"] for r in results(tmp_path / "clean.jsonl")}
     assert {r["id"]: r["token_ids"] for r in resumed} == reference
+
+
+def test_a_rows_sampling_may_set_or_replace_the_jobs_guided(tmp_path: Path) -> None:
+    from mpllama.config import SamplingParams
+    from mpllama.guided import Guided
+    from mpllama.jobs import read_requests
+
+    rows = [
+        {"id": "own", "prompt": "x", "sampling": {"guided": {"choice": ["yes", "no"]}}},
+        {"id": "job's", "prompt": "x", "sampling": {"max_tokens": 3}},
+        {"id": "bad", "prompt": "x", "sampling": {"guided": {"regex": "a", "json": True}}},
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    requests, problems = read_requests(path, SamplingParams(guided={"json": True}))
+    assert [(r.id, r.params.guided) for r in requests] == [
+        ("own", Guided(choice=("yes", "no"))),
+        ("job's", Guided(json=True)),
+    ]
+    assert requests[1].params.max_tokens == 3
+    assert len(problems) == 1 and "bad" in problems[0] and "exactly one" in problems[0]
