@@ -16,19 +16,18 @@ stopped ``serve`` exits 0 (stopping is how a server ends); ``run`` and ``generat
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import signal
 import sys
-import threading
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cli_checkpoints import cmd_check, cmd_convert, cmd_init_checkpoint, cmd_reshard
 from .errors import MpllamaError
+from .signals import Stop, stopped_by_signals
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -46,7 +45,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from .jobs import run_job
 
     config = load_run_config(ns.job, ns.set)
-    with _stopped_by_signals():
+    with stopped_by_signals():
         if config.job.input and _is_parquet(config.job.input):
             return _run_dataset(config)
         try:
@@ -90,7 +89,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from .api import LLM
 
     config = _model_config(ns)
-    with _stopped_by_signals(), LLM(config=config) as llm:
+    with stopped_by_signals(), LLM(config=config) as llm:
         outputs = llm.generate(ns.prompt, llm.config.sampling)
     for i, out in enumerate(outputs):
         if len(outputs) > 1:
@@ -161,7 +160,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         )
     # SIGTERM (`kill`, `ray job stop`, a container or systemd stop) stops as Ctrl-C does,
     # during start-up too.
-    with _stopped_by_signals() as stopping:
+    with stopped_by_signals() as stopping:
         try:
             url = server.start()
             print(
@@ -183,38 +182,6 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             server.close()
     print("mpllama serve: stopped", flush=True)
     return 0
-
-
-class _Stop(KeyboardInterrupt):
-    """A stop signal (SIGTERM or SIGINT), raised in the main thread as Ctrl-C is."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _stopped_by_signals() -> Iterator[threading.Event]:
-    """SIGTERM and SIGINT raise ``_Stop`` in the main thread, once: after the first (or
-    once the caller sets the event it gets: cleanup has begun) they are ignored, so a
-    second Ctrl-C, or a group signal that arrives twice, cannot cut the cleanup short.
-    The main thread only; the previous handlers come back on exit."""
-    stopping = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stopping
-        return
-
-    def stop(signum: int, frame: object) -> None:
-        if not stopping.is_set():
-            stopping.set()
-            raise _Stop(signum)
-
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield stopping
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 # ------------------------------------------------------------------------ parser
@@ -367,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return ns.func(ns)
     except KeyboardInterrupt as exc:
-        signum = exc.signum if isinstance(exc, _Stop) else signal.SIGINT
+        signum = exc.signum if isinstance(exc, Stop) else signal.SIGINT
         print(
             f"mpllama {ns.command}: stopped by {signal.Signals(signum).name}",
             file=sys.stderr,
