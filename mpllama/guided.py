@@ -112,7 +112,13 @@ class Guided:
         return LLMatcher.grammar_from_lark(lark)
 
     def problem(self) -> str | None:
-        """Why this constraint cannot run (llguidance's own message), or None."""
+        """Why this constraint cannot run (llguidance's own message), or None. Worked out
+        once per ``Guided``: the server, the driver and the lead rank all ask (the answer
+        travels with the object when it is pickled to the rank)."""
+        return self._problem
+
+    @cached_property
+    def _problem(self) -> str | None:
         from llguidance import LLMatcher
 
         try:
@@ -123,8 +129,3 @@ class Guided:
         if message and not message.startswith("WARNING"):
             return f"guided {self.kind} does not compile: {message.strip()}"
         return None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            self.kind: list(self.choice) if self.choice is not None else getattr(self, self.kind)
-        }
