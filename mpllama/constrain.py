@@ -11,8 +11,8 @@ rows never see any of it. Followers know nothing of grammars: the lead alone sam
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -58,21 +58,15 @@ class Grammars:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32  # int32 words of one row's bitmask
-        self._ll: LLTokenizer | None = None
-        self._lock = threading.Lock()
         self._executor: LLExecutor | None = None
         self._pool: ThreadPoolExecutor | None = None
 
-    @property
+    @cached_property
     def ll_tokenizer(self) -> LLTokenizer:
-        with self._lock:
-            if self._ll is None:
-                stops = sorted(self.tokenizer.stop_ids)
-                vocabulary = _Vocabulary(self.tokenizer, self.vocab_size)
-                self._ll = LLTokenizer(
-                    TokenizerWrapper(vocabulary), n_vocab=self.vocab_size, eos_token=stops
-                )
-            return self._ll
+        # Only the lead's step loop asks (admitting a guided request): no lock.
+        stops = sorted(self.tokenizer.stop_ids)
+        vocabulary = _Vocabulary(self.tokenizer, self.vocab_size)
+        return LLTokenizer(TokenizerWrapper(vocabulary), n_vocab=self.vocab_size, eos_token=stops)
 
     def matcher(self, guided: Guided) -> LLMatcher:
         """A fresh matcher for ``guided``; ValueError with llguidance's message when the
@@ -103,6 +97,7 @@ class Grammars:
         return allowed.to(torch.float32).sub_(1.0).mul_(-MASKED)
 
     def close(self) -> None:
+        """End the mask thread (the runner stops)."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None

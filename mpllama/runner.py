@@ -130,6 +130,7 @@ class Runner:
 
     def stop(self) -> None:
         publish(Plan(op=OP_STOP), self.slots, self.broadcast)
+        self.grammars.close()
 
     # ------------------------------------------------------------------ internals
 
