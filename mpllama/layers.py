@@ -75,7 +75,7 @@ class Fused(nn.Module):
         super().__init__()
         weights = [part._parameters.pop("weight") for part in parts]
         self.sizes = [w.shape[0] for w in weights]
-        self.register_buffer("weight", torch.cat(weights))
+        self.weight = nn.Parameter(torch.cat(weights), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return linear(x, self.weight).split(self.sizes, dim=-1)

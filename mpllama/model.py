@@ -203,12 +203,11 @@ class Transformer(nn.Module):
             layer.attention.fuse()
             layer.feed_forward.fuse()
         for module in self.modules():
+            # The layers fused into a ``Fused`` hold no weight of their own any more.
             if isinstance(module, (ColumnLinear, RowLinear, Fused)) and "weight" in (
-                module._parameters | module._buffers
+                module._parameters
             ):
-                weight = module._parameters.pop("weight", None)
-                if weight is None:
-                    weight = module._buffers.pop("weight")
+                weight = module._parameters.pop("weight")
                 module.register_buffer(
                     "weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach())
                 )
