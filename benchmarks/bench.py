@@ -75,7 +75,7 @@ from bench_workloads import (  # noqa: E402
 )
 
 from mpllama import checkpoint  # noqa: E402
-from mpllama.config import ModelArgs  # noqa: E402
+from mpllama.model_args import ModelArgs  # noqa: E402
 
 PARTS = (
     "mixed",

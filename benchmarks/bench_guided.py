@@ -55,11 +55,12 @@ from bench_workloads import random_prompt
 
 from mpllama import checkpoint, dist, weights
 from mpllama import runner as runner_module
-from mpllama.config import ModelArgs, SamplingParams
+from mpllama.config import SamplingParams
 from mpllama.constrain import Grammars
 from mpllama.guided import Guided
 from mpllama.layers import onednn_unsupported
 from mpllama.model import Transformer, materialize
+from mpllama.model_args import ModelArgs
 from mpllama.protocol import Request
 from mpllama.runner import Runner
 from mpllama.sampling import greedy

@@ -29,9 +29,10 @@ import torch
 
 from mpllama import dist
 from mpllama import model as model_module
-from mpllama.config import LLAMA3_VOCAB_SIZE, ModelArgs, SamplingParams
+from mpllama.config import SamplingParams
 from mpllama.layers import onednn_unsupported
 from mpllama.model import Transformer, materialize
+from mpllama.model_args import LLAMA3_VOCAB_SIZE, ModelArgs
 from mpllama.protocol import Request
 from mpllama.runner import Runner
 from mpllama.sampling import greedy, top_k_filter, top_p_filter

@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpllama.config import ModelArgs
+from mpllama.model_args import ModelArgs
 
 try:  # the random-checkpoint writer is moving from checkpoint.py to fixtures.py
     from mpllama.fixtures import init_checkpoint

@@ -39,9 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpllama import checkpoint, dist, weights
-from mpllama.config import ModelArgs, SamplingParams
+from mpllama.config import SamplingParams
 from mpllama.fixtures import train_tokenizer
 from mpllama.model import Transformer, apply_rope, materialize, rope_table
+from mpllama.model_args import ModelArgs
 from mpllama.protocol import Request
 from mpllama.runner import Runner
 from mpllama.tokenizer import Tokenizer

@@ -18,8 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import LLAMA3_VOCAB_SIZE, ModelArgs
 from .errors import CheckpointError, ConfigError
+from .model_args import LLAMA3_VOCAB_SIZE, ModelArgs
 from .tokenizer import Tokenizer, load_tokenizer
 
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")

@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help=set_help)
 
-    from .config import PRESETS
+    from .model_args import PRESETS
 
     p = add(
         "init-checkpoint",

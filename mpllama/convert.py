@@ -29,9 +29,9 @@ from .checkpoint import (
     generation_axis,
     read_params,
 )
-from .config import LLAMA3_VOCAB_SIZE, ModelArgs
 from .errors import CheckpointError
 from .hf_config import args_from_hf_config, context_length, generation, hf_config
+from .model_args import LLAMA3_VOCAB_SIZE, ModelArgs
 from .tokenizer import load_tokenizer
 from .weights import load_rank_state, load_shard, tensor_shapes, write_checkpoint
 

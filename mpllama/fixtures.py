@@ -22,8 +22,8 @@ import torch
 from sentencepiece import SentencePieceTrainer
 
 from .checkpoint import full_shapes, resolve_vocab
-from .config import LLAMA3_VOCAB_SIZE, PRESETS, ModelArgs
 from .errors import ConfigError
+from .model_args import LLAMA3_VOCAB_SIZE, PRESETS, ModelArgs
 from .tokenizer import Tokenizer
 from .weights import write_checkpoint
 

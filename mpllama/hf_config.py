@@ -16,7 +16,8 @@ import inspect
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from .config import (
+from .errors import CheckpointError, ConfigError
+from .model_args import (
     LLAMA3_VOCAB_SIZE,
     LLAMA_3_2_SMALL_SHAPES,
     ROPE_HIGH_FREQ_FACTOR,
@@ -24,7 +25,6 @@ from .config import (
     ROPE_OLD_CONTEXT_LEN,
     ModelArgs,
 )
-from .errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     import torch

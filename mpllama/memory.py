@@ -11,9 +11,10 @@ from __future__ import annotations
 import psutil
 
 from .checkpoint import kv_heads_of
-from .config import ModelArgs, RuntimeConfig
+from .config import RuntimeConfig
 from .errors import ConfigError
 from .hardware import cpu_native_bf16
+from .model_args import ModelArgs
 
 
 def kv_cache_bytes(

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 
-from .config import ModelArgs
 from .dist import gather_to_lead
 from .layers import (
     ColumnLinear,
@@ -28,6 +27,7 @@ from .layers import (
     parallel_embedding,
     row_parallel,
 )
+from .model_args import ModelArgs
 from .rope import apply_rope, rope_table
 
 # A call per row (CPU attention reading each row on its own) costs about what reading

@@ -12,7 +12,8 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 
-from .config import ModelArgs, SamplingParams
+from .config import SamplingParams
+from .model_args import ModelArgs
 
 # Why a request ended. "abort": the caller gave it up; "error": it could not run.
 FINISH_REASONS = ("stop", "length", "abort", "error")

@@ -24,8 +24,8 @@ from .checkpoint import (
     shard_plan,
     shard_shapes,
 )
-from .config import ModelArgs
 from .errors import CheckpointError
+from .model_args import ModelArgs
 
 # ------------------------------------------------------------------------ reading
 

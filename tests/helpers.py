@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from mpllama import checkpoint, weights
-from mpllama.config import ModelArgs
 from mpllama.fixtures import random_state
+from mpllama.model_args import ModelArgs
 
 # Llama 2 70B's released params.json (GQA, ffn_dim_multiplier), vocab resolved.
 LLAMA2_70B = ModelArgs(

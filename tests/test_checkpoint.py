@@ -28,9 +28,9 @@ from mpllama.checkpoint import (
     shard_plan,
     shard_shapes,
 )
-from mpllama.config import ModelArgs
 from mpllama.errors import CheckpointError, ConfigError
 from mpllama.fixtures import PRESETS, random_state
+from mpllama.model_args import ModelArgs
 from mpllama.weights import load_rank_state, load_shard
 
 COLUMN = (

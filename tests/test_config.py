@@ -10,7 +10,6 @@ from helpers import LLAMA3_RELEASES
 
 from mpllama.config import (
     JobConfig,
-    ModelArgs,
     ParallelConfig,
     RunConfig,
     RuntimeConfig,
@@ -20,6 +19,7 @@ from mpllama.config import (
     run_config_from_dict,
 )
 from mpllama.errors import ConfigError
+from mpllama.model_args import ModelArgs
 
 # ------------------------------------------------------------------ released params.json
 

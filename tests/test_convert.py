@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from helpers import LLAMA2_70B
 
 from mpllama.checkpoint import find_shards, full_shapes, read_params
-from mpllama.config import ModelArgs
 from mpllama.convert import (
     args_from_hf_config,
     convert_hf_to_meta,
@@ -27,6 +26,7 @@ from mpllama.convert import (
 )
 from mpllama.errors import CheckpointError
 from mpllama.fixtures import random_state
+from mpllama.model_args import ModelArgs
 from mpllama.weights import load_rank_state, write_checkpoint
 
 transformers = pytest.importorskip("transformers", reason="HF parity needs transformers")

@@ -17,7 +17,7 @@ import torch
 from helpers import LLAMA3_RELEASES
 
 from mpllama.checkpoint import detect_embedding_axis, find_shards, read_params
-from mpllama.config import ModelArgs, SamplingParams
+from mpllama.config import SamplingParams
 from mpllama.convert import (
     args_from_hf_config,
     convert_hf_to_meta,
@@ -27,6 +27,7 @@ from mpllama.convert import (
 )
 from mpllama.errors import CheckpointError
 from mpllama.fixtures import random_state
+from mpllama.model_args import ModelArgs
 from mpllama.weights import load_rank_state, load_shard, write_checkpoint
 
 transformers = pytest.importorskip("transformers", reason="HF parity needs transformers")

@@ -18,9 +18,9 @@ import torch
 from helpers import live_ray_objects, make_checkpoint
 
 from mpllama import LLM, SamplingParams
-from mpllama.config import ModelArgs
 from mpllama.errors import CheckpointError, ConfigError, PlacementError, PromptError
 from mpllama.fixtures import train_tokenizer
+from mpllama.model_args import ModelArgs
 from mpllama.tokenizer import Tokenizer
 
 SMALL = {"cpus_per_rank": 0.5, "max_seq_len": 64, "max_batch_size": 4}

@@ -25,10 +25,11 @@ from mpllama.checkpoint import (
     kv_heads_of,
     shard_shapes,
 )
-from mpllama.config import PRESETS, ModelArgs, RuntimeConfig
+from mpllama.config import RuntimeConfig
 from mpllama.errors import CheckpointError, ConfigError
 from mpllama.fixtures import init_llama3_checkpoint, random_state
 from mpllama.model import Transformer, materialize
+from mpllama.model_args import PRESETS, ModelArgs
 from mpllama.protocol import Request
 from mpllama.rope import rope_table
 from mpllama.runner import Runner

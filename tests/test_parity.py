@@ -11,8 +11,9 @@ import torch
 from helpers import PROMPTS, hf_greedy, hf_model, make_checkpoint
 
 from mpllama import checkpoint, weights
-from mpllama.config import ModelArgs, SamplingParams
+from mpllama.config import SamplingParams
 from mpllama.model import Transformer, materialize
+from mpllama.model_args import ModelArgs
 from mpllama.protocol import Request
 from mpllama.runner import Runner
 from mpllama.tokenizer import Tokenizer

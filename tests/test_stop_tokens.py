@@ -14,8 +14,8 @@ import torch
 from helpers import openai_client
 
 from mpllama import LLM, SamplingParams
-from mpllama.config import ModelArgs
 from mpllama.fixtures import random_state
+from mpllama.model_args import ModelArgs
 from mpllama.weights import write_checkpoint
 
 llama3_tokenizer = pytest.importorskip("llama_models.llama3.tokenizer")
