@@ -53,17 +53,18 @@ import torch
 from bench_vocab import LLAMA3_MODEL, QUICK_LLAMA3_MODEL, random_model, tokenizer_path
 from bench_workloads import random_prompt
 
-from mpllama import checkpoint, dist, weights
-from mpllama import runner as runner_module
+from mpllama import checkpoint
 from mpllama.config import SamplingParams
-from mpllama.constrain import Grammars
 from mpllama.guided import Guided
-from mpllama.layers import onednn_unsupported
-from mpllama.model import Transformer, materialize
 from mpllama.model_args import ModelArgs
 from mpllama.protocol import Request
-from mpllama.runner import Runner
-from mpllama.sampling import greedy
+from mpllama.rank import dist, weights
+from mpllama.rank import runner as runner_module
+from mpllama.rank.constrain import Grammars
+from mpllama.rank.layers import onednn_unsupported
+from mpllama.rank.model import Transformer, materialize
+from mpllama.rank.runner import Runner
+from mpllama.rank.sampling import greedy
 from mpllama.tokenizer import Tokenizer
 
 PROMPT_LEN = 16

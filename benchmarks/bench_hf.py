@@ -20,8 +20,9 @@ from bench_workloads import RunResult, Workload
 from transformers import ContinuousBatchingConfig, GenerationConfig, LlamaForCausalLM
 from transformers.generation.continuous_batching import ContinuousBatchingManager
 
-from mpllama import checkpoint, weights
-from mpllama.convert import hf_config, meta_to_hf
+from mpllama import checkpoint
+from mpllama.offline.convert import hf_config, meta_to_hf
+from mpllama.rank import weights
 
 PAD_ID = 0
 RESULT_TIMEOUT_S = 300.0  # the longest wait for one continuous-batching result

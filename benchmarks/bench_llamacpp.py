@@ -63,7 +63,7 @@ def installed_version(env: Path = BENCH_ENV) -> str:
 def make_ggufs(ckpt: Path, out: Path, env: Path = BENCH_ENV) -> dict[str, Path]:
     """GGUFs of a one-shard mpllama checkpoint at every type of GGUF_TYPES, through
     mpllama's HF conversion and llama.cpp's converter; reused when already there."""
-    from mpllama.convert import convert_meta_to_hf
+    from mpllama.offline.convert import convert_meta_to_hf
 
     hf = out / "hf"
     if not (hf / "model.safetensors").is_file():

@@ -92,7 +92,7 @@ class Record:
 
 def prepare(root: Path, sizes: Sizes) -> tuple[Path, Path]:
     """The Meta shards (MP=1) and their Hugging Face conversion, reused when present."""
-    from mpllama.convert import convert_meta_to_hf
+    from mpllama.offline.convert import convert_meta_to_hf
 
     meta = make_checkpoint(root, sizes.name, sizes.model, parts=1)
     hf = root / f"{sizes.name}-hf"

@@ -27,16 +27,16 @@ from pathlib import Path
 
 import torch
 
-from mpllama import dist
-from mpllama import model as model_module
 from mpllama.config import SamplingParams
-from mpllama.layers import onednn_unsupported
-from mpllama.model import Transformer, materialize
 from mpllama.model_args import LLAMA3_VOCAB_SIZE, ModelArgs
 from mpllama.protocol import Request
-from mpllama.runner import Runner
-from mpllama.sampling import greedy, top_k_filter, top_p_filter
-from mpllama.step_plan import follow
+from mpllama.rank import dist
+from mpllama.rank import model as model_module
+from mpllama.rank.layers import onednn_unsupported
+from mpllama.rank.model import Transformer, materialize
+from mpllama.rank.runner import Runner
+from mpllama.rank.sampling import greedy, top_k_filter, top_p_filter
+from mpllama.rank.step_plan import follow
 
 # The repo's "small" preset's dims with Llama 3's vocabulary, GQA and scaled RoPE.
 LLAMA3_MODEL = ModelArgs(
@@ -232,7 +232,7 @@ def old_sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generato
 
 def per_row_sampling(model: Transformer, job: Job) -> dict[str, tuple[float, float]]:
     """Microseconds per row to pick a token from this model's logits, before and now."""
-    from mpllama.sampling import next_tokens
+    from mpllama.rank.sampling import next_tokens
 
     tokens = torch.randint(0, 128000, (job.rows, 1), generator=torch.Generator().manual_seed(1))
     slots = torch.arange(job.rows)
@@ -250,7 +250,7 @@ def per_row_sampling(model: Transformer, job: Job) -> dict[str, tuple[float, flo
 
 
 def mean_kept(logits: torch.Tensor, params: SamplingParams) -> float:
-    from mpllama.sampling import kept_tokens
+    from mpllama.rank.sampling import kept_tokens
 
     sizes = [
         kept_tokens(row.float() / params.temperature, params.top_k, params.top_p)[0].numel()

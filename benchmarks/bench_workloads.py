@@ -10,7 +10,7 @@ from pathlib import Path
 from mpllama.model_args import ModelArgs
 
 try:  # the random-checkpoint writer is moving from checkpoint.py to fixtures.py
-    from mpllama.fixtures import init_checkpoint
+    from mpllama.offline.fixtures import init_checkpoint
 except ImportError:
     from mpllama.checkpoint import init_checkpoint
 

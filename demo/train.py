@@ -9,7 +9,7 @@ the documents are held out and scored at the end (loss per token and perplexity)
 run is seeded: the same Python (the text changes between versions), torch and flags give
 the same files, with one thread or two (checked bit for bit).
 
-The model is mpllama's architecture (``mpllama/model.py``: RMSNorm, interleaved RoPE,
+The model is mpllama's architecture (``mpllama/rank/model.py``: RMSNorm, interleaved RoPE,
 grouped-query attention, SwiGLU) written here again in plain torch, because mpllama's
 own model is inference-only (no autograd, cache-addressed forward). Its state dict has
 Meta's keys, so ``weights.write_checkpoint`` saves it as two shards; the script then
@@ -38,13 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpllama import checkpoint, dist, weights
+from mpllama import checkpoint
 from mpllama.config import SamplingParams
-from mpllama.fixtures import train_tokenizer
-from mpllama.model import Transformer, apply_rope, materialize, rope_table
 from mpllama.model_args import ModelArgs
+from mpllama.offline.fixtures import train_tokenizer
 from mpllama.protocol import Request
-from mpllama.runner import Runner
+from mpllama.rank import dist, weights
+from mpllama.rank.model import Transformer, apply_rope, materialize, rope_table
+from mpllama.rank.runner import Runner
 from mpllama.tokenizer import Tokenizer
 
 # ------------------------------------------------------------------------------ text
@@ -153,7 +154,7 @@ def token_stream(tok: Tokenizer, docs: list[str]) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- model
-# mpllama.model's Transformer again, trainable: same maths, same parameter names, no
+# mpllama.rank.model's Transformer again, trainable: same maths, same parameter names, no
 # KV cache and no parallel layers. x [B,T,dim]; cis [1,T,head_dim/2] complex.
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, memory, runtime
+from . import checkpoint, memory, ray_session
 from .config import (
     ParallelConfig,
     RunConfig,
@@ -29,7 +29,7 @@ from .config import (
 )
 from .errors import ConfigError, MpllamaError, PromptError, WorkerError
 from .outputs import (
-    Progress,
+    PartialOutput,
     RequestOutput,
     check_errors_mode,
     per_request,
@@ -91,7 +91,7 @@ class LLM:
             )
         self.config = dataclasses.replace(config, model=model, parallel=parallel, runtime=runtime)
         self.router: Any = None
-        self._ray: runtime.Hold | None = None  # set once Ray is joined
+        self._ray: ray_session.Hold | None = None  # set once Ray is joined
         self._closed = False
         self._calls = itertools.count()
 
@@ -170,19 +170,19 @@ class LLM:
         """Join or start Ray; True when it is a local runtime started for this LLM.
 
         The runtime is started on a thread that outlives it, whichever thread makes this
-        LLM (see runtime.py): an LLM made in one thread, used in another and closed in a
+        LLM (see ray_session.py): an LLM made in one thread, used in another and closed in a
         third leaves the process and its runtime sound."""
         address = self.config.parallel.ray_address
         if address is None:
             address = ray_address_from_env()
         # A local runtime sized for the gang, even on a laptop with fewer cores.
         need = self.world_size * (self.config.parallel.cpus_per_rank or 1)
-        self._ray = runtime.acquire(address, runtime.local_cpus(need))
+        self._ray = ray_session.acquire(address, ray_session.local_cpus(need))
         self._ray.on_lost(self._lose)
         return self._ray.local
 
     def _lose(self, error: MpllamaError) -> None:
-        """The runtime died under this LLM (runtime.py's watchdog): its requests fail
+        """The runtime died under this LLM (ray_session.py's watchdog): its requests fail
         with ``error`` now, rather than wait on ranks that are gone."""
         if self.router is not None:
             for engine in self.router.engines:
@@ -254,7 +254,7 @@ class LLM:
         prompt_token_ids: Sequence[Sequence[int]] | None,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
         errors: str,
-    ) -> list[Progress]:
+    ) -> list[PartialOutput]:
         check_errors_mode(errors)
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("pass either prompts or prompt_token_ids (exactly one)")
@@ -284,7 +284,7 @@ class LLM:
         dialogs: Dialog | Sequence[Dialog],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
         errors: str,
-    ) -> list[Progress]:
+    ) -> list[PartialOutput]:
         check_errors_mode(errors)
         ids = self._encode_dialogs(dialogs)
         texts = [None] * len(ids)
@@ -296,8 +296,8 @@ class LLM:
         ids: list[list[int] | Exception],
         params: list[SamplingParams],
         errors: str,
-    ) -> list[Progress]:
-        """One Progress per input: a request to run, or (errors="return") a refusal.
+    ) -> list[PartialOutput]:
+        """One PartialOutput per input: a request to run, or (errors="return") a refusal.
         With errors="raise", the first bad input fails the call before anything runs."""
         call = next(self._calls)
         seed = self.config.runtime.seed
@@ -309,12 +309,16 @@ class LLM:
                 )
                 problem = self._problem(request)
                 if problem is None:
-                    out.append(Progress(i, text, request, self.echo_text(text, request), errors))
+                    out.append(
+                        PartialOutput(i, text, request, self.echo_text(text, request), errors)
+                    )
                     continue
                 t = PromptError(f"prompt #{i}: {problem}")
             if errors == "raise":
                 raise t
-            out.append(Progress.failed(i, text, ids[i] if isinstance(ids[i], list) else [], str(t)))
+            out.append(
+                PartialOutput.failed(i, text, ids[i] if isinstance(ids[i], list) else [], str(t))
+            )
         return out
 
     def check_requests(self, requests: list[Request], what: str = "prompt #{}") -> None:
@@ -341,7 +345,7 @@ class LLM:
             raise PromptError(f"prompt #{index} is empty; give at least one character")
         return self.tokenizer.encode(prompt, bos=True, eos=False)
 
-    def _run(self, entries: list[Progress]) -> Iterator[Progress]:
+    def _run(self, entries: list[PartialOutput]) -> Iterator[PartialOutput]:
         """Submit every request; yield each one's progress as its events arrive (the
         refused inputs first, already finished)."""
         if self._closed:
@@ -407,7 +411,7 @@ def _attempt(build: Any, value: Any, index: int) -> list[int] | Exception:
         return exc
 
 
-def _finals(progress: Iterator[Progress], n: int) -> list[RequestOutput]:
+def _finals(progress: Iterator[PartialOutput], n: int) -> list[RequestOutput]:
     done = {p.index: p.output(delta=False) for p in progress if p.finish_reason is not None}
     return [done[i] for i in range(n)]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from .api import LLM
 from .config import RunConfig, SamplingParams, load_run_config
-from .outputs import Progress, RequestOutput, token_list
+from .outputs import PartialOutput, RequestOutput, token_list
 from .protocol import Event, Request, derive_seed
 
 __all__ = ["AsyncLLM"]
@@ -95,7 +95,7 @@ class AsyncLLM:
 
     def _request(
         self, prompt: str | Sequence[int], params: SamplingParams | None, request_id: str | None
-    ) -> tuple[Request, Progress]:
+    ) -> tuple[Request, PartialOutput]:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params is {type(params).__name__}, not SamplingParams")
@@ -110,7 +110,7 @@ class AsyncLLM:
         )
         request = Request(rid, ids, params, seed)
         self.llm.check_requests([request], f"request {rid!r}")
-        return request, Progress(0, text, request, self.llm.echo_text(text, request))
+        return request, PartialOutput(0, text, request, self.llm.echo_text(text, request))
 
     def close(self) -> None:
         self.llm.close()

@@ -346,7 +346,7 @@ def read_shapes(path: Path) -> Shapes:
     except Exception:  # noqa: BLE001  (any failure: let torch's loader judge the file)
         index = None
     if not isinstance(index, dict) or not all(isinstance(k, str) for k in index):
-        from .weights import load_shard, tensor_shapes  # torch, on this rare path only
+        from .rank.weights import load_shard, tensor_shapes  # torch, on this rare path only
 
         return tensor_shapes(load_shard(path))
     return {

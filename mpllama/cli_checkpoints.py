@@ -17,7 +17,7 @@ def cmd_init_checkpoint(ns: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import find_shards
-    from .fixtures import init_checkpoint
+    from .offline.fixtures import init_checkpoint
 
     out = Path(ns.out)
     if ns.if_missing and (out / "params.json").is_file():
@@ -41,7 +41,7 @@ def cmd_init_checkpoint(ns: argparse.Namespace) -> int:
 
 
 def cmd_convert(ns: argparse.Namespace) -> int:
-    from . import convert  # written alongside; imported only when asked for
+    from .offline import convert  # written alongside; imported only when asked for
 
     if ns.to == "meta":
         if ns.mp is None:
@@ -65,8 +65,8 @@ def cmd_reshard(ns: argparse.Namespace) -> int:
         generation_axis,
         read_params,
     )
+    from .rank.weights import load_rank_state, write_checkpoint
     from .tokenizer import load_tokenizer
-    from .weights import load_rank_state, write_checkpoint
 
     src, out = Path(ns.dir), Path(ns.out)
     if out.resolve() == src.resolve():

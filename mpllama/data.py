@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import runtime
+from . import ray_session
 from .config import RunConfig, SamplingParams, load_run_config, ray_address_from_env
 from .errors import ConfigError
 from .protocol import derive_seed
@@ -164,9 +164,9 @@ def run_dataset(config: RunConfig) -> dict[str, Any]:
         )
     started = time.perf_counter()
     # As LLM does: the configured cluster, $RAY_ADDRESS, or a local Ray of our own, started
-    # on a thread that outlives it (runtime.py).
+    # on a thread that outlives it (ray_session.py).
     address = config.parallel.ray_address or ray_address_from_env()
-    hold = runtime.acquire(address, runtime.local_cpus(1))
+    hold = ray_session.acquire(address, ray_session.local_cpus(1))
     try:
         # Several blocks per gang, so every gang gets work even from a single file.
         ds = ray.data.read_parquet(job.input).repartition(int(replicas) * 4)

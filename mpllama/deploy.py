@@ -6,7 +6,7 @@ Closing drains: the application is deleted first, so the proxy stops routing new
 requests to it while each replica finishes what it is running (Serve's graceful
 shutdown, for up to serve.drain_timeout_s, then the replica and its gang are killed);
 only then do Serve's proxy and controller go, then Ray if this server started it. Every
-step is bounded: a Ray runtime that died under the server (runtime.py watches the one
+step is bounded: a Ray runtime that died under the server (ray_session.py watches the one
 it starts) is not asked to tear anything down, and a teardown that hangs is given up.
 """
 
@@ -64,7 +64,7 @@ class Server:
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         self.url = f"http://{f'[{shown}]' if ':' in shown else shown}:{config.serve.port}"
         self._owns_serve = self._deployed = False
-        self._ray: Any = None  # runtime.Hold once Ray is joined
+        self._ray: Any = None  # ray_session.Hold once Ray is joined
         self._lost = threading.Event()  # set when the Ray runtime died under the server
 
     def start(self) -> str:
@@ -211,13 +211,13 @@ class Server:
         return world
 
     def _start_ray(self, world: int) -> bool:
-        """Join or start Ray (on a thread that outlives it, see runtime.py); True when it
+        """Join or start Ray (on a thread that outlives it, see ray_session.py); True when it
         is a local runtime started for this server."""
-        from . import runtime
+        from . import ray_session
 
         address = self.config.parallel.ray_address or ray_address_from_env()
         need = world * self.config.serve.replicas * (self.config.parallel.cpus_per_rank or 1)
-        self._ray = runtime.acquire(address, runtime.local_cpus(need))
+        self._ray = ray_session.acquire(address, ray_session.local_cpus(need))
         self._ray.on_lost(lambda error: self._lost.set())
         return self._ray.local
 

@@ -24,7 +24,7 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from . import runtime
+from . import ray_session
 from .config import ParallelConfig
 from .errors import PlacementError, WorkerError
 from .protocol import Polled, RankSpec, Request
@@ -38,7 +38,7 @@ class RankActor:
     process, so the driver side (LLM, AsyncLLM, Serve replicas, jobs) never loads torch."""
 
     def __init__(self, rank: int, spec: RankSpec) -> None:
-        from .worker import RankWorker, configure_rank_logging
+        from .rank.worker import RankWorker, configure_rank_logging
 
         configure_rank_logging(rank, spec.log_level)
         self.worker = RankWorker(rank, spec)
@@ -193,7 +193,7 @@ class Gang:
 
     def shutdown(self) -> None:
         """Kill every actor and free the placement group. Safe to call twice."""
-        if runtime.lost() is not None or not ray.is_initialized():
+        if ray_session.lost() is not None or not ray.is_initialized():
             self.forget()  # a dead GCS would hang the calls below; the ranks die with it
             return
         self._up = False

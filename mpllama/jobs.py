@@ -314,7 +314,7 @@ def _run_pending(
         runnable.append((request, ids, params))
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    progress = _Progress(summary.requests, summary.already_done, config.job.progress)
+    progress = _ProgressBar(summary.requests, summary.already_done, config.job.progress)
     with open(out_path, "ab") as f:
         _append(f, errors)
         summary.completed += len(errors)
@@ -382,7 +382,7 @@ def _record(
 
 
 def _flush(
-    f: IO[bytes], batch: list[dict[str, Any]], summary: JobSummary, progress: _Progress
+    f: IO[bytes], batch: list[dict[str, Any]], summary: JobSummary, progress: _ProgressBar
 ) -> None:
     _append(f, batch)
     tokens = sum(r["completion_tokens"] for r in batch)
@@ -392,7 +392,7 @@ def _flush(
     progress.update(len(batch), tokens)
 
 
-class _Progress:
+class _ProgressBar:
     """``requests: 40%|####      | 40/100 [00:12<00:18, 3.21req/s, 123.4 tokens/s]`` on
     stderr (tqdm: elapsed time, ETA, request rate, and the generation rate in tokens/s).
 

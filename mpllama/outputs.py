@@ -38,7 +38,7 @@ class RequestOutput:
     top_logprobs: list[dict[int, float]] | None = None
 
 
-class Progress:
+class PartialOutput:
     """A request's cumulative output, grown from its events."""
 
     def __init__(
@@ -59,7 +59,7 @@ class Progress:
         self.delta_token_ids: list[int] = []
 
     @classmethod
-    def failed(cls, index: int, prompt: Any, ids: list[int], error: str) -> Progress:
+    def failed(cls, index: int, prompt: Any, ids: list[int], error: str) -> PartialOutput:
         """An input refused before it ran (``errors="return"``)."""
         text = prompt if isinstance(prompt, str) else None
         progress = cls(index, text, Request(f"refused-{index}", ids), "")

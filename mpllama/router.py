@@ -146,10 +146,6 @@ class Router:
 
     # ------------------------------------------------------------------ state
 
-    @property
-    def load(self) -> int:
-        return sum(e.load for e in self.engines)
-
     def counts(self) -> tuple[int, int]:
         """Requests holding a slot and requests queued for one, over every gang, as the
         leads' schedulers last reported them."""

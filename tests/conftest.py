@@ -30,7 +30,7 @@ def ckpt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _make(root: Path, name: str, parts: int) -> Path:
-    from mpllama.fixtures import init_checkpoint
+    from mpllama.offline.fixtures import init_checkpoint
 
     out = root / name
     if not (out / "params.json").exists():
@@ -54,7 +54,7 @@ def tiny_ckpts(ckpt_root: Path) -> dict[int, Path]:
 def llama3_ckpt(ckpt_root: Path) -> Path:
     """The llama3-tiny preset (Meta's real tiktoken tokenizer, vocab 128256), one shard."""
     pytest.importorskip("llama_models")
-    from mpllama.fixtures import init_llama3_checkpoint
+    from mpllama.offline.fixtures import init_llama3_checkpoint
 
     out = ckpt_root / "llama3"
     if not (out / "params.json").exists():
@@ -65,7 +65,7 @@ def llama3_ckpt(ckpt_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tokenizer freshly trained by the project's own trainer (the stdlib corpus)."""
-    from mpllama.fixtures import train_tokenizer
+    from mpllama.offline.fixtures import train_tokenizer
 
     return train_tokenizer(tmp_path_factory.mktemp("tok") / "nested" / "tokenizer.model")
 
@@ -91,7 +91,7 @@ def single_rank() -> None:
     """A one-rank Gloo group with fairscale state, for in-process model tests."""
     import torch
 
-    from mpllama import dist
+    from mpllama.rank import dist
 
     # Tiny models gain nothing from a second thread, and on a busy machine OpenMP's
     # threads wait on each other for a core: one thread keeps these tests quick.

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from mpllama import checkpoint, weights
-from mpllama.fixtures import random_state
+from mpllama import checkpoint
 from mpllama.model_args import ModelArgs
+from mpllama.offline.fixtures import random_state
+from mpllama.rank import weights
 
 # Llama 2 70B's released params.json (GQA, ffn_dim_multiplier), vocab resolved.
 LLAMA2_70B = ModelArgs(
@@ -98,7 +99,7 @@ def hf_model(ckpt: Path):
     """transformers' LlamaForCausalLM (fp32, eager attention) on the checkpoint's weights."""
     from transformers import LlamaForCausalLM
 
-    from mpllama.convert import hf_config, meta_to_hf
+    from mpllama.offline.convert import hf_config, meta_to_hf
 
     args, state = full_state(ckpt)
     model = LlamaForCausalLM(hf_config(args))
@@ -162,7 +163,7 @@ def completable(start: bytes) -> bool:
 def pretend_model_parallel(monkeypatch: Any, world: int, rank: int = 0) -> None:
     """Make the model and its layers build rank ``rank`` of ``world`` in a one-rank
     process (shape maths on the meta device, no collectives)."""
-    from mpllama import layers, model
+    from mpllama.rank import layers, model
 
     for module in (model, layers):
         monkeypatch.setattr(module, "get_model_parallel_world_size", lambda: world)

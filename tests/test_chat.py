@@ -217,7 +217,7 @@ def test_threads_started_for_the_chat_leave_ctrl_c_to_the_main_thread() -> None:
 def test_chat_on_a_llama3_checkpoint(tmp_path: Path, ray_runtime: Any) -> None:
     """A Llama 3 checkpoint (Meta's tiktoken tokenizer): the terminal chat with a system
     prompt answers what LLM.chat answers in the Llama 3 header format, and leaves."""
-    from mpllama.fixtures import init_llama3_checkpoint
+    from mpllama.offline.fixtures import init_llama3_checkpoint
 
     ckpt = init_llama3_checkpoint(tmp_path / "llama3", parts=1, seed=5)
     system = {"role": "system", "content": "Be brief."}

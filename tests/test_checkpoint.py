@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import LLAMA2_70B
 
-from mpllama import checkpoint, weights
+from mpllama import checkpoint
 from mpllama.checkpoint import (
     SHARD_AXES,
     check_model_parallel,
@@ -29,9 +29,10 @@ from mpllama.checkpoint import (
     shard_shapes,
 )
 from mpllama.errors import CheckpointError, ConfigError
-from mpllama.fixtures import PRESETS, random_state
 from mpllama.model_args import ModelArgs
-from mpllama.weights import load_rank_state, load_shard
+from mpllama.offline.fixtures import PRESETS, random_state
+from mpllama.rank import weights
+from mpllama.rank.weights import load_rank_state, load_shard
 
 COLUMN = (
     "attention.wq.weight",

@@ -15,7 +15,7 @@ import yaml
 
 from mpllama.checkpoint import find_shards, read_params
 from mpllama.cli import main
-from mpllama.weights import load_rank_state
+from mpllama.rank.weights import load_rank_state
 
 COMMANDS = ["run", "generate", "chat", "init-checkpoint", "convert", "reshard", "check"]
 

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from helpers import LLAMA2_70B
 
 from mpllama.checkpoint import find_shards, full_shapes, read_params
-from mpllama.convert import (
+from mpllama.errors import CheckpointError
+from mpllama.model_args import ModelArgs
+from mpllama.offline.convert import (
     args_from_hf_config,
     convert_hf_to_meta,
     convert_meta_to_hf,
@@ -24,10 +26,8 @@ from mpllama.convert import (
     hf_to_meta,
     meta_to_hf,
 )
-from mpllama.errors import CheckpointError
-from mpllama.fixtures import random_state
-from mpllama.model_args import ModelArgs
-from mpllama.weights import load_rank_state, write_checkpoint
+from mpllama.offline.fixtures import random_state
+from mpllama.rank.weights import load_rank_state, write_checkpoint
 
 transformers = pytest.importorskip("transformers", reason="HF parity needs transformers")
 pytest.importorskip("safetensors", reason="HF folders are safetensors files")

@@ -18,17 +18,17 @@ from helpers import LLAMA3_RELEASES
 
 from mpllama.checkpoint import detect_embedding_axis, find_shards, read_params
 from mpllama.config import SamplingParams
-from mpllama.convert import (
+from mpllama.errors import CheckpointError
+from mpllama.model_args import ModelArgs
+from mpllama.offline.convert import (
     args_from_hf_config,
     convert_hf_to_meta,
     convert_meta_to_hf,
     generation,
     hf_config,
 )
-from mpllama.errors import CheckpointError
-from mpllama.fixtures import random_state
-from mpllama.model_args import ModelArgs
-from mpllama.weights import load_rank_state, load_shard, write_checkpoint
+from mpllama.offline.fixtures import random_state
+from mpllama.rank.weights import load_rank_state, load_shard, write_checkpoint
 
 transformers = pytest.importorskip("transformers", reason="HF parity needs transformers")
 pytest.importorskip("safetensors", reason="HF folders are safetensors files")
@@ -278,9 +278,9 @@ def test_llama31_round_trip_through_transformers(tmp_path: Path, single_rank: No
 
 
 def mpllama_greedy(folder: Path, prompt: list[int], max_new: int) -> list[int]:
-    from mpllama.model import Transformer, materialize
     from mpllama.protocol import Request
-    from mpllama.runner import Runner
+    from mpllama.rank.model import Transformer, materialize
+    from mpllama.rank.runner import Runner
     from mpllama.tokenizer import load_tokenizer
 
     shards, args = find_shards(folder), read_params(folder)

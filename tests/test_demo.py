@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpllama import checkpoint, weights
+from mpllama import checkpoint
 from mpllama.config import SamplingParams
-from mpllama.model import Transformer, materialize
 from mpllama.protocol import Request
-from mpllama.runner import Runner
+from mpllama.rank import weights
+from mpllama.rank.model import Transformer, materialize
+from mpllama.rank.runner import Runner
 from mpllama.tokenizer import Tokenizer
 
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "model"

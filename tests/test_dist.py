@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpllama import dist, hardware
+from mpllama import hardware
 from mpllama.errors import ConfigError
+from mpllama.rank import dist
 
 needs_gpu = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none"

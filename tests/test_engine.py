@@ -10,9 +10,10 @@ import pytest
 import torch
 from helpers import PROMPTS, hf_greedy, hf_model
 
-from mpllama import LLM, SamplingParams, shm
+from mpllama import LLM, SamplingParams
 from mpllama.errors import PromptError
-from mpllama.layers import onednn_unsupported
+from mpllama.rank import shm
+from mpllama.rank.layers import onednn_unsupported
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, logprobs=True, ignore_eos=True)
 SMALL = {"cpus_per_rank": 0.5, "max_seq_len": 64, "max_batch_size": 4}
@@ -149,7 +150,7 @@ def test_each_rank_holds_about_half_the_model_at_mp2(
     from helpers import make_checkpoint
 
     from mpllama.checkpoint import full_shapes
-    from mpllama.fixtures import PRESETS
+    from mpllama.offline.fixtures import PRESETS
 
     args = PRESETS["small"].__class__(**{**PRESETS["small"].__dict__, "vocab_size": 512})
     ckpt = make_checkpoint(ckpt_root / "small2", args, tiny_ckpt, parts=2)

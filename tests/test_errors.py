@@ -19,8 +19,8 @@ from helpers import live_ray_objects, make_checkpoint
 
 from mpllama import LLM, SamplingParams
 from mpllama.errors import CheckpointError, ConfigError, PlacementError, PromptError
-from mpllama.fixtures import train_tokenizer
 from mpllama.model_args import ModelArgs
+from mpllama.offline.fixtures import train_tokenizer
 from mpllama.tokenizer import Tokenizer
 
 SMALL = {"cpus_per_rank": 0.5, "max_seq_len": 64, "max_batch_size": 4}
@@ -463,7 +463,7 @@ def test_library_never_unpickles_or_evaluates_user_data() -> None:
     forbidden_modules = {"pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve"}
     problems = []
     loads = 0
-    for path in sorted(Path(mpllama.__file__).parent.glob("*.py")):
+    for path in sorted(Path(mpllama.__file__).parent.rglob("*.py")):
         source = path.read_text()
         if "weights_only=False" in source.replace(" ", ""):
             problems.append(f"{path.name}: weights_only=False")

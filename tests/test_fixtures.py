@@ -12,15 +12,15 @@ from sentencepiece import SentencePieceProcessor
 
 from mpllama.checkpoint import find_shards, read_params
 from mpllama.errors import ConfigError
-from mpllama.fixtures import (
+from mpllama.offline.fixtures import (
     PRESETS,
     init_checkpoint,
     init_llama3_checkpoint,
     random_state,
     train_tokenizer,
 )
+from mpllama.rank.weights import load_rank_state
 from mpllama.tokenizer import Tokenizer
-from mpllama.weights import load_rank_state
 
 # ---------------------------------------------------------------------- checkpoints
 
@@ -56,7 +56,7 @@ def test_llama3_preset_is_written_as_meta_writes_llama3(tmp_path: Path) -> None:
     """Meta's real tokenizer.model beside shards that split the embedding by vocabulary
     and, past the KV-head count, hold a copy of one KV head each."""
     from mpllama.checkpoint import detect_embedding_axis, read_shapes
-    from mpllama.fixtures import llama3_tokenizer_path
+    from mpllama.offline.fixtures import llama3_tokenizer_path
 
     out = init_checkpoint(tmp_path / "l3", "llama3-tiny", parts=4)
     assert (out / "tokenizer.model").read_bytes() == llama3_tokenizer_path().read_bytes()

@@ -16,14 +16,14 @@ import torch
 from llguidance import LLMatcher
 from test_runner import alone, assert_same, load, run, sized
 
-from mpllama import runner as runner_module
 from mpllama.checkpoint import find_tokenizer
 from mpllama.config import SamplingParams, run_config_from_dict
 from mpllama.errors import ConfigError
 from mpllama.guided import Guided
-from mpllama.model import Transformer
 from mpllama.protocol import Request
-from mpllama.runner import Runner
+from mpllama.rank import runner as runner_module
+from mpllama.rank.model import Transformer
+from mpllama.rank.runner import Runner
 from mpllama.tokenizer import Tokenizer
 
 jsonschema = pytest.importorskip("jsonschema")

@@ -71,14 +71,14 @@ def no_llm(config: RunConfig) -> Any:
 
 
 def test_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
-    from mpllama.jobs import _Progress
+    from mpllama.jobs import _ProgressBar
 
-    bar = _Progress(10, 4, enabled=True)  # 4 done by an earlier run
+    bar = _ProgressBar(10, 4, enabled=True)  # 4 done by an earlier run
     bar.update(3, 120)
     bar.close()
     err = capsys.readouterr().err
     assert "7/10" in err and "<" in err and "tokens/s" in err, err  # counts, ETA, rate
-    quiet = _Progress(10, 0, enabled=None)  # stderr is not a terminal here: no bar
+    quiet = _ProgressBar(10, 0, enabled=None)  # stderr is not a terminal here: no bar
     quiet.update(10, 50)
     quiet.close()
     assert capsys.readouterr().err == ""

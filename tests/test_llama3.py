@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import LLAMA3_RELEASES, pretend_model_parallel
 
-from mpllama import LLM, SamplingParams, checkpoint, memory, weights
+from mpllama import LLM, SamplingParams, checkpoint, memory
 from mpllama.checkpoint import (
     check_model_parallel,
     detect_embedding_axis,
@@ -27,12 +27,13 @@ from mpllama.checkpoint import (
 )
 from mpllama.config import RuntimeConfig
 from mpllama.errors import CheckpointError, ConfigError
-from mpllama.fixtures import init_llama3_checkpoint, random_state
-from mpllama.model import Transformer, materialize
 from mpllama.model_args import PRESETS, ModelArgs
+from mpllama.offline.fixtures import init_llama3_checkpoint, random_state
 from mpllama.protocol import Request
-from mpllama.rope import rope_table
-from mpllama.runner import Runner
+from mpllama.rank import weights
+from mpllama.rank.model import Transformer, materialize
+from mpllama.rank.rope import rope_table
+from mpllama.rank.runner import Runner
 from mpllama.tokenizer import Tokenizer
 
 CPU = torch.device("cpu")
@@ -375,8 +376,8 @@ def test_a_rank_refuses_a_cache_its_memory_cannot_hold(
     rank be killed when the pages are touched), and a failed allocation says the same."""
     from types import SimpleNamespace
 
-    from mpllama import worker
     from mpllama.protocol import RankSpec
+    from mpllama.rank import worker
 
     model = load(ckpts[1], slots=1, seq=8)
     spec = RankSpec(str(ckpts[1]), TINY3, b"", 1, max_batch_size=3, max_seq_len=100)

@@ -14,11 +14,12 @@ import pytest
 import torch
 from helpers import LLAMA2_70B, pretend_model_parallel
 
-from mpllama import checkpoint, layers, weights
-from mpllama import model as model_module
+from mpllama import checkpoint
 from mpllama.checkpoint import shard_shapes
-from mpllama.fixtures import PRESETS, random_state
-from mpllama.model import Transformer, apply_rope, materialize, rope_table
+from mpllama.offline.fixtures import PRESETS, random_state
+from mpllama.rank import layers, weights
+from mpllama.rank import model as model_module
+from mpllama.rank.model import Transformer, apply_rope, materialize, rope_table
 
 CPU = torch.device("cpu")
 
@@ -110,8 +111,9 @@ def test_materialize_is_strict(tiny_ckpts: dict[int, Path], single_rank: None) -
 MEMORY_PROBE = textwrap.dedent("""
     import json, sys
     import torch
-    from mpllama import checkpoint, dist, layers, weights, model as M
-    from mpllama.model import Transformer, materialize
+    from mpllama import checkpoint
+    from mpllama.rank import dist, layers, weights, model as M
+    from mpllama.rank.model import Transformer, materialize
 
     folder, world = sys.argv[1], int(sys.argv[2])
     dist.init_single("gloo")
@@ -374,7 +376,7 @@ def test_onednn_refusals_say_why() -> None:
 
 
 def test_a_rank_chooses_its_linear_kernel() -> None:
-    from mpllama.worker import _linear_kernel
+    from mpllama.rank.worker import _linear_kernel
 
     cuda = torch.device("cuda")
     assert _linear_kernel("auto", cuda, torch.float16) == "torch"

@@ -10,12 +10,13 @@ import pytest
 import torch
 from helpers import PROMPTS, hf_greedy, hf_model, make_checkpoint
 
-from mpllama import checkpoint, weights
+from mpllama import checkpoint
 from mpllama.config import SamplingParams
-from mpllama.model import Transformer, materialize
 from mpllama.model_args import ModelArgs
 from mpllama.protocol import Request
-from mpllama.runner import Runner
+from mpllama.rank import weights
+from mpllama.rank.model import Transformer, materialize
+from mpllama.rank.runner import Runner
 from mpllama.tokenizer import Tokenizer
 
 VARIANTS = {

@@ -14,25 +14,20 @@ DEMO_MODEL = Path(__file__).resolve().parents[1] / "demo" / "model"
 
 
 def test_driver_side_modules_do_not_import_torch() -> None:
+    """The torch boundary is the folder: every module directly under ``mpllama/`` (the
+    driver side: API, engine, router, server, jobs, CLI) imports without torch or
+    fairscale; they live in ``mpllama/rank/`` (the ranks' processes) and
+    ``mpllama/offline/`` (checkpoint writers). Ray stays out of the CLI's parser too."""
+    package = Path(__file__).resolve().parents[1] / "mpllama"
+    driver = sorted(f"mpllama.{p.stem}" for p in package.glob("*.py") if p.stem != "__main__")
+    assert "mpllama.engine" in driver and "mpllama.server" in driver
     code = (
-        "import sys\n"
-        "import mpllama.protocol, mpllama.jobs, mpllama.config, mpllama.tokenizer, mpllama.cli\n"
+        "import importlib, sys\n"
+        "import mpllama.cli\n"
         "mpllama.cli.build_parser()\n"
-        "from mpllama.protocol import Request\n"
-        "Request('a', [1, 2])\n"
-        "heavy = [m for m in ('torch', 'fairscale', 'ray') if m in sys.modules]\n"
-        "assert not heavy, heavy\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-
-
-def test_the_driver_checks_a_checkpoint_and_drives_gangs_without_torch() -> None:
-    """Ray, yes (it drives the actors); torch and fairscale only in the ranks' processes,
-    so an LLM, an AsyncLLM, a Serve replica or a job's driver does not load them."""
-    code = (
-        "import sys\n"
-        "import mpllama.api, mpllama.async_llm, mpllama.engine, mpllama.gang, mpllama.router\n"
-        "import mpllama.server, mpllama.deploy, mpllama.data, mpllama.chat\n"
+        "assert 'ray' not in sys.modules, 'the CLI parser imported ray'\n"
+        f"for name in {driver!r}:\n"
+        "    importlib.import_module(name)\n"
         "from mpllama import checkpoint\n"
         f"tokenizer, args, shards = checkpoint.inspect({str(DEMO_MODEL)!r}, None)\n"
         "checkpoint.check_shards(shards, args)\n"

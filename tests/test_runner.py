@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpllama import checkpoint, weights
-from mpllama import runner as runner_module
+from mpllama import checkpoint
 from mpllama.config import SamplingParams
-from mpllama.model import Transformer, materialize
 from mpllama.protocol import Event, Request
-from mpllama.runner import Runner
-from mpllama.step_plan import OP_STOP, Plan, follow, publish, receive
+from mpllama.rank import runner as runner_module
+from mpllama.rank import weights
+from mpllama.rank.model import Transformer, materialize
+from mpllama.rank.runner import Runner
+from mpllama.rank.step_plan import OP_STOP, Plan, follow, publish, receive
 from mpllama.tokenizer import Tokenizer
 
 PROMPTS = ["Once upon a time", "The cat sat on the mat and", "Hi", "In the beginning"]

@@ -115,12 +115,12 @@ print("EXITING without close()", flush=True)
 
 
 def test_starts_happen_on_a_thread_that_lasts() -> None:
-    from mpllama import runtime
+    from mpllama import ray_session
 
-    assert runtime.on_lasting_thread(threading.current_thread) is threading.main_thread()
+    assert ray_session.on_lasting_thread(threading.current_thread) is threading.main_thread()
     seen = []
     worker = threading.Thread(
-        target=lambda: seen.append(runtime.on_lasting_thread(threading.current_thread))
+        target=lambda: seen.append(ray_session.on_lasting_thread(threading.current_thread))
     )
     worker.start()
     worker.join(30)
@@ -130,9 +130,9 @@ def test_starts_happen_on_a_thread_that_lasts() -> None:
 
 
 def test_the_callers_runtime_is_used_and_left_running(ray_runtime: Any) -> None:
-    from mpllama import runtime
+    from mpllama import ray_session
 
-    hold = runtime.acquire(None, 1)
+    hold = ray_session.acquire(None, 1)
     assert not hold.counted and not hold.local
     hold.release()
     hold.release()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mpllama.config import SamplingParams
-from mpllama.sampling import (
+from mpllama.rank.sampling import (
     LogitAdjuster,
     _flat_nucleus,
     apply_penalties,

@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mpllama import shm
-from mpllama.dist import _join_shm
+from mpllama.rank import shm
+from mpllama.rank.dist import _join_shm
 
 pytestmark = pytest.mark.skipif(shm.supported() is not None, reason=str(shm.supported()))
 

@@ -271,7 +271,7 @@ def test_serve_stops_cleanly(how: str, tiny_ckpt: Path, tmp_path: Path) -> None:
     assert code == 0, output[-4000:]
     assert "mpllama serve: shutting down" in output and "mpllama serve: stopped" in output
     assert "Failed to connect to GCS" not in output, output[-4000:]
-    # The signal reached the server alone: its Ray did not die first (runtime.py gives
+    # The signal reached the server alone: its Ray did not die first (ray_session.py gives
     # Ray's processes a session of their own).
     assert "Ray runtime died" not in output, output[-4000:]
     print(f"{how}: stopped in {seconds:.1f}s")

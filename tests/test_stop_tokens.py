@@ -14,9 +14,9 @@ import torch
 from helpers import openai_client
 
 from mpllama import LLM, SamplingParams
-from mpllama.fixtures import random_state
 from mpllama.model_args import ModelArgs
-from mpllama.weights import write_checkpoint
+from mpllama.offline.fixtures import random_state
+from mpllama.rank.weights import write_checkpoint
 
 llama3_tokenizer = pytest.importorskip("llama_models.llama3.tokenizer")
 LLAMA3_MODEL = Path(llama3_tokenizer.__file__).parent / "tokenizer.model"

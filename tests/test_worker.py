@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpllama import checkpoint, dist
+from mpllama import checkpoint
 from mpllama.config import SamplingParams
 from mpllama.protocol import Event, RankSpec, Request
+from mpllama.rank import dist
+from mpllama.rank.worker import RankWorker, configure_rank_logging
 from mpllama.tokenizer import Tokenizer
-from mpllama.worker import RankWorker, configure_rank_logging
 
 
 def spec_for(ckpt: Path, world: int = 1) -> RankSpec:
@@ -78,8 +79,8 @@ def test_a_ranks_torch_work_all_runs_on_one_thread(
     """Set-up and the loop are called on different threads (as Ray's concurrency groups
     do), yet loading, placing and every forward run on the rank's own torch thread: a
     second OpenMP team would cost a fifth of the step rate (see worker.py)."""
-    from mpllama import model
-    from mpllama import worker as worker_module
+    from mpllama.rank import model
+    from mpllama.rank import worker as worker_module
 
     seen: list[str] = []
 

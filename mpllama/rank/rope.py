@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .model_args import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_OLD_CONTEXT_LEN
+from ..model_args import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_OLD_CONTEXT_LEN
 
 __all__ = ["apply_rope", "rope_table", "scale_rope"]
 

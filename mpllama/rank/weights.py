@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (
+from ..checkpoint import (
     IGNORED_KEYS,
     Shapes,
     check_model_parallel,
@@ -24,8 +24,8 @@ from .checkpoint import (
     shard_plan,
     shard_shapes,
 )
-from .errors import CheckpointError
-from .model_args import ModelArgs
+from ..errors import CheckpointError
+from ..model_args import ModelArgs
 
 # ------------------------------------------------------------------------ reading
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from sentencepiece import SentencePieceTrainer
 
-from .checkpoint import full_shapes, resolve_vocab
-from .errors import ConfigError
-from .model_args import LLAMA3_VOCAB_SIZE, PRESETS, ModelArgs
-from .tokenizer import Tokenizer
-from .weights import write_checkpoint
+from ..checkpoint import full_shapes, resolve_vocab
+from ..errors import ConfigError
+from ..model_args import LLAMA3_VOCAB_SIZE, PRESETS, ModelArgs
+from ..rank.weights import write_checkpoint
+from ..tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

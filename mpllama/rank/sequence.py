@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import SamplingParams
-from .protocol import Event, Request
+from ..config import SamplingParams
+from ..protocol import Event, Request
+from ..tokenizer import IncrementalDecoder, Tokenizer
 from .sampling import LogitAdjuster
-from .tokenizer import IncrementalDecoder, Tokenizer
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher

@@ -28,13 +28,14 @@ from typing import Any, TypeVar
 import psutil
 import torch
 
-from . import checkpoint, dist, memory, weights
+from .. import checkpoint, memory
+from ..protocol import Event, Polled, RankSpec, Request
+from ..tokenizer import Tokenizer
+from . import dist, weights
 from .layers import onednn_unsupported
 from .model import Transformer, materialize
-from .protocol import Event, Polled, RankSpec, Request
 from .runner import Runner
 from .step_plan import follow
-from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ from collections.abc import Iterable
 
 import torch
 
+from ..protocol import Event, Request, check_request
+from ..tokenizer import Tokenizer
 from .constrain import Grammars
 from .model import Transformer
-from .protocol import Event, Request, check_request
 from .sampling import greedy, log_probs, next_tokens, top_log_probs
 from .sequence import Sequence
 from .step_plan import OP_IDLE, OP_STOP, Broadcast, Plan, execute, lead_parts, publish
-from .tokenizer import Tokenizer
 
 
 class Runner:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from llguidance import LLExecutor, LLMatcher, LLTokenizer, TokenizerWrapper
 
-from .guided import Guided
-from .tokenizer import Tokenizer
+from ..guided import Guided
+from ..tokenizer import Tokenizer
 
 # What a masked-out token's logit gets added: its probability is then exactly 0 after any
 # temperature (exp underflows) and argmax never picks it, while the allowed entries,

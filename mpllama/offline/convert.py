@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (
+from ..checkpoint import (
     IGNORED_KEYS,
     check_state,
     find_shards,
@@ -29,11 +29,11 @@ from .checkpoint import (
     generation_axis,
     read_params,
 )
-from .errors import CheckpointError
-from .hf_config import args_from_hf_config, context_length, generation, hf_config
-from .model_args import LLAMA3_VOCAB_SIZE, ModelArgs
-from .tokenizer import load_tokenizer
-from .weights import load_rank_state, load_shard, tensor_shapes, write_checkpoint
+from ..errors import CheckpointError
+from ..hf_config import args_from_hf_config, context_length, generation, hf_config
+from ..model_args import LLAMA3_VOCAB_SIZE, ModelArgs
+from ..rank.weights import load_rank_state, load_shard, tensor_shapes, write_checkpoint
+from ..tokenizer import load_tokenizer
 
 __all__ = [
     "args_from_hf_config",

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .config import SamplingParams
+from ..config import SamplingParams
 
 # Top-p's first guess at how many tokens it needs: the nucleus of a trained model at
 # p = 0.9 is mostly tens of tokens, and topk of 256 costs what topk of 64 does. A flatter

@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
+from ..errors import ConfigError
+from ..hardware import cpu_native_bf16
 from . import shm
-from .errors import ConfigError
-from .hardware import cpu_native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -223,15 +223,6 @@ def init_model_parallel(world_size: int) -> None:
     for line in captured.getvalue().splitlines():
         if line.strip():
             log.info("fairscale: %s", line.lstrip("> "))
-
-
-def teardown() -> None:
-    global _plan_group, _shm
-    _plan_group = _shm = None
-    if fs_init.model_parallel_is_initialized():
-        fs_init.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # The group that carries step plans (CPU tensors); None until init_ranks.

@@ -1,6 +1,6 @@
 """fairscale's tensor-parallel layers, built for inference: meta weights (assigned at
 load, never allocated twice), forwards without bias or autograd, each able to run on a
-oneDNN-prepacked weight, and every collective through ``mpllama.dist`` (shared memory
+oneDNN-prepacked weight, and every collective through ``mpllama.rank.dist`` (shared memory
 between ranks on one machine, the process group otherwise).
 """
 
@@ -50,7 +50,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 # fairscale's layers, with forwards for inference only (no bias, no autograd): each may
-# run on a prepacked weight, and each collective goes through mpllama.dist, which takes
+# run on a prepacked weight, and each collective goes through mpllama.rank.dist, which takes
 # shared memory between ranks on one machine and the process group otherwise.
 
 

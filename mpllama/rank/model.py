@@ -27,7 +27,7 @@ from .layers import (
     parallel_embedding,
     row_parallel,
 )
-from .model_args import ModelArgs
+from ..model_args import ModelArgs
 from .rope import apply_rope, rope_table
 
 # A call per row (CPU attention reading each row on its own) costs about what reading
