@@ -417,7 +417,7 @@ def part(quick: bool, seed: int, rows: int, ckpt: Path) -> dict[str, float]:
 def one_model(subject: Subject, configs: list[Config], steps: int, seed: int) -> float:
     top = max(c.rows for c in configs)
     full, full_plain = Config(top, top), Config(top, 0)
-    subject.model.setup_caches(sum(c.rows for c in configs), PROMPT_LEN + 1 + WARMUP + steps + 16)
+    subject.model.setup_slots(sum(c.rows for c in configs), PROMPT_LEN + 1 + WARMUP + steps + 16)
     compiled, grammars = compile_ms(subject)
     print(
         f"  {subject.name}, vocabulary {subject.vocab}. Schema compile, ms: llguidance "

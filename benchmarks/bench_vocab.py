@@ -164,7 +164,7 @@ def _rank_main(job: Job, port: int, rank: int, world: int) -> dict | None:
             shm_bytes=min(SHM_SLOT_CAP, slice_bytes) if job.shm else 0,
         )  # fmt: skip
     model = random_model(args, job.seed + rank)
-    model.setup_caches(job.rows, PROMPT_LEN + job.steps + 8)
+    model.setup_slots(job.rows, PROMPT_LEN + job.steps + 8)
     clock = Clock()
     clock.time_output_layer(model)
     gather = model_module.gather_to_lead
@@ -178,7 +178,7 @@ def _rank_main(job: Job, port: int, rank: int, world: int) -> dict | None:
         )
         for name, params in SETTINGS.items():
             if rank != 0:
-                follow(model, dist.broadcast_plan)
+                follow(model, model.slots, dist.broadcast_plan)
                 continue
             ms = lead_run(model, job, params, clock, world)
             best = results.get((where, name))

@@ -352,7 +352,7 @@ def check_with_mpllama(
     args = checkpoint.read_params(out)
     state = weights.load_rank_state(checkpoint.find_shards(out), args, 0, 1)
     mp = materialize(Transformer(args), state, torch.device("cpu"), torch.float32)
-    mp.setup_caches(4, cfg.seq_len)
+    mp.setup_slots(4, cfg.seq_len)
     x = held[: cfg.seq_len][None]
     with torch.no_grad():
         model.eval()

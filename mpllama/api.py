@@ -116,6 +116,9 @@ class LLM:
             shm_collectives=parallel.shm_collectives,
             max_batch_size=runtime.max_batch_size,
             max_seq_len=runtime.max_seq_len,
+            kv_cache_memory_gb=runtime.kv_cache_memory_gb,
+            kv_block_size=runtime.kv_block_size,
+            prefix_caching=runtime.prefix_caching,
             prefill_chunk_tokens=runtime.prefill_chunk_tokens,
             cpu_linear=runtime.cpu_linear,
             collective_timeout_s=parallel.collective_timeout_s,
@@ -163,6 +166,12 @@ class LLM:
         """(running, waiting): requests holding a KV-cache slot and requests queued for
         one, over every gang, as the leads' schedulers last reported them."""
         return self.router.counts()
+
+    def cache_stats(self) -> dict[str, float]:
+        """The KV pool and prefix cache over every gang, as the leads last reported them
+        (``Router.cache_stats``): ``kv_cache_usage``, ``prefix_hit_rate``, block and
+        token counts, preemptions."""
+        return self.router.cache_stats()
 
     # ------------------------------------------------------------------ Ray runtime
 

@@ -89,6 +89,10 @@ class AsyncLLM:
         """(running, waiting) requests, as ``LLM.counts``."""
         return self.llm.counts()
 
+    def cache_stats(self) -> dict[str, float]:
+        """The KV pool and prefix cache, as ``LLM.cache_stats``."""
+        return self.llm.cache_stats()
+
     async def abort(self, request_id: str) -> None:
         """Give up a request: its generate() ends with finish_reason "abort"."""
         self.llm.router.abort([request_id])

@@ -25,6 +25,13 @@ class Metrics:
         )
         self.running = Gauge("mpllama_requests_running", description="Sequences in a slot.")
         self.waiting = Gauge("mpllama_requests_waiting", description="Sequences awaiting a slot.")
+        self.kv_usage = Gauge(
+            "mpllama_kv_cache_usage", description="Share of the KV cache's blocks in use (0-1)."
+        )
+        self.prefix_hit_rate = Gauge(
+            "mpllama_prefix_cache_hit_rate",
+            description="Share of prompt tokens found in the prefix cache (0-1), since start.",
+        )
         self.ttft = Histogram(
             "mpllama_time_to_first_token_seconds",
             description="From a request's arrival to its first token.",

@@ -101,13 +101,21 @@ class RuntimeConfig:
     # auto = bf16 (or fp16) on GPU; on a CPU bf16 where it has bf16 instructions, else
     # float32 (dist.resolve_dtype). Left out, MPLLAMA_DTYPE decides (the tests: float32).
     dtype: str = field(default_factory=lambda: os.environ.get("MPLLAMA_DTYPE") or "auto")
-    max_batch_size: int = 8  # KV-cache slots: requests running at once (more wait)
-    max_seq_len: int = 512  # positions per slot: prompt plus generated tokens
+    max_batch_size: int = 8  # requests running at once (more wait)
+    max_seq_len: int = 512  # most positions of one request: prompt plus generated tokens
+    # The KV cache is a pool of blocks of kv_block_size positions; a request holds the
+    # blocks it fills. Its size per rank: kv_cache_memory_gb, or by default what
+    # max_batch_size requests at max_seq_len would fill, up to 90% of free memory.
+    kv_cache_memory_gb: float | None = None
+    kv_block_size: int = 16
+    # Full blocks are kept after their request ends and shared by any later prompt that
+    # starts with the same tokens (chat turns, system prompts, n > 1).
+    prefix_caching: bool = True
     # Most prompt tokens prefilled per step: bigger prefills faster, smaller stalls the
     # running requests less (each step waits for its prefill).
     prefill_chunk_tokens: int = 512
     # The kernel behind a CPU rank's linear layers: onednn prepacks each weight once for
-    # oneDNN (2.5-3x faster than torch's default on the CPU we measure on); torch is the
+    # oneDNN (faster than torch's default where measured: benchmarks/RESULTS.md); torch is the
     # plain F.linear; auto = onednn wherever the build and the dtype allow it.
     cpu_linear: str = "auto"
     seed: int = 1
@@ -122,6 +130,10 @@ class RuntimeConfig:
             raise ConfigError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.prefill_chunk_tokens < 1:
             raise ConfigError(f"prefill_chunk_tokens must be >= 1, got {self.prefill_chunk_tokens}")
+        if self.kv_block_size < 1:
+            raise ConfigError(f"kv_block_size must be >= 1, got {self.kv_block_size}")
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
+            raise ConfigError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ class Engine:
         self.failures: list[str] = []  # one line per gang failure, for summaries
         self.steps_seen = 0
         self.running = self.waiting = 0  # the lead's counts at its last poll
+        self.cache: dict[str, int] = {}  # its KV pool and prefix cache (Runner.stats)
         self.down = False  # rebuilds kept failing; tried again when work arrives
         with self._lock:
             self._start_loops()
@@ -144,8 +145,12 @@ class Engine:
 
     @property
     def rank_info(self) -> list[dict[str, Any]]:
-        """What each rank reported at set-up (device, backend, pid, node, ...)."""
-        return self.gang.rank_info
+        """What each rank reported at set-up (device, backend, pid, node, ...); the lead's
+        entry also holds its KV pool and prefix cache as of its last poll (``cache``)."""
+        info = [dict(i) for i in self.gang.rank_info]
+        if info:
+            info[0]["cache"] = dict(self.cache)
+        return info
 
     def owns(self, request_id: str) -> bool:
         """Whether ``request_id`` is one of its unfinished requests."""
@@ -273,6 +278,7 @@ class Engine:
                     if self._up:
                         self._poll = self.gang.lead.poll.remote(POLL_WAIT_S)
                 self.running, self.waiting = polled.running, polled.waiting
+                self.cache = polled.cache
                 self._dispatch(polled.steps)
             elif ready:
                 rank = self._loops.index(ready[0])

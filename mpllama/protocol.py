@@ -59,8 +59,9 @@ class Polled:
     (one list per step), and the scheduler's counts after the last of them."""
 
     steps: list[list[Event]]
-    running: int = 0  # requests holding a slot
-    waiting: int = 0  # requests queued for one
+    running: int = 0  # requests holding KV blocks
+    waiting: int = 0  # requests queued for them
+    cache: dict[str, int] = field(default_factory=dict)  # the lead's Runner.stats()
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,11 @@ class RankSpec:
     dtype: str = "auto"
     backend: str = "auto"
     shm_collectives: bool = True
-    max_batch_size: int = 8  # KV-cache slots
+    max_batch_size: int = 8  # sequences running at once
     max_seq_len: int = 512
+    kv_cache_memory_gb: float | None = None
+    kv_block_size: int = 16
+    prefix_caching: bool = True
     prefill_chunk_tokens: int = 512
     cpu_linear: str = "auto"
     threads: int = 1

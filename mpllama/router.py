@@ -152,16 +152,38 @@ class Router:
         return sum(e.running for e in self.engines), sum(e.waiting for e in self.engines)
 
     def stats(self) -> list[dict[str, Any]]:
-        """Per replica: where it runs, how often its gang failed and was rebuilt."""
+        """Per replica: where it runs, how often its gang failed and was rebuilt, and its
+        KV pool and prefix cache as its lead last reported them."""
         return [
             {
                 "replica": e.replica,
                 "nodes": sorted({i.get("node_ip", "?") for i in e.rank_info}),
                 "restarts": e.restarts,
                 "failures": list(e.failures),
+                "cache": dict(e.cache),
             }
             for e in self.engines
         ]
+
+    def cache_stats(self) -> dict[str, float]:
+        """Every gang's KV pool and prefix cache together: blocks in use and cached, prompt
+        tokens looked up and found (since each gang started), preemptions, and the
+        derived ``kv_cache_usage`` and ``prefix_hit_rate`` (0..1)."""
+        keys = (
+            "kv_blocks",
+            "kv_blocks_used",
+            "kv_blocks_cached",
+            "prefix_hit_tokens",
+            "prefix_query_tokens",
+            "preemptions",
+        )
+        out: dict[str, float] = {k: sum(e.cache.get(k, 0) for e in self.engines) for k in keys}
+        out["kv_cache_usage"] = (
+            out["kv_blocks_used"] / out["kv_blocks"] if out["kv_blocks"] else 0.0
+        )
+        queried = out["prefix_query_tokens"]
+        out["prefix_hit_rate"] = out["prefix_hit_tokens"] / queried if queried else 0.0
+        return out
 
     def close(self) -> None:
         threads = [threading.Thread(target=e.close) for e in self.engines]

@@ -112,7 +112,14 @@ class OpenAIServer:
     @app.get("/health")
     async def health(self) -> dict[str, Any]:
         running, waiting = self.llm.counts()  # the lead's scheduler, at its last step
-        return {"status": "ok", "running": running, "waiting": waiting}
+        cache = self.llm.cache_stats()
+        return {
+            "status": "ok",
+            "running": running,
+            "waiting": waiting,
+            "kv_cache_usage": cache["kv_cache_usage"],
+            "prefix_hit_rate": cache["prefix_hit_rate"],
+        }
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
@@ -344,6 +351,9 @@ class OpenAIServer:
                     left.discard(c.index)
                     ticket.give()
                     self.metrics.finished.inc(tags={"finish_reason": item.finish_reason or "stop"})
+                    cache = self.llm.cache_stats()
+                    self.metrics.kv_usage.set(cache["kv_cache_usage"])
+                    self.metrics.prefix_hit_rate.set(cache["prefix_hit_rate"])
                 yield c, pieces, logprobs
         finally:
             for task in tasks:

@@ -287,7 +287,7 @@ def mpllama_greedy(folder: Path, prompt: list[int], max_new: int) -> list[int]:
     state = load_rank_state(shards, args, 0, 1)
     model = Transformer(args, detect_embedding_axis(shards, args))
     model = materialize(model, state, torch.device("cpu"), torch.float32)
-    model.setup_caches(1, len(prompt) + max_new)
+    model.setup_slots(1, len(prompt) + max_new)
     runner = Runner(model, load_tokenizer(folder / "tokenizer.model"), prefill_chunk_tokens=256)
     greedy = SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True)
     runner.add([Request("0", prompt, greedy)])

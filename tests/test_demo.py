@@ -60,7 +60,7 @@ def outputs(single_rank: None) -> dict[str, tuple[list[int], str]]:
     # Both shards onto one rank: the golden path also covers resharding 2 -> 1.
     state = weights.load_rank_state(shards, args, 0, 1)
     model = materialize(Transformer(args), state, torch.device("cpu"), torch.float32)
-    model.setup_caches(len(GOLDEN), 256)
+    model.setup_slots(len(GOLDEN), 256)
     return greedy(model, tok, list(GOLDEN))
 
 
@@ -131,7 +131,7 @@ def test_bf16_greedy_agrees_with_float32(single_rank: None) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         state = weights.load_rank_state(shards, args, 0, 1)
         model = materialize(Transformer(args), state, torch.device("cpu"), dtype)
-        model.setup_caches(len(AGREEMENT_PROMPTS), 128)
+        model.setup_slots(len(AGREEMENT_PROMPTS), 128)
         assert model.layers[0].attention.cache_k.dtype is dtype  # the KV cache follows
         params = SamplingParams(temperature=0, max_tokens=AGREEMENT_TOKENS, ignore_eos=True)
         runner = Runner(model, tok, 256)

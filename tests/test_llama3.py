@@ -108,7 +108,7 @@ def load(ckpt: Path, args: ModelArgs | None = None, slots: int = 4, seq: int = 2
     state = weights.load_rank_state(shards, args, 0, 1)
     axis = detect_embedding_axis(shards, args)
     model = materialize(Transformer(args, axis), state, CPU, torch.float32)
-    model.setup_caches(slots, seq)
+    model.setup_slots(slots, seq)
     return model
 
 
@@ -187,7 +187,7 @@ def test_the_model_is_sensitive_to_the_scaling(ckpts: dict[int, Path], single_ra
     ref = meta_model(ckpts[2])(ids, 0).log_softmax(-1)[0]
     args = checkpoint.read_params(ckpts[2])
     assert args.rope_scaling_factor == 8.0
-    at = (ids, torch.tensor([0]), torch.tensor([0]))
+    at = (ids, torch.tensor([0]), [[(0, 16)]])  # slot 0 of load()'s: 16 blocks of 16
     scaled = load(ckpts[2], args)(*at).log_softmax(-1)[0]
     plain = load(ckpts[2], replace(args, use_scaled_rope=False))(*at).log_softmax(-1)[0]
     torch.testing.assert_close(scaled, ref, atol=1e-3, rtol=0)
@@ -347,33 +347,50 @@ def test_rank_counts_that_cannot_split_405b_say_which_fit(size: int, words: str)
 # ------------------------------------------------------------------ KV-cache memory
 
 
-def test_a_kv_cache_that_cannot_fit_is_refused_with_its_bytes() -> None:
-    need = 32 * 2 * 8 * 128 * 131072 * 65 * 4  # layers x K,V x heads x D x S x (slots+1) x fp32
-    assert memory.kv_cache_bytes(LLAMA31_8B, 1, 64, 131072, 4) == need
+def test_the_kv_pool_is_sized_from_a_budget_not_from_slots() -> None:
+    per_position = 32 * 2 * 8 * 128 * 4  # layers x K,V x heads x D x fp32
+    assert memory.kv_position_bytes(LLAMA31_8B, 1, 4) == per_position
     # 16 ranks over 8 KV heads each hold one head's cache, like 8 ranks do.
-    assert memory.kv_cache_bytes(LLAMA31_405B, 16, 1, 8, 2) == 126 * 2 * 128 * 8 * 2 * 2
+    assert memory.kv_position_bytes(LLAMA31_405B, 16, 2) == 126 * 2 * 128 * 2
+    gib = 2**30
+    # 64 requests of 131072 positions would reserve 4 TiB as slots; the pool takes what
+    # the budget holds instead, in 16-position blocks (one of them the spare).
     runtime = RuntimeConfig(device="cpu", max_seq_len=131072, max_batch_size=64)
+    blocks = memory.kv_pool_blocks(LLAMA31_8B, 1, runtime, 4, 200 * gib, "here")
+    assert blocks == int(0.9 * 200 * gib) // (16 * per_position) - 1
+    # Unless the requests' own need is smaller: max_batch_size x max_seq_len positions.
+    small = RuntimeConfig(device="cpu", max_seq_len=1024, max_batch_size=4)
+    assert memory.kv_pool_blocks(LLAMA31_8B, 1, small, 4, 200 * gib, "here") == 4 * 64
+    budget = replace(small, kv_cache_memory_gb=2.0)
+    assert memory.kv_pool_blocks(LLAMA31_8B, 1, budget, 4, 200 * gib, "here") == (
+        2 * gib // (16 * per_position) - 1
+    )
+    # A budget that cannot hold one max_seq_len sequence is refused, with the numbers.
     with pytest.raises(ConfigError) as info:
-        memory.check_kv_cache(LLAMA31_8B, 1, runtime, None)
+        memory.kv_pool_blocks(LLAMA31_8B, 1, runtime, 4, 20 * gib, "this machine")
     message = str(info.value)
-    assert f"{need:,} bytes" in message
-    assert "max_batch_size=64 x max_seq_len=131072" in message
-    assert "Lower runtime.max_batch_size" in message and "runtime.max_seq_len" in message
-    # What fits passes; GPU ranks are left to check their own device.
-    assert memory.check_kv_cache(LLAMA31_8B, 1, RuntimeConfig(device="cpu"), None) > 0
+    one = (131072 // 16 + 1) * 16 * per_position
+    assert f"needs {one:,} bytes" in message and "max_seq_len=131072" in message
+    assert "8192 blocks of 16 positions" in message and "90% of the" in message
+    assert "Lower runtime.max_seq_len, raise runtime.kv_cache_memory_gb" in message
+    with pytest.raises(ConfigError, match="kv_cache_memory_gb=300.0 asks .* has .* available"):
+        memory.kv_pool_blocks(
+            LLAMA31_8B, 1, replace(runtime, kv_cache_memory_gb=300.0), 4, 200 * gib, "here"
+        )
+    # GPU ranks are left to size their pool on their own device.
     assert memory.check_kv_cache(LLAMA31_8B, 1, replace(runtime, device="cuda"), None) is None
 
 
 def test_the_llm_refuses_it_before_any_rank_starts(ckpts: dict[int, Path]) -> None:
-    with pytest.raises(ConfigError, match=r"the KV cache needs [\d,]+ bytes"):
-        LLM(ckpts[1], device="cpu", max_seq_len=131072, max_batch_size=10**6)
+    with pytest.raises(ConfigError, match=r"the KV cache needs [\d,]+ bytes .* max_seq_len"):
+        LLM(ckpts[1], device="cpu", max_seq_len=131072, kv_cache_memory_gb=0.001)
 
 
-def test_a_rank_refuses_a_cache_its_memory_cannot_hold(
+def test_a_rank_sizes_its_pool_from_its_own_memory(
     ckpts: dict[int, Path], monkeypatch: pytest.MonkeyPatch, single_rank: None
 ) -> None:
     """The rank checks its own machine (a CPU allocation would succeed lazily and the
-    rank be killed when the pages are touched), and a failed allocation says the same."""
+    rank be killed when the pages are touched), and a failed allocation says so."""
     from types import SimpleNamespace
 
     from mpllama.protocol import RankSpec
@@ -381,21 +398,23 @@ def test_a_rank_refuses_a_cache_its_memory_cannot_hold(
 
     model = load(ckpts[1], slots=1, seq=8)
     spec = RankSpec(str(ckpts[1]), TINY3, b"", 1, max_batch_size=3, max_seq_len=100)
-    need = memory.kv_cache_bytes(TINY3, 1, 3, 100, 4)
-    monkeypatch.setattr(
-        worker.psutil, "virtual_memory", lambda: SimpleNamespace(available=need - 1)
-    )
-    with pytest.raises(ConfigError, match=f"needs {need:,} bytes .* has {need - 1:,} bytes"):
+    per_block = memory.kv_position_bytes(TINY3, 1, 4) * 16
+    memory_of = SimpleNamespace(available=per_block * 100)
+    monkeypatch.setattr(worker.psutil, "virtual_memory", lambda: memory_of)
+    worker._setup_caches(model, spec, CPU, torch.float32)
+    assert model.num_blocks == 3 * 7  # 3 requests of 7 blocks (and the spare)
+    memory_of.available = per_block * 5  # 90% of it: 4 blocks, under the 7 one needs
+    with pytest.raises(ConfigError, match="needs .* one sequence of max_seq_len=100"):
         worker._setup_caches(model, spec, CPU, torch.float32)
-    assert model.max_seq_len == 8  # nothing allocated
+    # Four ranks on this machine (they met in shared memory) share its RAM.
+    memory_of.available = per_block * 30
+    with pytest.raises(ConfigError, match="4 ranks share it"):
+        worker._setup_caches(model, spec, CPU, torch.float32, ranks=4)
 
-    def out_of_memory(slots: int, seq: int) -> None:
+    def out_of_memory(blocks: int, block_size: int, seq: int) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3 GiB")
 
-    # Four ranks on this machine (they met in shared memory) share its RAM.
-    monkeypatch.setattr(worker.psutil, "virtual_memory", lambda: SimpleNamespace(available=need))
-    with pytest.raises(ConfigError, match=f"4 ranks there: {4 * need:,} bytes in all"):
-        worker._setup_caches(model, spec, CPU, torch.float32, ranks=4)
+    memory_of.available = per_block * 100
     monkeypatch.setattr(model, "setup_caches", out_of_memory)
-    with pytest.raises(ConfigError, match=f"needs {need:,} bytes"):
+    with pytest.raises(ConfigError, match="allocating the KV cache .* failed"):
         worker._setup_caches(model, spec, CPU, torch.float32)

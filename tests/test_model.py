@@ -52,7 +52,7 @@ def test_medium_preset_is_built_on_meta(single_rank: None) -> None:
     expected = shard_shapes(args, 1)
     assert {k: tuple(p.shape) for k, p in params.items()} == expected
     with pytest.raises(RuntimeError, match="materialize"):
-        model.setup_caches(1, 8)
+        model.setup_slots(1, 8)
 
 
 def test_meta_70b_at_mp8_matches_the_shard_table(
@@ -92,10 +92,10 @@ def test_materialize_converts_when_dtype_differs(
         assert param.dtype == torch.bfloat16
         assert param.data_ptr() != state[key].data_ptr()
         torch.testing.assert_close(param.float(), state[key], atol=0.02, rtol=0.01)
-    model.setup_caches(2, 16)
+    model.setup_slots(2, 16)
     assert model.layers[0].attention.cache_k.dtype == torch.bfloat16
-    # Two slots plus the spare one that takes padding writes.
-    assert model.layers[0].attention.cache_k.shape == (3, 4, 16, 16)  # [slots, K, S, D]
+    # Two slots of one 16-position block each, plus the spare block for padding writes.
+    assert model.layers[0].attention.cache_k.shape == (4, 3 * 16, 16)  # [K, positions, D]
 
 
 def test_materialize_is_strict(tiny_ckpts: dict[int, Path], single_rank: None) -> None:
@@ -235,20 +235,22 @@ def test_rope_matches_meta_complex_reference() -> None:
 
 
 def test_logits_at_picks_rows_of_the_full_output(tiny: Transformer) -> None:
-    tiny.setup_caches(3, 32)
+    tiny.setup_slots(3, 32)
     toks = tokens(0, 3, 9)
     start = torch.zeros(3, dtype=torch.long)
     slots = torch.arange(3)
-    full = tiny(toks, slots, start)
+    full = tiny(toks, start, tiny.slot_runs(slots))
     assert full.shape == (3, 9, 512) and full.dtype == torch.float32
     at = torch.tensor([8, 0, 4])
-    picked = tiny(toks, slots, start, logits_at=at)
+    picked = tiny(toks, start, tiny.slot_runs(slots), logits_at=at)
     assert picked.shape == (3, 512)
     torch.testing.assert_close(picked, full[torch.arange(3), at], atol=1e-5, rtol=0)
     # Causal: a position's logits do not depend on later tokens.
     changed = toks.clone()
     changed[:, 5:] = tokens(1, 3, 4)
-    torch.testing.assert_close(tiny(changed, slots, start)[:, :5], full[:, :5], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        tiny(changed, start, tiny.slot_runs(slots))[:, :5], full[:, :5], atol=1e-5, rtol=0
+    )
 
 
 def run_alone(model: Transformer, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -256,77 +258,95 @@ def run_alone(model: Transformer, chunks: list[torch.Tensor]) -> list[torch.Tens
     logits."""
     out, pos = [], 0
     for chunk in chunks:
-        out.append(model(chunk[None], torch.tensor([0]), torch.tensor([pos]))[0, -1])
+        out.append(model(chunk[None], torch.tensor([pos]), model.slot_runs([0]))[0, -1])
         pos += len(chunk)
     return out
 
 
-@pytest.mark.parametrize("read", ["batched", "per row"])
+# Where two rows' KV lives, as (first block, blocks) runs, in a pool of 4-position blocks:
+# evenly spaced single runs (one strided view for both), single runs out of order (a
+# view each), and blocks scattered out of order (each row's runs gathered).
+LAYOUTS = {
+    "strided": [[(0, 4)], [(4, 4)]],
+    "per row": [[(8, 4)], [(0, 4)]],
+    "scattered": [[(5, 1), (2, 1), (7, 1)], [(0, 2), (9, 1), (3, 1)]],
+    # The same, read as GPUs read rows that are not one strided view: gathered together.
+    "gathered": [[(5, 1), (2, 1), (7, 1)], [(0, 2), (9, 1), (3, 1)]],
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_rows_at_different_positions_equal_running_them_alone(
-    tiny: Transformer, read: str, monkeypatch: pytest.MonkeyPatch
+    tiny: Transformer, layout: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Rows in slots 2 and 0 (not consecutive: the cache is gathered, not viewed), a
-    right-padded prefill whose padding must not touch either slot, then more tokens;
-    with attention reading the rows together up to the longest, and each on its own."""
-    monkeypatch.setattr(model_module, "ROW_CALL_BYTES", 1 << 40 if read == "batched" else 0)
-    chosen = []
-    row_ends = Transformer._row_ends
-    monkeypatch.setattr(
-        Transformer, "_row_ends", lambda *a: chosen.append(row_ends(*a)) or chosen[-1]
-    )
-    tiny.setup_caches(3, 32)
+    """A right-padded prefill whose padding must not touch either row's blocks, then more
+    tokens, then a decode step: each row gets the logits it gets alone, wherever its
+    blocks are (one strided view, a view each, or gathered runs)."""
+    monkeypatch.setattr(model_module, "ROW_CALL_BYTES", 1 << 40)  # never skip the view
     a, b = tokens(2, 5), tokens(3, 11)
     a_more, b_more = tokens(4, 3), tokens(5, 3)
     a_next, b_next = tokens(6, 1), tokens(7, 1)
+    tiny.setup_slots(1, 32)
     want_a = run_alone(tiny, [a, a_more, a_next])
     want_b = run_alone(tiny, [b, b_more, b_next])
 
-    # Prefill right-padded rows of different lengths in one call.
+    tiny.setup_caches(12, 4, 32)
+    runs = LAYOUTS[layout]
+    if layout == "gathered":
+        index = model_module.CacheIndex.gather_index
+        real_build = model_module.CacheIndex.build
+
+        def build_gathered(*a: object) -> model_module.CacheIndex:  # a GPU's read, here
+            at = real_build(*a)
+            at.gather = index(at, max(at.ends), CPU)
+            return at
+
+        monkeypatch.setattr(model_module.CacheIndex, "build", staticmethod(build_gathered))
+    seen = []
+    build = model_module.CacheIndex.build
+    monkeypatch.setattr(
+        model_module.CacheIndex, "build", lambda *a: seen.append(build(*a)) or seen[-1]
+    )
     padded = torch.zeros(2, 11, dtype=torch.long)
     padded[0, :5], padded[1] = a, b
     zero = torch.zeros(2, dtype=torch.long)
-    slots = torch.tensor([2, 0])
-    got = tiny(padded, slots, zero, lengths=torch.tensor([5, 11]), logits_at=torch.tensor([4, 10]))
+    got = tiny(padded, zero, runs, lengths=torch.tensor([5, 11]), logits_at=torch.tensor([4, 10]))
     torch.testing.assert_close(got[0], want_a[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(got[1], want_b[0], atol=1e-5, rtol=0)
+    # The padding wrote only to the spare block: positions 5.. of row a's blocks are 0.
+    k = tiny.layers[0].attention.cache_k
+    first_a = [(f + j) * 4 for f, n in runs[0] for j in range(n)]
+    assert not k[:, first_a[1] + 1 : first_a[1] + 4].any()
     # Three more tokens per row, starting at each row's own length (5 and 11).
     pos = torch.tensor([5, 11])
-    got = tiny(torch.stack([a_more, b_more]), slots, pos)[:, -1]
+    got = tiny(torch.stack([a_more, b_more]), pos, runs)[:, -1]
     torch.testing.assert_close(got[0], want_a[1], atol=1e-5, rtol=0)
     torch.testing.assert_close(got[1], want_b[1], atol=1e-5, rtol=0)
     # One decode step each, at positions 8 and 14.
-    got = tiny(torch.stack([a_next, b_next]), slots, pos + 3, logits_at=zero)
+    got = tiny(torch.stack([a_next, b_next]), pos + 3, runs, logits_at=zero)
     torch.testing.assert_close(got[0], want_a[2], atol=1e-5, rtol=0)
     torch.testing.assert_close(got[1], want_b[2], atol=1e-5, rtol=0)
-    two_rows = [c for c in chosen if c is None or len(c) == 2][-3:]
-    if read == "batched":
-        assert two_rows == [None, None, None]
-    else:  # (slot, end): the prefill, the three more tokens, the decode step
-        assert two_rows == [[(2, 5), (0, 11)], [(2, 8), (0, 14)], [(2, 9), (0, 15)]]
+    assert [at.strided is not None for at in seen] == [layout == "strided"] * 3
+    assert [at.gather is not None for at in seen] == [layout == "gathered"] * 3
+    assert all((len(at.segments[0]) > 1) == (layout in ("scattered", "gathered")) for at in seen)
 
 
 def test_attention_reads_rows_on_their_own_when_padding_costs_more(tiny: Transformer) -> None:
     """The tiny model keeps 512 bytes of K and V per position and layer; two rows read on
     their own cost two calls, worth 512 KiB of reading."""
-    tiny.setup_caches(2, 2048)
-    slots = torch.tensor([0, 1])
-
-    def choice(*ends: int) -> list | None:
-        return tiny._row_ends(slots[: len(ends)], torch.tensor(ends), max(ends))
-
-    assert choice(10, 1500) == [(0, 10), (1, 1500)]  # 1490 positions of padding: 745 KiB
-    assert choice(10, 900) is None  # 445 KiB
-    assert choice(1500, 1500) is None  # no padding at all
-    assert choice(1500) is None  # one row has nothing to save
+    tiny.setup_slots(2, 2048)
+    assert not tiny.batched_read_pays([10, 1500])  # 1490 positions of padding: 745 KiB
+    assert tiny.batched_read_pays([10, 900])  # 445 KiB
+    assert tiny.batched_read_pays([1500, 1500])  # no padding at all
+    assert tiny.batched_read_pays([1500])  # one row has nothing to save
 
 
-def test_forward_refuses_more_than_the_cache(tiny: Transformer) -> None:
-    tiny.setup_caches(2, 8)
-    too_many = "exceed the cache of 2 slot"
-    with pytest.raises(ValueError, match=too_many):
-        tiny(tokens(0, 3, 2), torch.arange(3), torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match=too_many):
-        tiny(tokens(0, 1, 9), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+def test_forward_refuses_rows_past_their_blocks_or_max_seq_len(tiny: Transformer) -> None:
+    tiny.setup_caches(4, 4, 16)
+    with pytest.raises(ValueError, match="row 0: blocks for 4 positions, it needs 5"):
+        tiny(tokens(0, 1, 5), torch.zeros(1, dtype=torch.long), [[(0, 1)]])
+    with pytest.raises(ValueError, match="position 16, past max_seq_len 16"):
+        tiny(tokens(0, 1, 2), torch.tensor([15]), [[(0, 4)]])
 
 
 # ------------------------------------------------------------------ oneDNN linear layers
@@ -357,15 +377,15 @@ def test_packed_linears_give_the_plain_models_logits(tiny_ckpt: Path, single_ran
     assert not any(p.layout == torch._mkldnn for p in packed.parameters())
     assert packed.device == CPU
     for m in (plain, packed):
-        m.setup_caches(3, 32)
+        m.setup_slots(3, 32)
     toks = tokens(8, 3, 9)
     slots, lens = torch.tensor([2, 0, 1]), torch.tensor([9, 4, 6])
     zero = torch.zeros(3, dtype=torch.long)
     for m in (plain, packed):
-        m.out = [m(toks, slots, zero, lengths=lens, logits_at=lens - 1)]
+        m.out = [m(toks, zero, m.slot_runs(slots), lengths=lens, logits_at=lens - 1)]
         for step in range(3):
             nxt = tokens(9 + step, 3, 1)
-            m.out.append(m(nxt, slots, lens + step, logits_at=zero))
+            m.out.append(m(nxt, lens + step, m.slot_runs(slots), logits_at=zero))
     for want, got in zip(plain.out, packed.out, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
@@ -401,8 +421,8 @@ def test_packed_bfloat16_linears_track_the_plain_bfloat16_model(
     packed.pack_linears()
     outs = []
     for m in (plain, packed):
-        m.setup_caches(2, 16)
-        outs.append(m(tokens(10, 2, 7), torch.arange(2), torch.zeros(2, dtype=torch.long)))
+        m.setup_slots(2, 16)
+        outs.append(m(tokens(10, 2, 7), torch.zeros(2, dtype=torch.long), m.slot_runs([0, 1])))
     assert outs[1].dtype == torch.float32
     torch.testing.assert_close(outs[1], outs[0], atol=0.1, rtol=0)
     assert (outs[1].argmax(-1) == outs[0].argmax(-1)).float().mean() > 0.9

@@ -54,7 +54,7 @@ def test_greedy_matches_transformers(
     args = checkpoint.read_params(ckpt)
     state = weights.load_rank_state(checkpoint.find_shards(ckpt), args, 0, 1)
     model = materialize(Transformer(args), state, torch.device("cpu"), torch.float32)
-    model.setup_caches(len(PROMPTS), 64)
+    model.setup_slots(len(PROMPTS), 64)
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=True, ignore_eos=True)
     ids = [tok.encode(p, bos=True, eos=False) for p in PROMPTS]
     assert len({len(i) for i in ids}) == len(ids), "prompts must differ in length"

@@ -20,7 +20,7 @@ from mpllama.rank import runner as runner_module
 from mpllama.rank import weights
 from mpllama.rank.model import Transformer, materialize
 from mpllama.rank.runner import Runner
-from mpllama.rank.step_plan import OP_STOP, Plan, follow, publish, receive
+from mpllama.rank.step_plan import OP_STOP, StepBatch, follow, publish, receive
 from mpllama.tokenizer import Tokenizer
 
 PROMPTS = ["Once upon a time", "The cat sat on the mat and", "Hi", "In the beginning"]
@@ -44,7 +44,7 @@ def model(tiny_ckpt: Path, single_rank: None) -> Transformer:
 
 
 def sized(model: Transformer, slots: int = 4, seq: int = 64) -> Transformer:
-    model.setup_caches(slots, seq)
+    model.setup_slots(slots, seq)
     return model
 
 
@@ -158,7 +158,7 @@ def test_chunked_prefill_equals_whole_prefill(model: Transformer, tok: Tokenizer
     requests = [req(tok, long_text), req(tok, PROMPTS[1]), req(tok, long_text + "Again")]
     assert len(requests[0].prompt_token_ids) > 30
     whole = alone(model, tok, requests)
-    runner = Runner(model, tok, prefill_chunk_tokens=5)
+    runner = Runner(model, tok, prefill_chunk_tokens=5, prefix_caching=False)
     chunked = run(model, tok, [copy.copy(r) for r in requests], runner=runner)
     for got, want in zip(chunked, whole, strict=True):
         assert_same(got, want)
@@ -187,7 +187,7 @@ def test_kv_cache_equals_full_recomputation(model: Transformer, tok: Tokenizer) 
         seq = list(request.prompt_token_ids)
         for step, token in enumerate(done.token_ids):
             # No cache reuse: every step recomputes the whole sequence from position 0.
-            logits = model(torch.tensor([seq]), torch.tensor([3]), torch.tensor([0]))[0, -1]
+            logits = model(torch.tensor([seq]), torch.tensor([0]), model.slot_runs([3]))[0, -1]
             assert int(logits.argmax()) == token, f"step {step}"
             ref_lp = float(torch.log_softmax(logits, dim=-1)[token])
             assert abs(ref_lp - done.logprobs[step]) < 1e-4
@@ -436,7 +436,7 @@ def test_two_hundred_random_requests_through_four_slots(model: Transformer, tok:
     runner = Runner(model, tok, prefill_chunk_tokens=16)
     out = run(model, tok, requests, runner=runner)
     assert [len(d.token_ids) for d in out] == [r.params.max_tokens for r in requests]
-    assert runner.free == sorted(runner.free) and len(runner.free) == 4  # all slots back
+    assert runner.blocks.used == 0 and not any(runner.blocks.refs)  # every block back
     assert not runner.live and not runner.running
     for i in rng.sample(range(200), 8):  # spot checks against a run alone
         assert_same(out[i], alone(model, tok, [requests[i]])[0])
@@ -465,25 +465,30 @@ def test_abort_frees_the_slot_within_a_step(model: Transformer, tok: Tokenizer) 
     assert_same(got, alone(model, tok, [nxt])[0])
 
 
-def test_plan_round_trips_through_the_wire_format() -> None:
-    plan = Plan(
-        pf_slots=[2, 0],
+@pytest.mark.parametrize("runs_per_row", [1, 3])  # in the header, or past it in the body
+def test_step_batch_round_trips_through_the_wire_format(runs_per_row: int) -> None:
+    def runs(first: int) -> list[tuple[int, int]]:
+        return [(first + 10 * j, j + 1) for j in range(runs_per_row)]
+
+    batch = StepBatch(
         pf_starts=[0, 4],
         pf_tokens=[[1, 5, 6], [7]],
-        dec_slots=[1, 3],
+        pf_runs=[runs(2), runs(0)],
         dec_starts=[9, 2],
         dec_tokens=[11, 12],
+        dec_runs=[runs(1), runs(3)],
     )
     sent: list[torch.Tensor] = []
-    publish(plan, 4, lambda t: sent.append(t.clone()) or t)
+    publish(batch, 2, lambda t: sent.append(t.clone()) or t)
+    assert len(sent) == 2  # the header, and a body: the prompt chunks (and runs past 8 ints)
     replay = iter(sent)
-    op, parts = receive(4, lambda t: t.copy_(next(replay)))
-    assert op == plan.op
-    assert parts["pf_slots"].tolist() == [2, 0] and parts["pf_starts"].tolist() == [0, 4]
-    assert parts["pf_lens"].tolist() == [3, 1]
-    assert parts["pf_tokens"].tolist() == [[1, 5, 6], [7, 0, 0]]
-    assert parts["dec_slots"].tolist() == [1, 3] and parts["dec_tokens"].tolist() == [11, 12]
-    assert parts["dec_starts"].tolist() == [9, 2]
+    assert receive(2, lambda t: t.copy_(next(replay))) == batch
+    decode_only = StepBatch(dec_starts=[5], dec_tokens=[3], dec_runs=[runs(0)])
+    sent.clear()
+    publish(decode_only, 2, lambda t: sent.append(t.clone()) or t)
+    assert len(sent) == 1  # up to 4 run ints a row ride in the header
+    replay = iter(sent)
+    assert receive(2, lambda t: t.copy_(next(replay))) == decode_only
 
 
 def test_follower_runs_the_lead_steps(tiny_ckpt: Path, single_rank: None, tok: Tokenizer) -> None:
@@ -496,7 +501,7 @@ def test_follower_runs_the_lead_steps(tiny_ckpt: Path, single_rank: None, tok: T
     runner.idle()
     runner.stop()
     replay = iter(sent)
-    follow(follower_model, lambda t: t.copy_(next(replay)))
+    follow(follower_model, runner.max_running, lambda t: t.copy_(next(replay)))
     assert next(replay, None) is None  # it consumed every broadcast, then stopped
     assert int(sent[-1][0]) == OP_STOP
     for a, b in zip(lead_model.layers, follower_model.layers, strict=True):

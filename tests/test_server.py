@@ -258,7 +258,13 @@ class TestOneReplica:
     def test_models_health_and_the_api_key(self, server, client) -> None:
         assert [m.id for m in client.models.list().data] == [MODEL]
         assert client.models.retrieve(MODEL).owned_by == "mpllama"
-        assert self.health(server) == {"status": "ok", "running": 0, "waiting": 0}
+        health = self.health(server)
+        assert {k: health[k] for k in ("status", "running", "waiting")} == {
+            "status": "ok",
+            "running": 0,
+            "waiting": 0,
+        }
+        assert 0 <= health["kv_cache_usage"] <= 1 and 0 <= health["prefix_hit_rate"] <= 1
         for key in ("wrong", None):
             status, _, body = http(f"{server.url}/v1/models", key=key)
             assert status == 401 and body["error"]["code"] == "invalid_api_key"
@@ -536,7 +542,7 @@ class TestOneReplica:
         assert self.health(server)["running"] == 1
         holder.close()  # the client goes away mid-stream
         assert wait_for(
-            lambda: self.health(server) == {"status": "ok", "running": 0, "waiting": 0}, 10
+            lambda: (lambda h: (h["running"], h["waiting"]) == (0, 0))(self.health(server)), 10
         )
         assert client.completions.create(model=MODEL, prompt="b", n=32, max_tokens=1)
 
@@ -584,6 +590,7 @@ class TestOneReplica:
         assert metrics("mpllama_time_to_first_token_seconds_count")
         assert metrics("mpllama_inter_token_latency_seconds_count")
         assert metrics("mpllama_requests_running") and metrics("mpllama_requests_waiting")
+        assert metrics("mpllama_kv_cache_usage") and metrics("mpllama_prefix_cache_hit_rate")
         # Serve's own metrics sit beside them.
         assert metrics("serve_num_http_requests")
 

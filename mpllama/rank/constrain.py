@@ -5,7 +5,7 @@ llguidance fills one bit per token (``[n, ceil(V / 32)]`` int32 words) for all g
 rows at once, in parallel and without the GIL. The bits become an additive float32 row
 (0 where allowed, ``MASKED`` where not) in the same thread, so the step only adds it to
 the guided rows' logits: an add, branch-free, where ``masked_fill`` takes a branch per
-entry and ran 10x slower (benchmarks/RESULTS.md, the guided part, has the costs). Unguided
+entry and ran far slower (benchmarks/RESULTS.md, the guided part, has the costs). Unguided
 rows never see any of it. Followers know nothing of grammars: the lead alone samples.
 """
 
@@ -23,7 +23,7 @@ from ..tokenizer import Tokenizer
 
 # What a masked-out token's logit gets added: its probability is then exactly 0 after any
 # temperature (exp underflows) and argmax never picks it, while the allowed entries,
-# added 0, keep their exact values. (-inf would need a select per entry, 10x slower.)
+# added 0, keep their exact values. (-inf would need a select per entry: slower.)
 MASKED = -1e30
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 
+from ..model_args import ModelArgs
 from .dist import gather_to_lead
 from .layers import (
     ColumnLinear,
@@ -27,11 +28,10 @@ from .layers import (
     parallel_embedding,
     row_parallel,
 )
-from ..model_args import ModelArgs
 from .rope import apply_rope, rope_table
 
 # A call per row (CPU attention reading each row on its own) costs about what reading
-# this many bytes of KV cache does; see Transformer._row_ends.
+# this many bytes of KV cache does; see Transformer.forward.
 ROW_CALL_BYTES = 256 << 10
 
 
@@ -62,8 +62,9 @@ class Attention(nn.Module):
         self.wk = column_parallel(args.dim, kv_rows, gather_output=False)
         self.wv = column_parallel(args.dim, kv_rows, gather_output=False)
         self.wo = row_parallel(args.n_heads * args.head_dim, args.dim)
-        # [slots + 1 spare, K, S_max, D]: a slot's keys up to S are a view in the layout
-        # attention wants, so decoding never copies the cache.
+        # [K, P, D]: every position of the block pool (blocks of ``block_size`` positions,
+        # plus one spare block that takes padding writes). A sequence whose blocks are
+        # consecutive reads its keys as a view in the layout attention wants.
         self.cache_k: torch.Tensor | None = None
         self.cache_v: torch.Tensor | None = None
         self.wqkv: Fused | None = None  # wq, wk and wv as one product (``fuse``)
@@ -85,35 +86,33 @@ class Attention(nn.Module):
         v = at.unpack(xv).view(B, T, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, cis), apply_rope(k, cis)
 
-        # Each row writes its own slot at its own positions, so rows can sit at different
-        # lengths; padding tokens write to the spare slot, which no row ever reads.
-        # (Indexing [B,T] x : x [B,T] puts the indexed dims first: k is [B,T,K,D].)
-        self.cache_k[at.write_slots, :, at.write_pos] = k
-        self.cache_v[at.write_slots, :, at.write_pos] = v
+        # Each row writes its own positions in its own blocks, so rows can sit at different
+        # lengths; padding tokens write to the spare block, which no row ever reads.
+        # (Indexing [K,P,D] by [B,T] on dim 1 gives [K,B,T,D].)
+        self.cache_k[:, at.write_index] = k.permute(2, 0, 1, 3)
+        self.cache_v[:, at.write_index] = v.permute(2, 0, 1, 3)
         # Grouped-query attention: each K/V head serves n_heads / n_kv_heads query heads;
         # enable_gqa shares them without materialising repeated copies of the cache.
         gqa = self.n_local_heads != self.n_local_kv_heads
         q = q.transpose(1, 2)  # [B,H,T,D]
-        if at.row_ends is None:
-            out = attend(
-                q,
-                at.read(self.cache_k),  # [B,K,S,D]
-                at.read(self.cache_v),
-                at.mask,
-                gqa,
-            )
-        else:  # each row reads its own positions only (see CacheIndex.row_ends)
+        if at.strided is not None:  # every row one run, evenly spaced: one batched call
+            out = attend(q, at.batch_view(self.cache_k), at.batch_view(self.cache_v), at.mask, gqa)
+        elif at.gather is not None:  # GPUs: every row's positions gathered, one call
+            k_rows = self.cache_k[:, at.gather].transpose(0, 1)  # [K,B,S,D] -> [B,K,S,D]
+            v_rows = self.cache_v[:, at.gather].transpose(0, 1)
+            out = attend(q, k_rows, v_rows, at.mask, gqa)
+        else:  # each row reads its own positions only (see CacheIndex.segments)
             out = torch.cat(
                 [
                     attend(
                         q[i : i + 1],
-                        self.cache_k[slot, :, :end].unsqueeze(0),
-                        self.cache_v[slot, :, :end].unsqueeze(0),
-                        # One new token sees every position its slot holds.
-                        None if T == 1 else at.mask[i : i + 1, :, :, :end],
+                        at.row_view(self.cache_k, i),
+                        at.row_view(self.cache_v, i),
+                        # One new token sees every position its row holds.
+                        None if T == 1 else at.mask[i : i + 1, :, :, : at.ends[i]],
                         gqa,
                     )
-                    for i, (slot, end) in enumerate(at.row_ends)
+                    for i in range(B)
                 ]
             )
         return self.wo(at.pack(out.transpose(1, 2).reshape(B, T, -1)))
@@ -167,38 +166,53 @@ class Transformer(nn.Module):
         # Each rank computes its vocabulary slice; only the lead, which samples, gathers
         # the [B, V] logits (see forward).
         self.output = column_parallel(args.dim, args.vocab_size, gather_output=False)
-        self.slots = 0
-        self.max_seq_len = 0
+        self.num_blocks = self.block_size = self.max_seq_len = self.slots = self.per_slot = 0
 
     @property
     def device(self) -> torch.device:
         return self.output.weight.device
 
-    def setup_caches(self, slots: int, max_seq_len: int) -> None:
-        """Allocate ``slots`` KV-cache slots of ``max_seq_len`` positions each (plus one
-        spare slot that takes padding writes) and the RoPE tables, on the weights' device
-        and dtype."""
+    def setup_caches(self, num_blocks: int, block_size: int, max_seq_len: int) -> None:
+        """Allocate a KV cache of ``num_blocks`` blocks of ``block_size`` positions (plus
+        one spare block that takes padding writes) and the RoPE tables for positions up to
+        ``max_seq_len``, on the weights' device and dtype."""
         weight = self.output.weight
         if weight.is_meta:
             raise RuntimeError("materialize() the weights before setup_caches()")
         for layer in self.layers:
             attn = layer.attention
-            shape = (slots + 1, attn.n_local_kv_heads, max_seq_len, attn.head_dim)
+            shape = (attn.n_local_kv_heads, (num_blocks + 1) * block_size, attn.head_dim)
+            # Zeros, not empty: a batched read spans other rows' positions (masked), and
+            # garbage there could be NaN, which a mask does not cancel.
             attn.cache_k = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
             attn.cache_v = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
         args = self.args
         self.rope = rope_table(
             args.head_dim, max_seq_len, args.rope_theta, weight.device, args.rope_scaling_factor
         )
-        self.slots, self.max_seq_len = slots, max_seq_len
+        self.num_blocks, self.block_size, self.max_seq_len = num_blocks, block_size, max_seq_len
+        self.slots = 0  # see setup_slots
+
+    def setup_slots(self, slots: int, max_seq_len: int, block_size: int = 16) -> None:
+        """A cache of ``slots`` fixed regions of ``max_seq_len`` positions, for callers
+        without a block manager (one-off generation, tests, benchmarks): row i of a
+        forward passes ``slot_runs`` of its slot."""
+        per_slot = -(-max_seq_len // block_size)
+        self.setup_caches(slots * per_slot, block_size, max_seq_len)
+        self.slots, self.per_slot = slots, per_slot
+
+    def slot_runs(self, slots: torch.Tensor | list[int]) -> list[list[tuple[int, int]]]:
+        """The runs of each slot's region (see ``setup_slots``)."""
+        ids = slots.tolist() if isinstance(slots, torch.Tensor) else slots
+        return [[(s * self.per_slot, self.per_slot)] for s in ids]
 
     def pack_linears(self) -> None:
         """Stack the products that read one input (q, k, v; w1, w3) into one weight each,
         then re-lay every linear weight once in oneDNN's blocked layout, so each product
         runs oneDNN's kernel on a ready weight (CPU only; see ``onednn_unsupported``).
-        On the AMD EPYC this project is measured on, torch's default CPU product (MKL
-        sgemm, even with MKL's own packed weights) runs 2.5-3x slower at every batch
-        size from 1 to 512 rows. The packed copies replace the weights: no memory grows."""
+        Where measured, torch's default CPU product (MKL sgemm, even with MKL's own packed
+        weights) runs several times slower at every batch size (benchmarks/RESULTS.md,
+        "Figures behind the code"). The packed copies replace the weights: no memory grows."""
         for layer in self.layers:
             layer.attention.fuse()
             layer.feed_forward.fuse()
@@ -212,45 +226,39 @@ class Transformer(nn.Module):
                     "weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach())
                 )
 
-    def _row_ends(
-        self, slots: torch.Tensor, ends: torch.Tensor, S: int
-    ) -> list[tuple[int, int]] | None:
-        """[(slot, end)] per row when attention should read each row on its own.
-
-        One batched attention reads every row's cache up to the longest row (S); rows
-        at different lengths (the rule under continuous batching) make it read padding.
-        On a CPU, attention is bound by those bytes, and reading each row up to its own
-        end saves them for the cost of a call per row (about 13 us here, on the order of
-        reading 256 KiB). Measured on a 2-core EPYC, 32 decode rows at lengths 20-300,
-        16 heads of 64: 2.2 ms a layer instead of 3.4. GPUs keep the one batched call.
-        """
-        if self.device.type != "cpu" or ends.shape[0] == 1:
-            return None
+    def batched_read_pays(self, ends: list[int]) -> bool:
+        """Whether rows that could be read as one strided view should be: one batched
+        attention reads every row up to the longest, and on a CPU attention is bound by
+        the bytes it reads; reading each row up to its own end saves the padding for the
+        cost of a call per row, which costs about what reading ``ROW_CALL_BYTES`` does
+        (benchmarks/RESULTS.md, "Figures behind the code"). GPUs keep the one batched call."""
+        if self.device.type != "cpu" or len(ends) == 1:
+            return True
         attn = self.layers[0].attention
+        assert attn.cache_k is not None
         per_position = 2 * attn.n_local_kv_heads * attn.head_dim * attn.cache_k.element_size()
-        ends_list = ends.tolist()
-        wasted = (S * len(ends_list) - sum(ends_list)) * per_position
-        if wasted <= len(ends_list) * ROW_CALL_BYTES:
-            return None
-        return list(zip(slots.tolist(), ends_list, strict=True))
+        wasted = (max(ends) * len(ends) - sum(ends)) * per_position
+        return wasted <= len(ends) * ROW_CALL_BYTES
 
     @torch.inference_mode()
     def forward(
         self,
         tokens: torch.Tensor,
-        slots: torch.Tensor,
         start_pos: torch.Tensor,
+        runs: list[list[tuple[int, int]]],
         lengths: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """Run up to T new tokens per row against that row's cache slot; float32 logits
-        on the lead rank (rank 0), None on the others.
+        """Run up to T new tokens per row against that row's KV blocks; float32 logits on
+        the lead rank (rank 0), None on the others.
 
-        tokens [B,T]; slots [B], the cache slot of each row (distinct); start_pos [B], each
-        row's first new position (what its slot already holds); lengths [B] (optional),
-        how many of the T tokens are real, the rest padding (default: all T); logits_at
-        [B] (optional), the one index in 0..T-1 per row whose logits are wanted.
-        Returns [B,T,V], or [B,V] with ``logits_at``.
+        tokens [B,T]; start_pos [B], each row's first new position (what its blocks
+        already hold); runs, per row, its blocks in logical order as (first physical
+        block, count) runs of consecutive blocks, covering at least every position it
+        reads or writes this call; lengths [B] (optional), how many of the T tokens are
+        real, the rest padding (default: all T); logits_at [B] (optional), the one index
+        in 0..T-1 per row whose logits are wanted. Returns [B,T,V], or [B,V] with
+        ``logits_at``.
         """
         B, T = tokens.shape
         device = tokens.device
@@ -258,33 +266,36 @@ class Transformer(nn.Module):
         positions = start_pos[:, None] + steps  # [B,T]
         real = None if lengths is None else steps < lengths[:, None]  # [B,T]
         if real is not None:
-            # Padding never reaches past the cache: park it at position 0 of the spare slot.
             positions = torch.where(real, positions, 0)
-        ends = positions.max(dim=1).values + 1  # [B]: positions each row reads
-        S = int(ends.max())
-        if B > self.slots or S > self.max_seq_len:
-            raise ValueError(
-                f"{B} row(s) up to position {S - 1} exceed the cache of {self.slots} slot(s) "
-                f"x {self.max_seq_len} positions"
-            )
-        write_slots = slots[:, None].expand(B, T)
+        starts = start_pos.tolist()
+        news = [T] * B if lengths is None else lengths.tolist()
+        ends = [s + n for s, n in zip(starts, news, strict=True)]
+        S = max(ends)
+        if S > self.max_seq_len:
+            raise ValueError(f"a row reaches position {S - 1}, past max_seq_len {self.max_seq_len}")
         packed = None
-        if real is not None:
-            write_slots = torch.where(real, write_slots, self.slots)
-            if not bool(real.all()):
-                packed = real.view(-1).nonzero().squeeze(1)
-        at = CacheIndex(
+        if real is not None and not bool(real.all()):
+            packed = real.view(-1).nonzero().squeeze(1)
+        at = CacheIndex.build(
             (B, T),
             packed,
-            write_slots,
+            runs,
+            starts,
+            ends,
             positions,
-            _slot_range(slots),
-            slots,
-            S,
-            # A query at position p sees keys at positions <= p of its own slot: [B,1,T,S].
-            (torch.arange(S, device=device) <= positions[:, :, None])[:, None],
-            self._row_ends(slots, ends, S),
+            real,
+            self.block_size,
+            self.num_blocks,
+            device,
         )
+        if at.strided is not None and not self.batched_read_pays(ends):
+            at.strided = None
+        if at.strided is None and device.type != "cpu" and B > 1:
+            # A call per row costs a GPU far more than gathering the rows' KV once.
+            at.gather = at.gather_index(S, device)
+        if at.strided is not None or at.gather is not None or T > 1:
+            # A query at position p sees keys at positions <= p of its own row: [B,1,T,S].
+            at.mask = (torch.arange(S, device=device) <= positions[:, :, None])[:, None]
         cis = self.rope[positions]  # [B,T,D/2]
         h = at.pack(self.tok_embeddings(tokens))
         for layer in self.layers:
@@ -327,14 +338,82 @@ class CacheIndex:
     # Flat indices (in B*T) of the real tokens when some are padding: the projections
     # and the FFN, which cost nearly all the FLOPs, run on those alone.
     packed: torch.Tensor | None
-    write_slots: torch.Tensor  # [B,T] slot of each new token (the spare slot for padding)
-    write_pos: torch.Tensor  # [B,T] position of each new token
-    slot_range: tuple[int, int] | None  # (first, end) when the rows' slots are consecutive
-    slots: torch.Tensor  # [B]
-    S: int  # positions to read: 0..S-1
-    mask: torch.Tensor  # [B,1,T,S] True where a query may attend
-    # (slot, end) per row when attention reads each row up to its own end, not up to S.
-    row_ends: list[tuple[int, int]] | None = None
+    write_index: torch.Tensor  # [B,T] cache position of each new token (spare for padding)
+    ends: list[int]  # per row: positions it reads, 0..end-1
+    # Per row, its positions as (first cache position, count) segments, in order.
+    segments: list[list[tuple[int, int]]]
+    # (first position, stride) when every row is one segment and the segments are
+    # evenly spaced: the rows are one strided view [B,K,S,D]. Else None.
+    strided: tuple[int, int] | None
+    spare: int  # the first position of the spare block, which padding writes and reads
+    mask: torch.Tensor | None = None  # [B,1,T,S] True where a query may attend
+    gather: torch.Tensor | None = None  # [B,S] cache positions, when rows are gathered
+
+    @staticmethod
+    def build(
+        shape: tuple[int, int],
+        packed: torch.Tensor | None,
+        runs: list[list[tuple[int, int]]],
+        starts: list[int],
+        ends: list[int],
+        positions: torch.Tensor,
+        real: torch.Tensor | None,
+        block_size: int,
+        num_blocks: int,
+        device: torch.device,
+    ) -> CacheIndex:
+        B, T = shape
+        spare = num_blocks * block_size
+        bases = [0] * B  # cache position of logical position 0, for one-segment rows
+        scattered: dict[int, list[int]] = {}  # the others: each new token's position
+        segments = []
+        for i, (row, start, end) in enumerate(zip(runs, starts, ends, strict=True)):
+            segs, covered = [], 0
+            for first, count in row:
+                if covered >= end:
+                    break
+                n = min(count * block_size, end - covered)
+                segs.append((first * block_size, n))
+                covered += n
+            if covered < end:
+                raise ValueError(f"row {i}: blocks for {covered} positions, it needs {end}")
+            segments.append(segs)
+            if len(segs) == 1:
+                bases[i] = segs[0][0]
+            else:
+                where, at = [], 0  # positions start..end-1, segment by segment
+                for first, n in segs:
+                    lo, hi = max(start, at), min(end, at + n)
+                    if lo < hi:
+                        where.extend(range(first + lo - at, first + hi - at))
+                    at += n
+                scattered[i] = where + [spare] * (T - len(where))
+        # Padding (positions parked at 0 by the caller) writes to the spare block.
+        write = torch.tensor(bases, device=device)[:, None] + positions
+        if real is not None:
+            write = torch.where(real, write, spare)
+        for i, where in scattered.items():
+            write[i] = torch.tensor(where, device=device)
+        S = max(ends)
+        strided = None
+        if all(len(segs) == 1 for segs in segments):
+            firsts = [segs[0][0] for segs in segments]
+            stride = firsts[1] - firsts[0] if B > 1 else 0
+            if (
+                stride >= 0
+                and all(b - a == stride for a, b in zip(firsts, firsts[1:], strict=False))
+                and firsts[0] + (B - 1) * stride + S <= spare + block_size
+            ):
+                strided = (firsts[0], stride)
+        return CacheIndex(
+            shape,
+            packed,
+            write,
+            ends,
+            segments,
+            strided,
+            spare,
+        )
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[B,T,F] -> the real tokens, [N,F] (or [B,T,F] as it is when none is padding)."""
@@ -351,21 +430,36 @@ class CacheIndex:
         out[self.packed] = x
         return out.view(B, T, -1)
 
-    def read(self, cache: torch.Tensor) -> torch.Tensor:
-        """[B,K,S,D]: each row's slot up to S. Consecutive slots (the common case: the
-        scheduler hands out the lowest free slots and lists rows in slot order) are a
-        view, not a copy."""
-        if self.slot_range is not None:
-            return cache[self.slot_range[0] : self.slot_range[1], :, : self.S]
-        return cache[self.slots, :, : self.S]
+    def batch_view(self, cache: torch.Tensor) -> torch.Tensor:
+        """[B,K,S,D]: every row's positions up to the longest row's end, as a view of the
+        cache [K,P,D] (rows one evenly spaced segment each; see ``strided``)."""
+        assert self.strided is not None
+        first, stride = self.strided
+        K, _, D = cache.shape
+        B, S = self.shape[0], max(self.ends)
+        return cache.as_strided(
+            (B, K, S, D),
+            (stride * D, cache.stride(0), D, 1),
+            cache.storage_offset() + first * D,
+        )
 
+    def gather_index(self, S: int, device: torch.device) -> torch.Tensor:
+        """[B,S]: each row's cache positions up to S, its own up to its end, then the
+        spare block's first position (masked) as padding."""
+        B = self.shape[0]
+        rows = []
+        for segs, end in zip(self.segments, self.ends, strict=True):
+            row = [p for first, n in segs for p in range(first, first + n)]
+            rows.append(row + [self.spare] * (S - end))
+        assert len(rows) == B
+        return torch.tensor(rows, dtype=torch.long, device=device)
 
-def _slot_range(slots: torch.Tensor) -> tuple[int, int] | None:
-    first = int(slots[0])
-    B = slots.shape[0]
-    if torch.equal(slots, torch.arange(first, first + B, device=slots.device)):
-        return first, first + B
-    return None
+    def row_view(self, cache: torch.Tensor, i: int) -> torch.Tensor:
+        """[1,K,end,D]: row i's positions, a view when they are one segment, else their
+        segments gathered."""
+        segs = self.segments[i]
+        parts = [cache[:, first : first + n] for first, n in segs]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).unsqueeze(0)
 
 
 def materialize(

@@ -1,33 +1,35 @@
-"""The per-step engine. The lead rank owns a ``Runner``: requests wait in a queue, each
-admitted one holds a KV-cache slot until it finishes, and every ``step()``
+"""The per-step engine on the lead rank. A ``Runner`` ties the parts together: every
+``step()``
 
-    retires aborted requests -> admits waiting ones into free slots -> prefills prompt
-    chunks -> decodes one token for every running slot -> samples -> emits events.
+    schedules (``Scheduler``: who runs, over the ``BlockManager``'s KV blocks) ->
+    publishes the ``StepBatch`` to the followers -> runs the forwards (``execute``) ->
+    samples the rows whose prompt completed and every decode row -> emits events.
 
-The lead publishes each step as a ``Plan`` (``step_plan``) before running it; the other
-ranks follow it. A request's own state lives in its ``Sequence``. No Ray here: the caller
-moves requests in and events out.
+A request's own state lives in its ``Sequence``. No Ray here: the caller moves requests
+in and events out.
 """
 
 from __future__ import annotations
 
-import heapq
-from collections import deque
 from collections.abc import Iterable
 
 import torch
 
 from ..protocol import Event, Request, check_request
 from ..tokenizer import Tokenizer
+from .blocks import BlockManager
 from .constrain import Grammars
 from .model import Transformer
 from .sampling import greedy, log_probs, next_tokens, top_log_probs
+from .scheduler import Scheduler
 from .sequence import Sequence
-from .step_plan import OP_IDLE, OP_STOP, Broadcast, Plan, execute, lead_parts, publish
+from .step_plan import OP_IDLE, OP_STOP, Broadcast, StepBatch, execute, publish
 
 
 class Runner:
-    """The lead rank's scheduler and step loop over ``slots`` KV-cache slots."""
+    """The lead rank's step loop over at most ``max_running`` sequences at once (default:
+    the model's ``setup_slots`` slots, else one per block), whose KV lives in the model's
+    block pool."""
 
     def __init__(
         self,
@@ -35,24 +37,45 @@ class Runner:
         tokenizer: Tokenizer,
         prefill_chunk_tokens: int,
         broadcast: Broadcast | None = None,
+        max_running: int | None = None,
+        prefix_caching: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.slots = model.slots
         self.max_seq_len = model.max_seq_len
-        self.chunk = prefill_chunk_tokens
+        self.max_running = max_running or model.slots or model.num_blocks
         self.broadcast = broadcast
-        self.free = list(range(self.slots))  # a heap: the lowest free slot first
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # in admission order
+        if model.num_blocks * model.block_size < self.max_seq_len:
+            # One sequence alone must always fit: then whatever is preempted runs again
+            # once the others are done, and no admission waits forever.
+            raise ValueError(
+                f"a KV pool of {model.num_blocks} blocks of {model.block_size} cannot hold "
+                f"one sequence of max_seq_len {self.max_seq_len}"
+            )
+        self.blocks = BlockManager(model.num_blocks, model.block_size, prefix_caching)
+        self.scheduler = Scheduler(
+            self.blocks, self.max_running, prefill_chunk_tokens, self.max_seq_len
+        )
         self.live: dict[str, Sequence] = {}
         self.inbox: list[Event] = []  # events made outside a step (errors, aborts)
         self.steps = 0
         self.grammars = Grammars(tokenizer, model.args.vocab_size)
 
     @property
+    def waiting(self) -> list[Sequence]:
+        return list(self.scheduler.waiting)
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
+
+    @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.inbox)
+        return bool(self.scheduler.waiting or self.scheduler.running or self.inbox)
+
+    def stats(self) -> dict[str, int]:
+        """The KV pool and the prefix cache: blocks, use, hits, preemptions."""
+        return {**self.blocks.stats(), "preemptions": self.scheduler.preemptions}
 
     def add(self, requests: Iterable[Request]) -> None:
         """Queue requests (first come, first served); bad ones finish with an error."""
@@ -71,52 +94,45 @@ class Runner:
                 continue
             seq = Sequence(request, self.tokenizer, self.max_seq_len, self.model.device, guide)
             self.live[request.id] = seq
-            self.waiting.append(seq)
+            self.scheduler.add(seq)
 
     def abort(self, ids: Iterable[str]) -> None:
-        """Give up requests; their slots are free for the next step. Unknown ids (already
+        """Give up requests; their blocks are free for the next step. Unknown ids (already
         finished, never seen) are ignored."""
         for rid in ids:
             seq = self.live.pop(rid, None)
             if seq is None:
                 continue
-            if seq.slot < 0:
-                self.waiting.remove(seq)
-            else:
-                self._release(seq)
+            self.scheduler.remove(seq)
             self.inbox.append(seq.finish("abort"))
 
     def step(self) -> list[Event]:
         """One scheduling step; returns the events it made (possibly none)."""
         events, self.inbox = self.inbox, []
-        plan, chunks = self._schedule()
-        # In slot order: when the running slots are consecutive, each layer reads its
-        # cache as a view instead of gathering it.
-        decoding = sorted((s for s in self.running if s.pending is not None), key=_slot)
-        for s in decoding:
-            plan.dec_slots.append(s.slot)
-            plan.dec_starts.append(s.cached)
-            plan.dec_tokens.append(s.pending)  # type: ignore[arg-type]
-        if not chunks and not decoding:
+        batch, chunks, decoding = self.scheduler.schedule()
+        if batch.empty:
             return events
-        # The rows sampled this step: prompts this step completes, then every decode.
-        done_prompts = [i for i, (s, n) in enumerate(chunks) if s.prompt_left == n]
-        rows = [chunks[i][0] for i in done_prompts] + decoding
+        # The rows sampled this step: sequences whose fill this step completes (unless
+        # a recomputed one, whose next token is known), then every decode.
+        done = [i for i, (s, n) in enumerate(chunks) if s.fill_left == n and s.pending is None]
+        rows = [chunks[i][0] for i in done] + decoding
         guides = [s.guide for s in rows if s.guide is not None]
         masks = self.grammars.submit(guides) if guides else None  # while the forward runs
-        parts = lead_parts(plan)
-        publish(plan, self.slots, self.broadcast, parts.get("pf_tokens"))
-        pf_logits, dec_logits = execute(self.model, parts)
+        publish(batch, self.max_running, self.broadcast)
+        pf_logits, dec_logits = execute(self.model, batch)
         self.steps += 1
 
         picked: list[torch.Tensor] = []
         for s, n in chunks:
             s.cached += n
-        if done_prompts:
-            picked.append(pf_logits[done_prompts])  # type: ignore[index]
+        if done:
+            picked.append(pf_logits[done])  # type: ignore[index]
         for s in decoding:
             s.cached += 1
             s.pending = None
+            # Decode rows name their blocks after the forward (prefill rows, which may
+            # share them, ran before the decode rows wrote them).
+            self.blocks.name_full_blocks(s.table, s.tokens, s.cached)
         if decoding:
             picked.append(dec_logits)  # type: ignore[arg-type]
         if rows:
@@ -126,35 +142,13 @@ class Runner:
 
     def idle(self) -> None:
         """Tell the followers the lead is alive but has nothing to run."""
-        publish(Plan(op=OP_IDLE), self.slots, self.broadcast)
+        publish(StepBatch(op=OP_IDLE), self.max_running, self.broadcast)
 
     def stop(self) -> None:
-        publish(Plan(op=OP_STOP), self.slots, self.broadcast)
+        publish(StepBatch(op=OP_STOP), self.max_running, self.broadcast)
         self.grammars.close()
 
     # ------------------------------------------------------------------ internals
-
-    def _schedule(self) -> tuple[Plan, list[tuple[Sequence, int]]]:
-        """Prompt chunks for this step, at most ``chunk`` tokens in all: prompts already
-        being prefilled go first, then waiting requests take free slots in arrival order."""
-        plan = Plan()
-        chunks: list[tuple[Sequence, int]] = []
-        budget = self.chunk
-        for s in self.running:
-            if budget > 0 and s.prompt_left > 0:
-                chunks.append((s, min(s.prompt_left, budget)))
-                budget -= chunks[-1][1]
-        while budget > 0 and self.waiting and self.free:
-            s = self.waiting.popleft()
-            s.slot = heapq.heappop(self.free)
-            self.running.append(s)
-            chunks.append((s, min(s.prompt_left, budget)))
-            budget -= chunks[-1][1]
-        for s, n in chunks:
-            plan.pf_slots.append(s.slot)
-            plan.pf_starts.append(s.cached)
-            plan.pf_tokens.append(s.request.prompt_token_ids[s.cached : s.cached + n])
-        return plan, chunks
 
     def _sample(
         self, rows: list[Sequence], logits: torch.Tensor, masks: torch.Tensor | None
@@ -179,7 +173,7 @@ class Runner:
             if s.finish_reason is not None:
                 s.guide = None
                 self.live.pop(s.request.id, None)
-                self._release(s)
+                self.scheduler.remove(s)
         return events
 
     def _pick(
@@ -196,7 +190,7 @@ class Runner:
             return next_tokens(logits, params, generators).tolist()
         if masks is not None and len(masks) == len(special):
             # Every special row is guided: its mask row (0 or MASKED, float32, ours) takes
-            # the logits in place, saving a [rows, V] copy (1.4 ms at 32 x 128k).
+            # the logits in place, saving a [rows, V] copy.
             adjusted = masks.to(logits.device)
             for row, i in zip(adjusted, special, strict=True):
                 row.add_(logits[i])
@@ -231,12 +225,3 @@ class Runner:
             for i, token in zip(plain, picks.tolist(), strict=True):
                 tokens[i] = token
         return tokens
-
-    def _release(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        heapq.heappush(self.free, seq.slot)
-        seq.slot = -1
-
-
-def _slot(seq: Sequence) -> int:
-    return seq.slot

@@ -2,9 +2,9 @@
 explicit ``torch.Generator`` (never the global seed), so a request seeded alike picks
 alike whatever else shares its batch.
 
-With a 128256-entry vocabulary (Llama 3) a full sort per row costs about 10 ms on a CPU
-core and ``torch.multinomial`` over every entry about 2.6 ms (it draws one exponential
-per entry), against a few milliseconds for a small model's whole step. So no sampled
+With a 128256-entry vocabulary (Llama 3) a full sort per row, or ``torch.multinomial``
+over every entry (it draws one exponential per entry), costs more than a small model's
+whole step (benchmarks/RESULTS.md, "Figures behind the code"). So no sampled
 row sorts its whole vocabulary: top-k takes ``torch.topk``; top-p takes ``torch.topk``
 of 256 and, when those hold under p, bisects for a logit threshold whose tokens hold p
 and sorts only them. The draw is one uniform number per row against the kept tokens'
@@ -296,7 +296,7 @@ def next_tokens(
     """[B, V] -> [B]: all-greedy batches in one argmax, else each row on its own, a
     sampled one with its own generator (so its pick does not depend on its batch). Row by row: on a CPU one row's 128k
     entries stay in cache through softmax and cumsum, where a [32, 128k] batch spills
-    (measured 6x slower for the softmax alone), and a group of rows would be a copy."""
+    (slower, measured: benchmarks/RESULTS.md, "Figures behind the code"), and a group of rows would be a copy."""
     if len(params) != logits.shape[0] or len(generators) != logits.shape[0]:
         raise ValueError(
             f"{logits.shape[0]} rows of logits need as many params and generators, "

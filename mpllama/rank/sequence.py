@@ -1,6 +1,6 @@
-"""One request on the lead, from admission to retirement: its slot, what its slot caches,
-what it has generated, its sampling state, the text it has shown, and whether it has
-finished (stop ids, stop strings, its token budget)."""
+"""One request on the lead, from admission to retirement: its KV blocks and how many
+positions they hold, what it has generated, its sampling state, the text it has shown,
+and whether it has finished (stop ids, stop strings, its token budget)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from ..config import SamplingParams
 from ..protocol import Event, Request
 from ..tokenizer import IncrementalDecoder, Tokenizer
+from .blocks import BlockTable
 from .sampling import LogitAdjuster
 
 if TYPE_CHECKING:
@@ -19,8 +20,13 @@ if TYPE_CHECKING:
 
 
 class Sequence:
-    """One request from admission to retirement: its slot, what its slot caches, what it
-    has generated, and the text it has shown."""
+    """One request from admission to retirement: its blocks, what they cache, what it
+    has generated, and the text it has shown.
+
+    Its known tokens are the prompt then the output. The last output token is
+    ``pending`` until a decode writes its KV; so the positions to prefill (``fill``)
+    are the prompt, or, for a sequence preempted and recomputed, every known token
+    but the pending one."""
 
     def __init__(
         self,
@@ -32,8 +38,9 @@ class Sequence:
     ) -> None:
         self.request = request
         self.params: SamplingParams = request.params
-        self.slot = -1
-        self.cached = 0  # positions of its slot filled so far
+        self.table = BlockTable()
+        self.running = False  # holds blocks (admitted, not preempted or finished)
+        self.cached = 0  # positions whose KV its blocks hold
         self.pending: int | None = None  # the last sampled token, fed at the next decode
         self.output: list[int] = []
         self.logprobs: list[float] = []
@@ -60,8 +67,21 @@ class Sequence:
         self.finish_reason: str | None = None
 
     @property
-    def prompt_left(self) -> int:
-        return len(self.request.prompt_token_ids) - self.cached
+    def fill(self) -> int:
+        """Positions to prefill before it decodes (see the class docstring)."""
+        return len(self.request.prompt_token_ids) + max(len(self.output) - 1, 0)
+
+    @property
+    def fill_left(self) -> int:
+        return self.fill - self.cached
+
+    def tokens(self, lo: int, hi: int) -> list[int]:
+        """Known tokens at positions lo..hi-1 (prompt, then output)."""
+        prompt = self.request.prompt_token_ids
+        n = len(prompt)
+        if hi <= n:
+            return list(prompt[lo:hi])
+        return list(prompt[lo:n]) + self.output[max(lo - n, 0) : hi - n]
 
     def advance(
         self, token: int, logprob: float | None, top: dict[int, float] | None = None

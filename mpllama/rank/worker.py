@@ -8,8 +8,8 @@ All of a rank's torch work (joining the group, loading, the loop) runs on one th
 its own, whichever threads the calls come in on. Under OpenMP every thread that starts
 parallel work gets a team of worker threads; a second team (set-up on one thread, the
 loop on another) makes more OpenMP threads than cores, and libgomp then stops spinning
-between parallel regions. Measured on 2 cores, the 110M bench model's mixed workload:
-444 tokens/s with the loop on a second thread, 562 with everything on one.
+between parallel regions, which measured markedly slower (benchmarks/RESULTS.md,
+"Figures behind the code").
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import psutil
 import torch
 
 from .. import checkpoint, memory
+from ..config import RuntimeConfig
+from ..errors import ConfigError
 from ..protocol import Event, Polled, RankSpec, Request
 from ..tokenizer import Tokenizer
 from . import dist, weights
@@ -81,6 +83,7 @@ class RankWorker:
         self._aborted: list[str] = []
         self._events: list[list[Event]] = []  # one list per step
         self._counts = (0, 0)  # running, waiting after the last step
+        self._cache: dict[str, int] = {}  # the lead's KV pool and prefix cache stats
         self._failed: BaseException | None = None
         self._stopping = False
         self._torch = TorchThread(f"mpllama-rank{rank}")
@@ -163,12 +166,18 @@ class RankWorker:
         broadcast = dist.broadcast_plan if self.spec.world_size > 1 else None
         if self.rank != 0:
             assert broadcast is not None
-            follow(self.model, broadcast)
+            follow(self.model, self.spec.max_batch_size, broadcast)
             return
         try:
-            self._lead(
-                Runner(self.model, self.tokenizer, self.spec.prefill_chunk_tokens, broadcast)
+            runner = Runner(
+                self.model,
+                self.tokenizer,
+                self.spec.prefill_chunk_tokens,
+                broadcast,
+                max_running=self.spec.max_batch_size,
+                prefix_caching=self.spec.prefix_caching,
             )
+            self._lead(runner)
         except BaseException as exc:
             with self._cond:
                 self._failed = exc
@@ -196,7 +205,8 @@ class RankWorker:
                 continue
             events = runner.step()
             with self._cond:
-                self._counts = (len(runner.running), len(runner.waiting))
+                self._counts = (len(runner.running), len(runner.scheduler.waiting))
+                self._cache = runner.stats()
                 if events:
                     self._events.append(events)
                     self._cond.notify_all()
@@ -223,7 +233,7 @@ class RankWorker:
             if self._failed is not None:
                 raise RuntimeError(f"the step loop failed: {self._failed!r}") from self._failed
             events, self._events = self._events, []
-            return Polled(events, *self._counts)
+            return Polled(events, *self._counts, cache=self._cache)
 
     def stop(self) -> None:
         """Lead only: end the loop (the followers are told to stop too)."""
@@ -296,24 +306,35 @@ def _shm_slot_bytes(spec: RankSpec, dtype: torch.dtype) -> int:
 def _setup_caches(
     model: Transformer, spec: RankSpec, device: torch.device, dtype: torch.dtype, ranks: int = 1
 ) -> None:
-    """Allocate the KV cache, refusing first one that cannot fit this rank's free memory
-    (RAM on a CPU rank, shared by ``ranks`` ranks; the GPU's on a GPU rank): a CPU
-    allocation would otherwise succeed lazily and the rank be killed later, when the
-    pages are touched. An allocation that fails anyway gives the same message."""
-    slots, seq = spec.max_batch_size, spec.max_seq_len
-    need = memory.kv_cache_bytes(spec.args, spec.world_size, slots, seq, dtype.itemsize)
+    """Allocate the KV block pool, sized from this rank's budget and free memory (RAM on
+    a CPU rank, shared by ``ranks`` ranks; the GPU's on a GPU rank), refusing first one
+    that cannot work (``memory.kv_pool_blocks``): a CPU allocation would otherwise
+    succeed lazily and the rank be killed later, when the pages are touched. An
+    allocation that fails anyway says so with its bytes."""
+    runtime = RuntimeConfig(
+        max_batch_size=spec.max_batch_size,
+        max_seq_len=spec.max_seq_len,
+        kv_cache_memory_gb=spec.kv_cache_memory_gb,
+        kv_block_size=spec.kv_block_size,
+    )
     if device.type == "cuda":
         available, where, ranks = torch.cuda.mem_get_info(device)[0], f"{device}", 1
     else:
         available, where = psutil.virtual_memory().available, "this rank's machine"
-    if need * ranks > available:
-        raise memory.kv_cache_error(need, available, where, slots, seq, ranks)
+    blocks = memory.kv_pool_blocks(
+        spec.args, spec.world_size, runtime, dtype.itemsize, available, where, ranks
+    )
     try:
-        model.setup_caches(slots, seq)
+        model.setup_caches(blocks, spec.kv_block_size, spec.max_seq_len)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and "alloc" not in str(exc).lower():
             raise
-        raise memory.kv_cache_error(need, available, where, slots, seq, ranks) from exc
+        per_position = memory.kv_position_bytes(spec.args, spec.world_size, dtype.itemsize)
+        need = (blocks + 1) * spec.kv_block_size * per_position
+        raise ConfigError(
+            f"allocating the KV cache ({blocks} blocks, {need:,} bytes) failed on {where}: "
+            f"{exc}; set runtime.kv_cache_memory_gb lower"
+        ) from exc
 
 
 def _linear_kernel(choice: str, device: torch.device, dtype: torch.dtype) -> str:

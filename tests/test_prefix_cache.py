@@ -1,0 +1,327 @@
+"""The paged KV cache: blocks, the prefix cache over them, and preemption when they run
+out. Every output is checked against the same request run alone on a cold cache, so
+sharing, eviction and recomputation can never change a request's tokens or log-probs."""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from test_runner import GREEDY, PROMPTS, Done, assert_same, load, req
+
+from mpllama import LLM, SamplingParams
+from mpllama.protocol import Request
+from mpllama.rank.blocks import BlockManager, BlockTable
+from mpllama.rank.model import Transformer
+from mpllama.rank.runner import Runner
+from mpllama.rank.step_plan import follow
+from mpllama.tokenizer import Tokenizer
+
+LONG = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat. "
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_ckpt: Path) -> Tokenizer:
+    from mpllama import checkpoint
+
+    return Tokenizer(checkpoint.find_tokenizer(tiny_ckpt))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt: Path, single_rank: None) -> Transformer:
+    return load(tiny_ckpt)
+
+
+def pool(model: Transformer, blocks: int = 64, block_size: int = 4, seq: int = 128) -> None:
+    model.setup_caches(blocks, block_size, seq)
+
+
+def drive(
+    runner: Runner, requests: list[Request], later: dict[int, list[Request]] | None = None
+) -> list[Done]:
+    """Run to the end (``later``: step -> requests submitted before it)."""
+    runner.add(requests)
+    pending = dict(later or {})
+    done: dict[str, Done] = {}
+    step = 0
+    while runner.has_work or pending:
+        runner.add(pending.pop(step, []))
+        for e in runner.step():
+            done.setdefault(e.id, Done()).add(e)
+        step += 1
+    every = requests + [r for rs in (later or {}).values() for r in rs]
+    return [done[r.id] for r in every]
+
+
+def cold(model: Transformer, tok: Tokenizer, requests: list[Request]) -> list[Done]:
+    """Each request alone on a fresh runner with the prefix cache off."""
+    out = []
+    for r in requests:
+        runner = Runner(model, tok, 256, max_running=4, prefix_caching=False)
+        out += drive(runner, [copy.copy(r)])
+    return out
+
+
+def assert_no_block_leaked(runner: Runner) -> None:
+    """Idle: every block is empty or named and evictable, none referenced."""
+    blocks = runner.blocks
+    assert not any(blocks.refs)
+    assert blocks.used == 0 and blocks.empties + len(blocks.evictable) == blocks.num_blocks
+    assert set(blocks.named.values()) == set(blocks.evictable)
+    assert bytes(blocks.empty) == bytes(blocks.open)  # no reservation outlived its sequence
+
+
+# ------------------------------------------------------------------ the block manager
+
+
+def test_blocks_are_named_by_their_prefix_shared_and_evicted_least_recently_used() -> None:
+    m = BlockManager(num_blocks=8, block_size=2)
+    a, b = BlockTable(), BlockTable()
+    tokens = [1, 2, 3, 4, 5]
+    assert m.admit(a, tokens, reserve=4) == 0  # nothing cached yet
+    assert a.blocks == [0, 1, 2] and a.reserved == (0, 4)  # placed in a run of 4
+    m.name_full_blocks(a, lambda lo, hi: tokens[lo:hi], 5)
+    assert len(m.named) == 2  # [1, 2] and [1, 2, 3, 4]; [5] is not full
+    # A prompt with the same first four tokens shares those two blocks.
+    assert m.admit(b, [1, 2, 3, 4, 9, 9], reserve=3) == 4
+    assert b.blocks[:2] == [0, 1] and m.refs[:2] == [2, 2]
+    assert b.blocks[2] == 4  # past a's reservation
+    m.release(a)
+    m.release(b)
+    assert m.used == 0 and list(m.evictable) == [1, 0]  # tails go first
+    # The same first block but a different second one: a different name.
+    c = BlockTable()
+    assert m.admit(c, [1, 2, 7, 7, 7], reserve=3) == 2
+    m.release(c)
+    # A prompt cached whole still recomputes its last block (it needs the logits).
+    d = BlockTable()
+    assert m.admit(d, [1, 2, 3, 4], reserve=2) == 2
+    m.release(d)
+    # Running out of empty blocks evicts named ones, least recently used first.
+    e = BlockTable()
+    assert m.admit(e, list(range(100, 116)), reserve=8) == 0
+    assert m.free == 0 and not m.named  # all 8 taken: 6 empty, then both named
+    assert m.admit(BlockTable(), [1], reserve=1) is None  # nothing left: takes nothing
+    assert not m.grow(e, 17)
+    m.release(e)
+    assert m.free == 8 and m.hit_tokens == 4 + 2 + 2
+
+
+# ------------------------------------------------------------------ exact reuse
+
+
+def test_conversation_turns_reuse_the_cache_exactly(model: Transformer, tok: Tokenizer) -> None:
+    """Each turn's prompt is the whole conversation so far: it finds the previous
+    turns (prompt and answer) cached, prefills only the new text, and answers exactly as a
+    cold run does."""
+    pool(model, blocks=96)
+    runner = Runner(model, tok, 256, max_running=4)
+    history = tok.encode("User: tell me about foxes.", bos=True, eos=False)
+    params = GREEDY.replace(max_tokens=8)
+    hits = []
+    for turn in range(4):
+        request = Request(f"turn{turn}", list(history), params)
+        before = runner.blocks.hit_tokens
+        (got,) = drive(runner, [request])
+        hits.append(runner.blocks.hit_tokens - before)
+        assert_same(got, cold(model, tok, [request])[0])
+        history += got.token_ids + tok.encode(f" User: and then {turn}?", bos=False, eos=False)
+    assert hits[0] == 0
+    # Later turns find every full block of the previous turn's prompt and answer (the last
+    # answer token's KV is never written: it only gets fed in this turn).
+    for turn in range(1, 4):
+        assert hits[turn] >= (hits[turn - 1] + 8) // 4 * 4
+    assert_no_block_leaked(runner)
+
+
+def test_prompts_ending_inside_a_cached_block_or_cached_whole(
+    model: Transformer, tok: Tokenizer
+) -> None:
+    pool(model, blocks=64)
+    runner = Runner(model, tok, 256, max_running=4)
+    full = tok.encode(LONG, bos=True, eos=False)
+    assert len(full) > 16
+    cut = len(full) // 4 * 4  # a whole number of blocks
+    prompts = [full, full[: cut - 2], full, full[:cut], full[:cut], full[: cut + 1]]
+    requests = [Request(f"p{i}", p, GREEDY.replace(max_tokens=6)) for i, p in enumerate(prompts)]
+    got = [drive(runner, [r])[0] for r in requests]
+    for g, want in zip(got, cold(model, tok, requests), strict=True):
+        assert_same(g, want)
+    assert runner.blocks.hit_tokens > 3 * (cut - 4)
+    assert_no_block_leaked(runner)
+
+
+def test_concurrent_requests_share_a_prefix_admitted_in_the_same_step(
+    model: Transformer, tok: Tokenizer
+) -> None:
+    """Six prompts with one long preamble arrive together: the first to be admitted
+    names the preamble's blocks as it schedules them, and the others, admitted in the
+    same step, read them in the same forward; so the preamble is held once."""
+    pool(model, blocks=128)
+    texts = [LONG + q for q in ("Why?", "Who is there?", "When", "Where to", "How", "A")]
+    requests = [req(tok, t, GREEDY.replace(max_tokens=5)) for t in texts]
+    used = {}
+    for caching in (True, False):
+        runner = Runner(model, tok, 1024, max_running=8, prefix_caching=caching)
+        runner.add([copy.copy(r) for r in requests])
+        runner.step()  # every prompt prefilled in this one step
+        used[caching] = runner.blocks.used
+        while runner.has_work:
+            runner.step()
+    preamble_blocks = len(tok.encode(LONG, bos=True, eos=False)) // 4
+    assert used[False] - used[True] >= 5 * (preamble_blocks - 1)
+    runner = Runner(model, tok, 1024, max_running=8)
+    for got, want in zip(drive(runner, requests), cold(model, tok, requests), strict=True):
+        assert_same(got, want)
+    assert runner.blocks.hit_tokens >= 5 * (preamble_blocks - 1) * 4
+    assert_no_block_leaked(runner)
+
+
+def test_n_samples_of_one_prompt_share_it(model: Transformer, tok: Tokenizer) -> None:
+    pool(model, blocks=96)
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, logprobs=True)
+    prompt = tok.encode(LONG, bos=True, eos=False)
+    requests = [Request(f"n{i}", prompt, params, seed=i) for i in range(4)]
+    runner = Runner(model, tok, 256, max_running=4)
+    got = drive(runner, requests)
+    for g, want in zip(got, cold(model, tok, requests), strict=True):
+        assert_same(g, want)
+    assert len({tuple(g.token_ids) for g in got}) > 1  # really different samples
+    assert runner.blocks.hit_tokens >= 3 * (len(prompt) // 4 - 1) * 4
+
+
+# ------------------------------------------------------------------ running out of blocks
+
+
+def random_requests(tok: Tokenizer, n: int, seed: int) -> list[Request]:
+    """Prompts that often share a beginning (one of three preambles, or none), greedy
+    and sampled, with and without log-probs."""
+    rng = random.Random(seed)
+    preambles = [[1] + [rng.randrange(3, 500) for _ in range(k)] for k in (5, 9, 13)]
+    out = []
+    for i in range(n):
+        head = rng.choice(preambles + [[1]])
+        prompt = head + [rng.randrange(3, 500) for _ in range(rng.randrange(1, 12))]
+        params = SamplingParams(
+            temperature=rng.choice([0.0, 0.8]),
+            max_tokens=rng.randrange(1, 16),
+            ignore_eos=True,
+            logprobs=rng.random() < 0.5,
+        )
+        out.append(Request(f"v{i}", prompt, params, seed=i))
+    return out
+
+
+def test_preemption_under_a_tiny_pool_keeps_every_request_exact(
+    model: Transformer, tok: Tokenizer
+) -> None:
+    """200 requests with aborts through a pool of 16 four-position blocks (two or three
+    sequences' worth) and room for 8 running: sequences are preempted and recomputed,
+    yet each finishes once, a stream never sees a token twice (``Done.add``), and every
+    request equals its cold run alone. At the end no block is leaked."""
+    pool(model, blocks=16, seq=40)
+    requests = random_requests(tok, 200, seed=1)
+    rng = random.Random(2)
+    aborted = {r.id for r in rng.sample(requests, 20)}
+    runner = Runner(model, tok, 12, max_running=8)
+    runner.add(requests)
+    done: dict[str, Done] = {}
+    step = 0
+    while runner.has_work:
+        if step % 7 == 3:
+            runner.abort([a for a in aborted if a in runner.live][:2])
+        for e in runner.step():
+            done.setdefault(e.id, Done()).add(e)
+        step += 1
+    assert runner.scheduler.preemptions > 20
+    assert runner.blocks.hit_tokens > 0
+    assert sorted(done) == sorted(r.id for r in requests)  # each finished, once
+    kept = [r for r in requests if done[r.id].finish_reason != "abort"]
+    assert 180 <= len(kept) < 200
+    for r, want in zip(kept, cold(model, tok, kept), strict=True):
+        assert_same(done[r.id], want)
+    assert_no_block_leaked(runner)
+
+
+def test_followers_caches_equal_the_leads(
+    tiny_ckpt: Path, single_rank: None, tok: Tokenizer
+) -> None:
+    """A follower fed the lead's broadcasts, through shared prefixes, evictions and
+    preemptions, ends with exactly the lead's KV cache."""
+    lead_model, follower_model = load(tiny_ckpt), load(tiny_ckpt)
+    for m in (lead_model, follower_model):
+        pool(m, blocks=16, seq=40)
+    sent: list[torch.Tensor] = []
+    runner = Runner(lead_model, tok, 12, lambda t: sent.append(t.clone()) or t, max_running=6)
+    drive(runner, random_requests(tok, 40, seed=3))
+    runner.stop()
+    assert runner.scheduler.preemptions > 0 and runner.blocks.hit_tokens > 0
+    replay = iter(sent)
+    follow(follower_model, runner.max_running, lambda t: t.copy_(next(replay)))
+    assert next(replay, None) is None
+    for a, b in zip(lead_model.layers, follower_model.layers, strict=True):
+        assert torch.equal(a.attention.cache_k, b.attention.cache_k)
+        assert torch.equal(a.attention.cache_v, b.attention.cache_v)
+
+
+def test_a_long_context_serves_many_short_requests_at_once(
+    model: Transformer, tok: Tokenizer
+) -> None:
+    """max_seq_len 32768 and 64 short requests running together in a pool of 2100
+    sixteen-position blocks: 33600 positions, where 64 slots of 32768 would reserve
+    2,097,152. One request may still grow to the whole context."""
+    model.setup_caches(2100, 16, 32768)
+    requests = [req(tok, PROMPTS[i % 4] + f" {i}", GREEDY.replace(max_tokens=4)) for i in range(64)]
+    runner = Runner(model, tok, 4096, max_running=64)
+    runner.add(requests)
+    most = 0
+    done: dict[str, Done] = {}
+    while runner.has_work:
+        for e in runner.step():
+            done.setdefault(e.id, Done()).add(e)
+        most = max(most, len(runner.running))
+    assert most == 64
+    for i in (0, 17, 63):
+        assert_same(done[requests[i].id], cold(model, tok, [requests[i]])[0])
+    assert_no_block_leaked(runner)
+
+
+# ------------------------------------------------------------------ through the engine
+
+
+def test_the_engine_reports_hits_and_matches_a_cold_engine(tiny_ckpt: Path, ray_runtime) -> None:
+    """MP=2 over Gloo: a conversation's turns and n=3 samples hit the cache (reported
+    by ``cache_stats``) and give what an engine with the prefix cache off gives."""
+    settings = dict(max_batch_size=4, max_seq_len=256, kv_block_size=8, cpus_per_rank=0.5)
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=True)
+    # n=3 as the server makes it: the same prompt three times, each with its own seed.
+    sampled = [SamplingParams(temperature=1.0, max_tokens=6, seed=s) for s in (5, 6, 7)]
+    outputs = {}
+    for caching in (True, False):
+        with LLM(tiny_ckpt, prefix_caching=caching, **settings) as llm:
+            history = "User: tell me about foxes."
+            texts = []
+            for turn in range(3):
+                (out,) = llm.generate([history], params)
+                texts.append((out.token_ids, out.logprobs))
+                history += out.text + f" User: and {turn}?"
+            many = llm.generate([LONG] * 3, sampled)
+            texts.append([o.token_ids for o in many])
+            outputs[caching] = texts
+            stats = llm.cache_stats()
+            lead = llm.engine.rank_info[0]["cache"]
+            assert lead["prefix_hit_tokens"] == stats["prefix_hit_tokens"]
+        if caching:
+            assert stats["prefix_hit_tokens"] > 0 and 0 < stats["prefix_hit_rate"] < 1
+            assert stats["kv_blocks"] > 0 and stats["kv_cache_usage"] == 0  # all finished
+        else:
+            assert stats["prefix_hit_tokens"] == 0
+    assert outputs[True][-1] == outputs[False][-1]
+    for (ids, lps), (want_ids, want_lps) in zip(
+        outputs[True][:-1], outputs[False][:-1], strict=True
+    ):
+        assert ids == want_ids
+        torch.testing.assert_close(torch.tensor(lps), torch.tensor(want_lps), atol=1e-4, rtol=0)
