@@ -60,6 +60,9 @@ class RankActor:
     def memory(self) -> dict[str, float]:
         return self.worker.memory()
 
+    def kv_written(self) -> list[int]:
+        return self.worker.kv_written()
+
     @ray.method(concurrency_group="health")
     def heartbeat(self) -> int:
         """Answered on its own thread even mid-step: silence means a stopped process."""

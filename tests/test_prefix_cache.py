@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import copy
 import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import wait_for
 from test_runner import GREEDY, PROMPTS, Done, assert_same, load, req
 
 from mpllama import LLM, SamplingParams
@@ -292,36 +295,87 @@ def test_a_long_context_serves_many_short_requests_at_once(
 # ------------------------------------------------------------------ through the engine
 
 
-def test_the_engine_reports_hits_and_matches_a_cold_engine(tiny_ckpt: Path, ray_runtime) -> None:
-    """MP=2 over Gloo: a conversation's turns and n=3 samples hit the cache (reported
-    by ``cache_stats``) and give what an engine with the prefix cache off gives."""
-    settings = dict(max_batch_size=4, max_seq_len=256, kv_block_size=8, cpus_per_rank=0.5)
+def engine_workloads(llm: LLM, tok: Tokenizer) -> list:
+    """A conversation's turns, n=3 samples of one prompt (as the server makes them: one
+    request per sample, each seeded), and 40 random requests that share beginnings."""
+    out = []
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=True)
-    # n=3 as the server makes it: the same prompt three times, each with its own seed.
+    history = "User: tell me about foxes."
+    for turn in range(3):
+        (answer,) = llm.generate([history], params)
+        out.append((answer.token_ids, answer.logprobs))
+        history += answer.text + f" User: and {turn}?"
     sampled = [SamplingParams(temperature=1.0, max_tokens=6, seed=s) for s in (5, 6, 7)]
-    outputs = {}
-    for caching in (True, False):
-        with LLM(tiny_ckpt, prefix_caching=caching, **settings) as llm:
-            history = "User: tell me about foxes."
-            texts = []
-            for turn in range(3):
-                (out,) = llm.generate([history], params)
-                texts.append((out.token_ids, out.logprobs))
-                history += out.text + f" User: and {turn}?"
-            many = llm.generate([LONG] * 3, sampled)
-            texts.append([o.token_ids for o in many])
-            outputs[caching] = texts
-            stats = llm.cache_stats()
-            lead = llm.engine.rank_info[0]["cache"]
-            assert lead["prefix_hit_tokens"] == stats["prefix_hit_tokens"]
-        if caching:
-            assert stats["prefix_hit_tokens"] > 0 and 0 < stats["prefix_hit_rate"] < 1
-            assert stats["kv_blocks"] > 0 and stats["kv_cache_usage"] == 0  # all finished
+    out.append([o.token_ids for o in llm.generate([LONG] * 3, sampled)])
+    requests = random_requests(tok, 40, seed=4)
+    outs = llm.generate(
+        prompt_token_ids=[r.prompt_token_ids for r in requests],
+        sampling_params=[r.params.replace(seed=r.seed) for r in requests],
+    )
+    out += [(o.token_ids, o.logprobs) for o in outs]
+    return out
+
+
+def assert_same_outputs(got: list, want: list) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        if isinstance(g, tuple):
+            assert g[0] == w[0]
+            if w[1] is not None:
+                torch.testing.assert_close(
+                    torch.tensor(g[1]), torch.tensor(w[1]), atol=1e-4, rtol=0
+                )
         else:
-            assert stats["prefix_hit_tokens"] == 0
-    assert outputs[True][-1] == outputs[False][-1]
-    for (ids, lps), (want_ids, want_lps) in zip(
-        outputs[True][:-1], outputs[False][:-1], strict=True
-    ):
-        assert ids == want_ids
-        torch.testing.assert_close(torch.tensor(lps), torch.tensor(want_lps), atol=1e-4, rtol=0)
+            assert g == w
+
+
+def test_through_an_mp2_engine_hits_preemptions_and_long_contexts_stay_exact(
+    tiny_ckpt: Path, tok: Tokenizer, ray_runtime
+) -> None:
+    """Three MP=2 gangs over Gloo on the same weights run the same workloads: a cold one
+    (prefix cache off, room to spare); one whose pool is 12 blocks of 16 positions
+    (caching on: hits, and preemptions, as 8 running sequences need more); and one at
+    max_seq_len 32768 serving the requests all at once from 0.02 GB of KV (64 slots of
+    32768 positions would be 1 GiB here). Every output equals the cold gang's; hits and
+    preemptions are reported; afterwards no block is in use, and both ranks of a gang
+    wrote exactly the same cache positions (the follower ran the lead's plan)."""
+    base = dict(model_parallel_size=2, cpus_per_rank=0.5, kv_block_size=16)
+    cold_llm = LLM(tiny_ckpt, prefix_caching=False, max_batch_size=8, max_seq_len=128, **base)
+    with cold_llm:
+        want = engine_workloads(cold_llm, tok)
+        assert cold_llm.cache_stats()["prefix_hit_tokens"] == 0
+    per_block = 16 * 2 * 2 * 2 * 16 * 4  # 16 positions x layers x K,V x heads x D x fp32
+    tight = dict(max_batch_size=8, max_seq_len=128, kv_cache_memory_gb=13 * per_block / 2**30)
+    with LLM(tiny_ckpt, **tight, **base) as llm:
+        assert_same_outputs(engine_workloads(llm, tok), want)
+        stats = llm.cache_stats()
+        assert stats["kv_blocks"] == 12
+        assert stats["preemptions"] > 0 and stats["prefix_hit_tokens"] > 0
+        assert stats["kv_blocks_used"] == 0 and stats["kv_cache_usage"] == 0
+        assert llm.engine.rank_info[0]["cache"]["preemptions"] == stats["preemptions"]
+
+        def same_positions() -> bool:
+            lead, follower = llm.engine.gang.call_all("kv_written")
+            return bool(lead) and lead == follower
+
+        assert wait_for(same_positions, 10)
+    wide = dict(max_batch_size=64, max_seq_len=32768, kv_cache_memory_gb=0.02)
+    with LLM(tiny_ckpt, **wide, **base) as llm:
+        most = [0]
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                most[0] = max(most[0], llm.counts()[0])
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            got = engine_workloads(llm, tok)
+        finally:
+            stop.set()
+            watcher.join()
+        assert_same_outputs(got, want)
+        assert most[0] >= 32  # the 40 requests ran together, not one slot's worth at a time
+        assert llm.cache_stats()["kv_blocks"] < 64 * 32768 // 16

@@ -257,6 +257,21 @@ class RankWorker:
             out["anon_growth_mb"] = round(now["anon_rss_mb"] - self._anon_before_load, 1)
         return out
 
+    def kv_written(self) -> list[int]:
+        """The KV cache positions this rank has written (nonzero keys in any layer), for
+        checks that every rank of a gang laid its KV out as the lead planned. Read from
+        the calling thread: meaningful only while the gang is idle."""
+        if self.model is None:
+            return []
+        written = None
+        for layer in self.model.layers:
+            cache = layer.attention.cache_k
+            assert cache is not None
+            here = cache.ne(0).any(dim=2).any(dim=0)  # [K,P,D] -> [P]
+            written = here if written is None else written | here
+        assert written is not None
+        return written.nonzero().squeeze(1).tolist()
+
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MiB."""
