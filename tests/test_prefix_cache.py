@@ -379,3 +379,28 @@ def test_through_an_mp2_engine_hits_preemptions_and_long_contexts_stay_exact(
         assert_same_outputs(got, want)
         assert most[0] >= 32  # the 40 requests ran together, not one slot's worth at a time
         assert llm.cache_stats()["kv_blocks"] < 64 * 32768 // 16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
+def test_on_a_gpu_gathered_rows_and_preemption_stay_exact(
+    tiny_ckpt: Path, single_rank: None, tok: Tokenizer
+) -> None:
+    """A CUDA rank reads rows that are not one strided view by gathering them into one
+    batched attention: through shared prefixes and preemptions in a tight pool, every
+    request still equals its cold run alone on that GPU."""
+    from mpllama import checkpoint
+    from mpllama.rank import weights
+    from mpllama.rank.model import materialize
+
+    args = checkpoint.read_params(tiny_ckpt)
+    state = weights.load_rank_state(checkpoint.find_shards(tiny_ckpt), args, 0, 1)
+    gpu = materialize(Transformer(args), state, torch.device("cuda"), torch.float32)
+    pool(gpu, blocks=16, seq=40)
+    requests = random_requests(tok, 60, seed=5)
+    runner = Runner(gpu, tok, 12, max_running=8)
+    got = drive(runner, requests)
+    assert runner.scheduler.preemptions > 0 and runner.blocks.hit_tokens > 0
+    assert_no_block_leaked(runner)
+    for g, want in zip(got, cold(gpu, tok, requests), strict=True):
+        assert_same(g, want)
