@@ -163,7 +163,7 @@ class LLM:
         return len(self.router.engines)
 
     def counts(self) -> tuple[int, int]:
-        """(running, waiting): requests holding a KV-cache slot and requests queued for
+        """(running, waiting): requests holding KV-cache blocks and requests queued for
         one, over every gang, as the leads' schedulers last reported them."""
         return self.router.counts()
 

@@ -157,7 +157,7 @@ class ServeConfig:
     model_name: str | None = None  # the name clients send; None = the checkpoint folder's
     # None = $MPLLAMA_API_KEY; neither set = no key asked for. Kept out of repr (and logs).
     api_key: str | None = field(default=None, repr=False)
-    max_queued_requests: int = 64  # per replica, waiting for a slot; more get 429
+    max_queued_requests: int = 64  # per replica, waiting to run; more get 429
     # On Ctrl-C or SIGTERM: how long requests in flight may take to finish (new ones are
     # refused meanwhile) before they are cut off and the server exits.
     drain_timeout_s: float = 5.0

@@ -131,7 +131,7 @@ class Engine:
 
     def abort(self, ids: Iterable[str]) -> None:
         """Give up requests: their sinks get a final "abort" event now, and the lead
-        frees their slots at its next step. Unknown or finished ids are ignored."""
+        frees their KV blocks at its next step. Unknown or finished ids are ignored."""
         gone = []
         with self._lock:
             for rid in ids:

@@ -1,9 +1,6 @@
-"""The KV cache's memory: what one rank reserves, and the refusal of a configuration
-that cannot fit, with the same message on the driver and on a rank.
-
-Today's cache reserves max_seq_len positions for every slot (a block cache is a later
-issue), so at a Llama 3.1 context of 131072 positions a handful of slots already takes
-tens of GiB per rank. No torch here: the driver checks before any actor starts.
+"""The KV cache's memory: how many blocks one rank's pool holds, from its budget and
+its free memory, and the refusal of a pool that cannot work, with the same message on
+the driver and on a rank. No torch here: the driver checks before any actor starts.
 """
 
 from __future__ import annotations
