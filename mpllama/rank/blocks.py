@@ -33,26 +33,41 @@ def block_hash(parent: bytes, tokens: list[int]) -> bytes:
 
 
 class BlockTable:
-    """One sequence's blocks: ``blocks`` in logical order, ``hashes`` the names of the
-    first ``len(hashes)`` (full, computed) ones, and the run it was placed in."""
+    """One sequence's blocks: ``blocks`` in logical order (kept as runs of consecutive
+    physical blocks too, so a step's layout costs a few runs, not one entry per block),
+    ``hashes`` the names of the first ``len(hashes)`` (full, computed) ones, the run it
+    was placed in, and its prompt's names while it waits (worked out once)."""
 
-    __slots__ = ("blocks", "hashes", "reserved")
+    __slots__ = ("blocks", "hashes", "reserved", "_runs", "chain")
 
     def __init__(self) -> None:
         self.blocks: list[int] = []
         self.hashes: list[bytes] = []
         self.reserved = (0, 0)  # [first, end) blocks kept free for it where possible
+        self._runs: list[list[int]] = []  # [first, count] runs of self.blocks
+        self.chain: tuple[int, list[bytes]] | None = None  # (tokens, their block names)
+
+    def add(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.blocks.append(b)
+            if self._runs and self._runs[-1][0] + self._runs[-1][1] == b:
+                self._runs[-1][1] += 1
+            else:
+                self._runs.append([b, 1])
+
+    def clear(self) -> None:
+        self.blocks, self.hashes, self.reserved, self._runs = [], [], (0, 0), []
 
     def runs(self, positions: int, block_size: int) -> list[tuple[int, int]]:
         """(first block, blocks) runs of consecutive physical blocks covering the first
         ``positions`` positions."""
         need = -(-positions // block_size)
         out: list[tuple[int, int]] = []
-        for b in self.blocks[:need]:
-            if out and out[-1][0] + out[-1][1] == b:
-                out[-1] = (out[-1][0], out[-1][1] + 1)
-            else:
-                out.append((b, 1))
+        for first, count in self._runs:
+            if need <= 0:
+                break
+            out.append((first, min(count, need)))
+            need -= count
         return out
 
 
@@ -106,14 +121,19 @@ class BlockManager:
         hits: list[int] = []
         names: list[bytes] = []
         if self.prefix_caching:
-            parent = b""
-            for i in range(len(tokens) // bs):
-                parent = block_hash(parent, tokens[i * bs : (i + 1) * bs])
-                block = self.named.get(parent)
+            full = len(tokens) // bs
+            if table.chain is None or table.chain[0] != len(tokens):
+                chain, parent = [], b""
+                for i in range(full):
+                    parent = block_hash(parent, tokens[i * bs : (i + 1) * bs])
+                    chain.append(parent)
+                table.chain = (len(tokens), chain)
+            for name in table.chain[1]:
+                block = self.named.get(name)
                 if block is None:
                     break
                 hits.append(block)
-                names.append(parent)
+                names.append(name)
             if len(hits) * bs == len(tokens):
                 # A prompt cached whole still needs its last token run for its logits:
                 # recompute the last block rather than write into a shared one.
@@ -127,18 +147,19 @@ class BlockManager:
             if self.refs[b] == 0:
                 del self.evictable[b]
             self.refs[b] += 1
-        table.blocks = hits
+        table.clear()
+        table.chain = None
+        table.add(hits)
         table.hashes = names
-        table.reserved = (0, 0)
         first = self._find_run(max(need, reserve)) if need else None
         if first is not None:
             table.reserved = (first, first + max(need, reserve))
             self.open[first : first + max(need, reserve)] = bytes(max(need, reserve))
             for b in range(first, first + need):
                 self._take(b)
-            table.blocks = hits + list(range(first, first + need))
+            table.add(list(range(first, first + need)))
         else:
-            table.blocks = hits + [self._take_any() for _ in range(need)]
+            table.add([self._take_any() for _ in range(need)])
         if self.prefix_caching:
             self.query_tokens += len(tokens)
             self.hit_tokens += len(hits) * bs
@@ -151,9 +172,9 @@ class BlockManager:
             after = table.blocks[-1] + 1 if table.blocks else -1
             if 0 <= after < self.num_blocks and self.empty[after]:
                 self._take(after)
-                table.blocks.append(after)
+                table.add([after])
             elif self.free:
-                table.blocks.append(self._take_any())
+                table.add([self._take_any()])
             else:
                 return False
         return True
@@ -189,7 +210,7 @@ class BlockManager:
         for b in range(first, end):
             if self.empty[b]:
                 self.open[b] = 1
-        table.blocks, table.hashes, table.reserved = [], [], (0, 0)
+        table.clear()
 
     # ------------------------------------------------------------------ blocks
 
