@@ -263,15 +263,18 @@ def run_alone(model: Transformer, chunks: list[torch.Tensor]) -> list[torch.Tens
     return out
 
 
-# Where two rows' KV lives, as (first block, blocks) runs, in a pool of 4-position blocks:
-# evenly spaced single runs (one strided view for both), single runs out of order (a
-# view each), and blocks scattered out of order (each row's runs gathered).
+# Where two rows' KV lives, as (first block, blocks) runs, in a pool of 4-position blocks,
+# and how attention reads them: evenly spaced single runs as one strided view; single runs
+# out of order, or blocks scattered out of order, each row on its own (a view, or its runs
+# gathered) when padding would cost more than a call per row, else all rows gathered at
+# once (as a GPU always does).
+SCATTERED = [[(5, 1), (2, 1), (7, 1)], [(0, 2), (9, 1), (3, 1)]]
 LAYOUTS = {
-    "strided": [[(0, 4)], [(4, 4)]],
-    "per row": [[(8, 4)], [(0, 4)]],
-    "scattered": [[(5, 1), (2, 1), (7, 1)], [(0, 2), (9, 1), (3, 1)]],
-    # The same, read as GPUs read rows that are not one strided view: gathered together.
-    "gathered": [[(5, 1), (2, 1), (7, 1)], [(0, 2), (9, 1), (3, 1)]],
+    "strided": ([[(0, 4)], [(4, 4)]], "strided"),
+    "per row": ([[(8, 4)], [(0, 4)]], "per row"),
+    "scattered, per row": (SCATTERED, "per row"),
+    "out of order, gathered": ([[(8, 4)], [(0, 4)]], "gathered"),
+    "scattered, gathered": (SCATTERED, "gathered"),
 }
 
 
@@ -281,8 +284,10 @@ def test_rows_at_different_positions_equal_running_them_alone(
 ) -> None:
     """A right-padded prefill whose padding must not touch either row's blocks, then more
     tokens, then a decode step: each row gets the logits it gets alone, wherever its
-    blocks are (one strided view, a view each, or gathered runs)."""
-    monkeypatch.setattr(model_module, "ROW_CALL_BYTES", 1 << 40)  # never skip the view
+    blocks are and however attention reads them."""
+    runs, read = LAYOUTS[layout]
+    batched = read != "per row"
+    monkeypatch.setattr(model_module, "ROW_CALL_BYTES", 1 << 40 if batched else 0)
     a, b = tokens(2, 5), tokens(3, 11)
     a_more, b_more = tokens(4, 3), tokens(5, 3)
     a_next, b_next = tokens(6, 1), tokens(7, 1)
@@ -291,17 +296,6 @@ def test_rows_at_different_positions_equal_running_them_alone(
     want_b = run_alone(tiny, [b, b_more, b_next])
 
     tiny.setup_caches(12, 4, 32)
-    runs = LAYOUTS[layout]
-    if layout == "gathered":
-        index = model_module.CacheIndex.gather_index
-        real_build = model_module.CacheIndex.build
-
-        def build_gathered(*a: object) -> model_module.CacheIndex:  # a GPU's read, here
-            at = real_build(*a)
-            at.gather = index(at, max(at.ends), CPU)
-            return at
-
-        monkeypatch.setattr(model_module.CacheIndex, "build", staticmethod(build_gathered))
     seen = []
     build = model_module.CacheIndex.build
     monkeypatch.setattr(
@@ -326,9 +320,9 @@ def test_rows_at_different_positions_equal_running_them_alone(
     got = tiny(torch.stack([a_next, b_next]), pos + 3, runs, logits_at=zero)
     torch.testing.assert_close(got[0], want_a[2], atol=1e-5, rtol=0)
     torch.testing.assert_close(got[1], want_b[2], atol=1e-5, rtol=0)
-    assert [at.strided is not None for at in seen] == [layout == "strided"] * 3
-    assert [at.gather is not None for at in seen] == [layout == "gathered"] * 3
-    assert all((len(at.segments[0]) > 1) == (layout in ("scattered", "gathered")) for at in seen)
+    assert [at.strided is not None for at in seen] == [read == "strided"] * 3
+    assert [at.gather is not None for at in seen] == [read == "gathered"] * 3
+    assert all((len(at.segments[0]) > 1) == (runs is SCATTERED) for at in seen)
 
 
 def test_attention_reads_rows_on_their_own_when_padding_costs_more(tiny: Transformer) -> None:

@@ -288,10 +288,12 @@ class Transformer(nn.Module):
             self.num_blocks,
             device,
         )
-        if at.strided is not None and not self.batched_read_pays(ends):
+        batched = self.batched_read_pays(ends)
+        if at.strided is not None and not batched:
             at.strided = None
-        if at.strided is None and device.type != "cpu" and B > 1:
-            # A call per row costs a GPU far more than gathering the rows' KV once.
+        elif at.strided is None and B > 1 and batched:
+            # Rows that are not one strided view, at lengths close enough that reading
+            # them together pays (always, on a GPU): gather their KV once.
             at.gather = at.gather_index(S, device)
         if at.strided is not None or at.gather is not None or T > 1:
             # A query at position p sees keys at positions <= p of its own row: [B,1,T,S].
@@ -444,22 +446,30 @@ class CacheIndex:
         )
 
     def gather_index(self, S: int, device: torch.device) -> torch.Tensor:
-        """[B,S]: each row's cache positions up to S, its own up to its end, then the
-        spare block's first position (masked) as padding."""
-        B = self.shape[0]
-        rows = []
-        for segs, end in zip(self.segments, self.ends, strict=True):
-            row = [p for first, n in segs for p in range(first, first + n)]
-            rows.append(row + [self.spare] * (S - end))
-        assert len(rows) == B
-        return torch.tensor(rows, dtype=torch.long, device=device)
+        """[B,S]: each row's cache positions up to S. Past its end a row reads whatever
+        follows (masked), or the spare block's first position."""
+        index = torch.arange(S, device=device).repeat(len(self.ends), 1)
+        firsts = [segs[0][0] if len(segs) == 1 else 0 for segs in self.segments]
+        index += torch.tensor(firsts, device=device)[:, None]
+        index.clamp_(max=self.spare)
+        for i, (segs, end) in enumerate(zip(self.segments, self.ends, strict=True)):
+            if len(segs) > 1:
+                row = [p for first, n in segs for p in range(first, first + n)]
+                index[i] = torch.tensor(row + [self.spare] * (S - end), device=device)
+        return index
 
     def row_view(self, cache: torch.Tensor, i: int) -> torch.Tensor:
         """[1,K,end,D]: row i's positions, a view when they are one segment, else their
         segments gathered."""
-        segs = self.segments[i]
-        parts = [cache[:, first : first + n] for first, n in segs]
-        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).unsqueeze(0)
+        K, P, D = cache.shape
+        base, segs = cache.storage_offset(), self.segments[i]
+        # as_strided: a third of what slicing costs, which counts at one call per row,
+        # layer and tensor.
+        parts = [
+            cache.as_strided((1, K, n, D), (K * P * D, P * D, D, 1), base + first * D)
+            for first, n in segs
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def materialize(
