@@ -121,6 +121,8 @@ class LLM:
             prefix_caching=runtime.prefix_caching,
             prefill_chunk_tokens=runtime.prefill_chunk_tokens,
             cpu_linear=runtime.cpu_linear,
+            quantization=runtime.quantization,
+            quant_group_size=runtime.quant_group_size,
             collective_timeout_s=parallel.collective_timeout_s,
             log_level=logging.getLogger("mpllama").getEffectiveLevel(),
         )

@@ -23,7 +23,9 @@ class Metrics:
             "went away), error.",
             tag_keys=("finish_reason",),
         )
-        self.running = Gauge("mpllama_requests_running", description="Sequences running (holding KV blocks).")
+        self.running = Gauge(
+            "mpllama_requests_running", description="Sequences running (holding KV blocks)."
+        )
         self.waiting = Gauge("mpllama_requests_waiting", description="Sequences waiting to run.")
         self.kv_usage = Gauge(
             "mpllama_kv_cache_usage", description="Share of the KV cache's blocks in use (0-1)."

@@ -14,10 +14,11 @@ import math
 import pickle
 import re
 import zipfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .config import QUANT_GROUP_SIZES
 from .errors import CheckpointError, ConfigError
 from .model_args import LLAMA3_VOCAB_SIZE, ModelArgs
 from .tokenizer import Tokenizer, load_tokenizer
@@ -47,10 +48,15 @@ SHARD_AXES: dict[str, int | None] = {
     "ffn_norm.weight": None,
 }
 _LAYER_KEY = re.compile(r"^layers\.\d+\.")
+# Quantized checkpoints (``mpllama quantize``): the linear weights that are quantized, and
+# their scales, which split on their weight's axis (a row-parallel weight's scales by
+# input group: see ``scales_piece``).
+QUANTIZED_LINEARS = tuple(k for k in SHARD_AXES if k.startswith(("attention.w", "feed_forward.w")))
+SCALE_AXES = {k.removesuffix("weight") + "scales": SHARD_AXES[k] for k in QUANTIZED_LINEARS}
 EMBEDDING = "tok_embeddings.weight"
 # Keys holding key/value heads: with more ranks (or shards) than KV heads, each rank holds
 # a copy of one head instead of a slice of one (Meta's reshard_mp repeats them so).
-_KV_KEY = re.compile(r"^layers\.\d+\.attention\.w[kv]\.weight$")
+_KV_KEY = re.compile(r"^layers\.\d+\.attention\.w[kv]\.(weight|scales)$")
 
 
 def shard_axis(key: str, embed_axis: int = 1) -> int | None:
@@ -58,6 +64,8 @@ def shard_axis(key: str, embed_axis: int = 1) -> int | None:
     ``embed_axis`` is the embedding's (1: Llama 1/2 layout, 0: vocabulary parallel)."""
     if key == EMBEDDING:
         return embed_axis
+    if _LAYER_KEY.sub("", key) in SCALE_AXES:
+        return SCALE_AXES[_LAYER_KEY.sub("", key)]
     try:
         return SHARD_AXES[_LAYER_KEY.sub("", key)]
     except KeyError:
@@ -214,6 +222,8 @@ def read_params(checkpoint_dir: str | Path) -> ModelArgs:
         raise CheckpointError(
             f"{path} is not valid JSON ({exc}); restore it from the original download"
         ) from None
+    if isinstance(params, dict):
+        params.pop(QUANTIZATION_KEY, None)  # mpllama's own: read_quantization reads it
     try:
         return ModelArgs.from_params(params, str(path))
     except ConfigError as exc:
@@ -414,12 +424,16 @@ def check_shards(shards: list[Path], args: ModelArgs) -> int:
     """
     embed_axis: int | None = None
     values = 0
+    quant = read_quantization(shards[0].parent)
     for path in shards:
         shapes = read_shapes(path)
         if embed_axis is None:
             embed_axis = embedding_axis(shapes, args, len(shards))
         try:
-            check_state(shapes, shard_shapes(args, len(shards), embed_axis), str(path))
+            expected = shard_shapes(args, len(shards), embed_axis)
+            if quant is not None:
+                expected = quantized_shapes(expected, quant, len(shards), args)
+            check_state(shapes, expected, str(path))
         except CheckpointError as exc:
             raise CheckpointError(
                 f"{exc}. The shards were written for another model or are damaged: "
@@ -427,3 +441,124 @@ def check_shards(shards: list[Path], args: ModelArgs) -> int:
             ) from None
         values += count_values(shapes)
     return values
+
+
+# ------------------------------------------------------------------ quantized checkpoints
+
+QUANTIZATION_KEY = "mpllama_quantization"  # params.json of a quantized checkpoint
+QUANT_METHODS = ("int8", "int4")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How a checkpoint's (or a rank's) linear weights are quantized; see rank/quant.py.
+
+    ``row_groups`` (int8): scale groups along the input of each row-parallel weight in
+    the whole (unsharded) model, the number of shards it was quantized from, so each
+    shard's scales stand on their own and resharding never re-quantizes."""
+
+    method: str
+    group_size: int = 32  # int4: weights per scale and zero along the input
+    row_groups: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in QUANT_METHODS:
+            raise ConfigError(
+                f"quantization method must be one of {QUANT_METHODS}, got {self.method!r}"
+            )
+        if self.group_size not in QUANT_GROUP_SIZES:
+            raise ConfigError(
+                f"quantization group size must be one of {QUANT_GROUP_SIZES}, got {self.group_size}"
+            )
+        if self.row_groups < 1:
+            raise ConfigError(f"quantization row_groups must be >= 1, got {self.row_groups}")
+
+    def to_params(self) -> dict[str, Any]:
+        if self.method == "int8":
+            return {"method": "int8", "row_groups": self.row_groups}
+        return {"method": "int4", "group_size": self.group_size}
+
+
+def read_quantization(checkpoint_dir: str | Path) -> Quantization | None:
+    """The ``mpllama_quantization`` entry of a checkpoint's params.json, or None."""
+    path = Path(checkpoint_dir) / "params.json"
+    try:
+        entry = json.loads(path.read_text()).get(QUANTIZATION_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None  # read_params reports a missing or broken params.json
+    if entry is None:
+        return None
+    try:
+        return Quantization(**entry)
+    except (TypeError, ConfigError) as exc:
+        raise CheckpointError(
+            f"{path}: {QUANTIZATION_KEY} {entry!r} is not one mpllama wrote ({exc}); "
+            "re-run mpllama quantize on the full-precision checkpoint"
+        ) from None
+
+
+def is_quantized_key(key: str) -> bool:
+    """Whether ``key`` is one of the linear weights quantization replaces."""
+    return key.startswith("layers.") and _LAYER_KEY.sub("", key) in QUANTIZED_LINEARS
+
+
+def scales_key(key: str) -> str:
+    return key.removesuffix("weight") + "scales"
+
+
+def check_quantization(args: ModelArgs, quant: Quantization, parts: int) -> None:
+    """Raise ConfigError unless every quantized weight's input, as split over ``parts``
+    ranks or shards, holds whole groups (int4) and whole scale groups (int8)."""
+    if quant.method == "int4":
+        inputs = {"dim": args.dim, "the FFN width per part": args.ffn_dim // parts}
+        inputs["the attention width per part"] = args.n_heads * args.head_dim // parts
+        bad = [f"{name}={value}" for name, value in inputs.items() if value % quant.group_size]
+        if bad:
+            fits = [g for g in QUANT_GROUP_SIZES if all(v % g == 0 for v in inputs.values())]
+            fix = (
+                f"group sizes that fit: {fits}"
+                if fits
+                else "no group size fits; use int8, or fewer parts (mpllama reshard)"
+            )
+            raise ConfigError(
+                f"int4 group size {quant.group_size} does not divide {', '.join(bad)} "
+                f"({parts} part(s)); {fix}"
+            )
+    elif quant.row_groups % parts and parts % quant.row_groups:
+        raise ConfigError(
+            f"an int8 checkpoint quantized from {quant.row_groups} shard(s) cannot be split "
+            f"into {parts}: one must be a multiple of the other"
+        )
+
+
+def quantized_shapes(
+    shapes: dict[str, tuple[int, ...]], quant: Quantization, parts: int, args: ModelArgs
+) -> dict[str, tuple[int, ...]]:
+    """``shard_shapes`` of a checkpoint in ``parts`` shards, as ``quant`` stores it:
+    quantized weights (int4: two values a byte) and their scales after each weight."""
+    check_quantization(args, quant, parts)
+    out: dict[str, tuple[int, ...]] = {}
+    for key, shape in shapes.items():
+        if not is_quantized_key(key):
+            out[key] = shape
+            continue
+        rows, inputs = shape
+        if quant.method == "int8":
+            row_parallel = shard_axis(key) == 1
+            groups = max(1, quant.row_groups // parts) if row_parallel else 1
+            out[key], out[scales_key(key)] = shape, (rows, groups)
+        else:
+            out[key] = (rows, inputs // 2)
+            out[scales_key(key)] = (rows, inputs // quant.group_size, 2)
+    return out
+
+
+def scales_piece(n: int, pieces: int, piece: int) -> tuple[int, int]:
+    """(start, length) along the split axis of piece ``piece`` of ``pieces`` of a scales
+    tensor holding ``n`` groups there: its share of the groups, or, with more pieces than
+    groups, the one group the piece lies in."""
+    if n % pieces == 0:
+        return piece * (n // pieces), n // pieces
+    if pieces % n:
+        raise ConfigError(f"cannot split {n} scale group(s) into {pieces} pieces")
+    return piece // (pieces // n), 1

@@ -25,7 +25,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli_checkpoints import cmd_check, cmd_convert, cmd_init_checkpoint, cmd_reshard
+from .cli_checkpoints import (
+    cmd_check,
+    cmd_convert,
+    cmd_init_checkpoint,
+    cmd_quantize,
+    cmd_reshard,
+)
 from .errors import MpllamaError
 from .signals import Stop, stopped_by_signals
 
@@ -304,6 +310,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", help="checkpoint folder to read")
     p.add_argument("out", metavar="OUT", help="folder to write")
     p.add_argument("--mp", type=int, required=True, metavar="N", help="shards to write")
+
+    p = add(
+        "quantize",
+        cmd_quantize,
+        "Write a quantized copy of a checkpoint (int8 or int4 linear weights plus their "
+        "scales), shard by shard; it loads without re-quantizing and reshards like any other.",
+    )
+    p.add_argument("src", metavar="CKPT", help="full-precision checkpoint folder to read")
+    p.add_argument("out", metavar="OUT", help="folder to write")
+    p.add_argument("--to", required=True, choices=["int8", "int4"], help="what to quantize to")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="int4: weights per scale along the input (32, 64, 128 or 256; default: "
+        "runtime.quant_group_size's)",
+    )
 
     p = add(
         "check",

@@ -59,11 +59,13 @@ def cmd_convert(ns: argparse.Namespace) -> int:
 
 def cmd_reshard(ns: argparse.Namespace) -> int:
     from .checkpoint import (
+        check_quantization,
         detect_embedding_axis,
         find_shards,
         find_tokenizer,
         generation_axis,
         read_params,
+        read_quantization,
     )
     from .rank.weights import load_rank_state, write_checkpoint
     from .tokenizer import load_tokenizer
@@ -73,9 +75,12 @@ def cmd_reshard(ns: argparse.Namespace) -> int:
         raise MpllamaError(f"reshard would overwrite its input {src}; give another OUT folder")
     shards = find_shards(src)
     args = read_params(src)
+    stored = read_quantization(src)  # a quantized checkpoint reshards as stored
+    if stored is not None:
+        check_quantization(args, stored, ns.mp)
     # Merges every shard into one full state dict: the whole model sits in memory at once
     # (the shards are memory-mapped, the merged tensors are not). Fine up to host RAM.
-    full = load_rank_state(shards, args, 0, 1)
+    full = load_rank_state(shards, args, 0, 1, stored=stored)
     try:
         tokenizer = find_tokenizer(src)
     except MpllamaError:
@@ -86,13 +91,69 @@ def cmd_reshard(ns: argparse.Namespace) -> int:
         axis = detect_embedding_axis(shards, args)
     else:
         axis = generation_axis(args, load_tokenizer(tokenizer).kind if tokenizer else None)
-    write_checkpoint(out, args, full, ns.mp, embed_axis=axis)
+    write_checkpoint(out, args, full, ns.mp, embed_axis=axis, quant=stored)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, out / "tokenizer.model")
     print(
         f"wrote {out}: {len(shards)} shard(s) -> {ns.mp}"
         + ("" if tokenizer else " (no tokenizer.model found to copy)")
     )
+    return 0
+
+
+def cmd_quantize(ns: argparse.Namespace) -> int:
+    """Quantize each shard as stored, one at a time (one shard's quantized tensors and one
+    full-precision weight in memory at once); params.json says how."""
+    import json
+
+    import torch
+
+    from .checkpoint import (
+        QUANTIZATION_KEY,
+        Quantization,
+        check_quantization,
+        find_shards,
+        find_tokenizer,
+        read_params,
+        read_quantization,
+    )
+    from .config import RuntimeConfig
+    from .errors import ConfigError
+    from .rank.quant import quantize_state
+    from .rank.weights import load_shard
+
+    src, out = Path(ns.src), Path(ns.out)
+    if out.resolve() == src.resolve():
+        raise MpllamaError(f"quantize would overwrite its input {src}; give another OUT folder")
+    shards = find_shards(src)
+    args = read_params(src)
+    stored = read_quantization(src)
+    if stored is not None:
+        raise MpllamaError(
+            f"{src} is already quantized ({stored.method}); quantize its full-precision "
+            "checkpoint instead"
+        )
+    if ns.group_size is not None and ns.to != "int4":
+        raise MpllamaError("--group-size applies to --to int4 only (int8 scales each row)")
+    group_size = RuntimeConfig.quant_group_size if ns.group_size is None else ns.group_size
+    try:
+        quant = Quantization(ns.to, group_size, row_groups=len(shards))
+        check_quantization(args, quant, len(shards))
+    except ConfigError as exc:
+        raise MpllamaError(f"cannot quantize {src}: {exc}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("consolidated.*.pth"):
+        stale.unlink()
+    for path in shards:
+        torch.save(quantize_state(load_shard(path), quant), out / path.name)
+    params = json.loads((src / "params.json").read_text())
+    params[QUANTIZATION_KEY] = quant.to_params()
+    (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    try:
+        shutil.copyfile(find_tokenizer(src), out / "tokenizer.model")
+    except MpllamaError:
+        pass  # none beside it: the user passes one when running
+    print(f"wrote {out}: {len(shards)} shard(s), linear weights {ns.to}")
     return 0
 
 
@@ -104,6 +165,7 @@ def cmd_check(ns: argparse.Namespace) -> int:
         find_shards,
         find_tokenizer,
         read_params,
+        read_quantization,
         resolve_vocab,
         shard_plan,
         shard_shapes,
@@ -139,6 +201,10 @@ def cmd_check(ns: argparse.Namespace) -> int:
     )
     print(f"  weights:   {n_weights} tensors per shard, {n_params / 1e6:.2f}M values stored")
     print(f"  tokenizer: {tok_path} ({tokenizer.kind}, {tokenizer.n_words} pieces = vocab_size)")
+    quant = read_quantization(folder)
+    if quant is not None:
+        how = f"groups of {quant.group_size}" if quant.method == "int4" else "scale per row"
+        print(f"  quantized: {quant.method} linear weights ({how}; mpllama quantize)")
     if ns.mp is not None:
         check_model_parallel(args, ns.mp)
         shard_plan(len(shards), ns.mp)

@@ -23,6 +23,8 @@ from .typecheck import build
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 CPU_LINEARS = ("auto", "onednn", "torch")
+QUANTIZATIONS = ("none", "int8", "int4")
+QUANT_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
 BACKENDS = ("auto", "gloo", "nccl")
 PLACEMENT_STRATEGIES = ("auto", "PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
 REPLICA_PLACEMENTS = ("spread", "pack")
@@ -118,12 +120,24 @@ class RuntimeConfig:
     # oneDNN (faster than torch's default where measured: benchmarks/RESULTS.md); torch is the
     # plain F.linear; auto = onednn wherever the build and the dtype allow it.
     cpu_linear: str = "auto"
+    # Linear weights quantized on load, on each rank (a checkpoint `mpllama quantize`
+    # wrote is already quantized and runs so): int8 per output row, activations quantized
+    # per token; int4 weight-only, group-wise along the input, quant_group_size weights
+    # per scale. The embedding and the output layer keep the dtype.
+    quantization: str = "none"
+    quant_group_size: int = 32
     seed: int = 1
 
     def __post_init__(self) -> None:
         _one_of("device", self.device, DEVICES)
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("cpu_linear", self.cpu_linear, CPU_LINEARS)
+        _one_of("quantization", self.quantization, QUANTIZATIONS)
+        if self.quant_group_size not in QUANT_GROUP_SIZES:
+            raise ConfigError(
+                f"quant_group_size must be one of {list(QUANT_GROUP_SIZES)}, got "
+                f"{self.quant_group_size!r}"
+            )
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_seq_len < 2:

@@ -83,6 +83,8 @@ class RankSpec:
     prefix_caching: bool = True
     prefill_chunk_tokens: int = 512
     cpu_linear: str = "auto"
+    quantization: str = "none"  # none | int8 | int4: quantize the linear weights on load
+    quant_group_size: int = 32
     threads: int = 1
     collective_timeout_s: float = 60.0
     log_level: int = logging.WARNING  # the driver's level for mpllama's loggers

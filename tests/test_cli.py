@@ -17,7 +17,7 @@ from mpllama.checkpoint import find_shards, read_params
 from mpllama.cli import main
 from mpllama.rank.weights import load_rank_state
 
-COMMANDS = ["run", "generate", "chat", "init-checkpoint", "convert", "reshard", "check"]
+COMMANDS = ["run", "generate", "chat", "init-checkpoint", "convert", "reshard", "quantize", "check"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -21,6 +21,7 @@ from fairscale.nn.model_parallel.layers import (
 from torch import nn
 
 from .dist import all_gather, all_reduce
+from .quant import Int4Weight, Int8Weight
 
 # fairscale 0.4.13 allocates each parallel layer's weight with the legacy torch.Tensor()
 # constructor (which ignores the meta device) and, with more than one rank, initialises
@@ -42,8 +43,11 @@ def _bare(cls: type[nn.Module], **attrs: object) -> nn.Module:
     return layer
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T, with a weight either plain or prepacked by ``pack_linears``."""
+def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight | Int4Weight) -> torch.Tensor:
+    """x @ weight.T, with a weight plain, prepacked by ``pack_linears`` or quantized
+    (``quant.materialize_quantized``: an object that runs its own kernel)."""
+    if isinstance(weight, (Int8Weight, Int4Weight)):
+        return weight(x)
     if weight.layout == torch._mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return F.linear(x, weight)
@@ -73,6 +77,11 @@ class Fused(nn.Module):
 
     def __init__(self, parts: list[nn.Module]) -> None:
         super().__init__()
+        quantized = [part.__dict__.pop("weight", None) for part in parts]
+        if all(isinstance(w, (Int8Weight, Int4Weight)) for w in quantized):
+            self.sizes = [w.shape[0] for w in quantized]
+            self.weight = type(quantized[0]).cat(quantized)
+            return
         weights = [part._parameters.pop("weight") for part in parts]
         self.sizes = [w.shape[0] for w in weights]
         self.weight = nn.Parameter(torch.cat(weights), requires_grad=False)

@@ -206,20 +206,31 @@ class Transformer(nn.Module):
         ids = slots.tolist() if isinstance(slots, torch.Tensor) else slots
         return [[(s * self.per_slot, self.per_slot)] for s in ids]
 
-    def pack_linears(self) -> None:
+    def pack_linears(self, onednn: bool = True) -> None:
         """Stack the products that read one input (q, k, v; w1, w3) into one weight each,
         then re-lay every linear weight once in oneDNN's blocked layout, so each product
         runs oneDNN's kernel on a ready weight (CPU only; see ``onednn_unsupported``).
         Where measured, torch's default CPU product (MKL sgemm, even with MKL's own packed
-        weights) runs several times slower at every batch size (benchmarks/RESULTS.md,
-        "Figures behind the code"). The packed copies replace the weights: no memory grows."""
+        weights) runs several times slower at every batch size (benchmarks/RESULTS.md, "Figures behind the code"). The packed copies replace the weights: no memory grows.
+
+        Quantized weights (``quant.materialize_quantized``) are laid out for their own
+        kernel; ``onednn=False`` leaves the float weights (embedding aside, the output
+        layer) as they are, for a quantized rank whose dtype oneDNN cannot run."""
+        from .quant import Int4Weight, Int8Weight
+
         for layer in self.layers:
             layer.attention.fuse()
             layer.feed_forward.fuse()
+        dtype = self.output.weight.dtype
         for module in self.modules():
+            quantized = module.__dict__.get("weight")
+            if isinstance(quantized, (Int8Weight, Int4Weight)):
+                quantized.pack(dtype)
             # The layers fused into a ``Fused`` hold no weight of their own any more.
-            if isinstance(module, (ColumnLinear, RowLinear, Fused)) and "weight" in (
-                module._parameters
+            elif (
+                onednn
+                and isinstance(module, (ColumnLinear, RowLinear, Fused))
+                and "weight" in module._parameters
             ):
                 weight = module._parameters.pop("weight")
                 module.register_buffer(

@@ -8,18 +8,23 @@ that would run code is refused) and memory-mapped, so a rank touches only what i
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import (
     IGNORED_KEYS,
+    QUANTIZATION_KEY,
+    Quantization,
     Shapes,
     check_model_parallel,
     check_state,
     embedding_axis,
     is_kv_key,
     kv_heads_of,
+    quantized_shapes,
+    scales_piece,
     shard_axis,
     shard_plan,
     shard_shapes,
@@ -30,8 +35,9 @@ from ..model_args import ModelArgs
 # ------------------------------------------------------------------------ reading
 
 
-def load_shard(path: Path) -> dict[str, torch.Tensor]:
-    """One shard, memory-mapped, refusing anything but tensors."""
+def load_shard(path: Path, quantized: bool = False) -> dict[str, torch.Tensor]:
+    """One shard, memory-mapped, refusing anything but tensors (and, unless the
+    checkpoint is mpllama's own ``quantized`` one, integer or float8 weights)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
@@ -47,7 +53,7 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a state dict (got {type(state).__name__})")
     for key, value in state.items():
-        if isinstance(value, torch.Tensor) and _quantized(value.dtype):
+        if isinstance(value, torch.Tensor) and _quantized(value.dtype) and not quantized:
             # Meta's FP8 / int4 releases store quantized weights whose meaning needs
             # scales: cast to the model's dtype they would load without error, as garbage.
             raise CheckpointError(
@@ -71,9 +77,19 @@ def tensor_shapes(state: dict[str, torch.Tensor]) -> Shapes:
 
 
 def load_rank_state(
-    shards: list[Path], args: ModelArgs, rank: int, world: int
+    shards: list[Path],
+    args: ModelArgs,
+    rank: int,
+    world: int,
+    stored: Quantization | None = None,
+    quantize: Quantization | None = None,
 ) -> dict[str, torch.Tensor]:
     """The weights rank ``rank`` of ``world`` needs, read from its shard(s) only.
+
+    ``stored``: the checkpoint is quantized so (``checkpoint.read_quantization``).
+    ``quantize``: quantize each shard's linear weights as read (``quant.quantize_state``),
+    one at a time, before resharding: the rank gets what loading the checkpoint
+    ``mpllama quantize`` makes of these shards would give it.
 
     The embedding keeps the checkpoint's axis (``checkpoint.detect_embedding_axis``). Slices and
     concatenations are copied into fresh tensors of this rank's size; when shards and
@@ -82,11 +98,19 @@ def load_rank_state(
     than KV heads, as 405B's 16 shards) are taken once.
     """
     files, piece, pieces = shard_plan(len(shards), world)[rank]
-    loaded = [load_shard(shards[i]) for i in files]
+    loaded = [load_shard(shards[i], quantized=stored is not None) for i in files]
     embed_axis = embedding_axis(tensor_shapes(loaded[0]), args, len(shards))
     per_file = shard_shapes(args, len(shards), embed_axis)
+    if stored is not None:
+        per_file = quantized_shapes(per_file, stored, len(shards), args)
     for i, state in zip(files, loaded, strict=True):
         check_state(tensor_shapes(state), per_file, str(shards[i]))
+    quant = stored or quantize
+    if quantize is not None:
+        from .quant import quantize_state
+
+        per_file = quantized_shapes(per_file, quantize, len(shards), args)
+        loaded = [quantize_state(state, quantize) for state in loaded]
     if len(loaded) == 1 and pieces == 1:
         return loaded[0]
     out = {}
@@ -113,8 +137,22 @@ def load_rank_state(
         elif len(loaded) > 1:
             out[key] = torch.cat([s[key] for s in loaded], dim=axis)
         else:
-            out[key] = loaded[0][key].chunk(pieces, dim=axis)[piece].clone()
+            out[key] = _piece(key, loaded[0][key], axis, pieces, piece).clone()
+        if quant is not None and quant.method == "int8" and key.endswith(".scales") and axis:
+            # Shards cut finer than the row groups each hold a copy of their group's
+            # scales: take each group once (activations are quantized per group).
+            groups = max(1, quant.row_groups // world)
+            out[key] = out[key][:, :: out[key].shape[1] // groups].contiguous()
     return out
+
+
+def _piece(key: str, value: torch.Tensor, axis: int, pieces: int, piece: int) -> torch.Tensor:
+    """Piece ``piece`` of ``pieces`` of ``value`` along ``axis``; a quantized weight's
+    scales may hold fewer groups there than the pieces (``checkpoint.scales_piece``)."""
+    if not key.endswith(".scales"):
+        return value.chunk(pieces, dim=axis)[piece]
+    start, length = scales_piece(value.shape[axis], pieces, piece)
+    return value.narrow(axis, start, length)
 
 
 def _kv_heads(
@@ -160,8 +198,10 @@ def split_state(
         if kv_heads is not None and is_kv_key(key) and parts > kv_heads:
             heads = value.chunk(kv_heads, dim=0)
             pieces = [heads[kv_heads_of(p, parts, kv_heads)[0]] for p in range(parts)]
+        elif axis is None:
+            pieces = [value] * parts
         else:
-            pieces = [value] * parts if axis is None else list(value.chunk(parts, dim=axis))
+            pieces = [_piece(key, value, axis, parts, p) for p in range(parts)]
         for shard, piece in zip(shards, pieces, strict=True):
             shard[key] = piece.clone()
     return shards
@@ -173,9 +213,11 @@ def write_checkpoint(
     state: dict[str, torch.Tensor],
     parts: int,
     embed_axis: int = 1,
+    quant: Quantization | None = None,
 ) -> list[Path]:
     """Write ``state`` (full size) as ``parts`` consolidated.NN.pth shards + params.json,
-    the embedding split on ``embed_axis`` (0 as Meta shards Llama 3)."""
+    the embedding split on ``embed_axis`` (0 as Meta shards Llama 3); ``quant``: the
+    state is quantized so (its int8 ``row_groups`` are read from the state itself)."""
     check_model_parallel(args, parts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,5 +228,16 @@ def write_checkpoint(
         path = out / f"consolidated.{i:02d}.pth"
         torch.save(shard, path)
         paths.append(path)
-    (out / "params.json").write_text(json.dumps(args.to_params(), indent=2) + "\n")
+    params = args.to_params()
+    if quant is not None:
+        params[QUANTIZATION_KEY] = _written(quant, state).to_params()
+    (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     return paths
+
+
+def _written(quant: Quantization, state: dict[str, torch.Tensor]) -> Quantization:
+    """``quant`` with an int8 row-parallel weight's scale groups read from the full
+    state (shards cut finer than the groups each hold a copy of their group's)."""
+    if quant.method != "int8":
+        return quant
+    return replace(quant, row_groups=state["layers.0.attention.wo.scales"].shape[1])

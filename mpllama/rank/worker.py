@@ -33,7 +33,7 @@ from ..config import RuntimeConfig
 from ..errors import ConfigError
 from ..protocol import Event, Polled, RankSpec, Request
 from ..tokenizer import Tokenizer
-from . import dist, weights
+from . import dist, quant, weights
 from .layers import onednn_unsupported
 from .model import Transformer, materialize
 from .runner import Runner
@@ -128,12 +128,22 @@ class RankWorker:
         self._anon_before_load = resident_mb().get("anon_rss_mb", 0.0)
         shards = checkpoint.find_shards(spec.checkpoint_dir)
         embed_axis = checkpoint.detect_embedding_axis(shards, spec.args)
-        state = weights.load_rank_state(shards, spec.args, self.rank, spec.world_size)
-        self.model = materialize(Transformer(spec.args, embed_axis), state, device, dtype)
+        # Quantized weights: as a quantized checkpoint stores them, or made while loading.
+        stored = checkpoint.read_quantization(spec.checkpoint_dir)
+        on_load = quant.on_load(spec.quantization, spec.quant_group_size, stored, len(shards))
+        if stored or on_load:
+            checkpoint.check_quantization(spec.args, stored or on_load, spec.world_size)
+        state = weights.load_rank_state(
+            shards, spec.args, self.rank, spec.world_size, stored, on_load
+        )
+        build = quant.materialize_quantized if stored or on_load else materialize
+        self.model = build(Transformer(spec.args, embed_axis), state, device, dtype)
         del state
         linear = _linear_kernel(spec.cpu_linear, device, dtype)
         if linear == "onednn":
             self.model.pack_linears()
+        elif stored or on_load:
+            self.model.pack_linears(onednn=False)
         # Gloo ranks that met in shared memory are all on this machine and share its RAM.
         _setup_caches(
             self.model, spec, device, dtype, spec.world_size if collectives == "shm" else 1
@@ -144,6 +154,7 @@ class RankWorker:
             "dtype": str(dtype).split(".")[-1],
             "backend": backend,
             "linear": linear,
+            "quantization": (stored or on_load).method if stored or on_load else "none",
             "collectives": collectives,
             "load_s": round(time.perf_counter() - started, 3),
             "rss_before_load_mb": self._rss_before_load,

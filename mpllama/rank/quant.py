@@ -1,0 +1,307 @@
+"""Quantized linear weights (``runtime.quantization: int8 | int4``): how a weight is
+quantized, stored and multiplied, and the load-time swap of a model's linear weights for
+their quantized twins (gpt-fast's shape: build, then replace each weight while loading).
+
+The seven linear weights of every layer (wq, wk, wv, wo, w1, w2, w3) are quantized; the
+embedding and the output layer stay in the model's dtype (they are a small part of a
+large model's bytes, and the logits are what sampling reads).
+
+* int8: symmetric int8 weights, one float32 scale per output row and input group (a
+  column-parallel weight has one group; a row-parallel weight one per shard it was
+  quantized from, so a shard's scales never depend on the other shards). Activations are
+  quantized per token (and group) at each product, the product runs in integers (exact,
+  whatever the batch: a row's result never depends on the rows beside it) and is scaled
+  back to float. On the CPU: oneDNN's int8 kernel (VNNI); elsewhere ``torch._int_mm``
+  (the same integers), or a float product of the same integers on GPUs.
+* int4: weight-only, asymmetric, group-wise along the input (``group_size`` weights per
+  bf16 scale and zero); activations stay in the model's dtype. On the CPU: torch's
+  ``_weight_int4pack_mm_for_cpu``; elsewhere the weight is dequantized at each product.
+
+Measured on a 2-core AMD EPYC (AVX-512 bf16 + VNNI), 2048x8192 layer: benchmarks/RESULTS.md.
+A quantized checkpoint (``mpllama quantize``) holds each linear ``X.weight`` quantized
+(int8 [out, in]; int4 packed two to a byte, uint8 [out, in/2], the even column in the low
+nibble) and ``X.scales`` (int8: float32 [out, groups]; int4: bf16 [out, in/group_size, 2],
+scale then zero, w = (q - 8) * scale + zero).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import Quantization, is_quantized_key, scales_key
+from ..errors import CheckpointError
+from ..hardware import cpu_flags
+
+# CPUs whose int8 dot products oneDNN runs without saturating 16-bit intermediates.
+_VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+# ------------------------------------------------------------------------ quantizing
+
+
+def quantize_int8(w: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (int8 [out, in], float32 scales [out, groups]): symmetric, one scale
+    per output row and each of ``groups`` equal runs of the input."""
+    out, inp = w.shape
+    wg = w.float().reshape(out, groups, inp // groups)
+    scales = wg.abs().amax(-1).clamp(min=1e-12) / 127
+    q = torch.round(wg / scales[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(out, inp), scales
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (uint8 [out, in/2], two 4-bit values a byte, the even column low;
+    bf16 [out, in/group_size, 2], scale and zero): w ~ (q - 8) * scale + zero, q in 0..15."""
+    out, inp = w.shape
+    wg = w.float().reshape(out, inp // group_size, group_size)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    # Rounded to bf16 before use, so the stored scale is the one the values were made for.
+    scale = ((hi - lo) / 15).clamp(min=1e-6).bfloat16().float()
+    zero = (lo + 8 * scale).bfloat16().float()
+    q = torch.round((wg - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.uint8)
+    q = q.reshape(out, inp)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return packed, torch.stack([scale, zero], -1).bfloat16()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out, in/2] -> int32 [out, in], values 0..15."""
+    low, high = packed & 0xF, packed >> 4
+    return torch.stack([low, high], -1).reshape(packed.shape[0], -1).to(torch.int32)
+
+
+def quantize_state(state: dict[str, torch.Tensor], quant: Quantization) -> dict[str, torch.Tensor]:
+    """One shard's state dict with its linear weights quantized (``X.weight`` replaced,
+    ``X.scales`` added) and every other tensor as it is. One full-precision tensor at a
+    time: a float32 copy of the weight being quantized, never more."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not is_quantized_key(key):
+            out[key] = value
+        elif quant.method == "int8":
+            out[key], out[scales_key(key)] = quantize_int8(value)
+        else:
+            out[key], out[scales_key(key)] = quantize_int4(value, quant.group_size)
+    return out
+
+
+def quantize_rows(x: torch.Tensor, unsigned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (int8 [M, K], float32 [M, 1]): symmetric, one scale per row, so a row's
+    values never depend on the other rows of the batch. ``unsigned``: the same values
+    plus 128, as uint8 (oneDNN's fast kernels take unsigned activations: with signed
+    ones it falls back to a reference loop, over 1000x slower here)."""
+    xf = x.float()
+    scale = xf.abs().amax(-1, keepdim=True).clamp_(min=1e-12).div_(127)
+    q = torch.div(xf, scale).round_()  # within -127..127: the scale is the row's max / 127
+    if unsigned:
+        return q.add_(128).to(torch.uint8), scale
+    return q.to(torch.int8), scale
+
+
+# ------------------------------------------------------------------------ weights
+
+
+class Int8Weight:
+    """An int8 weight [out, in] with scales [out, G]; called on x [..., in]. ``pack``
+    prepares the device's kernel; before it, and where oneDNN's cannot run, the same
+    integer product runs through ``torch._int_mm`` (CPU) or in float (GPUs)."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor) -> None:
+        assert q.dtype == torch.int8 and q.shape[1] % scales.shape[1] == 0
+        self.q, self.scales = q, scales.float()
+        self.shape = tuple(q.shape)
+        self.kernel = "torch"
+        # Per input group, made by ``pack``: the kernel's weight and the weight scales.
+        self._packed: list[torch.Tensor] = []
+        self._scales: list[torch.Tensor] = []
+
+    @property
+    def device(self) -> torch.device:
+        return self.scales.device
+
+    @staticmethod
+    def cat(parts: list[Int8Weight]) -> Int8Weight:
+        return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts]))
+
+    def pack(self, dtype: torch.dtype) -> None:
+        groups = self.scales.shape[1]
+        chunks = self.q.chunk(groups, dim=1)
+        # Dense copies: oneDNN reads a view's storage as if it were dense.
+        self._scales = [self.scales[:, g].contiguous() for g in range(groups)]
+        if self.device.type == "cpu" and onednn_int8_supported():
+            self._packed = [torch.ops.onednn.qlinear_prepack(c.contiguous(), None) for c in chunks]
+            self._zero_points = torch.zeros(self.shape[0], dtype=torch.long)
+            self.kernel = "onednn"
+        elif self.device.type == "cpu":
+            self._packed = [c.t().contiguous() for c in chunks]  # [in/G, out], as _int_mm takes
+            self.kernel = "int_mm"
+        else:
+            return
+        self.q = torch.empty(0, dtype=torch.int8)  # the packed copies replace it
+
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] + self.scales.numel() * 4
+
+    def dequantize(self) -> torch.Tensor:
+        assert self.q.numel(), "dequantize() reads the unpacked weight"
+        groups = self.scales.shape[1]
+        q = self.q.float().reshape(self.shape[0], groups, -1)
+        return (q * self.scales[..., None]).reshape(self.shape)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        groups = self.scales.shape[1]
+        y: torch.Tensor | None = None
+        for g, xg in enumerate(x2.chunk(groups, dim=1)):
+            xq, sx = quantize_rows(xg, unsigned=self.kernel == "onednn")
+            part = self._product(xq, g) * sx  # [M, out] float32
+            y = part if y is None else y + part
+        assert y is not None
+        return y.to(x.dtype).reshape(*lead, self.shape[0])
+
+    def _product(self, xq: torch.Tensor, g: int) -> torch.Tensor:
+        """(xq @ q_g.T) * scales[:, g] in float32, q_g the g-th input group."""
+        if self.kernel == "onednn":
+            # Activation scale 1 and zero point 128: oneDNN returns the integer sums times
+            # the weight scales; each row's own scale is applied after.
+            return torch.ops.onednn.qlinear_pointwise(
+                xq,
+                1.0,
+                128,
+                self._packed[g],
+                self._scales[g],
+                self._zero_points,
+                None,
+                1.0,
+                0,
+                torch.float32,
+                "none",
+                [],
+                "",
+            )
+        if self.kernel == "int_mm":
+            return torch._int_mm(xq, self._packed[g]).float() * self._scales[g]
+        qg = self.q.chunk(self.scales.shape[1], dim=1)[g]
+        ws = self.scales[:, g]
+        if xq.device.type == "cpu":
+            return torch._int_mm(xq, qg.t().contiguous()).float() * ws
+        # GPUs: _int_mm wants shapes the decode step does not have; float32 holds the
+        # integer sums exactly up to 2^24.
+        return (xq.float() @ qg.float().t()) * ws
+
+
+class Int4Weight:
+    """A group-wise int4 weight (see ``quantize_int4``); called on x [..., in] in the
+    model's dtype. ``pack`` lays it out for torch's CPU kernel; elsewhere (and before)
+    the weight is dequantized at each product."""
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor) -> None:
+        assert packed.dtype == torch.uint8
+        self.packed, self.scales = packed, scales
+        self.shape = (packed.shape[0], packed.shape[1] * 2)
+        self.group_size = self.shape[1] // scales.shape[1]
+        self.kernel = "torch"
+        self._sz: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @staticmethod
+    def cat(parts: list[Int4Weight]) -> Int4Weight:
+        return Int4Weight(
+            torch.cat([p.packed for p in parts]), torch.cat([p.scales for p in parts])
+        )
+
+    def pack(self, dtype: torch.dtype) -> None:
+        if self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                unpack_int4(self.packed), 1
+            )
+            self._sz = self.scales.to(dtype).transpose(0, 1).contiguous()  # [in/g, out, 2]
+            self.kernel = "int4pack"
+
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] // 2 + self.scales.numel() * 2
+
+    def dequantize(self) -> torch.Tensor:
+        assert self.kernel == "torch", "dequantize() reads the unpacked weight"
+        q = unpack_int4(self.packed).float().reshape(self.shape[0], -1, self.group_size)
+        scale, zero = self.scales.float().unbind(-1)
+        return ((q - 8) * scale[..., None] + zero[..., None]).reshape(self.shape)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "int4pack":
+            lead = x.shape[:-1]
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.reshape(-1, x.shape[-1]).contiguous(), self.packed, self.group_size, self._sz
+            )
+            return y.reshape(*lead, self.shape[0])
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+
+QuantizedWeight = Int8Weight | Int4Weight
+
+
+def onednn_int8_supported() -> bool:
+    """Whether oneDNN's int8 product runs here, exactly: an x86 build of torch with
+    oneDNN's quantized ops, on a CPU with VNNI (or AMX) dot products."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.onednn, "qlinear_pointwise")
+        and bool(cpu_flags() & _VNNI_FLAGS)
+    )
+
+
+# ------------------------------------------------------------------------ the model swap
+
+
+def on_load(
+    setting: str, group_size: int, stored: Quantization | None, n_shards: int
+) -> Quantization | None:
+    """What a rank quantizes while loading, for ``runtime.quantization`` = ``setting``:
+    nothing for ``none``, nor for a checkpoint already quantized (``stored``), which runs
+    as it was written; quantizing it again to another method is refused."""
+    if stored is not None:
+        if setting not in ("none", stored.method):
+            raise CheckpointError(
+                f"the checkpoint is already quantized to {stored.method} (mpllama quantize); "
+                f"runtime.quantization={setting} would quantize it twice. Set "
+                f"runtime.quantization to none or {stored.method}, or point at the "
+                "full-precision checkpoint"
+            )
+        return None
+    if setting == "none":
+        return None
+    return Quantization(setting, group_size, row_groups=n_shards)
+
+
+def materialize_quantized(
+    model: nn.Module, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> nn.Module:
+    """``model.materialize`` for a quantized state (``quantize_state``'s, or a quantized
+    checkpoint's): each linear's weight becomes an Int8Weight or Int4Weight, on
+    ``device``; every other tensor is assigned as ``materialize`` does."""
+    from .model import materialize
+
+    state = dict(state)
+    for name, module in model.named_modules():
+        key = f"{name}.weight"
+        if not is_quantized_key(key):
+            continue
+        q, scales = state.pop(key).to(device), state.pop(scales_key(key)).to(device)
+        module._parameters.pop("weight")
+        module.weight = Int8Weight(q, scales) if q.dtype == torch.int8 else Int4Weight(q, scales)
+    return materialize(model, state, device, dtype)
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's quantized weights (their scales included)."""
+    return sum(
+        m.weight.nbytes()
+        for m in model.modules()
+        if isinstance(m.__dict__.get("weight"), (Int8Weight, Int4Weight))
+    )
