@@ -151,13 +151,22 @@ class BlockManager:
         table.chain = None
         table.add(hits)
         table.hashes = names
-        first = self._find_run(max(need, reserve)) if need else None
-        if first is not None:
+        # Where its new blocks go, so its KV stays one run that attention reads as a view:
+        # right after its cached prefix, else a run with room for what it may generate,
+        # else wherever blocks are (cached ones evicted least recently used first: a
+        # cached prefix is worth more than contiguity).
+        after = hits[-1] + 1 if hits else -1
+        if (
+            need
+            and 0 <= after
+            and after + need <= self.num_blocks
+            and all(self.empty[after : after + need])
+        ):
+            table.add([self._take(b) for b in range(after, after + need)])
+        elif need and (first := self._find_run(max(need, reserve))) is not None:
             table.reserved = (first, first + max(need, reserve))
             self.open[first : first + max(need, reserve)] = bytes(max(need, reserve))
-            for b in range(first, first + need):
-                self._take(b)
-            table.add(list(range(first, first + need)))
+            table.add([self._take(b) for b in range(first, first + need)])
         else:
             table.add([self._take_any() for _ in range(need)])
         if self.prefix_caching:
@@ -171,8 +180,7 @@ class BlockManager:
         while len(table.blocks) * self.block_size < positions:
             after = table.blocks[-1] + 1 if table.blocks else -1
             if 0 <= after < self.num_blocks and self.empty[after]:
-                self._take(after)
-                table.add([after])
+                table.add([self._take(after)])
             elif self.free:
                 table.add([self._take_any()])
             else:
@@ -215,17 +223,19 @@ class BlockManager:
     # ------------------------------------------------------------------ blocks
 
     def _find_run(self, n: int) -> int | None:
+        """The first run of ``n`` empty blocks: not reserved for anyone, else anywhere."""
         for where in (self.open, self.empty):
             i = where.find(_FREE * n)
             if i >= 0:
                 return i
         return None
 
-    def _take(self, b: int) -> None:
+    def _take(self, b: int) -> int:
         assert self.empty[b] and self.refs[b] == 0
         self.empty[b] = self.open[b] = 0
         self.empties -= 1
         self.refs[b] = 1
+        return b
 
     def _take_any(self) -> int:
         """An empty block (the first), else the least recently used named one."""
@@ -236,12 +246,16 @@ class BlockManager:
             self._take(b)
             return b
         b, _ = self.evictable.popitem(last=False)
+        self._evict(b)
+        return b
+
+    def _evict(self, b: int) -> None:
+        """Take a cached block that nobody uses (already out of ``evictable``)."""
         name = self.name[b]
-        assert name is not None
+        assert name is not None and self.refs[b] == 0
         del self.named[name]
         self.name[b] = None
         self.refs[b] = 1
-        return b
 
     def _put(self, b: int) -> None:
         self.empty[b] = self.open[b] = 1
