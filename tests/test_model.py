@@ -320,9 +320,41 @@ def test_rows_at_different_positions_equal_running_them_alone(
     got = tiny(torch.stack([a_next, b_next]), pos + 3, runs, logits_at=zero)
     torch.testing.assert_close(got[0], want_a[2], atol=1e-5, rtol=0)
     torch.testing.assert_close(got[1], want_b[2], atol=1e-5, rtol=0)
-    assert [at.strided is not None for at in seen] == [read == "strided"] * 3
+    assert [at.strided for at in seen] == [read == "strided"] * 3
     assert [at.gather is not None for at in seen] == [read == "gathered"] * 3
     assert all((len(at.segments[0]) > 1) == (runs is SCATTERED) for at in seen)
+
+
+def test_evenly_spaced_rows_are_read_together_beside_others_read_alone(
+    tiny: Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows 0-2 evenly spaced (one view for the three), row 3 scattered (on its own),
+    row 4 out of order (on its own): decode logits equal each row's alone."""
+    monkeypatch.setattr(model_module, "ROW_CALL_BYTES", 1 << 40)  # views always pay
+    monkeypatch.setattr(Transformer, "gather_pays", lambda self, S: False)
+    prompts = [tokens(10 + i, 6 + i) for i in range(5)]
+    tiny.setup_slots(1, 32)
+    want = [run_alone(tiny, [p, tokens(20 + i, 1)]) for i, p in enumerate(prompts)]
+    tiny.setup_caches(40, 4, 32)
+    runs = [[(0, 3)], [(4, 3)], [(8, 3)], [(30, 1), (20, 2)], [(12, 3)]]
+    seen = []
+    build = model_module.CacheIndex.build
+    monkeypatch.setattr(
+        model_module.CacheIndex, "build", lambda *a: seen.append(build(*a)) or seen[-1]
+    )
+    lens = torch.tensor([len(p) for p in prompts])
+    padded = torch.zeros(5, int(lens.max()), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = p
+    zero = torch.zeros(5, dtype=torch.long)
+    got = tiny(padded, zero, runs, lengths=lens, logits_at=lens - 1)
+    for i in range(5):
+        torch.testing.assert_close(got[i], want[i][0], atol=1e-5, rtol=0)
+    nxt = torch.stack([tokens(20 + i, 1) for i in range(5)])
+    got = tiny(nxt, lens, runs, logits_at=zero)
+    for i in range(5):
+        torch.testing.assert_close(got[i], want[i][1], atol=1e-5, rtol=0)
+    assert [(lo, hi) for lo, hi, _ in seen[-1].pieces] == [(0, 3), (3, 4), (4, 5)]
 
 
 def test_attention_reads_rows_on_their_own_when_padding_costs_more(tiny: Transformer) -> None:

@@ -120,6 +120,7 @@ class BlockManager:
         bs = self.block_size
         hits: list[int] = []
         names: list[bytes] = []
+        redo = -1
         if self.prefix_caching:
             full = len(tokens) // bs
             if table.chain is None or table.chain[0] != len(tokens):
@@ -136,8 +137,9 @@ class BlockManager:
                 names.append(name)
             if len(hits) * bs == len(tokens):
                 # A prompt cached whole still needs its last token run for its logits:
-                # recompute the last block rather than write into a shared one.
-                hits.pop()
+                # recompute the last block rather than write into a shared one (into
+                # that very block when nobody uses it: the KV stays one run).
+                redo = hits.pop()
                 names.pop()
         need = -(-len(tokens) // bs) - len(hits)
         revived = sum(1 for b in hits if self.refs[b] == 0)
@@ -147,6 +149,11 @@ class BlockManager:
             if self.refs[b] == 0:
                 del self.evictable[b]
             self.refs[b] += 1
+        if redo >= 0 and self.refs[redo] == 0:
+            del self.evictable[redo]
+            self._evict(redo)
+            self.refs[redo] = 0
+            self._put(redo)  # an empty block, right after the hits
         table.clear()
         table.chain = None
         table.add(hits)
@@ -250,7 +257,8 @@ class BlockManager:
         return b
 
     def _evict(self, b: int) -> None:
-        """Take a cached block that nobody uses (already out of ``evictable``)."""
+        """Take a cached block that nobody uses (already out of ``evictable``): its name
+        goes."""
         name = self.name[b]
         assert name is not None and self.refs[b] == 0
         del self.named[name]

@@ -10,7 +10,8 @@ heads, K local key/value heads, D head size, V vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -95,26 +96,18 @@ class Attention(nn.Module):
         # enable_gqa shares them without materialising repeated copies of the cache.
         gqa = self.n_local_heads != self.n_local_kv_heads
         q = q.transpose(1, 2)  # [B,H,T,D]
-        if at.strided is not None:  # every row one run, evenly spaced: one batched call
-            out = attend(q, at.batch_view(self.cache_k), at.batch_view(self.cache_v), at.mask, gqa)
-        elif at.gather is not None:  # GPUs: every row's positions gathered, one call
+        if at.gather is not None:  # every row's positions gathered, one call
             k_rows = self.cache_k[:, at.gather].transpose(0, 1)  # [K,B,S,D] -> [B,K,S,D]
             v_rows = self.cache_v[:, at.gather].transpose(0, 1)
             out = attend(q, k_rows, v_rows, at.mask, gqa)
-        else:  # each row reads its own positions only (see CacheIndex.segments)
-            out = torch.cat(
-                [
-                    attend(
-                        q[i : i + 1],
-                        at.row_view(self.cache_k, i),
-                        at.row_view(self.cache_v, i),
-                        # One new token sees every position its row holds.
-                        None if T == 1 else at.mask[i : i + 1, :, :, : at.ends[i]],
-                        gqa,
-                    )
-                    for i in range(B)
-                ]
-            )
+        else:  # evenly spaced rows as one strided view each group, the others one by one
+            outs = []
+            for lo, hi, S in at.pieces:
+                k_rows, v_rows = at.view(self.cache_k, lo, hi, S), at.view(self.cache_v, lo, hi, S)
+                # One new token of a row read on its own sees every position it holds.
+                mask = None if T == 1 and hi - lo == 1 else at.mask[lo:hi, :, :, :S]
+                outs.append(attend(q[lo:hi], k_rows, v_rows, mask, gqa))
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.wo(at.pack(out.transpose(1, 2).reshape(B, T, -1)))
 
 
@@ -251,6 +244,17 @@ class Transformer(nn.Module):
         wasted = (max(ends) * len(ends) - sum(ends)) * per_position
         return wasted <= len(ends) * ROW_CALL_BYTES
 
+    def gather_pays(self, S: int) -> bool:
+        """Whether copying every row's KV up to S into one batch (written, then read
+        again) costs less than a call per row on views: on a CPU, only for short rows
+        of small models; a GPU always gathers."""
+        if self.device.type != "cpu":
+            return True
+        attn = self.layers[0].attention
+        assert attn.cache_k is not None
+        per_position = 2 * attn.n_local_kv_heads * attn.head_dim * attn.cache_k.element_size()
+        return 2 * S * per_position <= ROW_CALL_BYTES
+
     @torch.inference_mode()
     def forward(
         self,
@@ -299,14 +303,13 @@ class Transformer(nn.Module):
             self.num_blocks,
             device,
         )
-        batched = self.batched_read_pays(ends)
-        if at.strided is not None and not batched:
-            at.strided = None
-        elif at.strided is None and B > 1 and batched:
-            # Rows that are not one strided view, at lengths close enough that reading
-            # them together pays (always, on a GPU): gather their KV once.
+        # Evenly spaced rows read as one view where the padding costs less than a call
+        # per row; rows that are not, at lengths close enough, are gathered into one
+        # batch where that costs less than a call per row (always, on a GPU).
+        at.pieces = at.read_pieces(self.batched_read_pays)
+        if len(at.pieces) > 1 and self.batched_read_pays(ends) and self.gather_pays(S):
             at.gather = at.gather_index(S, device)
-        if at.strided is not None or at.gather is not None or T > 1:
+        if len(at.pieces) < B or at.gather is not None or T > 1:
             # A query at position p sees keys at positions <= p of its own row: [B,1,T,S].
             at.mask = (torch.arange(S, device=device) <= positions[:, :, None])[:, None]
         cis = self.rope[positions]  # [B,T,D/2]
@@ -355,12 +358,14 @@ class CacheIndex:
     ends: list[int]  # per row: positions it reads, 0..end-1
     # Per row, its positions as (first cache position, count) segments, in order.
     segments: list[list[tuple[int, int]]]
-    # (first position, stride) when every row is one segment and the segments are
-    # evenly spaced: the rows are one strided view [B,K,S,D]. Else None.
-    strided: tuple[int, int] | None
+    # Per row, its first cache position when it is one segment, else -1.
+    firsts: list[int]
     spare: int  # the first position of the spare block, which padding writes and reads
     mask: torch.Tensor | None = None  # [B,1,T,S] True where a query may attend
     gather: torch.Tensor | None = None  # [B,S] cache positions, when rows are gathered
+    # How attention reads the rows, in order: (lo, hi, S), rows lo..hi-1 as one view of
+    # S positions each (evenly spaced one-segment rows), or one row on its own.
+    pieces: list[tuple[int, int, int]] = field(default_factory=list)
 
     @staticmethod
     def build(
@@ -407,26 +412,38 @@ class CacheIndex:
             write = torch.where(real, write, spare)
         for i, where in scattered.items():
             write[i] = torch.tensor(where, device=device)
-        S = max(ends)
-        strided = None
-        if all(len(segs) == 1 for segs in segments):
-            firsts = [segs[0][0] for segs in segments]
-            stride = firsts[1] - firsts[0] if B > 1 else 0
-            if (
-                stride >= 0
-                and all(b - a == stride for a, b in zip(firsts, firsts[1:], strict=False))
-                and firsts[0] + (B - 1) * stride + S <= spare + block_size
-            ):
-                strided = (firsts[0], stride)
-        return CacheIndex(
-            shape,
-            packed,
-            write,
-            ends,
-            segments,
-            strided,
-            spare,
-        )
+        firsts = [segs[0][0] if len(segs) == 1 else -1 for segs in segments]
+        return CacheIndex(shape, packed, write, ends, segments, firsts, spare)
+
+    @property
+    def strided(self) -> bool:
+        """Whether every row is read through one strided view."""
+        return len(self.pieces) == 1 and self.shape[0] > 1
+
+    def read_pieces(self, pays: Callable[[list[int]], bool]) -> list[tuple[int, int, int]]:
+        """Group consecutive one-segment rows whose segments are evenly spaced (rows
+        admitted together, placed in runs of the same size) into one view each, where
+        ``pays(ends)`` says reading them together pays; every other row alone."""
+        B, spare = self.shape[0], self.spare
+        pieces: list[tuple[int, int, int]] = []
+        lo = 0
+        while lo < B:
+            hi = lo + 1
+            if self.firsts[lo] >= 0:
+                stride = -1
+                while hi < B and self.firsts[hi] >= 0:
+                    step = self.firsts[hi] - self.firsts[hi - 1]
+                    S = max(self.ends[lo : hi + 1])
+                    if step <= 0 or stride not in (-1, step):
+                        break
+                    if self.firsts[lo] + (hi - lo) * step + S > spare:
+                        break
+                    stride, hi = step, hi + 1
+                if hi - lo > 1 and not pays(self.ends[lo:hi]):
+                    hi = lo + 1
+            pieces.append((lo, hi, max(self.ends[lo:hi])))
+            lo = hi
+        return pieces
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[B,T,F] -> the real tokens, [N,F] (or [B,T,F] as it is when none is padding)."""
@@ -443,17 +460,23 @@ class CacheIndex:
         out[self.packed] = x
         return out.view(B, T, -1)
 
-    def batch_view(self, cache: torch.Tensor) -> torch.Tensor:
-        """[B,K,S,D]: every row's positions up to the longest row's end, as a view of the
-        cache [K,P,D] (rows one evenly spaced segment each; see ``strided``)."""
-        assert self.strided is not None
-        first, stride = self.strided
-        K, _, D = cache.shape
-        B, S = self.shape[0], max(self.ends)
+    def view(self, cache: torch.Tensor, lo: int, hi: int, S: int) -> torch.Tensor:
+        """[hi-lo,K,S,D]: rows lo..hi-1's positions up to S, a view of the cache [K,P,D]
+        (one evenly spaced segment each, see ``read_pieces``); one row alone is a view
+        of its own positions, or its segments gathered."""
+        K, P, D = cache.shape
+        base = cache.storage_offset()
+        if hi - lo == 1:
+            # as_strided: a third of what slicing costs, which counts at one call per
+            # row, layer and tensor.
+            parts = [
+                cache.as_strided((1, K, n, D), (K * P * D, P * D, D, 1), base + first * D)
+                for first, n in self.segments[lo]
+            ]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        stride = self.firsts[lo + 1] - self.firsts[lo]
         return cache.as_strided(
-            (B, K, S, D),
-            (stride * D, cache.stride(0), D, 1),
-            cache.storage_offset() + first * D,
+            (hi - lo, K, S, D), (stride * D, P * D, D, 1), base + self.firsts[lo] * D
         )
 
     def gather_index(self, S: int, device: torch.device) -> torch.Tensor:
@@ -468,19 +491,6 @@ class CacheIndex:
                 row = [p for first, n in segs for p in range(first, first + n)]
                 index[i] = torch.tensor(row + [self.spare] * (S - end), device=device)
         return index
-
-    def row_view(self, cache: torch.Tensor, i: int) -> torch.Tensor:
-        """[1,K,end,D]: row i's positions, a view when they are one segment, else their
-        segments gathered."""
-        K, P, D = cache.shape
-        base, segs = cache.storage_offset(), self.segments[i]
-        # as_strided: a third of what slicing costs, which counts at one call per row,
-        # layer and tensor.
-        parts = [
-            cache.as_strided((1, K, n, D), (K * P * D, P * D, D, 1), base + first * D)
-            for first, n in segs
-        ]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def materialize(
