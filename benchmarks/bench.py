@@ -29,8 +29,23 @@ Parts (all by default; pick with --only mixed,uniform,...):
             the bench model's weights: mpllama's HF conversion, then llama.cpp's own
             converter to GGUF f32, bf16 and q8_0; batches of 1, 16 and 32 requests of
             32-token prompts x 64 new tokens through its batched API against mpllama
-            MP=1 (max_batch_size = batch) in fp32 and bf16 (bench_llamacpp.py); skipped
+            MP=1 (max_batch_size = batch) in fp32, bf16 and int8 (bench_llamacpp.py); skipped
             in one line where llama.cpp is not built
+  chat      16 conversations x 6 turns through AsyncLLM, all concurrent, each turn's prompt
+            the whole conversation: TTFT p50/p99 and tok/s with prefix caching off and on,
+            the hit rate, and the same over HTTP against mpllama serve and transformers
+            serve --continuous-batching (bench_prefix.py)
+  prefix    a 1000-token system prompt + 64 short questions in one LLM.generate: tok/s
+            with prefix caching off and on (bench_prefix.py)
+  kvmem     requests of 500-2000 + 256 tokens at max_seq_len 8192: how many a KV budget
+            holds in blocks against slots of max_seq_len, worked out at 2 GiB per rank
+            (bench model, Llama-3-8B shape) and measured under a small budget
+            (bench_prefix.py)
+  quant     runtime.quantization (bench_quant.py): GFLOP/s of each candidate kernel on a
+            2048x8192 layer at 1, 16 and 32 rows (and whether a row's result depends on
+            its batch); perplexity of the trained demo model on demo/train.py's held-out
+            documents and greedy agreement with fp32, for fp32, bf16, int8 and int4; tok/s
+            of bf16, int8 and int4 through the engine against llama.cpp q8_0
 
 Nothing here asserts a timing; targets are printed as met or not met, and the exit
 status is 0 unless a runner crashes.
@@ -87,6 +102,10 @@ PARTS = (
     "llama3",
     "guided",
     "llamacpp",
+    "chat",
+    "prefix",
+    "kvmem",
+    "quant",
 )
 MP_SIZES = (1, 2)
 TINY_VOCAB = 512
@@ -387,16 +406,17 @@ def part_llamacpp(b: Bench) -> None:
             for n, w in works.items():
                 with open_llm(b.checkpoint(1), 1, n, b.cpus_per_rank, dtype=dtype) as llm:
                     ours[dtype, n] = run_llm(llm, w, f"mpllama {dtype}")
-    # (mpllama dtype or None, its label, the llama.cpp GGUF type it is held against)
-    pairs = (("float32", "fp32", "f32"), ("bfloat16", "bf16", "bf16"), (None, "int8", "q8_0"))
+        for n, w in works.items():  # int8 weights in a bf16 model (runtime.quantization)
+            int8 = {"dtype": "bfloat16", "quantization": "int8"}
+            with open_llm(b.checkpoint(1), 1, n, b.cpus_per_rank, **int8) as llm:
+                ours["int8", n] = run_llm(llm, w, "mpllama int8")
+    # (mpllama run, its label, the llama.cpp GGUF type it is held against)
+    pairs = (("float32", "fp32", "f32"), ("bfloat16", "bf16", "bf16"), ("int8", "int8", "q8_0"))
     print(f"  {'batch':>5}  {'mpllama / llama.cpp':<20} {'llama.cpp':>10} {'mpllama':>10}  ratio")
     for n in works:
         for dtype, label, kind in pairs:
             base = theirs[kind, n]
             line = f"  {n:>5}  {label + ' / ' + kind:<20} {base.tokens_per_s:10.1f} "
-            if dtype is None:
-                print(line + "   mpllama int8: not implemented yet")
-                continue
             if (dtype, n) not in ours:
                 print(line + f"{'-':>10}  (mpllama skipped with --baselines-only)")
                 continue
@@ -407,7 +427,7 @@ def part_llamacpp(b: Bench) -> None:
             what = f"llamacpp: batch {n}, mpllama {label} / llama.cpp {kind}"
             if n == 1:
                 b.target(what, ratio, 1.0)
-            elif dtype == "bfloat16":
+            elif dtype in ("bfloat16", "int8"):
                 b.target(what, ratio, 1.5)
     if ours:
         # Same weights, same prompts: a GGUF converted wrong would disagree from the start.
@@ -418,6 +438,55 @@ def part_llamacpp(b: Bench) -> None:
         print_agreement(
             f"mpllama bf16 (batch {n})", ours["bfloat16", n], "llama.cpp bf16", theirs["bf16", n]
         )
+
+
+def part_chat(b: Bench) -> None:
+    if not b.with_mpllama:
+        print("\n== chat: mpllama only: skipped with --baselines-only")
+        return
+    from bench_prefix import chat
+
+    b.checkpoint(1)  # bench_prefix converts this one for transformers serve
+    ratios = chat(b.sizes is QUICK, b.seed, b.root)
+    b.target("chat: TTFT p50, prefix caching on / off", ratios["ttft_p50"], 0.3, at_most=True)
+
+
+def part_prefix(b: Bench) -> None:
+    if not b.with_mpllama:
+        print("\n== prefix: mpllama only: skipped with --baselines-only")
+        return
+    from bench_prefix import prefix
+
+    ratio = prefix(b.sizes is QUICK, b.seed, b.checkpoint(1), b.sizes.slots, b.vocab_size())
+    b.target("prefix: shared system prompt, tok/s caching on / off", ratio, 3.0)
+
+
+def part_kvmem(b: Bench) -> None:
+    if not b.with_mpllama:
+        print("\n== kvmem: mpllama only: skipped with --baselines-only")
+        return
+    from bench_prefix import kvmem
+
+    kvmem(b.sizes is QUICK, b.seed, b.checkpoint(1), b.vocab_size())
+
+
+def part_quant(b: Bench) -> None:
+    import bench_quant
+
+    quick = b.sizes is QUICK
+    bench_quant.kernels(quick)
+    quality = bench_quant.quality(quick, b.root)
+    for label, goal in (("int8 (fp32 activations in)", 1.02), ("int4 g32", 1.08)):
+        b.target(f"quant: perplexity {label.split()[0]} / fp32", quality[label][0], goal, True)
+    if not b.with_mpllama:
+        return
+    bench_quant.decode_steps(b.checkpoint(1), b.sizes.llamacpp_batches, quick)
+    rates = bench_quant.speed(b.checkpoint(1), b.sizes.llamacpp_batches, b.seed, b.root)
+    for n in b.sizes.llamacpp_batches:
+        if ("llama.cpp q8_0", n) in rates:
+            ratio = rates["int8", n] / rates["llama.cpp q8_0", n]
+            goal = 1.0 if n == 1 else 1.5
+            b.target(f"quant: batch {n}, mpllama int8 / llama.cpp q8_0", ratio, goal)
 
 
 def param_count(args: ModelArgs) -> int:
@@ -434,6 +503,10 @@ PART_RUNNERS = {
     "llama3": part_llama3,
     "guided": part_guided,
     "llamacpp": part_llamacpp,
+    "chat": part_chat,
+    "prefix": part_prefix,
+    "kvmem": part_kvmem,
+    "quant": part_quant,
 }
 
 

@@ -60,8 +60,10 @@ def installed_version(env: Path = BENCH_ENV) -> str:
     return out.stdout.strip()
 
 
-def make_ggufs(ckpt: Path, out: Path, env: Path = BENCH_ENV) -> dict[str, Path]:
-    """GGUFs of a one-shard mpllama checkpoint at every type of GGUF_TYPES, through
+def make_ggufs(
+    ckpt: Path, out: Path, env: Path = BENCH_ENV, kinds: tuple[str, ...] = GGUF_TYPES
+) -> dict[str, Path]:
+    """GGUFs of a one-shard mpllama checkpoint at every type of ``kinds``, through
     mpllama's HF conversion and llama.cpp's converter; reused when already there."""
     from mpllama.offline.convert import convert_meta_to_hf
 
@@ -69,7 +71,7 @@ def make_ggufs(ckpt: Path, out: Path, env: Path = BENCH_ENV) -> dict[str, Path]:
     if not (hf / "model.safetensors").is_file():
         convert_meta_to_hf(ckpt, hf)
     ggufs = {}
-    for kind in GGUF_TYPES:
+    for kind in kinds:
         gguf = out / f"{ckpt.name}-{kind}.gguf"
         if not gguf.is_file():
             # Written under another name first: an interrupted run leaves no half file.
