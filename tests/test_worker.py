@@ -164,3 +164,41 @@ def test_rank_logging_puts_the_rank_in_every_line(capfd: pytest.CaptureFixture[s
     finally:
         root.handlers[:] = before_handlers
         root.setLevel(before_level)
+
+
+def test_a_poll_holds_stream_continuations_briefly_but_never_a_first_or_last_token(
+    tiny_ckpts: dict[int, Path],
+) -> None:
+    """Tokens that only continue streams wait up to ``linger_s`` for the next steps' (one
+    Ray call carries several steps); a first token, a finish or an error goes at once."""
+    worker = RankWorker(0, spec_for(tiny_ckpts[1]))
+
+    def step(offset: int, finish: str | None = None) -> list[Event]:
+        return [Event("a", [7], None, "x", offset, offset, finish)]
+
+    def later(events: list[Event], after_s: float) -> threading.Thread:
+        def add() -> None:
+            time.sleep(after_s)
+            with worker._cond:
+                worker._events.append(events)
+                worker._cond.notify_all()
+
+        thread = threading.Thread(target=add)
+        thread.start()
+        return thread
+
+    worker._events = [step(3)]
+    joiner = later(step(4), 0.05)
+    started = time.monotonic()
+    polled = worker.poll(0.0, linger_s=0.3)
+    joiner.join()
+    assert [s[0].token_offset for s in polled.steps] == [3, 4]  # the next step joined
+    assert 0.29 < time.monotonic() - started < 3
+    for first_or_last in (step(0), step(9, "stop")):
+        worker._events = [step(5)]
+        joiner = later(first_or_last, 0.05)
+        started = time.monotonic()
+        polled = worker.poll(0.0, linger_s=5.0)
+        joiner.join()
+        assert len(polled.steps) == 2
+        assert time.monotonic() - started < 2  # answered as soon as it came

@@ -44,6 +44,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+# How long a poll holds tokens that only continue streams, for the next steps' to join
+# them: each poll is a Ray call whose cost, on a small CPU machine, competes with the
+# ranks for the cores (benchmarks/RESULTS.md, "Figures behind the code"). A stream's
+# first token, its last and any error are never held.
+LINGER_S = 0.025
+
+
 class TorchThread:
     """One long-lived daemon thread that runs the calls handed to it, in order; the
     caller waits for each (a failure is raised in the caller, its traceback kept).
@@ -234,13 +241,21 @@ class RankWorker:
             self._aborted.extend(ids)
             self._cond.notify_all()
 
-    def poll(self, wait_s: float) -> Polled:
+    def poll(self, wait_s: float, linger_s: float = LINGER_S) -> Polled:
         """Lead only: the events of every step since the last poll, grouped per step, and
-        the scheduler's counts; waits up to ``wait_s`` for at least one step. Raises what
-        stopped the loop."""
+        the scheduler's counts; waits up to ``wait_s`` for at least one step. Steps that
+        only continue streams wait up to ``linger_s`` more for the next steps' (see
+        ``LINGER_S``); a first token, a finish or an error is answered at once. Raises
+        what stopped the loop."""
         with self._cond:
             if not self._events and self._failed is None:
                 self._cond.wait(wait_s)
+            deadline = time.monotonic() + linger_s
+            while self._events and self._failed is None and _continuations(self._events):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
             if self._failed is not None:
                 raise RuntimeError(f"the step loop failed: {self._failed!r}") from self._failed
             events, self._events = self._events, []
@@ -282,6 +297,11 @@ class RankWorker:
             written = here if written is None else written | here
         assert written is not None
         return written.nonzero().squeeze(1).tolist()
+
+
+def _continuations(steps: list[list[Event]]) -> bool:
+    """Whether every event only continues a stream: no first token, finish or error."""
+    return all(e.token_offset > 0 and e.finish_reason is None for s in steps for e in s)
 
 
 def peak_rss_mb() -> float:
