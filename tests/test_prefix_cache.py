@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import wait_for
-from test_runner import GREEDY, PROMPTS, Done, assert_same, load, req
+from test_runner import GREEDY, PROMPTS, Done, assert_same, load, req, run
 
 from mpllama import LLM, SamplingParams
 from mpllama.protocol import Request
@@ -42,29 +42,12 @@ def pool(model: Transformer, blocks: int = 64, block_size: int = 4, seq: int = 1
     model.setup_caches(blocks, block_size, seq)
 
 
-def drive(
-    runner: Runner, requests: list[Request], later: dict[int, list[Request]] | None = None
-) -> list[Done]:
-    """Run to the end (``later``: step -> requests submitted before it)."""
-    runner.add(requests)
-    pending = dict(later or {})
-    done: dict[str, Done] = {}
-    step = 0
-    while runner.has_work or pending:
-        runner.add(pending.pop(step, []))
-        for e in runner.step():
-            done.setdefault(e.id, Done()).add(e)
-        step += 1
-    every = requests + [r for rs in (later or {}).values() for r in rs]
-    return [done[r.id] for r in every]
-
-
 def cold(model: Transformer, tok: Tokenizer, requests: list[Request]) -> list[Done]:
     """Each request alone on a fresh runner with the prefix cache off."""
     out = []
     for r in requests:
         runner = Runner(model, tok, 256, max_running=4, prefix_caching=False)
-        out += drive(runner, [copy.copy(r)])
+        out += run(model, tok, [copy.copy(r)], runner=runner)
     return out
 
 
@@ -80,16 +63,20 @@ def assert_no_block_leaked(runner: Runner) -> None:
 # ------------------------------------------------------------------ the block manager
 
 
+def admit(m: BlockManager, table: BlockTable, tokens: list[int], reserve: int) -> int | None:
+    return m.admit(table, lambda lo, hi: tokens[lo:hi], len(tokens), reserve)
+
+
 def test_blocks_are_named_by_their_prefix_shared_and_evicted_least_recently_used() -> None:
     m = BlockManager(num_blocks=8, block_size=2)
     a, b = BlockTable(), BlockTable()
     tokens = [1, 2, 3, 4, 5]
-    assert m.admit(a, tokens, reserve=4) == 0  # nothing cached yet
+    assert admit(m, a, tokens, 4) == 0  # nothing cached yet
     assert a.blocks == [0, 1, 2] and a.reserved == (0, 4)  # placed in a run of 4
     m.name_full_blocks(a, lambda lo, hi: tokens[lo:hi], 5)
     assert len(m.named) == 2  # [1, 2] and [1, 2, 3, 4]; [5] is not full
     # A prompt with the same first four tokens shares those two blocks.
-    assert m.admit(b, [1, 2, 3, 4, 9, 9], reserve=3) == 4
+    assert admit(m, b, [1, 2, 3, 4, 9, 9], 3) == 4
     assert b.blocks[:2] == [0, 1] and m.refs[:2] == [2, 2]
     assert b.blocks[2] == 4  # past a's reservation
     m.release(a)
@@ -97,17 +84,17 @@ def test_blocks_are_named_by_their_prefix_shared_and_evicted_least_recently_used
     assert m.used == 0 and list(m.evictable) == [1, 0]  # tails go first
     # The same first block but a different second one: a different name.
     c = BlockTable()
-    assert m.admit(c, [1, 2, 7, 7, 7], reserve=3) == 2
+    assert admit(m, c, [1, 2, 7, 7, 7], 3) == 2
     m.release(c)
     # A prompt cached whole still recomputes its last block (it needs the logits).
     d = BlockTable()
-    assert m.admit(d, [1, 2, 3, 4], reserve=2) == 2
+    assert admit(m, d, [1, 2, 3, 4], 2) == 2
     m.release(d)
     # Running out of empty blocks evicts named ones, least recently used first.
     e = BlockTable()
-    assert m.admit(e, list(range(100, 116)), reserve=8) == 0
+    assert admit(m, e, list(range(100, 116)), 8) == 0
     assert m.free == 0 and not m.named  # all 8 taken: 6 empty, then both named
-    assert m.admit(BlockTable(), [1], reserve=1) is None  # nothing left: takes nothing
+    assert admit(m, BlockTable(), [1], 1) is None  # nothing left: takes nothing
     assert not m.grow(e, 17)
     m.release(e)
     assert m.free == 8 and m.hit_tokens == 4 + 2 + 2
@@ -128,7 +115,7 @@ def test_conversation_turns_reuse_the_cache_exactly(model: Transformer, tok: Tok
     for turn in range(4):
         request = Request(f"turn{turn}", list(history), params)
         before = runner.blocks.hit_tokens
-        (got,) = drive(runner, [request])
+        (got,) = run(model, tok, [request], runner=runner)
         hits.append(runner.blocks.hit_tokens - before)
         assert_same(got, cold(model, tok, [request])[0])
         history += got.token_ids + tok.encode(f" User: and then {turn}?", bos=False, eos=False)
@@ -150,7 +137,7 @@ def test_prompts_ending_inside_a_cached_block_or_cached_whole(
     cut = len(full) // 4 * 4  # a whole number of blocks
     prompts = [full, full[: cut - 2], full, full[:cut], full[:cut], full[: cut + 1]]
     requests = [Request(f"p{i}", p, GREEDY.replace(max_tokens=6)) for i, p in enumerate(prompts)]
-    got = [drive(runner, [r])[0] for r in requests]
+    got = [run(model, tok, [r], runner=runner)[0] for r in requests]
     for g, want in zip(got, cold(model, tok, requests), strict=True):
         assert_same(g, want)
     assert runner.blocks.hit_tokens > 3 * (cut - 4)
@@ -177,7 +164,9 @@ def test_concurrent_requests_share_a_prefix_admitted_in_the_same_step(
     preamble_blocks = len(tok.encode(LONG, bos=True, eos=False)) // 4
     assert used[False] - used[True] >= 5 * (preamble_blocks - 1)
     runner = Runner(model, tok, 1024, max_running=8)
-    for got, want in zip(drive(runner, requests), cold(model, tok, requests), strict=True):
+    for got, want in zip(
+        run(model, tok, requests, runner=runner), cold(model, tok, requests), strict=True
+    ):
         assert_same(got, want)
     assert runner.blocks.hit_tokens >= 5 * (preamble_blocks - 1) * 4
     assert_no_block_leaked(runner)
@@ -189,7 +178,7 @@ def test_n_samples_of_one_prompt_share_it(model: Transformer, tok: Tokenizer) ->
     prompt = tok.encode(LONG, bos=True, eos=False)
     requests = [Request(f"n{i}", prompt, params, seed=i) for i in range(4)]
     runner = Runner(model, tok, 256, max_running=4)
-    got = drive(runner, requests)
+    got = run(model, tok, requests, runner=runner)
     for g, want in zip(got, cold(model, tok, requests), strict=True):
         assert_same(g, want)
     assert len({tuple(g.token_ids) for g in got}) > 1  # really different samples
@@ -259,7 +248,7 @@ def test_followers_caches_equal_the_leads(
         pool(m, blocks=16, seq=40)
     sent: list[torch.Tensor] = []
     runner = Runner(lead_model, tok, 12, lambda t: sent.append(t.clone()) or t, max_running=6)
-    drive(runner, random_requests(tok, 40, seed=3))
+    run(lead_model, tok, random_requests(tok, 40, seed=3), runner=runner)
     runner.stop()
     assert runner.scheduler.preemptions > 0 and runner.blocks.hit_tokens > 0
     replay = iter(sent)
@@ -399,7 +388,7 @@ def test_on_a_gpu_gathered_rows_and_preemption_stay_exact(
     pool(gpu, blocks=16, seq=40)
     requests = random_requests(tok, 60, seed=5)
     runner = Runner(gpu, tok, 12, max_running=8)
-    got = drive(runner, requests)
+    got = run(gpu, tok, requests, runner=runner)
     assert runner.scheduler.preemptions > 0 and runner.blocks.hit_tokens > 0
     assert_no_block_leaked(runner)
     for g, want in zip(got, cold(gpu, tok, requests), strict=True):

@@ -112,36 +112,42 @@ class BlockManager:
 
     # ------------------------------------------------------------------ sequences
 
-    def admit(self, table: BlockTable, tokens: list[int], reserve: int) -> int | None:
-        """Give a new (or preempted) sequence the blocks for ``tokens``, its prompt: the
-        longest named prefix, then fresh blocks, placed in a run of ``reserve`` blocks
-        where one is free. Returns how many positions are cached already, or None (and
-        takes nothing) when the pool cannot hold it now."""
+    def admit(
+        self,
+        table: BlockTable,
+        tokens: Callable[[int, int], list[int]],
+        n: int,
+        reserve: int,
+    ) -> int | None:
+        """Give a new (or preempted) sequence the blocks for its prompt, ``n`` tokens
+        (``tokens(lo, hi)``: those at positions lo..hi-1): the longest named prefix, then
+        fresh blocks, placed in a run of ``reserve`` blocks where one is free. Returns how
+        many positions are cached already, or None (and takes nothing) when the pool
+        cannot hold it now."""
         bs = self.block_size
         hits: list[int] = []
         names: list[bytes] = []
         redo = -1
         if self.prefix_caching:
-            full = len(tokens) // bs
-            if table.chain is None or table.chain[0] != len(tokens):
+            if table.chain is None or table.chain[0] != n:
                 chain, parent = [], b""
-                for i in range(full):
-                    parent = block_hash(parent, tokens[i * bs : (i + 1) * bs])
+                for i in range(n // bs):
+                    parent = block_hash(parent, tokens(i * bs, (i + 1) * bs))
                     chain.append(parent)
-                table.chain = (len(tokens), chain)
+                table.chain = (n, chain)
             for name in table.chain[1]:
                 block = self.named.get(name)
                 if block is None:
                     break
                 hits.append(block)
                 names.append(name)
-            if len(hits) * bs == len(tokens):
+            if len(hits) * bs == n:
                 # A prompt cached whole still needs its last token run for its logits:
                 # recompute the last block rather than write into a shared one (into
                 # that very block when nobody uses it: the KV stays one run).
                 redo = hits.pop()
                 names.pop()
-        need = -(-len(tokens) // bs) - len(hits)
+        need = -(-n // bs) - len(hits)
         revived = sum(1 for b in hits if self.refs[b] == 0)
         if need > self.free - revived:
             return None
@@ -151,8 +157,7 @@ class BlockManager:
             self.refs[b] += 1
         if redo >= 0 and self.refs[redo] == 0:
             del self.evictable[redo]
-            self._evict(redo)
-            self.refs[redo] = 0
+            self._unname(redo)
             self._put(redo)  # an empty block, right after the hits
         table.clear()
         table.chain = None
@@ -177,7 +182,7 @@ class BlockManager:
         else:
             table.add([self._take_any() for _ in range(need)])
         if self.prefix_caching:
-            self.query_tokens += len(tokens)
+            self.query_tokens += n
             self.hit_tokens += len(hits) * bs
         return len(hits) * bs
 
@@ -253,17 +258,16 @@ class BlockManager:
             self._take(b)
             return b
         b, _ = self.evictable.popitem(last=False)
-        self._evict(b)
+        self._unname(b)
+        self.refs[b] = 1
         return b
 
-    def _evict(self, b: int) -> None:
-        """Take a cached block that nobody uses (already out of ``evictable``): its name
-        goes."""
+    def _unname(self, b: int) -> None:
+        """Forget the KV of a cached block nobody uses (already out of ``evictable``)."""
         name = self.name[b]
         assert name is not None and self.refs[b] == 0
         del self.named[name]
         self.name[b] = None
-        self.refs[b] = 1
 
     def _put(self, b: int) -> None:
         self.empty[b] = self.open[b] = 1

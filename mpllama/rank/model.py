@@ -238,10 +238,7 @@ class Transformer(nn.Module):
         (benchmarks/RESULTS.md, "Figures behind the code"). GPUs keep the one batched call."""
         if self.device.type != "cpu" or len(ends) == 1:
             return True
-        attn = self.layers[0].attention
-        assert attn.cache_k is not None
-        per_position = 2 * attn.n_local_kv_heads * attn.head_dim * attn.cache_k.element_size()
-        wasted = (max(ends) * len(ends) - sum(ends)) * per_position
+        wasted = (max(ends) * len(ends) - sum(ends)) * self._kv_position_bytes()
         return wasted <= len(ends) * ROW_CALL_BYTES
 
     def gather_pays(self, S: int) -> bool:
@@ -250,10 +247,13 @@ class Transformer(nn.Module):
         of small models; a GPU always gathers."""
         if self.device.type != "cpu":
             return True
+        return 2 * S * self._kv_position_bytes() <= ROW_CALL_BYTES
+
+    def _kv_position_bytes(self) -> int:
+        """Bytes of K and V one position holds in one layer of this rank's cache."""
         attn = self.layers[0].attention
         assert attn.cache_k is not None
-        per_position = 2 * attn.n_local_kv_heads * attn.head_dim * attn.cache_k.element_size()
-        return 2 * S * per_position <= ROW_CALL_BYTES
+        return 2 * attn.n_local_kv_heads * attn.head_dim * attn.cache_k.element_size()
 
     @torch.inference_mode()
     def forward(

@@ -62,10 +62,6 @@ class Runner:
         self.grammars = Grammars(tokenizer, model.args.vocab_size)
 
     @property
-    def waiting(self) -> list[Sequence]:
-        return list(self.scheduler.waiting)
-
-    @property
     def running(self) -> list[Sequence]:
         return self.scheduler.running
 

@@ -68,7 +68,7 @@ class Scheduler:
         while budget > 0 and self.waiting and len(self.running) < self.max_running:
             s = self.waiting[0]
             reserve = -(-min(self.max_seq_len, len(s.request.prompt_token_ids) + s.budget) // bs)
-            cached = self.blocks.admit(s.table, s.tokens(0, s.fill), reserve)
+            cached = self.blocks.admit(s.table, s.tokens, s.fill, reserve)
             if cached is None:
                 break  # first come, first served: nobody overtakes it
             self.waiting.popleft()
