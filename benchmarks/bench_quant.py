@@ -47,20 +47,8 @@ from mpllama.tokenizer import Tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "demo" / "model"
-PROMPTS = [  # tests/test_demo.py's bf16 agreement prompts
-    "The for statement",
-    "A list comprehension",
-    "Exceptions are raised",
-    "The dictionary type",
-    "def main():",
-    "import os\n",
-    "Strings are immutable",
-    "The with statement",
-    "Generators yield",
-    "class Point:",
-    "The standard library",
-    "Regular expressions",
-]
+# tests/test_demo.py's bf16 agreement prompts
+PROMPTS = json.loads((REPO / "demo" / "agreement_prompts.json").read_text())
 NEW_TOKENS = 32
 CPU = torch.device("cpu")
 
