@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cpu_kernels import Segments
+
 
 @dataclass
 class CacheIndex:
@@ -36,6 +38,8 @@ class CacheIndex:
     # How attention reads the rows, in order: (lo, hi, S), rows lo..hi-1 as one view of
     # S positions each (evenly spaced one-segment rows), or one row on its own.
     pieces: list[tuple[int, int, int]] = field(default_factory=list)
+    # Or, for one new token per row: the segments for mpllama's CPU decode kernel.
+    decode: Segments | None = None
 
     @staticmethod
     def build(

@@ -20,6 +20,7 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
+from .cpu_kernels import OneRowProduct
 from .dist import all_gather, all_reduce
 from .quant import Int4Weight, Int8Weight
 
@@ -43,12 +44,19 @@ def _bare(cls: type[nn.Module], **attrs: object) -> nn.Module:
     return layer
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight | Int4Weight) -> torch.Tensor:
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor | Int8Weight | Int4Weight,
+    one_row: OneRowProduct | None = None,
+) -> torch.Tensor:
     """x @ weight.T, with a weight plain, prepacked by ``pack_linears`` or quantized
-    (``quant.materialize_quantized``: an object that runs its own kernel)."""
+    (``quant.materialize_quantized``: an object that runs its own kernel). ``one_row``:
+    the packed weight's one-row kernel (``cpu_kernels``), for an input of one row."""
     if isinstance(weight, (Int8Weight, Int4Weight)):
         return weight(x)
     if weight.layout == torch._mkldnn:
+        if one_row is not None and x.numel() == one_row.inner:
+            return one_row(x)
         return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return F.linear(x, weight)
 
@@ -59,14 +67,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight | Int4Weight) -> t
 
 
 class ColumnLinear(ColumnParallelLinear):
+    one_row: OneRowProduct | None = None  # set by Transformer.pack_linears
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight)
+        y = linear(x, self.weight, self.one_row)
         return all_gather(y) if self.gather_output else y
 
 
 class RowLinear(RowParallelLinear):
+    one_row: OneRowProduct | None = None  # set by Transformer.pack_linears
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(linear(x, self.weight))
+        return all_reduce(linear(x, self.weight, self.one_row))
 
 
 class Fused(nn.Module):
@@ -74,6 +86,8 @@ class Fused(nn.Module):
     product: each rank's slices stacked into one weight, the output split back. One
     kernel instead of two or three, on a bigger matrix: at one row a CPU's product is
     bound by reading the weight, and one call reads it closer to the memory's speed."""
+
+    one_row: OneRowProduct | None = None  # set by Transformer.pack_linears
 
     def __init__(self, parts: list[nn.Module]) -> None:
         super().__init__()
@@ -87,7 +101,11 @@ class Fused(nn.Module):
         self.weight = nn.Parameter(torch.cat(weights), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return linear(x, self.weight).split(self.sizes, dim=-1)
+        return self.product(x).split(self.sizes, dim=-1)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """The stacked product, not split: [..., sum(sizes)]."""
+        return linear(x, self.weight, self.one_row)
 
 
 class Embedding(ParallelEmbedding):

@@ -16,6 +16,17 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 
 from ..model_args import ModelArgs
+from .cpu_kernels import (
+    Float32Product,
+    Segments,
+    add_rmsnorm,
+    attend_decode,
+    decode_attention_fits,
+    float32_product,
+    one_row_product,
+    rope_write,
+    silu_mul,
+)
 from .dist import gather_to_lead
 from .kv_layout import CacheIndex
 from .layers import (
@@ -75,6 +86,20 @@ class Attention(nn.Module):
         """x: the new tokens' hidden states, packed (see CacheIndex.pack); same shape out."""
         assert self.cache_k is not None and self.cache_v is not None, "call setup_caches first"
         B, T = at.shape
+        if at.decode is not None and self.wqkv is not None:
+            # One new token per row in bf16 on a CPU: the fused projection, then
+            # mpllama's kernels for RoPE with the cache writes, and for attention.
+            qkv = self.wqkv.product(x.view(B, -1))
+            q = rope_write(
+                qkv,
+                cis.view(B, -1),
+                at.write_index.view(B),
+                self.cache_k,
+                self.cache_v,
+                self.n_local_heads,
+            )
+            out = attend_decode(q, self.cache_k, self.cache_v, at.decode)
+            return self.wo(out.view(B, T, -1))
         # The projections run on the real tokens only; attention wants [B,T,...] rows.
         if self.wqkv is not None:
             xq, xk, xv = self.wqkv(x)
@@ -90,6 +115,9 @@ class Attention(nn.Module):
         # (Indexing [K,P,D] by [B,T] on dim 1 gives [K,B,T,D].)
         self.cache_k[:, at.write_index] = k.permute(2, 0, 1, 3)
         self.cache_v[:, at.write_index] = v.permute(2, 0, 1, 3)
+        if at.decode is not None:  # one new token per row, mpllama's CPU kernel (unfused)
+            out = attend_decode(q.view(B, -1, self.head_dim), self.cache_k, self.cache_v, at.decode)
+            return self.wo(at.pack(out.view(B, T, -1)))
         # Grouped-query attention: each K/V head serves n_heads / n_kv_heads query heads;
         # enable_gqa shares them without materialising repeated copies of the cache.
         gqa = self.n_local_heads != self.n_local_kv_heads
@@ -120,7 +148,9 @@ class FeedForward(nn.Module):
     def fuse(self) -> None:
         self.w13 = Fused([self.w1, self.w3])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cpu_decode: bool = False) -> torch.Tensor:
+        if cpu_decode and self.w13 is not None:  # see TransformerBlock.forward
+            return self.w2(silu_mul(self.w13.product(x)))
         gate, up = self.w13(x) if self.w13 is not None else (self.w1(x), self.w3(x))
         return self.w2(F.silu(gate) * up)
 
@@ -134,6 +164,14 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x: torch.Tensor, at: CacheIndex, cis: torch.Tensor) -> torch.Tensor:
+        if at.decode is not None:
+            # One new token per row in bf16 on a CPU: the norms, the residual add before
+            # the second and the FFN's activation each one call of mpllama's kernels
+            # (cpu_kernels), where torch takes several ops each.
+            norm1, norm2 = self.attention_norm, self.ffn_norm
+            _, normed = add_rmsnorm(x, None, norm1.weight, norm1.eps)
+            h, normed = add_rmsnorm(x, self.attention(normed, at, cis), norm2.weight, norm2.eps)
+            return h + self.feed_forward(normed, cpu_decode=True)
         h = x + self.attention(self.attention_norm(x), at, cis)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -158,6 +196,9 @@ class Transformer(nn.Module):
         # the [B, V] logits (see forward).
         self.output = column_parallel(args.dim, args.vocab_size, gather_output=False)
         self.num_blocks = self.block_size = self.max_seq_len = self.slots = self.per_slot = 0
+        # The bf16 output layer's product with float32 logits, where mpllama's CPU
+        # kernels run (``pack_linears``): bf16 logits would leave near-ties to rounding.
+        self.logits32: Float32Product | None = None
 
     @property
     def device(self) -> torch.device:
@@ -224,9 +265,11 @@ class Transformer(nn.Module):
                 and "weight" in module._parameters
             ):
                 weight = module._parameters.pop("weight")
-                module.register_buffer(
-                    "weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-                )
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+                module.register_buffer("weight", packed)
+                module.one_row = one_row_product(packed)
+        if onednn and isinstance(self.output.weight, torch.Tensor):
+            self.logits32 = float32_product(self.output.weight)
 
     def batched_read_pays(self, ends: list[int]) -> bool:
         """Whether rows that could be read as one strided view should be: one batched
@@ -246,6 +289,11 @@ class Transformer(nn.Module):
         if self.device.type != "cpu":
             return True
         return 2 * S * self._kv_position_bytes() <= ROW_CALL_BYTES
+
+    def _decode_kernel_fits(self) -> bool:
+        attn = self.layers[0].attention
+        assert attn.cache_k is not None
+        return decode_attention_fits(attn.n_local_heads, attn.cache_k)
 
     def _kv_position_bytes(self) -> int:
         """Bytes of K and V one position holds in one layer of this rank's cache."""
@@ -301,15 +349,20 @@ class Transformer(nn.Module):
             self.num_blocks,
             device,
         )
-        # Evenly spaced rows read as one view where the padding costs less than a call
-        # per row; rows that are not, at lengths close enough, are gathered into one
-        # batch where that costs less than a call per row (always, on a GPU).
-        at.pieces = at.read_pieces(self.batched_read_pays)
-        if len(at.pieces) > 1 and self.batched_read_pays(ends) and self.gather_pays(S):
-            at.gather = at.gather_index(S, device)
-        if len(at.pieces) < B or at.gather is not None or T > 1:
-            # A query at position p sees keys at positions <= p of its own row: [B,1,T,S].
-            at.mask = (torch.arange(S, device=device) <= positions[:, :, None])[:, None]
+        if T == 1 and packed is None and self._decode_kernel_fits():
+            # One new token per row on a CPU in bf16: every row's segments in one call
+            # per layer (cpu_kernels.attend_decode), whatever blocks they sit in.
+            at.decode = Segments.of(at.segments)
+        else:
+            # Evenly spaced rows read as one view where the padding costs less than a
+            # call per row; rows that are not, at lengths close enough, are gathered
+            # into one batch where that costs less than a call per row (always, on a GPU).
+            at.pieces = at.read_pieces(self.batched_read_pays)
+            if len(at.pieces) > 1 and self.batched_read_pays(ends) and self.gather_pays(S):
+                at.gather = at.gather_index(S, device)
+            if len(at.pieces) < B or at.gather is not None or T > 1:
+                # A query at position p sees keys at positions <= p of its row: [B,1,T,S].
+                at.mask = (torch.arange(S, device=device) <= positions[:, :, None])[:, None]
         cis = self.rope[positions]  # [B,T,D/2]
         h = at.pack(self.tok_embeddings(tokens))
         for layer in self.layers:
@@ -317,7 +370,8 @@ class Transformer(nn.Module):
         h = at.unpack(h)  # [B,T,dim]
         if logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at]  # [B,dim]
-        logits = gather_to_lead(self.output(self.norm(h)))
+        h = self.norm(h)
+        logits = gather_to_lead(self.logits32(h) if self.logits32 else self.output(h))
         return None if logits is None else logits.float()
 
 

@@ -26,6 +26,8 @@ scale then zero, w = (q - 8) * scale + zero).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +35,9 @@ from torch import nn
 from ..checkpoint import Quantization, is_quantized_key, scales_key
 from ..errors import CheckpointError
 from ..hardware import cpu_flags
+from .cpu_kernels import Int8OneRow, int8_one_row
+
+log = logging.getLogger(__name__)
 
 # CPUs whose int8 dot products oneDNN runs without saturating 16-bit intermediates.
 _VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
@@ -116,6 +121,7 @@ class Int8Weight:
         # Per input group, made by ``pack``: the kernel's weight and the weight scales.
         self._packed: list[torch.Tensor] = []
         self._scales: list[torch.Tensor] = []
+        self.one_row: Int8OneRow | None = None  # mpllama's kernel for one row (``pack``)
 
     @property
     def device(self) -> torch.device:
@@ -134,12 +140,25 @@ class Int8Weight:
             self._packed = [torch.ops.onednn.qlinear_prepack(c.contiguous(), None) for c in chunks]
             self._zero_points = torch.zeros(self.shape[0], dtype=torch.long)
             self.kernel = "onednn"
+            self.one_row = self._checked(int8_one_row(self._packed, self._scales), dtype)
         elif self.device.type == "cpu":
             self._packed = [c.t().contiguous() for c in chunks]  # [in/G, out], as _int_mm takes
             self.kernel = "int_mm"
         else:
             return
         self.q = torch.empty(0, dtype=torch.int8)  # the packed copies replace it
+
+    def _checked(self, one_row: Int8OneRow | None, dtype: torch.dtype) -> Int8OneRow | None:
+        """``one_row`` where it gives oneDNN's result for a probe row bit for bit: a row's
+        product must not depend on whether it ran alone or batched."""
+        if one_row is None or dtype not in (torch.float32, torch.bfloat16):
+            return None
+        probe = torch.randn(1, self.shape[1], generator=torch.Generator().manual_seed(0))
+        probe = probe.to(dtype)
+        if torch.equal(one_row(probe), self(probe)):
+            return one_row
+        log.warning("mpllama's int8 kernel differs from oneDNN's here; oneDNN runs every row")
+        return None
 
     def nbytes(self) -> int:
         return self.shape[0] * self.shape[1] + self.scales.numel() * 4
@@ -152,6 +171,8 @@ class Int8Weight:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        if self.one_row is not None and x.numel() == self.shape[1]:
+            return self.one_row(x.reshape(1, -1)).reshape(*lead, self.shape[0])
         x2 = x.reshape(-1, x.shape[-1])
         groups = self.scales.shape[1]
         y: torch.Tensor | None = None

@@ -1,0 +1,414 @@
+/* One-row products and one-query attention for CPU ranks with AVX-512 (bf16 dot products
+ * for the bf16 kernels). Built on first use by cpu_kernels.py with the machine's C
+ * compiler, and called through ctypes on torch tensors' memory.
+ *
+ * Needs AVX-512 with bf16 and VNNI dot products (cpu_kernels.CPU_FLAGS).
+ *
+ * Why: a single request's decode step is bound by reading the weights, once per token.
+ * oneDNN's packed product reads a weight at about 70% of what this CPU's memory gives
+ * when the input has one row (it is built for blocks of rows); these loops stream the
+ * same packed weight once, front to back, at close to the memory's speed. The weights
+ * stay in oneDNN's packed layout, so batched steps keep oneDNN's kernels on the same
+ * bytes (cpu_kernels.py checks the layout on this machine before any kernel reads it).
+ *
+ * Threads: OpenMP, linked against the libgomp torch has already loaded, so these loops
+ * run on torch's own thread pool and its thread count.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#define NB 64 /* output rows per packed block: oneDNN's blocking for one-row products */
+
+static inline float bf16_to_f32(uint16_t v) {
+    union { uint32_t u; float f; } bits = {(uint32_t)v << 16};
+    return bits.f;
+}
+
+/* v rounded to bf16 (nearest even) and back */
+static inline __m512 bf16x16_round(__m512 v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+static inline __m512 bf16x16_to_f32(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* y[n] = sum_k w[n,k] x[k] for n < Np (rows padded to a multiple of 64).
+ * w: bf16 in oneDNN's blocked layout [Np/64][K/2][64][2]; x: K bf16; y: Np bf16, rounded
+ * to nearest even from float32 sums (as oneDNN rounds). */
+void gemv_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t Np, int64_t K) {
+    const uint32_t *pairs = (const uint32_t *)x;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < Np / NB; b++) {
+        const uint16_t *p = w + b * NB * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K / 2; k++, p += 2 * NB) {
+            __m512bh xk = (__m512bh)_mm512_set1_epi32((int)pairs[k]);
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(p), xk);
+            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(p + 32), xk);
+            a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(p + 64), xk);
+            a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(p + 96), xk);
+        }
+        uint16_t *out = y + b * NB;
+        _mm256_storeu_si256((__m256i *)out, (__m256i)_mm512_cvtneps_pbh(a0));
+        _mm256_storeu_si256((__m256i *)(out + 16), (__m256i)_mm512_cvtneps_pbh(a1));
+        _mm256_storeu_si256((__m256i *)(out + 32), (__m256i)_mm512_cvtneps_pbh(a2));
+        _mm256_storeu_si256((__m256i *)(out + 48), (__m256i)_mm512_cvtneps_pbh(a3));
+    }
+}
+
+/* The same for float32: w in oneDNN's blocked layout [Np/64][K][64], x: K, y: Np. */
+void gemv_f32(const float *w, const float *x, float *y, int64_t Np, int64_t K) {
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < Np / NB; b++) {
+        const float *p = w + b * NB * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k++, p += NB) {
+            __m512 xk = _mm512_set1_ps(x[k]);
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(p), xk, a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 16), xk, a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 32), xk, a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 48), xk, a3);
+        }
+        float *out = y + b * NB;
+        _mm512_storeu_ps(out, a0);
+        _mm512_storeu_ps(out + 16, a1);
+        _mm512_storeu_ps(out + 32, a2);
+        _mm512_storeu_ps(out + 48, a3);
+    }
+}
+
+#define CHUNK 64     /* positions scored at a time (online softmax between chunks) */
+#define MAX_G 64     /* query heads per KV head */
+#define MAX_GD 4096  /* query heads per KV head x head size */
+
+/* Attention of one new token per row over the positions it holds, bf16, G query heads
+ * per KV head:
+ *   q       [B, KV*G, D] bf16 (contiguous), each row's query;
+ *   kc, vc  one layer's caches [KV, P, D] bf16: KV head h, cache position p at (h*P + p)*D;
+ *   row b reads its segments firsts[i], counts[i] for i in offsets[b] .. offsets[b+1]-1,
+ *   in order (consecutive cache positions each), whatever blocks they sit in;
+ *   out     [B, KV*G, D] bf16.
+ * Scores and the softmax are in float32 (online: a chunk of positions at a time), the
+ * weighted sum of v in float32, rounded to bf16 once at the end. */
+void attend_decode_bf16(const uint16_t *q, const uint16_t *kc, const uint16_t *vc, int64_t P,
+                        const int64_t *firsts, const int64_t *counts, const int64_t *offsets,
+                        uint16_t *out, int64_t B, int64_t KV, int64_t G, int64_t D,
+                        float scale) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t task = 0; task < B * KV; task++) {
+        const int64_t b = task / KV, h = task % KV;
+        const uint16_t *qb = q + (b * KV + h) * G * D;
+        float acc[MAX_GD], m[MAX_G], l[MAX_G], s[MAX_G * CHUNK];
+        for (int64_t i = 0; i < G * D; i++) acc[i] = 0.0f;
+        for (int64_t g = 0; g < G; g++) m[g] = -INFINITY, l[g] = 0.0f;
+        for (int64_t seg = offsets[b]; seg < offsets[b + 1]; seg++) {
+            const uint16_t *kb = kc + (h * P + firsts[seg]) * D;
+            const uint16_t *vb = vc + (h * P + firsts[seg]) * D;
+            for (int64_t s0 = 0; s0 < counts[seg]; s0 += CHUNK) {
+                const int64_t n = counts[seg] - s0 < CHUNK ? counts[seg] - s0 : CHUNK;
+                /* this chunk's scores: s[g][j] = q_g . k_(s0+j) * scale */
+                for (int64_t j = 0; j < n; j++) {
+                    const uint16_t *kr = kb + (s0 + j) * D;
+                    for (int64_t g = 0; g < G; g++) {
+                        const uint16_t *qg = qb + g * D;
+                        __m512 a = _mm512_setzero_ps();
+                        for (int64_t d = 0; d < D; d += 32)
+                            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kr + d),
+                                                 (__m512bh)_mm512_loadu_si512(qg + d));
+                        s[g * CHUNK + j] = _mm512_reduce_add_ps(a) * scale;
+                    }
+                }
+                /* online softmax: what is summed so far, rescaled to the new running max */
+                for (int64_t g = 0; g < G; g++) {
+                    float mx = m[g];
+                    for (int64_t j = 0; j < n; j++) mx = fmaxf(mx, s[g * CHUNK + j]);
+                    const float c = expf(m[g] - mx);
+                    float sum = 0.0f;
+                    for (int64_t j = 0; j < n; j++) {
+                        const float e = expf(s[g * CHUNK + j] - mx);
+                        s[g * CHUNK + j] = e;
+                        sum += e;
+                    }
+                    l[g] = l[g] * c + sum;
+                    m[g] = mx;
+                    if (c != 1.0f)
+                        for (int64_t d = 0; d < D; d++) acc[g * D + d] *= c;
+                }
+                /* acc[g] += sum_j p[g][j] * v_(s0+j) */
+                for (int64_t j = 0; j < n; j++) {
+                    const uint16_t *vr = vb + (s0 + j) * D;
+                    for (int64_t d = 0; d < D; d += 16) {
+                        const __m512 vv = bf16x16_to_f32(vr + d);
+                        for (int64_t g = 0; g < G; g++) {
+                            float *a = acc + g * D + d;
+                            _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(s[g * CHUNK + j]),
+                                                                vv, _mm512_loadu_ps(a)));
+                        }
+                    }
+                }
+            }
+        }
+        uint16_t *ob = out + (b * KV + h) * G * D;
+        for (int64_t g = 0; g < G; g++) {
+            const __m512 inv = _mm512_set1_ps(1.0f / l[g]);
+            for (int64_t d = 0; d < D; d += 16)
+                _mm256_storeu_si256((__m256i *)(ob + g * D + d),
+                                    (__m256i)_mm512_cvtneps_pbh(
+                                        _mm512_mul_ps(_mm512_loadu_ps(acc + g * D + d), inv)));
+        }
+    }
+}
+
+/* y = x @ w.T in float32 for x [M, K] bf16 (rows contiguous) and w bf16 in oneDNN's
+ * blocked layout [Np/64][K/2][64][2]; y [M, N] float32, N <= Np the weight's real rows.
+ * For the logits: kept in float32, where a bf16 result would round them to steps of
+ * 1/16 around 10 and leave near-ties to the rounding. Four rows at a time share each
+ * weight load, so a block (in L2 by then) is read M/4 times. */
+void gemm_bf16_f32(const uint16_t *w, const uint16_t *x, float *y, int64_t M, int64_t N,
+                   int64_t Np, int64_t K) {
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < Np / NB; b++) {
+        const int64_t n0 = b * NB;
+        const int64_t valid = N - n0 < NB ? N - n0 : NB;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int64_t rows = M - m0 < 4 ? M - m0 : 4;
+            __m512 a[4][4];
+            for (int r = 0; r < 4; r++)
+                for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_ps();
+            const uint16_t *p = w + b * NB * K;
+            const uint32_t *xr[4];
+            for (int r = 0; r < 4; r++)
+                xr[r] = (const uint32_t *)(x + (m0 + (r < rows ? r : 0)) * K);
+            for (int64_t k = 0; k < K / 2; k++, p += 2 * NB) {
+                const __m512bh w0 = (__m512bh)_mm512_loadu_si512(p);
+                const __m512bh w1 = (__m512bh)_mm512_loadu_si512(p + 32);
+                const __m512bh w2 = (__m512bh)_mm512_loadu_si512(p + 64);
+                const __m512bh w3 = (__m512bh)_mm512_loadu_si512(p + 96);
+                for (int r = 0; r < 4; r++) {
+                    const __m512bh xk = (__m512bh)_mm512_set1_epi32((int)xr[r][k]);
+                    a[r][0] = _mm512_dpbf16_ps(a[r][0], w0, xk);
+                    a[r][1] = _mm512_dpbf16_ps(a[r][1], w1, xk);
+                    a[r][2] = _mm512_dpbf16_ps(a[r][2], w2, xk);
+                    a[r][3] = _mm512_dpbf16_ps(a[r][3], w3, xk);
+                }
+            }
+            for (int64_t r = 0; r < rows; r++) {
+                float *out = y + (m0 + r) * N + n0;
+                for (int c = 0; c < 4 && 16 * c < valid; c++) {
+                    const int64_t left = valid - 16 * c;
+                    const __mmask16 keep = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+                    _mm512_mask_storeu_ps(out + 16 * c, keep, a[r][c]);
+                }
+            }
+        }
+    }
+}
+
+/* x @ w.T for one row x of K values (bf16 if x_bf16, else float32) and an int8 weight
+ * [N, K] quantized in G equal groups along K, each group packed by oneDNN's
+ * qlinear_prepack: [N/64][K/G/4][64][4] int8, then N int32 (minus each row's sum).
+ * scales: G x N float32 (group-major). y: N values in x's type.
+ *
+ * Bit for bit what quant.Int8Weight computes through oneDNN for the same row: each
+ * group's values quantized as quantize_rows does (scale = max(max|x|, 1e-12) / 127,
+ * round half to even, plus 128), their integer products summed exactly (VNNI), less
+ * 128 x the row's sum, then float(sum) * w_scale * x_scale, the groups added in order,
+ * rounded once to x's type. u8: a workspace of K bytes. */
+void gemv_int8(const int8_t *const *w, const float *scales, const void *x, int x_bf16,
+               void *y, int64_t N, int64_t K, int64_t G, uint8_t *u8) {
+    const int64_t Kg = K / G;
+    float xs[64];
+    for (int64_t g = 0; g < G; g++) {
+        float amax = 0.0f;
+        for (int64_t k = g * Kg; k < (g + 1) * Kg; k++) {
+            const float v = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[k]) : ((const float *)x)[k];
+            amax = fmaxf(amax, fabsf(v));
+        }
+        const float scale = fmaxf(amax, 1e-12f) / 127.0f;
+        xs[g] = scale;
+        for (int64_t k = g * Kg; k < (g + 1) * Kg; k++) {
+            const float v = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[k]) : ((const float *)x)[k];
+            u8[k] = (uint8_t)(nearbyintf(v / scale) + 128.0f);
+        }
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < N / NB; b++) {
+        __m512 out[4];
+        for (int64_t g = 0; g < G; g++) {
+            const int8_t *p = w[g] + b * NB * Kg;
+            const uint32_t *quads = (const uint32_t *)(u8 + g * Kg);
+            __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+            __m512i a2 = _mm512_setzero_si512(), a3 = _mm512_setzero_si512();
+            for (int64_t k = 0; k < Kg / 4; k++, p += 4 * NB) {
+                const __m512i xk = _mm512_set1_epi32((int)quads[k]);
+                a0 = _mm512_dpbusd_epi32(a0, xk, _mm512_loadu_si512(p));
+                a1 = _mm512_dpbusd_epi32(a1, xk, _mm512_loadu_si512(p + 64));
+                a2 = _mm512_dpbusd_epi32(a2, xk, _mm512_loadu_si512(p + 128));
+                a3 = _mm512_dpbusd_epi32(a3, xk, _mm512_loadu_si512(p + 192));
+            }
+            const int32_t *minus_sums = (const int32_t *)(w[g] + N * Kg) + b * NB;
+            const float *ws = scales + g * N + b * NB;
+            const __m512 sx = _mm512_set1_ps(xs[g]);
+            __m512i acc[4] = {a0, a1, a2, a3};
+            for (int c = 0; c < 4; c++) {
+                const __m512i sums = _mm512_add_epi32(
+                    acc[c], _mm512_slli_epi32(_mm512_loadu_si512(minus_sums + 16 * c), 7));
+                const __m512 part = _mm512_mul_ps(
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_loadu_ps(ws + 16 * c)), sx);
+                out[c] = g == 0 ? part : _mm512_add_ps(out[c], part);
+            }
+        }
+        for (int c = 0; c < 4; c++) {
+            if (x_bf16)
+                _mm256_storeu_si256((__m256i *)((uint16_t *)y + b * NB + 16 * c),
+                                    (__m256i)_mm512_cvtneps_pbh(out[c]));
+            else
+                _mm512_storeu_ps((float *)y + b * NB + 16 * c, out[c]);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- a decode layer's small
+ * steps, fused: each replaces several torch ops (a few microseconds of dispatch each,
+ * which at one row cost more than their arithmetic). bf16 in and out, float32 inside. */
+
+/* e^x for 16 floats: Cephes' expf (a degree-6 polynomial on x - n ln2, scaled by 2^n),
+ * within 2 ulp over float's range. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.3762626647949f)),
+                      _mm512_set1_ps(88.3762626647949f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static inline void store_bf16(uint16_t *p, __m512 v, __mmask16 m) {
+    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+static inline __mmask16 tail(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
+
+/* Per row of D: h = x + delta (bf16; delta NULL: h = x, not written), then RMSNorm:
+ * out = bf16(bf16(h / sqrt(mean(h^2) + eps)) * w), rounded where Meta's RMSNorm rounds. */
+void add_rmsnorm_bf16(const uint16_t *x, const uint16_t *delta, const uint16_t *w, uint16_t *h,
+                      uint16_t *out, int64_t M, int64_t D, float eps) {
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *xr = x + m * D;
+        uint16_t *hr = delta ? h + m * D : (uint16_t *)xr;
+        __m512 ss = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+            const __mmask16 k = tail(D - d);
+            __m512 v = load_bf16(xr + d, k);
+            if (delta) {
+                v = _mm512_add_ps(v, load_bf16(delta + m * D + d, k));
+                store_bf16(hr + d, v, k);
+                v = load_bf16(hr + d, k); /* the rounded sum, as the residual stream holds it */
+            }
+            ss = _mm512_fmadd_ps(v, v, ss);
+        }
+        const __m512 r = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)D + eps));
+        for (int64_t d = 0; d < D; d += 16) {
+            const __mmask16 k = tail(D - d);
+            const __m512 normed = _mm512_mul_ps(load_bf16(hr + d, k), r);
+            const __m512 rounded = bf16x16_round(normed);
+            store_bf16(out + m * D + d, _mm512_mul_ps(rounded, load_bf16(w + d, k)), k);
+        }
+    }
+}
+
+/* One new token per row: rotate its q and k heads (RoPE, Meta's interleaved pairs) and
+ * write its k and v into the caches at the row's position.
+ *   qkv   [B, (H + 2*KV) * D] bf16, the fused projection's output (q heads, k, v);
+ *   cis   [B, D/2, 2] float32, cos and sin of the row's position;
+ *   pos   [B], the cache position each row writes;
+ *   cache_k, cache_v  [KV, P, D] bf16;  q [B, H, D] bf16 out. */
+void rope_write_bf16(const uint16_t *qkv, const float *cis, const int64_t *pos,
+                     uint16_t *cache_k, uint16_t *cache_v, int64_t P, uint16_t *q, int64_t B,
+                     int64_t H, int64_t KV, int64_t D) {
+    const int64_t stride = (H + 2 * KV) * D;
+    /* pairs (x0, x1) -> (x0 c - x1 s, x0 s + x1 c), 8 pairs (16 values) at a time */
+    const __m512i swap = _mm512_set_epi32(14, 15, 12, 13, 10, 11, 8, 9, 6, 7, 4, 5, 2, 3, 0, 1);
+    for (int64_t b = 0; b < B; b++) {
+        const uint16_t *row = qkv + b * stride;
+        const float *cs = cis + b * D;
+        for (int64_t head = 0; head < H + KV; head++) {
+            const uint16_t *src = row + head * D;
+            uint16_t *dst = head < H ? q + (b * H + head) * D
+                                     : cache_k + ((head - H) * P + pos[b]) * D;
+            for (int64_t d = 0; d < D; d += 16) {
+                const __mmask16 k = tail(D - d);
+                const __m512 v = load_bf16(src + d, k);
+                const __m512 c = _mm512_maskz_loadu_ps(k, cs + d); /* c0 s0 c1 s1 ... */
+                const __m512 cos = _mm512_moveldup_ps(c), sin = _mm512_movehdup_ps(c);
+                const __m512 vs = _mm512_permutexvar_ps(swap, v); /* x1 x0 ... */
+                /* even lanes: x0 c - x1 s; odd lanes: x1 c + x0 s */
+                const __m512 out = _mm512_fmaddsub_ps(v, cos, _mm512_mul_ps(vs, sin));
+                store_bf16(dst + d, out, k);
+            }
+        }
+        for (int64_t head = 0; head < KV; head++)
+            memcpy(cache_v + (head * P + pos[b]) * D, row + (H + KV + head) * D, D * 2);
+    }
+}
+
+/* out = bf16(silu(gate) * up) per row, gate and up the halves of gu [M, 2F] (the fused
+ * w1/w3 product's output); silu(g) = g / (1 + e^-g). */
+void silu_mul_bf16(const uint16_t *gu, uint16_t *out, int64_t M, int64_t F) {
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *g = gu + m * 2 * F, *u = g + F;
+        for (int64_t i = 0; i < F; i += 16) {
+            const __mmask16 k = tail(F - i);
+            const __m512 gv = load_bf16(g + i, k);
+            const __m512 s = _mm512_div_ps(
+                gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+            store_bf16(out + m * F + i, _mm512_mul_ps(bf16x16_round(s), load_bf16(u + i, k)), k);
+        }
+    }
+}
+
+/* The sum of n floats (n a multiple of 64), read once front to back on every thread's
+ * share: what the memory gives a stream of reads, as the one-row products read their
+ * weights (benchmarks measure the machine's bound with it). */
+float stream_sum(const float *x, int64_t n) {
+    float total = 0.0f;
+#pragma omp parallel reduction(+ : total)
+    {
+        const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t per = (n / 64 + threads - 1) / threads * 64;
+        const int64_t lo = t * per, hi = lo + per < n ? lo + per : n;
+        __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+        __m512 c = _mm512_setzero_ps(), d = _mm512_setzero_ps();
+        for (int64_t i = lo; i < hi; i += 64) {
+            a = _mm512_add_ps(a, _mm512_loadu_ps(x + i));
+            b = _mm512_add_ps(b, _mm512_loadu_ps(x + i + 16));
+            c = _mm512_add_ps(c, _mm512_loadu_ps(x + i + 32));
+            d = _mm512_add_ps(d, _mm512_loadu_ps(x + i + 48));
+        }
+        total += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+    }
+    return total;
+}

@@ -1,0 +1,395 @@
+"""mpllama's own CPU kernels (``cpu_kernels.c``): one-row products on oneDNN-packed weights
+and one-query attention over the block pool, for the decode steps a CPU rank runs one
+row or one token at a time.
+
+Built on first use with the machine's C compiler (about a second) into
+``~/.cache/mpllama``, keyed by the source and flags, and loaded with ctypes; the loops
+run on the OpenMP threads torch already has (the library links libgomp, which resolves
+to the one torch loaded). Where they cannot run (no AVX-512 bf16 in the CPU flags, no
+compiler, a failed build), ``library()`` is None and every caller keeps torch's kernels:
+the figures are in benchmarks/RESULTS.md, "Figures behind the code".
+
+A packed weight is read in oneDNN's own blocked layout; ``one_row_product`` checks that
+layout on each weight, against oneDNN's product of that same weight, before using it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..hardware import cpu_flags
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = (
+    "-O3 -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mavx512vnni -mfma "
+    "-fopenmp -shared -fPIC"
+).split()
+CPU_FLAGS = frozenset(
+    {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni", "fma"}
+)
+BLOCK = 64  # output rows per block of oneDNN's packed layout (cpu_kernels.c's NB)
+MAX_G, MAX_GD = 64, 4096  # query heads per KV head, and times the head size (the C limits)
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {
+    "gemv_bf16": [_P, _P, _P, _I, _I],
+    "gemv_f32": [_P, _P, _P, _I, _I],
+    "gemv_int8": [_P, _P, _P, ctypes.c_int, _P, _I, _I, _I, _P],
+    "gemm_bf16_f32": [_P, _P, _P, _I, _I, _I, _I],
+    "add_rmsnorm_bf16": [_P, _P, _P, _P, _P, _I, _I, ctypes.c_float],
+    "rope_write_bf16": [_P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I],
+    "silu_mul_bf16": [_P, _P, _I, _I],
+    "stream_sum": [_P, _I],
+    "attend_decode_bf16": [_P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_float],
+}
+
+
+def unavailable() -> str | None:
+    """Why the kernels cannot run on this machine, or None when they can be built."""
+    missing = CPU_FLAGS - cpu_flags()
+    if missing:
+        return f"the CPU lacks {', '.join(sorted(missing))}"
+    if compiler() is None:
+        return "no C compiler (cc or gcc) on PATH"
+    return None
+
+
+def compiler() -> str | None:
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built kernels, or None (logged once) where they cannot be."""
+    why = unavailable()
+    if why is None:
+        try:
+            return _load(_build())
+        except (OSError, subprocess.SubprocessError) as e:
+            why = f"building {SOURCE.name} failed: {e}"
+    log.info("mpllama's CPU kernels are off (%s); torch's kernels run instead", why)
+    return None
+
+
+def _build() -> Path:
+    cc = compiler()
+    assert cc is not None
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    out = Path.home() / ".cache" / "mpllama" / f"cpu_kernels-{digest}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Ranks on one machine may build at once: each into its own file, renamed into place.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        os.replace(tmp, out)
+    except subprocess.CalledProcessError as e:
+        raise subprocess.SubprocessError(e.stderr.strip()[-2000:]) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
+    lib.stream_sum.restype = ctypes.c_float
+    return lib
+
+
+# ------------------------------------------------------------------------ one-row products
+
+
+@dataclass
+class OneRowProduct:
+    """x @ w.T for an input of one row, on a weight in oneDNN's packed layout: w's
+    blocks of 64 output rows streamed once, front to back (``gemv_*`` in the C file).
+    Holds the packed tensor, whose memory the kernel reads at ``address``."""
+
+    packed: torch.Tensor = field(repr=False)
+    address: int
+    rows: int  # the weight's output rows
+    padded: int  # rounded up to whole blocks, as oneDNN lays them out
+    inner: int
+    dtype: torch.dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        y = torch.empty(*x.shape[:-1], self.padded, dtype=self.dtype)
+        fn = library().gemv_bf16 if self.dtype == torch.bfloat16 else library().gemv_f32  # type: ignore[union-attr]
+        fn(self.address, x.data_ptr(), y.data_ptr(), self.padded, self.inner)
+        return y if self.padded == self.rows else y[..., : self.rows]
+
+
+def one_row_product(packed: torch.Tensor) -> OneRowProduct | None:
+    """The one-row kernel for a weight packed by oneDNN (``_reorder_linear_weight``), or
+    None where it cannot read it: kernels off, another dtype, or a layout other than
+    blocks of 64 rows by pairs (bf16) or single (float32) inputs. The layout is checked
+    on the weight itself: the kernel's product of a probe row must match oneDNN's."""
+    if library() is None or packed.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    rows, inner = packed.shape
+    padded = -(-rows // BLOCK) * BLOCK
+    if inner % 32 or torch.ops.mkldnn._nbytes(packed) != padded * inner * packed.element_size():
+        return None
+    address = torch.ops.mkldnn.data_ptr(packed)
+    product = OneRowProduct(packed, address, rows, padded, inner, packed.dtype)
+    probe = torch.randn(1, inner, generator=torch.Generator().manual_seed(0)).to(packed.dtype)
+    ours = product(probe).float()
+    theirs = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "").float()
+    # Sums in another order: float32 agrees to rounding, bf16 to its output's rounding.
+    tol = 1e-4 if packed.dtype == torch.float32 else 2e-2
+    if not torch.allclose(ours, theirs, rtol=tol, atol=tol * float(theirs.abs().max()) + 1e-6):
+        log.warning(
+            "oneDNN packed a %s weight [%d, %d] in a layout mpllama's kernel does not read; "
+            "its one-row products stay with oneDNN",
+            str(packed.dtype).split(".")[-1],
+            rows,
+            inner,
+        )
+        return None
+    return product
+
+
+@dataclass
+class Float32Product:
+    """x @ w.T with a float32 result for bf16 x [..., in] and a bf16 weight packed by
+    oneDNN (whose own product returns bf16): for the logits, where bf16's rounding
+    (steps of 1/16 around 10) would decide near-ties. ``gemm_bf16_f32`` in the C file.
+    Holds the packed tensor, whose memory the kernel reads at ``address``."""
+
+    packed: torch.Tensor = field(repr=False)
+    address: int
+    rows: int
+    padded: int
+    inner: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.inner).contiguous()
+        y = torch.empty(x.shape[0], self.rows, dtype=torch.float32)
+        library().gemm_bf16_f32(  # type: ignore[union-attr]
+            self.address, x.data_ptr(), y.data_ptr(), x.shape[0], self.rows, self.padded, self.inner
+        )
+        return y.view(*lead, self.rows)
+
+
+def float32_product(packed: torch.Tensor) -> Float32Product | None:
+    """``Float32Product`` for a bf16 weight packed by oneDNN, where its one-row kernel
+    reads it (the same layout, checked by ``one_row_product``); else None."""
+    if packed.dtype != torch.bfloat16 or one_row_product(packed) is None:
+        return None
+    rows, inner = packed.shape
+    padded = -(-rows // BLOCK) * BLOCK
+    return Float32Product(packed, torch.ops.mkldnn.data_ptr(packed), rows, padded, inner)
+
+
+@dataclass
+class Int8OneRow:
+    """An int8 weight's product for an input of one row, reading the weight packed by
+    oneDNN's ``qlinear_prepack`` (one packed tensor per input group), bit for bit what
+    ``quant.Int8Weight`` computes through oneDNN (``gemv_int8`` in the C file): its
+    activations quantized per group as ``quant.quantize_rows`` does, the integer sums
+    exact. Holds the packed tensors and scales the kernel reads."""
+
+    packed: list[torch.Tensor] = field(repr=False)
+    scales: torch.Tensor = field(repr=False)  # [G, N] float32
+    pointers: ctypes.Array = field(repr=False)
+    rows: int
+    inner: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        y = torch.empty(*x.shape[:-1], self.rows, dtype=x.dtype)
+        work = torch.empty(self.inner, dtype=torch.uint8)
+        library().gemv_int8(  # type: ignore[union-attr]
+            self.pointers,
+            self.scales.data_ptr(),
+            x.data_ptr(),
+            int(x.dtype == torch.bfloat16),
+            y.data_ptr(),
+            self.rows,
+            self.inner,
+            len(self.packed),
+            work.data_ptr(),
+        )
+        return y
+
+
+def int8_one_row(packed: list[torch.Tensor], scales: list[torch.Tensor]) -> Int8OneRow | None:
+    """``Int8OneRow`` for an int8 weight packed by oneDNN per input group (with each
+    group's float32 weight scales), where the kernel reads that layout: whole blocks of
+    64 output rows, groups of a multiple of 4 inputs, each packed tensor its int8 values
+    then one int32 per row. None otherwise (the caller keeps oneDNN)."""
+    if library() is None:
+        return None
+    inner_g, rows = packed[0].shape  # qlinear_prepack's [in, out]
+    if rows % BLOCK or inner_g % 4:
+        return None
+    if any(torch.ops.mkldnn._nbytes(p) != rows * inner_g + 4 * rows for p in packed):
+        return None
+    pointers = (ctypes.c_void_p * len(packed))(*(torch.ops.mkldnn.data_ptr(p) for p in packed))
+    table = torch.stack(scales).float().contiguous()
+    return Int8OneRow(packed, table, pointers, rows, inner_g * len(packed))
+
+
+# ------------------------------------------------------------------------ decode attention
+
+
+def decode_attention_fits(n_heads: int, cache: torch.Tensor) -> bool:
+    """Whether ``attend_decode`` runs a layer of ``n_heads`` query heads over ``cache``
+    [K,P,D]: a bf16 cache on the CPU, a head size of a multiple of 32, and few enough
+    query heads per KV head."""
+    if library() is None or cache.device.type != "cpu" or cache.dtype != torch.bfloat16:
+        return False
+    K, _, D = cache.shape
+    G = n_heads // K
+    return D % 32 == 0 and G <= MAX_G and G * D <= MAX_GD and cache.is_contiguous()
+
+
+@dataclass
+class Segments:
+    """Every row's positions as segments of consecutive cache positions, as the C kernel
+    takes them: firsts and counts, row b's being offsets[b] .. offsets[b+1]-1. Built once
+    per forward and read by every layer."""
+
+    firsts: torch.Tensor
+    counts: torch.Tensor
+    offsets: torch.Tensor
+
+    @staticmethod
+    def of(rows: list[list[tuple[int, int]]]) -> Segments:
+        firsts = [first for row in rows for first, _ in row]
+        counts = [n for row in rows for _, n in row]
+        offsets = [0]
+        for row in rows:
+            offsets.append(offsets[-1] + len(row))
+        return Segments(torch.tensor(firsts), torch.tensor(counts), torch.tensor(offsets))
+
+
+def attend_decode(
+    q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, segments: Segments
+) -> torch.Tensor:
+    """Attention of q [B,H,D] (one new token per row, already in the cache) over each
+    row's segments of the caches [K,P,D]; [B,H,D] out (see ``decode_attention_fits``)."""
+    B, H, D = q.shape
+    K, P, _ = cache_k.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    library().attend_decode_bf16(  # type: ignore[union-attr]
+        q.data_ptr(),
+        cache_k.data_ptr(),
+        cache_v.data_ptr(),
+        P,
+        segments.firsts.data_ptr(),
+        segments.counts.data_ptr(),
+        segments.offsets.data_ptr(),
+        out.data_ptr(),
+        B,
+        K,
+        H // K,
+        D,
+        D**-0.5,
+    )
+    return out
+
+
+# ------------------------------------------------------------------------ a decode layer's steps
+# Used where ``attend_decode`` runs (one new token per row, bf16, on a CPU): each call
+# replaces several torch ops, whose dispatch costs more than their arithmetic at one row.
+
+
+def add_rmsnorm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, RMSNorm(h) * weight) for h = x + delta (or x), rows of x [M, D] bf16, rounded
+    where ``model.RMSNorm`` rounds."""
+    x = x.contiguous()
+    M, D = x.reshape(-1, x.shape[-1]).shape
+    h = x if delta is None else torch.empty_like(x)
+    out = torch.empty_like(x)
+    library().add_rmsnorm_bf16(  # type: ignore[union-attr]
+        x.data_ptr(),
+        None if delta is None else delta.contiguous().data_ptr(),
+        weight.data_ptr(),
+        h.data_ptr(),
+        out.data_ptr(),
+        M,
+        D,
+        eps,
+    )
+    return h, out
+
+
+def rope_write(
+    qkv: torch.Tensor,
+    cis: torch.Tensor,
+    positions: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    n_heads: int,
+) -> torch.Tensor:
+    """From the fused q/k/v projection of one token per row (qkv [B, (H+2K)*D] bf16):
+    q and k rotated by their rows' ``cis`` [B, D/2] (complex), k and v written into the
+    caches [K,P,D] at ``positions`` [B]; q [B,H,D] out."""
+    K, P, D = cache_k.shape
+    B = qkv.shape[0]
+    qkv, cis = qkv.contiguous(), torch.view_as_real(cis).contiguous()
+    positions = positions.contiguous()
+    q = qkv.new_empty(B, n_heads, D)
+    library().rope_write_bf16(  # type: ignore[union-attr]
+        qkv.data_ptr(),
+        cis.data_ptr(),
+        positions.data_ptr(),
+        cache_k.data_ptr(),
+        cache_v.data_ptr(),
+        P,
+        q.data_ptr(),
+        B,
+        n_heads,
+        K,
+        D,
+    )
+    return q
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for the halves of gate_up [M, 2F] bf16 (the fused w1/w3 output)."""
+    gate_up = gate_up.contiguous()
+    M, F2 = gate_up.reshape(-1, gate_up.shape[-1]).shape
+    out = gate_up.new_empty(*gate_up.shape[:-1], F2 // 2)
+    library().silu_mul_bf16(gate_up.data_ptr(), out.data_ptr(), M, F2 // 2)  # type: ignore[union-attr]
+    return out
+
+
+def stream_sum(x: torch.Tensor) -> float:
+    """The sum of a float32 tensor (its size a multiple of 64), read once by every thread
+    in turn: how fast this machine streams memory in, the bound of a one-row product
+    (benchmarks/bench_decode.py)."""
+    assert x.dtype == torch.float32 and x.is_contiguous() and x.numel() % 64 == 0
+    return float(library().stream_sum(x.data_ptr(), x.numel()))  # type: ignore[union-attr]

@@ -1,0 +1,185 @@
+"""mpllama's CPU kernels (mpllama/rank/cpu_kernels.c) against torch's float32 results: the
+one-row products and the float32 logits on oneDNN-packed weights, and one-query attention
+over scattered segments of the block pool; then a bf16 model whose decode steps run them
+against the same model on torch's kernels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mpllama import checkpoint
+from mpllama.rank import cpu_kernels, weights
+from mpllama.rank import model as model_module
+from mpllama.rank.model import Transformer, materialize
+
+pytestmark = pytest.mark.skipif(
+    cpu_kernels.unavailable() is not None,
+    reason=f"mpllama's CPU kernels cannot run here: {cpu_kernels.unavailable()}",
+)
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def pack(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w)
+
+
+# (output rows, input size): whole blocks of 64 rows, and rows that oneDNN pads.
+SHAPES = [(256, 1024), (100, 64), (4000, 96)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "inner"), SHAPES)
+def test_one_row_product_reads_onednns_packed_weight(
+    dtype: torch.dtype, rows: int, inner: int
+) -> None:
+    w, x = randn(rows, inner).to(dtype), randn(1, inner, seed=1).to(dtype)
+    product = cpu_kernels.one_row_product(pack(w))
+    assert product is not None
+    want = F.linear(x.float(), w.float())
+    got = product(x)
+    assert got.shape == (1, rows) and got.dtype == dtype
+    # float32 sums in another order; bf16 rounds the result (8 bits of mantissa).
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want, atol=tol * float(want.abs().max()), rtol=0)
+
+
+def test_one_row_product_refuses_what_it_cannot_read() -> None:
+    assert cpu_kernels.one_row_product(pack(randn(64, 48))) is None  # inputs not 32-aligned
+    assert cpu_kernels.one_row_product(randn(64, 64).half()) is None  # no fp16 kernel
+    assert cpu_kernels.float32_product(pack(randn(64, 64))) is None  # bf16 weights only
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 9])
+def test_float32_logits_of_bf16_rows(m: int) -> None:
+    """Any number of rows, four at a time and the rest; the padded rows never written."""
+    rows, inner = 4000, 128
+    w, x = randn(rows, inner).bfloat16(), randn(m, inner, seed=1).bfloat16()
+    product = cpu_kernels.float32_product(pack(w))
+    assert product is not None
+    got = product(x)
+    assert got.shape == (m, rows) and got.dtype == torch.float32
+    # Products of bf16 values summed in float32: only the order of the sums differs.
+    torch.testing.assert_close(got, x.float() @ w.float().t(), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("kv", "heads", "dim"), [(4, 4, 64), (2, 8, 128), (1, 4, 32)])
+def test_decode_attention_over_scattered_segments(kv: int, heads: int, dim: int) -> None:
+    """Rows of one segment, of several out of order, of one position, and longer than a
+    chunk of 64: each equals float32 SDPA over its positions gathered in order."""
+    P = 512
+    cache_k, cache_v = randn(kv, P, dim).bfloat16(), randn(kv, P, dim, seed=1).bfloat16()
+    rows = [[(0, 200)], [(300, 5), (100, 70), (17, 1)], [(511, 1)], [(256, 64), (400, 65)]]
+    q = randn(len(rows), heads, dim, seed=2).bfloat16()
+    assert cpu_kernels.decode_attention_fits(heads, cache_k)
+    got = cpu_kernels.attend_decode(q, cache_k, cache_v, cpu_kernels.Segments.of(rows))
+    for b, row in enumerate(rows):
+        pos = torch.cat([torch.arange(first, first + n) for first, n in row])
+        k, v = cache_k[:, pos].float(), cache_v[:, pos].float()  # [K,S,D]
+        want = F.scaled_dot_product_attention(q[b].float()[:, None], k, v, enable_gqa=heads != kv)[
+            :, 0
+        ]
+        torch.testing.assert_close(got[b].float(), want, atol=1e-2, rtol=0)
+
+
+def test_decode_attention_refuses_what_it_cannot_run() -> None:
+    assert not cpu_kernels.decode_attention_fits(8, torch.zeros(4, 16, 16).bfloat16())  # D=16
+    assert not cpu_kernels.decode_attention_fits(8, torch.zeros(4, 16, 64))  # float32
+
+
+def test_kernels_off_without_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
+    assert "compiler" in (cpu_kernels.unavailable() or "")
+
+
+def demo_model(dtype: torch.dtype) -> Transformer:
+    demo = Path(__file__).parent.parent / "demo" / "model"
+    args = checkpoint.read_params(demo)
+    state = weights.load_rank_state(checkpoint.find_shards(demo), args, 0, 1)
+    model = materialize(Transformer(args), state, torch.device("cpu"), dtype)
+    model.pack_linears()
+    return model
+
+
+def test_a_bf16_model_decodes_with_the_kernels_as_with_torchs(
+    single_rank: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trained demo model in bf16, packed as a rank runs it: every product has its
+    one-row kernel and the logits their float32 one. Prefill, then decode steps of one
+    row and of three rows (one in scattered blocks): the logits are within bf16's reach
+    of the same model on torch's kernels, and rank the same top tokens."""
+    model = demo_model(torch.bfloat16)
+    kinds = (model_module.ColumnLinear, model_module.RowLinear, model_module.Fused)
+    products = [m for m in model.modules() if isinstance(m, kinds) and "weight" in m._buffers]
+    assert products and all(m.one_row is not None for m in products)
+    assert model.logits32 is not None
+
+    def decode(kernels: bool) -> list[torch.Tensor]:
+        with monkeypatch.context() as patch:
+            if not kernels:
+                patch.setattr(model_module, "decode_attention_fits", lambda *a: False)
+                for m in products:
+                    patch.setattr(m, "one_row", None)
+                patch.setattr(model, "logits32", None)
+            model.setup_caches(40, 16, 256)
+            runs = [[(0, 8)], [(30, 2), (10, 3), (20, 3)], [(8, 8)]]
+            prompt = torch.randint(3, 1000, (3, 40), generator=torch.Generator().manual_seed(0))
+            zero = torch.zeros(3, dtype=torch.long)
+            out = [model(prompt, zero, runs)[:, -1]]
+            toks, pos = out[-1].argmax(-1), torch.full((3,), 40)
+            for _ in range(3):  # all three rows
+                out.append(model(toks[:, None], pos, runs)[:, -1])
+                toks, pos = out[-1].argmax(-1), pos + 1
+            for _ in range(3):  # row 1 alone
+                out.append(model(toks[1:2, None], pos[1:2], runs[1:2])[:, -1])
+                toks[1], pos[1] = out[-1][0].argmax(), pos[1] + 1
+            return out
+
+    ours, torchs = decode(True), decode(False)
+    for a, b in zip(ours, torchs, strict=True):
+        torch.testing.assert_close(a, b, atol=0.15, rtol=0)
+        assert (a.argmax(-1) == b.argmax(-1)).all()
+
+
+def test_a_decode_layers_small_steps_match_torchs() -> None:
+    """The fused norm (with and without the residual add), RoPE with the cache writes,
+    and silu(gate) * up, each against the torch ops it replaces, in bf16."""
+    B, H, K, D, dim = 3, 8, 2, 64, 256
+    x, delta = randn(B, dim).bfloat16(), randn(B, dim, seed=1).bfloat16()
+    norm = model_module.RMSNorm(dim, 1e-5)
+    norm.weight = torch.nn.Parameter(randn(dim, seed=2).bfloat16(), requires_grad=False)
+    h, out = cpu_kernels.add_rmsnorm(x, delta, norm.weight, norm.eps)
+    torch.testing.assert_close(h, x + delta, atol=0, rtol=0)
+    torch.testing.assert_close(out.float(), norm(x + delta).float(), atol=0.05, rtol=0.01)
+    same, out = cpu_kernels.add_rmsnorm(x, None, norm.weight, norm.eps)
+    assert same is x or torch.equal(same, x)
+    torch.testing.assert_close(out.float(), norm(x).float(), atol=0.05, rtol=0.01)
+
+    qkv = randn(B, (H + 2 * K) * D, seed=3).bfloat16()
+    positions = torch.tensor([5, 0, 63])
+    cis = model_module.rope_table(D, 64, 10000.0, torch.device("cpu"))[positions]  # [B,D/2]
+    cache_k, cache_v = torch.zeros(K, 64, D).bfloat16(), torch.zeros(K, 64, D).bfloat16()
+    q = cpu_kernels.rope_write(qkv, cis, positions, cache_k, cache_v, H)
+    xq, xk, xv = qkv.view(B, 1, H + 2 * K, D).split([H, K, K], dim=2)
+    want_q = model_module.apply_rope(xq, cis[:, None])[:, 0]
+    want_k = model_module.apply_rope(xk, cis[:, None])[:, 0]
+    torch.testing.assert_close(q.float(), want_q.float(), atol=0.02, rtol=0.01)
+    torch.testing.assert_close(
+        cache_k[:, positions].transpose(0, 1).float(), want_k.float(), atol=0.02, rtol=0.01
+    )
+    assert torch.equal(cache_v[:, positions].transpose(0, 1), xv[:, 0])
+    untouched = torch.ones(64, dtype=torch.bool)
+    untouched[positions] = False
+    assert not cache_k[:, untouched].any() and not cache_v[:, untouched].any()
+
+    gate_up = randn(B, 2 * 200, seed=4).bfloat16()  # 200: not a multiple of 16
+    gate, up = gate_up.split(200, dim=-1)
+    torch.testing.assert_close(
+        cpu_kernels.silu_mul(gate_up).float(), (F.silu(gate) * up).float(), atol=0.02, rtol=0.01
+    )
