@@ -38,8 +38,10 @@ class RankActor:
     process, so the driver side (LLM, AsyncLLM, Serve replicas, jobs) never loads torch."""
 
     def __init__(self, rank: int, spec: RankSpec) -> None:
+        from .rank.dist import use_huge_pages
         from .rank.worker import RankWorker, configure_rank_logging
 
+        use_huge_pages()  # before this process allocates any tensor
         configure_rank_logging(rank, spec.log_level)
         self.worker = RankWorker(rank, spec)
 

@@ -27,6 +27,17 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def use_huge_pages() -> None:
+    """Have torch's CPU allocator back large tensors with transparent huge pages
+    (2 MiB-aligned, madvised), in a rank's own process: call it before the rank
+    allocates anything, since torch reads THP_MEM_ALLOC_ENABLE once, at its first
+    allocation (later, it changes nothing). A decode step streams every weight once, and
+    with 4 KiB pages the CPU's prefetchers stop at every page boundary: one request's
+    products ran 1.36x faster with them on this CPU (benchmarks/RESULTS.md, "Figures
+    behind the code")."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto``: the rank's GPU when it has one, else the CPU.
 
