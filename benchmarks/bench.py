@@ -46,6 +46,11 @@ Parts (all by default; pick with --only mixed,uniform,...):
             its batch); perplexity of the trained demo model on demo/train.py's held-out
             documents and greedy agreement with fp32, for fp32, bf16, int8 and int4; tok/s
             of bf16, int8 and int4 through the engine against llama.cpp q8_0
+  decode    one request's decode step against the machine's memory bandwidth: a 1 GiB
+            copy and sum give the bound; ms per step of the bench model in-process at
+            fp32, bf16, int8 and int4, with mpllama's CPU kernels and with torch's, the
+            weight bytes read per token and the bandwidth achieved; the products alone
+            against the rest of the step (bench_decode.py)
 
 Nothing here asserts a timing; targets are printed as met or not met, and the exit
 status is 0 unless a runner crashes.
@@ -70,6 +75,9 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Large tensors on transparent huge pages, in this process as in mpllama's ranks
+# (rank.dist.use_huge_pages): the in-process parts and baselines run as the ranks do.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 # transformers' baselines run in float32: mpllama's rows match them unless a part says
 # otherwise (the llamacpp part runs both fp32 and bf16 explicitly).
 os.environ.setdefault("MPLLAMA_DTYPE", "float32")
@@ -106,6 +114,7 @@ PARTS = (
     "prefix",
     "kvmem",
     "quant",
+    "decode",
 )
 MP_SIZES = (1, 2)
 TINY_VOCAB = 512
@@ -493,6 +502,17 @@ def param_count(args: ModelArgs) -> int:
     return sum(math.prod(shape) for shape in checkpoint.full_shapes(args).values())
 
 
+def part_decode(b: Bench) -> None:
+    import bench_decode
+
+    if not b.with_mpllama:
+        return
+    figures = bench_decode.steps(b.checkpoint(1), b.sizes is QUICK)
+    for label in ("fp32", "bf16", "int8"):
+        share = figures[f"{label} mpllama"]["share"]
+        b.target(f"decode: batch 1 {label}, weight bytes read / machine bound", share, 0.8)
+
+
 PART_RUNNERS = {
     "mixed": part_mixed,
     "uniform": part_uniform,
@@ -507,6 +527,7 @@ PART_RUNNERS = {
     "prefix": part_prefix,
     "kvmem": part_kvmem,
     "quant": part_quant,
+    "decode": part_decode,
 }
 
 

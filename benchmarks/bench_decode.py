@@ -1,0 +1,242 @@
+"""Single-request decode against the machine's memory bandwidth (bench.py's decode part).
+
+One request's decode step reads every weight once (the embedding aside: one row), so its
+speed is bounded by how fast the CPU reads memory. This part measures that bound, then
+the bench model's batch-1 step in-process (the lead's forward, no engine) at each
+precision, with mpllama's CPU kernels (mpllama/rank/cpu_kernels.c) and, in the same run,
+with torch's (oneDNN products, SDPA or two matmuls for attention), and says where the
+step's time goes: the products alone, run back to back on one row, and the rest
+(attention, norms, RoPE, cache writes, Python).
+
+  stream    GB/s of a pass of plain AVX-512 loads over 256 MiB (on huge pages, as the
+            ranks allocate), measured in each round just before its steps: the bound,
+            which on this shared machine moves by half between minutes
+  steps     ms per step at positions 32..96, interleaved rounds, median (best); weight
+            bytes per token; achieved GB/s = bytes / step; share = achieved / stream,
+            the median of the rounds' ratios
+
+    python benchmarks/bench_decode.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# As mpllama's ranks allocate (rank.dist.use_huge_pages): read by torch at its first
+# allocation, so before anything here allocates.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from mpllama.checkpoint import Quantization  # noqa: E402
+from mpllama.rank import cpu_kernels, dist, quant, weights  # noqa: E402
+from mpllama.rank import model as model_module  # noqa: E402
+from mpllama.rank.layers import ColumnLinear, Fused, RowLinear, linear  # noqa: E402
+from mpllama.rank.model import Transformer, materialize  # noqa: E402
+
+CPU = torch.device("cpu")
+PRECISIONS = {  # label: (dtype, runtime.quantization)
+    "fp32": (torch.float32, None),
+    "bf16": (torch.bfloat16, None),
+    "int8": (torch.bfloat16, "int8"),
+    "int4": (torch.bfloat16, "int4"),
+}
+
+
+def read_rate(buffer: torch.Tensor) -> float:
+    """GB/s of one pass of reads over ``buffer`` (float32, on huge pages as the ranks
+    allocate): a stream of AVX-512 loads (cpu_kernels.stream_sum), or torch's sum where
+    mpllama's kernels are off; the better of two passes."""
+    read = cpu_kernels.stream_sum if cpu_kernels.library() is not None else torch.sum
+    best = 0.0
+    for _ in range(2):
+        start = time.perf_counter()
+        read(buffer)
+        best = max(best, buffer.nbytes / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def load(ckpt: Path, dtype: torch.dtype, method: str | None) -> Transformer:
+    from mpllama import checkpoint
+
+    args = checkpoint.read_params(ckpt)
+    shards = checkpoint.find_shards(ckpt)
+    on_load = None if method is None else Quantization(method, 32, len(shards))
+    state = weights.load_rank_state(shards, args, 0, 1, None, on_load)
+    build = quant.materialize_quantized if on_load else materialize
+    model = build(Transformer(args), state, CPU, dtype)
+    model.pack_linears()
+    return model
+
+
+def products(model: Transformer) -> list[nn.Module]:
+    """The linear layers a decode step runs, in order (the fused ones as one)."""
+    kinds = (ColumnLinear, RowLinear, Fused)
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, kinds) and ("weight" in m._buffers or "weight" in m.__dict__)
+    ]
+
+
+def weight_bytes(model: Transformer) -> int:
+    """Bytes a decode step reads of the weights: every product's (quantized ones at their
+    stored size, scales included), the norms'; the embedding's one row is left out."""
+    total = 0
+    for m in products(model):
+        w = m.weight
+        if isinstance(w, (quant.Int8Weight, quant.Int4Weight)):
+            total += w.nbytes()
+        else:
+            total += w.shape[0] * w.shape[1] * w.element_size()
+    return total + sum(p.nbytes for n, p in model.named_parameters() if "norm" in n)
+
+
+@contextmanager
+def torch_kernels(model: Transformer) -> Iterator[None]:
+    """The model on torch's kernels alone: mpllama's one-row products, float32 logits and
+    decode attention off for the duration."""
+    saved = [(m, m.one_row) for m in products(model)]
+    saved_q = [
+        (m.weight, m.weight.one_row)
+        for m in products(model)
+        if isinstance(m.weight, quant.Int8Weight)
+    ]
+    fits, logits32 = model_module.decode_attention_fits, model.logits32
+    try:
+        for m, _ in saved:
+            m.one_row = None
+        for w, _ in saved_q:
+            w.one_row = None
+        model_module.decode_attention_fits = lambda *a: False
+        model.logits32 = None
+        yield
+    finally:
+        for m, one_row in saved:
+            m.one_row = one_row
+        for w, one_row in saved_q:
+            w.one_row = one_row
+        model_module.decode_attention_fits, model.logits32 = fits, logits32
+
+
+class Decoder:
+    """One request decoding on ``model``: a 32-token prompt, then steps from position 32
+    (the cache rewound to 32 before each round, so every round reads the same lengths)."""
+
+    def __init__(self, model: Transformer, seed: int) -> None:
+        self.model = model
+        model.setup_slots(1, 256)
+        self.runs = model.slot_runs([0])
+        gen = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(3, model.args.vocab_size, (1, 32), generator=gen)
+        self.first = model(prompt, torch.zeros(1, dtype=torch.long), self.runs)[:, -1].argmax(-1)
+
+    def round(self, steps: int) -> float:
+        """ms per step over ``steps`` steps from position 32."""
+        tok, pos = self.first, torch.tensor([32])
+        start = time.perf_counter()
+        for _ in range(steps):
+            tok = self.model(tok[:, None], pos, self.runs)[:, -1].argmax(-1)
+            pos = pos + 1
+        return (time.perf_counter() - start) / steps * 1e3
+
+
+def products_ms(model: Transformer, repeats: int) -> float:
+    """ms for one row through every product of a step, back to back (median of
+    ``repeats`` passes after a first)."""
+    dtype = model.output.weight.dtype
+    rows = [torch.randn(1, m.weight.shape[1]).to(dtype) for m in products(model)]
+    pairs = list(zip(products(model), rows, strict=True))
+
+    def once() -> None:
+        for m, x in pairs:
+            linear(x, m.weight, m.one_row)
+
+    once()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        once()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def steps(ckpt: Path, quick: bool = False, threads: int = 2) -> dict[str, dict[str, float]]:
+    """Per precision and kernel set: ms per step, products ms, bytes per token, and the
+    step's achieved bandwidth as a share of what the memory gave a plain stream of
+    reads in the same round (this machine's rate moves by half between minutes, with
+    its neighbours): the median of the rounds' shares."""
+    torch.set_num_threads(threads)
+    if not torch.distributed.is_initialized():
+        dist.init_single("gloo")
+    rounds, n = (3, 16) if quick else (7, 64)
+    buffer = torch.ones((64 if quick else 256) << 18)  # MiB of float32
+    print(
+        f"\n== decode: one request on the bench model, in-process (the lead's forward, no "
+        f"engine), {threads} threads, {rounds} interleaved rounds of {n} steps from "
+        f"position 32\n"
+        f"  stream = GB/s of a pass of reads over {buffer.nbytes >> 20} MiB in the same round "
+        "(the bound); achieved = weight bytes per token / step; share = achieved / stream, "
+        "median of the rounds; products = the step's products alone, back to back"
+    )
+    print(
+        f"  {'precision':<9} {'kernels':<8} {'ms/step':>15} {'tok/s':>7} {'MB/token':>9} "
+        f"{'GB/s':>6} {'stream':>7} {'share':>6}   {'products ms (GB/s)':>19} {'rest ms':>8}"
+    )
+    out: dict[str, dict[str, float]] = {}
+    for label, (dtype, method) in PRECISIONS.items():
+        model = load(ckpt, dtype, method)
+        decoder = Decoder(model, seed=0)
+        nbytes = weight_bytes(model)
+        runs: dict[str, dict[str, list[float]]] = {
+            k: {"ms": [], "stream": [], "products": []} for k in ("mpllama", "torch")
+        }
+        for _ in range(rounds):
+            for kernels, run in runs.items():
+                with contextlib.ExitStack() as stack:
+                    if kernels == "torch":
+                        stack.enter_context(torch_kernels(model))
+                    run["stream"].append(read_rate(buffer))
+                    run["ms"].append(decoder.round(n))
+                    run["products"].append(products_ms(model, 1))
+        for kernels, run in runs.items():
+            med = statistics.median(run["ms"])
+            shares = [
+                nbytes / ms / 1e6 / bw for ms, bw in zip(run["ms"], run["stream"], strict=True)
+            ]
+            share, bw = statistics.median(shares), statistics.median(run["stream"])
+            prod = statistics.median(run["products"])
+            print(
+                f"  {label:<9} {kernels:<8} {med:7.2f} ({min(run['ms']):5.2f}) {1e3 / med:7.1f} "
+                f"{nbytes / 1e6:9.1f} {nbytes / med / 1e6:6.1f} {bw:7.1f} {share:6.0%}   "
+                f"{prod:7.2f} ({nbytes / prod / 1e6:5.1f} GB/s) {med - prod:8.2f}"
+            )
+            out[f"{label} {kernels}"] = {"ms": med, "bytes": nbytes, "share": share}
+        del model, decoder
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    opts = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_workloads import BENCH_MODEL, QUICK_MODEL, make_checkpoint
+
+    root = Path("/tmp/mpllama-bench")
+    ckpt = make_checkpoint(root, "bench", QUICK_MODEL if opts.quick else BENCH_MODEL, 1)
+    steps(ckpt, opts.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
