@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mpllama import checkpoint
-from mpllama.rank import cpu_kernels, weights
+from mpllama.rank import cpu_kernels, quant, weights
 from mpllama.rank import model as model_module
 from mpllama.rank.model import Transformer, materialize
 
@@ -48,6 +48,22 @@ def test_one_row_product_reads_onednns_packed_weight(
     # float32 sums in another order; bf16 rounds the result (8 bits of mantissa).
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got.float(), want, atol=tol * float(want.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_int8_one_row_is_onednns_row_bit_for_bit(dtype: torch.dtype, groups: int) -> None:
+    """The int8 kernel takes every one-row product (it is not refused here), and each
+    row alone equals its row of oneDNN's batched product exactly, input groups (one per
+    shard of a row-parallel weight) summed in the same order."""
+    q, scales = quant.quantize_int8(randn(256, 512), groups=groups)
+    weight = quant.Int8Weight(q, scales)
+    weight.pack(dtype)
+    assert weight.kernel == "onednn" and weight.one_row is not None
+    x = randn(7, 512, seed=1).to(dtype)
+    batched = weight(x)
+    for i in range(7):
+        assert torch.equal(weight(x[i : i + 1]), batched[i : i + 1])
 
 
 def test_one_row_product_refuses_what_it_cannot_read() -> None:
