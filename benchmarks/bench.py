@@ -6,7 +6,7 @@ Parts (all by default; pick with --only mixed,uniform,...):
 
   mixed     96 requests of varied prompt and output lengths on a ~110M random Llama:
             useful tokens/s of transformers generate (static batches of 16), transformers
-            continuous batching, mpllama MP=1 and MP=2 (32 slots)
+            continuous batching, mpllama MP=1 and MP=2 (32 slots) in float32, and in bf16
   uniform   16 prompts x 64 new tokens: mpllama MP=1, MP=2 against one transformers
             generate batch; greedy token agreement
   load      Poisson arrivals through AsyncLLM: time to first token, inter-token latency
@@ -165,27 +165,39 @@ class Bench:
     def vocab_size(self) -> int:
         return checkpoint.read_params(self.checkpoint(1)).vocab_size
 
-    def run_mpllama(self, work: Workload, mp: int, cpu_linear: str = "auto") -> RunResult:
+    def run_mpllama(
+        self, work: Workload, mp: int, cpu_linear: str = "auto", dtype: str | None = None
+    ) -> RunResult:
         """``work`` on the bench model through a fresh ``LLM`` at ``mp`` ranks; the ranks'
         memory growth afterwards is kept for the memory part."""
-        return self.run_mpllama_many([work], mp, self.checkpoint(mp), cpu_linear)[0]
+        return self.run_mpllama_many([work], mp, self.checkpoint(mp), cpu_linear, dtype)[0]
 
     def run_mpllama_many(
-        self, works: list[Workload], mp: int, ckpt: Path, cpu_linear: str = "auto"
+        self,
+        works: list[Workload],
+        mp: int,
+        ckpt: Path,
+        cpu_linear: str = "auto",
+        dtype: str | None = None,
     ) -> list[RunResult]:
-        """Each of ``works`` in turn through one fresh ``LLM`` at ``mp`` ranks."""
+        """Each of ``works`` in turn through one fresh ``LLM`` at ``mp`` ranks (in
+        ``dtype``, else the bench's float32)."""
         from bench_mpllama import open_llm, rank_memory_mb, run_llm
 
         name = f"mpllama MP={mp} ({self.sizes.slots} slots)"
         if cpu_linear != "auto":
             name = f"mpllama MP={mp}, {cpu_linear} linear"
-        settings = dict(cpu_linear=cpu_linear)
+        settings: dict[str, object] = dict(cpu_linear=cpu_linear)
+        if dtype is not None:
+            name = f"mpllama MP={mp} {dtype} ({self.sizes.slots} slots)"
+            settings["dtype"] = dtype
         with open_llm(ckpt, mp, self.sizes.slots, self.cpus_per_rank, **settings) as llm:
             results = [run_llm(llm, work, name) for work in works]
             kernels = sorted({i["linear"] for i in llm.engine.rank_info})
             if cpu_linear == "auto":
                 print(f"  ({name}: linear layers on {', '.join(kernels)})")
-            if ckpt == self.checkpoint(mp) and mp not in self.memory and cpu_linear == "auto":
+            default = cpu_linear == "auto" and dtype is None
+            if ckpt == self.checkpoint(mp) and mp not in self.memory and default:
                 self.memory[mp] = (f"{len(works[-1])} requests", rank_memory_mb(llm))
         return results
 
@@ -217,11 +229,17 @@ def part_mixed(b: Bench) -> None:
         rows += [b.run_mpllama(work, mp) for mp in MP_SIZES]
         # The same engine on torch's own matmul: how much is the kernel, how much the rest.
         rows.append(b.run_mpllama(work, 1, cpu_linear="torch"))
+        # bf16, the default on a CPU with bf16 instructions, against the float32 above.
+        rows += [b.run_mpllama(work, mp, dtype="bfloat16") for mp in MP_SIZES]
     print_rates(rows, {"generate": gen, "CB": cb})
     print_agreement("transformers CB", cb, "transformers generate", gen)
     if b.with_mpllama:
         one, two = rows[2], rows[3]
         b.target("mixed: mpllama MP=1 / transformers CB", one.tokens_per_s / cb.tokens_per_s, 1.5)
+        for mp, fp32, bf16 in zip(MP_SIZES, rows[2:4], rows[5:7], strict=True):
+            b.target(
+                f"mixed: mpllama MP={mp} bf16 / fp32", bf16.tokens_per_s / fp32.tokens_per_s, 1.5
+            )
         print_agreement("mpllama MP=1", one, "mpllama MP=2", two)
         print_agreement("mpllama MP=1", one, "transformers CB", cb)
 
