@@ -85,6 +85,38 @@ void gemv_f32(const float *w, const float *x, float *y, int64_t Np, int64_t K) {
     }
 }
 
+/* e^x for 16 floats: Cephes' expf (a degree-6 polynomial on x - n ln2, scaled by 2^n),
+ * within 2 ulp over float's range. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.3762626647949f)),
+                      _mm512_set1_ps(88.3762626647949f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static inline void store_bf16(uint16_t *p, __m512 v, __mmask16 m) {
+    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+static inline __mmask16 tail(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
+
 #define CHUNK 64     /* positions scored at a time (online softmax between chunks) */
 #define MAX_G 64     /* query heads per KV head */
 #define MAX_GD 4096  /* query heads per KV head x head size */
@@ -128,15 +160,22 @@ void attend_decode_bf16(const uint16_t *q, const uint16_t *kc, const uint16_t *v
                 }
                 /* online softmax: what is summed so far, rescaled to the new running max */
                 for (int64_t g = 0; g < G; g++) {
-                    float mx = m[g];
-                    for (int64_t j = 0; j < n; j++) mx = fmaxf(mx, s[g * CHUNK + j]);
+                    float *sg = s + g * CHUNK;
+                    __m512 vmax = _mm512_set1_ps(m[g]);
+                    for (int64_t j = 0; j < n; j += 16)
+                        vmax = _mm512_mask_max_ps(vmax, tail(n - j), vmax,
+                                                  _mm512_maskz_loadu_ps(tail(n - j), sg + j));
+                    const float mx = _mm512_reduce_max_ps(vmax);
                     const float c = expf(m[g] - mx);
-                    float sum = 0.0f;
-                    for (int64_t j = 0; j < n; j++) {
-                        const float e = expf(s[g * CHUNK + j] - mx);
-                        s[g * CHUNK + j] = e;
-                        sum += e;
+                    __m512 vsum = _mm512_setzero_ps();
+                    for (int64_t j = 0; j < n; j += 16) {
+                        const __mmask16 k = tail(n - j);
+                        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sg + j),
+                                                             _mm512_set1_ps(mx)));
+                        _mm512_mask_storeu_ps(sg + j, k, e);
+                        vsum = _mm512_mask_add_ps(vsum, k, vsum, e);
                     }
+                    const float sum = _mm512_reduce_add_ps(vsum);
                     l[g] = l[g] * c + sum;
                     m[g] = mx;
                     if (c != 1.0f)
@@ -280,42 +319,11 @@ void gemv_int8(const int8_t *const *w, const float *scales, const void *x, int x
  * steps, fused: each replaces several torch ops (a few microseconds of dispatch each,
  * which at one row cost more than their arithmetic). bf16 in and out, float32 inside. */
 
-/* e^x for 16 floats: Cephes' expf (a degree-6 polynomial on x - n ln2, scaled by 2^n),
- * within 2 ulp over float's range. */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.3762626647949f)),
-                      _mm512_set1_ps(88.3762626647949f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-static inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
-    return _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
-static inline void store_bf16(uint16_t *p, __m512 v, __mmask16 m) {
-    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
-}
-
-static inline __mmask16 tail(int64_t left) {
-    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-}
-
 /* Per row of D: h = x + delta (bf16; delta NULL: h = x, not written), then RMSNorm:
  * out = bf16(bf16(h / sqrt(mean(h^2) + eps)) * w), rounded where Meta's RMSNorm rounds. */
 void add_rmsnorm_bf16(const uint16_t *x, const uint16_t *delta, const uint16_t *w, uint16_t *h,
                       uint16_t *out, int64_t M, int64_t D, float eps) {
+#pragma omp parallel for schedule(static) if (M > 1)
     for (int64_t m = 0; m < M; m++) {
         const uint16_t *xr = x + m * D;
         uint16_t *hr = delta ? h + m * D : (uint16_t *)xr;
@@ -352,6 +360,7 @@ void rope_write_bf16(const uint16_t *qkv, const float *cis, const int64_t *pos,
     const int64_t stride = (H + 2 * KV) * D;
     /* pairs (x0, x1) -> (x0 c - x1 s, x0 s + x1 c), 8 pairs (16 values) at a time */
     const __m512i swap = _mm512_set_epi32(14, 15, 12, 13, 10, 11, 8, 9, 6, 7, 4, 5, 2, 3, 0, 1);
+#pragma omp parallel for schedule(static) if (B > 1)
     for (int64_t b = 0; b < B; b++) {
         const uint16_t *row = qkv + b * stride;
         const float *cs = cis + b * D;
@@ -378,6 +387,7 @@ void rope_write_bf16(const uint16_t *qkv, const float *cis, const int64_t *pos,
 /* out = bf16(silu(gate) * up) per row, gate and up the halves of gu [M, 2F] (the fused
  * w1/w3 product's output); silu(g) = g / (1 + e^-g). */
 void silu_mul_bf16(const uint16_t *gu, uint16_t *out, int64_t M, int64_t F) {
+#pragma omp parallel for schedule(static) if (M > 1)
     for (int64_t m = 0; m < M; m++) {
         const uint16_t *g = gu + m * 2 * F, *u = g + F;
         for (int64_t i = 0; i < F; i += 16) {
