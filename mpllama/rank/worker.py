@@ -357,11 +357,12 @@ SHM_SLOT_CAP = 8 << 20  # bytes; bigger messages (long prefills) go through Gloo
 def _shm_slot_bytes(spec: RankSpec, dtype: torch.dtype) -> int:
     """A shared-memory slot big enough for a step's messages: a prefill chunk's or a
     decode batch's hidden states (all-reduce) and a batch's slice of the logits
-    (all-gather), capped at SHM_SLOT_CAP."""
+    (all-gather; float32 where a bf16 CPU rank computes them with mpllama's kernels, so
+    counted at 4 bytes), capped at SHM_SLOT_CAP."""
     args, rows = spec.args, max(spec.max_batch_size, spec.prefill_chunk_tokens)
     vocab_slice = -(-args.vocab_size // spec.world_size)
-    elements = max(rows * args.dim, spec.max_batch_size * vocab_slice)
-    return min(SHM_SLOT_CAP, elements * dtype.itemsize)
+    logits = spec.max_batch_size * vocab_slice * max(dtype.itemsize, 4)
+    return min(SHM_SLOT_CAP, max(rows * args.dim * dtype.itemsize, logits))
 
 
 def _setup_caches(
