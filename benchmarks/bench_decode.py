@@ -35,15 +35,14 @@ from pathlib import Path
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
+from bench_quant import load_demo  # noqa: E402
 from torch import nn  # noqa: E402
 
-from mpllama.checkpoint import Quantization  # noqa: E402
-from mpllama.rank import cpu_kernels, dist, quant, weights  # noqa: E402
+from mpllama.rank import cpu_kernels, dist, quant  # noqa: E402
 from mpllama.rank import model as model_module  # noqa: E402
 from mpllama.rank.layers import ColumnLinear, Fused, RowLinear, linear  # noqa: E402
-from mpllama.rank.model import Transformer, materialize  # noqa: E402
+from mpllama.rank.model import Transformer  # noqa: E402
 
-CPU = torch.device("cpu")
 PRECISIONS = {  # label: (dtype, runtime.quantization)
     "fp32": (torch.float32, None),
     "bf16": (torch.bfloat16, None),
@@ -63,19 +62,6 @@ def read_rate(buffer: torch.Tensor) -> float:
         read(buffer)
         best = max(best, buffer.nbytes / (time.perf_counter() - start) / 1e9)
     return best
-
-
-def load(ckpt: Path, dtype: torch.dtype, method: str | None) -> Transformer:
-    from mpllama import checkpoint
-
-    args = checkpoint.read_params(ckpt)
-    shards = checkpoint.find_shards(ckpt)
-    on_load = None if method is None else Quantization(method, 32, len(shards))
-    state = weights.load_rank_state(shards, args, 0, 1, None, on_load)
-    build = quant.materialize_quantized if on_load else materialize
-    model = build(Transformer(args), state, CPU, dtype)
-    model.pack_linears()
-    return model
 
 
 def products(model: Transformer) -> list[nn.Module]:
@@ -194,7 +180,7 @@ def steps(ckpt: Path, quick: bool = False, threads: int = 2) -> dict[str, dict[s
     )
     out: dict[str, dict[str, float]] = {}
     for label, (dtype, method) in PRECISIONS.items():
-        model = load(ckpt, dtype, method)
+        model = load_demo(ckpt, dtype, method)
         decoder = Decoder(model, seed=0)
         nbytes = weight_bytes(model)
         runs: dict[str, dict[str, list[float]]] = {

@@ -69,7 +69,8 @@ def test_int8_one_row_is_onednns_row_bit_for_bit(dtype: torch.dtype, groups: int
 def test_one_row_product_refuses_what_it_cannot_read() -> None:
     assert cpu_kernels.one_row_product(pack(randn(64, 48))) is None  # inputs not 32-aligned
     assert cpu_kernels.one_row_product(randn(64, 64).half()) is None  # no fp16 kernel
-    assert cpu_kernels.float32_product(pack(randn(64, 64))) is None  # bf16 weights only
+    fp32 = cpu_kernels.one_row_product(pack(randn(64, 64)))
+    assert fp32 is not None and cpu_kernels.float32_product(fp32) is None  # bf16 weights only
 
 
 @pytest.mark.parametrize("m", [1, 3, 4, 9])
@@ -77,7 +78,7 @@ def test_float32_logits_of_bf16_rows(m: int) -> None:
     """Any number of rows, four at a time and the rest; the padded rows never written."""
     rows, inner = 4000, 128
     w, x = randn(rows, inner).bfloat16(), randn(m, inner, seed=1).bfloat16()
-    product = cpu_kernels.float32_product(pack(w))
+    product = cpu_kernels.float32_product(cpu_kernels.one_row_product(pack(w)))
     assert product is not None
     got = product(x)
     assert got.shape == (m, rows) and got.dtype == torch.float32

@@ -1,11 +1,12 @@
-/* One-row products and one-query attention for CPU ranks with AVX-512 (bf16 dot products
- * for the bf16 kernels). Built on first use by cpu_kernels.py with the machine's C
- * compiler, and called through ctypes on torch tensors' memory.
+/* mpllama's decode kernels for CPU ranks with AVX-512: one-row products (bf16, fp32,
+ * int8), float32 logits of bf16 rows, one-query attention over the block pool, and a
+ * bf16 decode layer's small steps fused. Built on first use by cpu_kernels.py with the
+ * machine's C compiler, and called through ctypes on torch tensors' memory.
  *
  * Needs AVX-512 with bf16 and VNNI dot products (cpu_kernels.CPU_FLAGS).
  *
  * Why: a single request's decode step is bound by reading the weights, once per token.
- * oneDNN's packed product reads a weight at about 70% of what this CPU's memory gives
+ * oneDNN's packed product reads a weight at about 65% of what this CPU's memory gives
  * when the input has one row (it is built for blocks of rows); these loops stream the
  * same packed weight once, front to back, at close to the memory's speed. The weights
  * stay in oneDNN's packed layout, so batched steps keep oneDNN's kernels on the same
@@ -31,11 +32,6 @@ static inline float bf16_to_f32(uint16_t v) {
 static inline __m512 bf16x16_round(__m512 v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(
         _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-}
-
-static inline __m512 bf16x16_to_f32(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
 /* y[n] = sum_k w[n,k] x[k] for n < Np (rows padded to a multiple of 64).
@@ -185,7 +181,7 @@ void attend_decode_bf16(const uint16_t *q, const uint16_t *kc, const uint16_t *v
                 for (int64_t j = 0; j < n; j++) {
                     const uint16_t *vr = vb + (s0 + j) * D;
                     for (int64_t d = 0; d < D; d += 16) {
-                        const __m512 vv = bf16x16_to_f32(vr + d);
+                        const __m512 vv = load_bf16(vr + d, 0xFFFF);
                         for (int64_t g = 0; g < G; g++) {
                             float *a = acc + g * D + d;
                             _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(s[g * CHUNK + j]),
@@ -331,10 +327,9 @@ void add_rmsnorm_bf16(const uint16_t *x, const uint16_t *delta, const uint16_t *
         for (int64_t d = 0; d < D; d += 16) {
             const __mmask16 k = tail(D - d);
             __m512 v = load_bf16(xr + d, k);
-            if (delta) {
-                v = _mm512_add_ps(v, load_bf16(delta + m * D + d, k));
+            if (delta) { /* the sum rounded, as the residual stream holds it */
+                v = bf16x16_round(_mm512_add_ps(v, load_bf16(delta + m * D + d, k)));
                 store_bf16(hr + d, v, k);
-                v = load_bf16(hr + d, k); /* the rounded sum, as the residual stream holds it */
             }
             ss = _mm512_fmadd_ps(v, v, ss);
         }

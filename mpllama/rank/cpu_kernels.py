@@ -199,14 +199,14 @@ class Float32Product:
         return y.view(*lead, self.rows)
 
 
-def float32_product(packed: torch.Tensor) -> Float32Product | None:
-    """``Float32Product`` for a bf16 weight packed by oneDNN, where its one-row kernel
-    reads it (the same layout, checked by ``one_row_product``); else None."""
-    if packed.dtype != torch.bfloat16 or one_row_product(packed) is None:
+def float32_product(one_row: OneRowProduct | None) -> Float32Product | None:
+    """``Float32Product`` for a bf16 weight whose one-row kernel was made (the same
+    layout, already checked by ``one_row_product``); else None."""
+    if one_row is None or one_row.dtype != torch.bfloat16:
         return None
-    rows, inner = packed.shape
-    padded = -(-rows // BLOCK) * BLOCK
-    return Float32Product(packed, torch.ops.mkldnn.data_ptr(packed), rows, padded, inner)
+    return Float32Product(
+        one_row.packed, one_row.address, one_row.rows, one_row.padded, one_row.inner
+    )
 
 
 @dataclass
@@ -388,8 +388,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def stream_sum(x: torch.Tensor) -> float:
-    """The sum of a float32 tensor (its size a multiple of 64), read once by every thread
-    in turn: how fast this machine streams memory in, the bound of a one-row product
-    (benchmarks/bench_decode.py)."""
+    """The sum of a float32 tensor (its size a multiple of 64), each thread reading its own
+    share once, front to back: how fast this machine streams memory in, the bound of a
+    one-row product (benchmarks/bench_decode.py)."""
     assert x.dtype == torch.float32 and x.is_contiguous() and x.numel() % 64 == 0
     return float(library().stream_sum(x.data_ptr(), x.numel()))  # type: ignore[union-attr]

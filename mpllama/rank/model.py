@@ -38,6 +38,7 @@ from .layers import (
     parallel_embedding,
     row_parallel,
 )
+from .quant import Int4Weight, Int8Weight
 from .rope import apply_rope, rope_table
 
 # A call per row (CPU attention reading each row on its own) costs about what reading
@@ -243,13 +244,12 @@ class Transformer(nn.Module):
         then re-lay every linear weight once in oneDNN's blocked layout, so each product
         runs oneDNN's kernel on a ready weight (CPU only; see ``onednn_unsupported``).
         Where measured, torch's default CPU product (MKL sgemm, even with MKL's own packed
-        weights) runs several times slower at every batch size (benchmarks/RESULTS.md, "Figures behind the code"). The packed copies replace the weights: no memory grows.
+        weights) runs several times slower at every batch size (benchmarks/RESULTS.md,
+        "Figures behind the code"). The packed copies replace the weights: no memory grows.
 
         Quantized weights (``quant.materialize_quantized``) are laid out for their own
         kernel; ``onednn=False`` leaves the float weights (embedding aside, the output
         layer) as they are, for a quantized rank whose dtype oneDNN cannot run."""
-        from .quant import Int4Weight, Int8Weight
-
         for layer in self.layers:
             layer.attention.fuse()
             layer.feed_forward.fuse()
@@ -268,8 +268,7 @@ class Transformer(nn.Module):
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
                 module.register_buffer("weight", packed)
                 module.one_row = one_row_product(packed)
-        if onednn and isinstance(self.output.weight, torch.Tensor):
-            self.logits32 = float32_product(self.output.weight)
+        self.logits32 = float32_product(self.output.one_row)
 
     def batched_read_pays(self, ends: list[int]) -> bool:
         """Whether rows that could be read as one strided view should be: one batched
