@@ -200,3 +200,104 @@ def test_a_decode_layers_small_steps_match_torchs() -> None:
     torch.testing.assert_close(
         cpu_kernels.silu_mul(gate_up).float(), (F.silu(gate) * up).float(), atol=0.02, rtol=0.01
     )
+
+
+# ------------------------------------------------------------------------ one row's step in C
+
+
+def teacher_forced(model: Transformer, runs: list[list[tuple[int, int]]]) -> list[torch.Tensor]:
+    """A 40-token prefill then 6 one-row steps fed fixed tokens (so that every rank of a
+    gang feeds the same, whatever its logits), from a fresh cache; the logits of each."""
+    model.setup_caches(40, 16, 256)
+    gen = torch.Generator().manual_seed(1)
+    prompt, steps = (
+        torch.randint(3, 1000, (1, 40), generator=gen),
+        torch.randint(3, 1000, (6,), generator=gen),
+    )
+    out = [model(prompt, torch.zeros(1, dtype=torch.long), runs)]
+    for i, token in enumerate(steps.tolist()):
+        out.append(model(torch.tensor([[token]]), torch.tensor([40 + i]), runs))
+    return [x if x is None else x[:, -1] for x in out]
+
+
+def with_and_without_row_decoder(model: Transformer) -> tuple[bool, list, list]:
+    runs = [[(30, 1), (10, 2)]]  # scattered blocks, the new positions in the second run
+    with_c = teacher_forced(model, runs)
+    built = model.row_decoder is not None
+    original = model.setup_caches
+
+    def layer_by_layer(*args: int) -> None:
+        original(*args)
+        model.row_decoder = None
+
+    model.setup_caches = layer_by_layer  # type: ignore[method-assign]
+    try:
+        without = teacher_forced(model, runs)
+    finally:
+        del model.setup_caches
+    return built, with_c, without
+
+
+@pytest.mark.parametrize("method", [None, "int8"])
+def test_one_rows_step_in_two_c_calls_a_layer_is_the_layer_path_bit_for_bit(
+    single_rank: None, method: str | None
+) -> None:
+    """row_decode: a bf16 model (and one with int8 weights) decodes one row through two C
+    calls a layer, with the logits of the layer-by-layer path exactly."""
+    demo = Path(__file__).parent.parent / "demo" / "model"
+    args = checkpoint.read_params(demo)
+    shards = checkpoint.find_shards(demo)
+    # int8 scales as for one shard: the kernel reads input groups of a multiple of 64, and
+    # the demo's two shards would cut its 192 inputs in groups of 96.
+    on_load = None if method is None else checkpoint.Quantization(method, 32, 1)
+    state = weights.load_rank_state(shards, args, 0, 1, None, on_load)
+    build = quant.materialize_quantized if on_load else materialize
+    model = build(Transformer(args), state, torch.device("cpu"), torch.bfloat16)
+    model.pack_linears()
+    built, with_c, without = with_and_without_row_decoder(model)
+    assert built
+    for a, b in zip(with_c, without, strict=True):
+        assert torch.equal(a, b)
+
+
+def two_rank_decode(port: int, rank: int, world: int, out: object) -> None:
+    from mpllama.rank import dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_ranks(
+            rank, world, "127.0.0.1", port, "gloo", "127.0.0.1", 60.0, shm_bytes=1 << 20
+        )
+        demo = Path(__file__).parent.parent / "demo" / "model"
+        args = checkpoint.read_params(demo)
+        state = weights.load_rank_state(checkpoint.find_shards(demo), args, rank, world)
+        model = materialize(Transformer(args), state, torch.device("cpu"), torch.bfloat16)
+        model.pack_linears()
+        built, with_c, without = with_and_without_row_decoder(model)
+        same = all(
+            a is None and b is None or torch.equal(a, b)
+            for a, b in zip(with_c, without, strict=True)
+        )
+        out.put((rank, built, same, None))  # type: ignore[attr-defined]
+    except BaseException as exc:  # the parent reports it
+        out.put((rank, False, False, repr(exc)))  # type: ignore[attr-defined]
+        raise
+
+
+def test_two_ranks_step_one_row_in_c_as_layer_by_layer() -> None:
+    """At MP=2 (shared-memory collectives between the calls), the same: the lead's logits
+    are the layer-by-layer path's exactly."""
+    import multiprocessing as mp
+
+    from mpllama.rank import dist
+
+    store = dist.open_store("127.0.0.1", 2, 60.0)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=two_rank_decode, args=(store.port, r, 2, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert results == [(0, True, True, None), (1, True, True, None)]

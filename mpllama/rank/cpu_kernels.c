@@ -417,3 +417,64 @@ float stream_sum(const float *x, int64_t n) {
     }
     return total;
 }
+
+/* ---------------------------------------------------------------- one row's decode layer
+ * A bf16 layer for one new token of one row, as two calls (the attention half, the
+ * feed-forward half), each ending in a row-parallel product whose output the caller sums
+ * over the ranks before the next call. The same kernels as above, in the same order and
+ * with the same roundings as the layer's torch path with them (model.TransformerBlock):
+ * only Python's part between them goes. Layouts: cpu_kernels.py's RowDecoder. */
+
+typedef struct {
+    int64_t kind;            /* 0: bf16, oneDNN-packed (gemv_bf16); 1: int8 (gemv_int8) */
+    const void *w;           /* bf16: the packed weight; int8: its groups' packed tensors */
+    const float *scales;     /* int8: [groups, N] */
+    int64_t N, K, groups;    /* N: output rows, padded to whole blocks for bf16 */
+} product_t;
+
+typedef struct {
+    product_t wqkv, wo, w13, w2;
+    const uint16_t *attn_norm, *ffn_norm;
+    uint16_t *cache_k, *cache_v; /* [KV, P, D] */
+} layer_t;
+
+typedef struct {
+    int64_t dim, H, KV, D, F, P; /* this rank's sizes; F: the feed-forward's hidden size */
+    float eps, scale;
+    /* workspace, each as large as the padded product it takes */
+    uint16_t *normed, *qkv, *q, *attn, *gu, *act;
+    uint8_t *u8;
+} row_shape_t;
+
+static void product(const product_t *p, const uint16_t *x, uint16_t *y, uint8_t *u8) {
+    if (p->kind == 0)
+        gemv_bf16((const uint16_t *)p->w, x, y, p->N, p->K);
+    else
+        gemv_int8((const int8_t *const *)p->w, p->scales, x, 1, y, p->N, p->K, p->groups, u8);
+}
+
+/* h: the row's residual [dim] bf16, first h = bf16(h + delta) where delta is not NULL (the
+ * previous layer's summed feed-forward output); then out = wo(attention(norm(h))), the
+ * attention over the row's segments (firsts, counts: n of them) after RoPE and the cache
+ * writes at position pos; cis [D/2, 2] float32 for that position. */
+void row_attention_bf16(const layer_t *L, const row_shape_t *s, uint16_t *h,
+                        const uint16_t *delta, const float *cis, int64_t pos,
+                        const int64_t *firsts, const int64_t *counts, int64_t n, uint16_t *out) {
+    const int64_t offsets[2] = {0, n};
+    add_rmsnorm_bf16(h, delta, L->attn_norm, h, s->normed, 1, s->dim, s->eps);
+    product(&L->wqkv, s->normed, s->qkv, s->u8);
+    rope_write_bf16(s->qkv, cis, &pos, L->cache_k, L->cache_v, s->P, s->q, 1, s->H, s->KV, s->D);
+    attend_decode_bf16(s->q, L->cache_k, L->cache_v, s->P, firsts, counts, offsets, s->attn, 1,
+                       s->KV, s->H / s->KV, s->D, s->scale);
+    product(&L->wo, s->attn, out, s->u8);
+}
+
+/* h = bf16(h + delta) (the summed attention output), then out = w2(silu(w1 x) * w3 x) of
+ * x = norm(h). */
+void row_feed_forward_bf16(const layer_t *L, const row_shape_t *s, uint16_t *h,
+                           const uint16_t *delta, uint16_t *out) {
+    add_rmsnorm_bf16(h, delta, L->ffn_norm, h, s->normed, 1, s->dim, s->eps);
+    product(&L->w13, s->normed, s->gu, s->u8);
+    silu_mul_bf16(s->gu, s->act, 1, s->F);
+    product(&L->w2, s->act, out, s->u8);
+}

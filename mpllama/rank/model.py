@@ -40,6 +40,7 @@ from .layers import (
 )
 from .quant import Int4Weight, Int8Weight
 from .rope import apply_rope, rope_table
+from .row_decode import RowDecoder
 
 # A call per row (CPU attention reading each row on its own) costs about what reading
 # this many bytes of KV cache does; see Transformer.forward.
@@ -200,6 +201,9 @@ class Transformer(nn.Module):
         # The bf16 output layer's product with float32 logits, where mpllama's CPU
         # kernels run (``pack_linears``): bf16 logits would leave near-ties to rounding.
         self.logits32: Float32Product | None = None
+        # One row's decode step as two C calls a layer (row_decode), where it can run;
+        # made once the weights are packed and the caches set up.
+        self.row_decoder: RowDecoder | None = None
 
     @property
     def device(self) -> torch.device:
@@ -225,6 +229,7 @@ class Transformer(nn.Module):
         )
         self.num_blocks, self.block_size, self.max_seq_len = num_blocks, block_size, max_seq_len
         self.slots = 0  # see setup_slots
+        self.row_decoder = RowDecoder.build(self)
 
     def setup_slots(self, slots: int, max_seq_len: int, block_size: int = 16) -> None:
         """A cache of ``slots`` fixed regions of ``max_seq_len`` positions, for callers
@@ -269,6 +274,7 @@ class Transformer(nn.Module):
                 module.register_buffer("weight", packed)
                 module.one_row = one_row_product(packed)
         self.logits32 = float32_product(self.output.one_row)
+        self.row_decoder = RowDecoder.build(self)
 
     def batched_read_pays(self, ends: list[int]) -> bool:
         """Whether rows that could be read as one strided view should be: one batched
@@ -364,8 +370,11 @@ class Transformer(nn.Module):
                 at.mask = (torch.arange(S, device=device) <= positions[:, :, None])[:, None]
         cis = self.rope[positions]  # [B,T,D/2]
         h = at.pack(self.tok_embeddings(tokens))
-        for layer in self.layers:
-            h = layer(h, at, cis)
+        if B == 1 and at.decode is not None and self.row_decoder is not None:
+            h = self.row_decoder(h, cis, int(at.write_index), at.decode)
+        else:
+            for layer in self.layers:
+                h = layer(h, at, cis)
         h = at.unpack(h)  # [B,T,dim]
         if logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at]  # [B,dim]

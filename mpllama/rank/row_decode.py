@@ -1,0 +1,180 @@
+"""One row's decode step through mpllama's CPU kernels, two C calls a layer.
+
+A single request's step on a CPU is bound by reading the weights; what it spends beyond
+that is mostly Python: a bf16 layer on torch's path with mpllama's kernels makes about a
+dozen calls (norms, the products, RoPE with the cache writes, attention, the FFN's
+activation), each with its module call, tensor allocations and ctypes conversion.
+Here each layer is ``row_attention_bf16`` then ``row_feed_forward_bf16`` (cpu_kernels.c):
+the same kernels in the same order, so the same roundings and the same logits bit for bit,
+with the layer's weights, norms, caches and workspace described once, in C structs, when
+the model's caches are set up. Between the two calls, and after the second, the caller
+sums the row-parallel product over the ranks (the one collective each half needs).
+
+Applies where every product of every layer has a one-row kernel (bf16 weights packed by
+oneDNN, or int8 weights with ``Int8OneRow``) and attention runs ``attend_decode``; the
+model keeps its layer-by-layer path otherwise (int4 weights, float32, GPUs).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import cpu_kernels
+from .cpu_kernels import Int8OneRow, OneRowProduct, Segments
+from .dist import all_reduce
+
+if TYPE_CHECKING:
+    from .model import Transformer
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+SIGNATURES = {
+    "row_attention_bf16": [_P, _P, _P, _P, _P, _I, _P, _P, _I, _P],
+    "row_feed_forward_bf16": [_P, _P, _P, _P, _P],
+}
+MAX_GROUPS = 64  # int8 input groups gemv_int8 takes
+
+
+class Product(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_int64),  # 0: bf16 packed by oneDNN, 1: int8
+        ("w", _P),
+        ("scales", _P),
+        ("N", ctypes.c_int64),
+        ("K", ctypes.c_int64),
+        ("groups", ctypes.c_int64),
+    ]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [
+        ("wqkv", Product),
+        ("wo", Product),
+        ("w13", Product),
+        ("w2", Product),
+        ("attn_norm", _P),
+        ("ffn_norm", _P),
+        ("cache_k", _P),
+        ("cache_v", _P),
+    ]
+
+
+class Shape(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("dim", "H", "KV", "D", "F", "P")),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        *((name, _P) for name in ("normed", "qkv", "q", "attn", "gu", "act", "u8")),
+    ]
+
+
+def _product(module: torch.nn.Module) -> Product | None:
+    """The C description of a layer's product, or None where it has no one-row kernel."""
+    one_row = module.one_row
+    if isinstance(one_row, OneRowProduct) and one_row.dtype == torch.bfloat16:
+        return Product(0, one_row.address, None, one_row.padded, one_row.inner, 1)
+    weight = module.__dict__.get("weight")
+    int8 = getattr(weight, "one_row", None)
+    if isinstance(int8, Int8OneRow) and len(int8.packed) <= MAX_GROUPS:
+        address = ctypes.addressof(int8.pointers)
+        return Product(1, address, int8.scales.data_ptr(), int8.rows, int8.inner, len(int8.packed))
+    return None
+
+
+class RowDecoder:
+    """A model's layers for one new token of one row (see the module's docstring). Holds
+    what the C structs point at: the model (its weights and caches) and the workspace."""
+
+    def __init__(self, model: Transformer, layers: list[Layer], shape: Shape) -> None:
+        self.model = model
+        self.layers = layers
+        self.shape = shape
+        self.addresses = [ctypes.addressof(layer) for layer in layers]
+        dim = shape.dim
+        width = max(max(layer.wo.N, layer.w2.N) for layer in layers)
+        self.attn_out = torch.empty(width, dtype=torch.bfloat16)
+        self.ffn_out = torch.empty(width, dtype=torch.bfloat16)
+        self.sums = self.attn_out[:dim], self.ffn_out[:dim]  # what the ranks sum
+        lib = cpu_kernels.library()
+        assert lib is not None
+        self.attention, self.feed_forward = lib.row_attention_bf16, lib.row_feed_forward_bf16
+
+    @staticmethod
+    def build(model: Transformer) -> RowDecoder | None:
+        """For a bf16 model on mpllama's kernels with its caches set up, else None."""
+        lib = cpu_kernels.library()
+        first = model.layers[0].attention
+        if lib is None or first.cache_k is None or not model._decode_kernel_fits():
+            return None
+        for name, args in SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, None
+        layers = []
+        for block in model.layers:
+            attn, ffn = block.attention, block.feed_forward
+            if attn.wqkv is None or ffn.w13 is None:
+                return None
+            products = [_product(m) for m in (attn.wqkv, attn.wo, ffn.w13, ffn.w2)]
+            if any(p is None for p in products):
+                return None
+            norms = (block.attention_norm.weight, block.ffn_norm.weight)
+            if any(n.dtype != torch.bfloat16 or not n.is_contiguous() for n in norms):
+                return None
+            layers.append(
+                Layer(
+                    *products,
+                    norms[0].data_ptr(),
+                    norms[1].data_ptr(),
+                    attn.cache_k.data_ptr(),
+                    attn.cache_v.data_ptr(),
+                )
+            )
+        H, D = first.n_local_heads, first.head_dim
+        KV, P = first.n_local_kv_heads, first.cache_k.shape[1]
+        qkv_rows, gu_rows = layers[0].wqkv.N, layers[0].w13.N
+        F = model.layers[0].feed_forward.w13.sizes[0]
+        inner = max(p.K for layer in layers for p in (layer.wqkv, layer.wo, layer.w13, layer.w2))
+        work = {
+            "normed": torch.empty(model.args.dim, dtype=torch.bfloat16),
+            "qkv": torch.empty(qkv_rows, dtype=torch.bfloat16),
+            "q": torch.empty(H * D, dtype=torch.bfloat16),
+            "attn": torch.empty(H * D, dtype=torch.bfloat16),
+            "gu": torch.empty(gu_rows, dtype=torch.bfloat16),
+            "act": torch.empty(F, dtype=torch.bfloat16),
+            "u8": torch.empty(inner, dtype=torch.uint8),
+        }
+        if any(layer.wqkv.N != qkv_rows or layer.w13.N != gu_rows for layer in layers):
+            return None
+        eps = model.layers[0].attention_norm.eps
+        shape = Shape(
+            model.args.dim, H, KV, D, F, P, eps, D**-0.5, *(t.data_ptr() for t in work.values())
+        )
+        decoder = RowDecoder(model, layers, shape)
+        decoder.work = work  # the memory ``shape`` points at
+        return decoder
+
+    def __call__(
+        self, x: torch.Tensor, cis: torch.Tensor, pos: int, segments: Segments
+    ) -> torch.Tensor:
+        """The hidden state after every layer for one row's one new token: x [..., dim]
+        bf16 (the embedding), cis its position's RoPE factors (complex, D/2), ``pos`` the
+        cache position it writes, ``segments`` the row's positions (with the new one)."""
+        h = x.reshape(-1).clone()
+        h_at, cis_at = h.data_ptr(), torch.view_as_real(cis).contiguous()
+        shape_at = ctypes.addressof(self.shape)
+        firsts, counts = segments.firsts.data_ptr(), segments.counts.data_ptr()
+        n = segments.counts.numel()
+        attn_sum, ffn_sum = self.sums
+        attn_at, ffn_at = attn_sum.data_ptr(), ffn_sum.data_ptr()
+        delta = None  # the previous layer's feed-forward output, added into h first
+        for layer in self.addresses:
+            self.attention(
+                layer, shape_at, h_at, delta, cis_at.data_ptr(), pos, firsts, counts, n, attn_at
+            )
+            all_reduce(attn_sum)
+            self.feed_forward(layer, shape_at, h_at, attn_at, ffn_at)
+            all_reduce(ffn_sum)
+            delta = ffn_at
+        return (h + ffn_sum).view(x.shape)
