@@ -247,6 +247,11 @@ void gemm_bf16_f32(const uint16_t *w, const uint16_t *x, float *y, int64_t M, in
     }
 }
 
+/* 16 of x's values as float32, x bf16 or float32 */
+static inline __m512 load_x(const void *x, int x_bf16, int64_t k) {
+    return x_bf16 ? load_bf16((const uint16_t *)x + k, 0xFFFF) : _mm512_loadu_ps((const float *)x + k);
+}
+
 /* x @ w.T for one row x of K values (bf16 if x_bf16, else float32) and an int8 weight
  * [N, K] quantized in G equal groups along K, each group packed by oneDNN's
  * qlinear_prepack: [N/64][K/G/4][64][4] int8, then N int32 (minus each row's sum).
@@ -261,17 +266,20 @@ void gemv_int8(const int8_t *const *w, const float *scales, const void *x, int x
                void *y, int64_t N, int64_t K, int64_t G, uint8_t *u8) {
     const int64_t Kg = K / G;
     float xs[64];
+    /* 16 values at a time: the same IEEE operations as the scalar form (a correctly
+     * rounded division, then rounding to nearest even), so the same bytes */
     for (int64_t g = 0; g < G; g++) {
-        float amax = 0.0f;
-        for (int64_t k = g * Kg; k < (g + 1) * Kg; k++) {
-            const float v = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[k]) : ((const float *)x)[k];
-            amax = fmaxf(amax, fabsf(v));
-        }
-        const float scale = fmaxf(amax, 1e-12f) / 127.0f;
+        __m512 vmax = _mm512_setzero_ps();
+        for (int64_t k = g * Kg; k < (g + 1) * Kg; k += 16)
+            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load_x(x, x_bf16, k)));
+        const float scale = fmaxf(_mm512_reduce_max_ps(vmax), 1e-12f) / 127.0f;
+        const __m512 vs = _mm512_set1_ps(scale), bias = _mm512_set1_ps(128.0f);
         xs[g] = scale;
-        for (int64_t k = g * Kg; k < (g + 1) * Kg; k++) {
-            const float v = x_bf16 ? bf16_to_f32(((const uint16_t *)x)[k]) : ((const float *)x)[k];
-            u8[k] = (uint8_t)(nearbyintf(v / scale) + 128.0f);
+        for (int64_t k = g * Kg; k < (g + 1) * Kg; k += 16) {
+            const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(load_x(x, x_bf16, k), vs),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            _mm_storeu_si128((__m128i *)(u8 + k),
+                             _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(_mm512_add_ps(r, bias))));
         }
     }
 #pragma omp parallel for schedule(static)

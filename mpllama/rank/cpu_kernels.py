@@ -244,12 +244,12 @@ class Int8OneRow:
 def int8_one_row(packed: list[torch.Tensor], scales: list[torch.Tensor]) -> Int8OneRow | None:
     """``Int8OneRow`` for an int8 weight packed by oneDNN per input group (with each
     group's float32 weight scales), where the kernel reads that layout: whole blocks of
-    64 output rows, groups of a multiple of 4 inputs, each packed tensor its int8 values
+    64 output rows, groups of a multiple of 16 inputs, each packed tensor its int8 values
     then one int32 per row. None otherwise (the caller keeps oneDNN)."""
     if library() is None:
         return None
     inner_g, rows = packed[0].shape  # qlinear_prepack's [in, out]
-    if rows % BLOCK or inner_g % 4:
+    if rows % BLOCK or inner_g % 16:
         return None
     if any(torch.ops.mkldnn._nbytes(p) != rows * inner_g + 4 * rows for p in packed):
         return None
