@@ -86,14 +86,18 @@ def test_float32_logits_of_bf16_rows(m: int) -> None:
     torch.testing.assert_close(got, x.float() @ w.float().t(), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("kv", "heads", "dim"), [(4, 4, 64), (2, 8, 128), (1, 4, 32)])
-def test_decode_attention_over_scattered_segments(kv: int, heads: int, dim: int) -> None:
+def test_decode_attention_over_scattered_segments(
+    kv: int, heads: int, dim: int, dtype: torch.dtype
+) -> None:
     """Rows of one segment, of several out of order, of one position, and longer than a
-    chunk of 64: each equals float32 SDPA over its positions gathered in order."""
+    chunk of 64: each equals float32 SDPA over its positions gathered in order (to bf16's
+    output rounding, or float32's)."""
     P = 512
-    cache_k, cache_v = randn(kv, P, dim).bfloat16(), randn(kv, P, dim, seed=1).bfloat16()
+    cache_k, cache_v = randn(kv, P, dim).to(dtype), randn(kv, P, dim, seed=1).to(dtype)
     rows = [[(0, 200)], [(300, 5), (100, 70), (17, 1)], [(511, 1)], [(256, 64), (400, 65)]]
-    q = randn(len(rows), heads, dim, seed=2).bfloat16()
+    q = randn(len(rows), heads, dim, seed=2).to(dtype)
     assert cpu_kernels.decode_attention_fits(heads, cache_k)
     got = cpu_kernels.attend_decode(q, cache_k, cache_v, cpu_kernels.Segments.of(rows))
     for b, row in enumerate(rows):
@@ -102,12 +106,13 @@ def test_decode_attention_over_scattered_segments(kv: int, heads: int, dim: int)
         want = F.scaled_dot_product_attention(q[b].float()[:, None], k, v, enable_gqa=heads != kv)[
             :, 0
         ]
-        torch.testing.assert_close(got[b].float(), want, atol=1e-2, rtol=0)
+        atol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(got[b].float(), want, atol=atol, rtol=0)
 
 
 def test_decode_attention_refuses_what_it_cannot_run() -> None:
     assert not cpu_kernels.decode_attention_fits(8, torch.zeros(4, 16, 16).bfloat16())  # D=16
-    assert not cpu_kernels.decode_attention_fits(8, torch.zeros(4, 16, 64))  # float32
+    assert not cpu_kernels.decode_attention_fits(8, torch.zeros(4, 16, 64).half())  # float16
 
 
 def test_kernels_off_without_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -124,18 +129,20 @@ def demo_model(dtype: torch.dtype) -> Transformer:
     return model
 
 
-def test_a_bf16_model_decodes_with_the_kernels_as_with_torchs(
-    single_rank: None, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_model_decodes_with_the_kernels_as_with_torchs(
+    single_rank: None, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
 ) -> None:
-    """The trained demo model in bf16, packed as a rank runs it: every product has its
-    one-row kernel and the logits their float32 one. Prefill, then decode steps of one
-    row and of three rows (one in scattered blocks): the logits are within bf16's reach
-    of the same model on torch's kernels, and rank the same top tokens."""
-    model = demo_model(torch.bfloat16)
+    """The trained demo model in bf16 and in float32, packed as a rank runs it: every
+    product has its one-row kernel (and bf16's logits their float32 one). Prefill, then
+    decode steps of one row and of three rows (one in scattered blocks): the logits are
+    within bf16's reach (float32's) of the same model on torch's kernels, and rank the
+    same top tokens."""
+    model = demo_model(dtype)
     kinds = (model_module.ColumnLinear, model_module.RowLinear, model_module.Fused)
     products = [m for m in model.modules() if isinstance(m, kinds) and "weight" in m._buffers]
     assert products and all(m.one_row is not None for m in products)
-    assert model.logits32 is not None
+    assert (model.logits32 is not None) == (dtype == torch.bfloat16)  # float32 has its own
 
     def decode(kernels: bool) -> list[torch.Tensor]:
         with monkeypatch.context() as patch:
@@ -160,45 +167,50 @@ def test_a_bf16_model_decodes_with_the_kernels_as_with_torchs(
 
     ours, torchs = decode(True), decode(False)
     for a, b in zip(ours, torchs, strict=True):
-        torch.testing.assert_close(a, b, atol=0.15, rtol=0)
+        torch.testing.assert_close(a, b, atol=0.15 if dtype == torch.bfloat16 else 1e-4, rtol=0)
         assert (a.argmax(-1) == b.argmax(-1)).all()
 
 
-def test_a_decode_layers_small_steps_match_torchs() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_decode_layers_small_steps_match_torchs(dtype: torch.dtype) -> None:
     """The fused norm (with and without the residual add), RoPE with the cache writes,
-    and silu(gate) * up, each against the torch ops it replaces, in bf16."""
+    and silu(gate) * up, each against the torch ops it replaces, in bf16 and float32."""
+    # bf16: within its rounding; float32: to float32's own
+    bf16 = dtype == torch.bfloat16
+    close = dict(atol=0.02, rtol=0.01) if bf16 else dict(atol=1e-5, rtol=1e-5)
+    normed = dict(atol=0.05, rtol=0.01) if bf16 else close  # rounded twice in bf16
     B, H, K, D, dim = 3, 8, 2, 64, 256
-    x, delta = randn(B, dim).bfloat16(), randn(B, dim, seed=1).bfloat16()
+    x, delta = randn(B, dim).to(dtype), randn(B, dim, seed=1).to(dtype)
     norm = model_module.RMSNorm(dim, 1e-5)
-    norm.weight = torch.nn.Parameter(randn(dim, seed=2).bfloat16(), requires_grad=False)
+    norm.weight = torch.nn.Parameter(randn(dim, seed=2).to(dtype), requires_grad=False)
     h, out = cpu_kernels.add_rmsnorm(x, delta, norm.weight, norm.eps)
     torch.testing.assert_close(h, x + delta, atol=0, rtol=0)
-    torch.testing.assert_close(out.float(), norm(x + delta).float(), atol=0.05, rtol=0.01)
+    torch.testing.assert_close(out.float(), norm(x + delta).float(), **normed)
     same, out = cpu_kernels.add_rmsnorm(x, None, norm.weight, norm.eps)
     assert same is x or torch.equal(same, x)
-    torch.testing.assert_close(out.float(), norm(x).float(), atol=0.05, rtol=0.01)
+    torch.testing.assert_close(out.float(), norm(x).float(), **normed)
 
-    qkv = randn(B, (H + 2 * K) * D, seed=3).bfloat16()
+    qkv = randn(B, (H + 2 * K) * D, seed=3).to(dtype)
     positions = torch.tensor([5, 0, 63])
     cis = model_module.rope_table(D, 64, 10000.0, torch.device("cpu"))[positions]  # [B,D/2]
-    cache_k, cache_v = torch.zeros(K, 64, D).bfloat16(), torch.zeros(K, 64, D).bfloat16()
+    cache_k, cache_v = torch.zeros(K, 64, D).to(dtype), torch.zeros(K, 64, D).to(dtype)
     q = cpu_kernels.rope_write(qkv, cis, positions, cache_k, cache_v, H)
     xq, xk, xv = qkv.view(B, 1, H + 2 * K, D).split([H, K, K], dim=2)
     want_q = model_module.apply_rope(xq, cis[:, None])[:, 0]
     want_k = model_module.apply_rope(xk, cis[:, None])[:, 0]
-    torch.testing.assert_close(q.float(), want_q.float(), atol=0.02, rtol=0.01)
+    torch.testing.assert_close(q.float(), want_q.float(), **close)
     torch.testing.assert_close(
-        cache_k[:, positions].transpose(0, 1).float(), want_k.float(), atol=0.02, rtol=0.01
+        cache_k[:, positions].transpose(0, 1).float(), want_k.float(), **close
     )
     assert torch.equal(cache_v[:, positions].transpose(0, 1), xv[:, 0])
     untouched = torch.ones(64, dtype=torch.bool)
     untouched[positions] = False
     assert not cache_k[:, untouched].any() and not cache_v[:, untouched].any()
 
-    gate_up = randn(B, 2 * 200, seed=4).bfloat16()  # 200: not a multiple of 16
+    gate_up = randn(B, 2 * 200, seed=4).to(dtype)  # 200: not a multiple of 16
     gate, up = gate_up.split(200, dim=-1)
     torch.testing.assert_close(
-        cpu_kernels.silu_mul(gate_up).float(), (F.silu(gate) * up).float(), atol=0.02, rtol=0.01
+        cpu_kernels.silu_mul(gate_up).float(), (F.silu(gate) * up).float(), **close
     )
 
 
@@ -238,12 +250,14 @@ def with_and_without_row_decoder(model: Transformer) -> tuple[bool, list, list]:
     return built, with_c, without
 
 
-@pytest.mark.parametrize("method", [None, "int8"])
+@pytest.mark.parametrize(
+    ("dtype", "method"), [(torch.bfloat16, None), (torch.bfloat16, "int8"), (torch.float32, None)]
+)
 def test_one_rows_step_in_two_c_calls_a_layer_is_the_layer_path_bit_for_bit(
-    single_rank: None, method: str | None
+    single_rank: None, dtype: torch.dtype, method: str | None
 ) -> None:
-    """row_decode: a bf16 model (and one with int8 weights) decodes one row through two C
-    calls a layer, with the logits of the layer-by-layer path exactly."""
+    """row_decode: a bf16 model, one with int8 weights and a float32 one decode one row
+    through two C calls a layer, with the logits of the layer-by-layer path exactly."""
     demo = Path(__file__).parent.parent / "demo" / "model"
     args = checkpoint.read_params(demo)
     shards = checkpoint.find_shards(demo)
@@ -252,7 +266,7 @@ def test_one_rows_step_in_two_c_calls_a_layer_is_the_layer_path_bit_for_bit(
     on_load = None if method is None else checkpoint.Quantization(method, 32, 1)
     state = weights.load_rank_state(shards, args, 0, 1, None, on_load)
     build = quant.materialize_quantized if on_load else materialize
-    model = build(Transformer(args), state, torch.device("cpu"), torch.bfloat16)
+    model = build(Transformer(args), state, torch.device("cpu"), dtype)
     model.pack_linears()
     built, with_c, without = with_and_without_row_decoder(model)
     assert built

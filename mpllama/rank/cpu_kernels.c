@@ -1,7 +1,8 @@
 /* mpllama's decode kernels for CPU ranks with AVX-512: one-row products (bf16, fp32,
- * int8), float32 logits of bf16 rows, one-query attention over the block pool, and a
- * bf16 decode layer's small steps fused. Built on first use by cpu_kernels.py with the
- * machine's C compiler, and called through ctypes on torch tensors' memory.
+ * int8), float32 logits of bf16 rows, one-query attention over the block pool, a decode
+ * layer's small steps fused (bf16 or float32), and one row's whole layer as two calls.
+ * Built on first use by cpu_kernels.py with the machine's C compiler, and called through
+ * ctypes on torch tensors' memory.
  *
  * Needs AVX-512 with bf16 and VNNI dot products (cpu_kernels.CPU_FLAGS).
  *
@@ -113,44 +114,69 @@ static inline __mmask16 tail(int64_t left) {
     return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
 }
 
+/* Activations of either type: bf16 (uint16_t) or float32, chosen by a flag that each
+ * exported function passes as a constant, so the compiler makes one copy per type. */
+static inline __m512 load_act(const void *p, int64_t i, __mmask16 m, int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)p + i, m) : _mm512_maskz_loadu_ps(m, (const float *)p + i);
+}
+
+static inline void store_act(void *p, int64_t i, __m512 v, __mmask16 m, int bf16) {
+    if (bf16)
+        store_bf16((uint16_t *)p + i, v, m);
+    else
+        _mm512_mask_storeu_ps((float *)p + i, m, v);
+}
+
+/* v as the activation type holds it: rounded to bf16, or float32 as it is */
+static inline __m512 round_act(__m512 v, int bf16) { return bf16 ? bf16x16_round(v) : v; }
+
+static inline const void *offset(const void *p, int64_t i, int bf16) {
+    return (const char *)p + i * (bf16 ? 2 : 4);
+}
+
 #define CHUNK 64     /* positions scored at a time (online softmax between chunks) */
 #define MAX_G 64     /* query heads per KV head */
 #define MAX_GD 4096  /* query heads per KV head x head size */
 
-/* Attention of one new token per row over the positions it holds, bf16, G query heads
- * per KV head:
- *   q       [B, KV*G, D] bf16 (contiguous), each row's query;
- *   kc, vc  one layer's caches [KV, P, D] bf16: KV head h, cache position p at (h*P + p)*D;
+/* Attention of one new token per row over the positions it holds, G query heads per KV
+ * head, bf16 or float32 throughout (``bf16``):
+ *   q       [B, KV*G, D] (contiguous), each row's query;
+ *   kc, vc  one layer's caches [KV, P, D]: KV head h, cache position p at (h*P + p)*D;
  *   row b reads its segments firsts[i], counts[i] for i in offsets[b] .. offsets[b+1]-1,
  *   in order (consecutive cache positions each), whatever blocks they sit in;
- *   out     [B, KV*G, D] bf16.
+ *   out     [B, KV*G, D].
  * Scores and the softmax are in float32 (online: a chunk of positions at a time), the
- * weighted sum of v in float32, rounded to bf16 once at the end. */
-void attend_decode_bf16(const uint16_t *q, const uint16_t *kc, const uint16_t *vc, int64_t P,
-                        const int64_t *firsts, const int64_t *counts, const int64_t *offsets,
-                        uint16_t *out, int64_t B, int64_t KV, int64_t G, int64_t D,
-                        float scale) {
+ * weighted sum of v in float32, rounded to bf16 (for bf16) once at the end. */
+static inline void attend_decode(const void *q, const void *kc, const void *vc, int64_t P,
+                                 const int64_t *firsts, const int64_t *counts,
+                                 const int64_t *offsets, void *out, int64_t B, int64_t KV,
+                                 int64_t G, int64_t D, float scale, const int bf16) {
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * KV; task++) {
         const int64_t b = task / KV, h = task % KV;
-        const uint16_t *qb = q + (b * KV + h) * G * D;
+        const int64_t qb = (b * KV + h) * G * D; /* this task's queries, in elements */
         float acc[MAX_GD], m[MAX_G], l[MAX_G], s[MAX_G * CHUNK];
         for (int64_t i = 0; i < G * D; i++) acc[i] = 0.0f;
         for (int64_t g = 0; g < G; g++) m[g] = -INFINITY, l[g] = 0.0f;
         for (int64_t seg = offsets[b]; seg < offsets[b + 1]; seg++) {
-            const uint16_t *kb = kc + (h * P + firsts[seg]) * D;
-            const uint16_t *vb = vc + (h * P + firsts[seg]) * D;
+            const int64_t kb = (h * P + firsts[seg]) * D; /* the segment's first, in elements */
             for (int64_t s0 = 0; s0 < counts[seg]; s0 += CHUNK) {
                 const int64_t n = counts[seg] - s0 < CHUNK ? counts[seg] - s0 : CHUNK;
                 /* this chunk's scores: s[g][j] = q_g . k_(s0+j) * scale */
                 for (int64_t j = 0; j < n; j++) {
-                    const uint16_t *kr = kb + (s0 + j) * D;
+                    const int64_t kr = kb + (s0 + j) * D;
                     for (int64_t g = 0; g < G; g++) {
-                        const uint16_t *qg = qb + g * D;
+                        const int64_t qg = qb + g * D;
                         __m512 a = _mm512_setzero_ps();
-                        for (int64_t d = 0; d < D; d += 32)
-                            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kr + d),
-                                                 (__m512bh)_mm512_loadu_si512(qg + d));
+                        if (bf16)
+                            for (int64_t d = 0; d < D; d += 32)
+                                a = _mm512_dpbf16_ps(
+                                    a, (__m512bh)_mm512_loadu_si512((const uint16_t *)kc + kr + d),
+                                    (__m512bh)_mm512_loadu_si512((const uint16_t *)q + qg + d));
+                        else
+                            for (int64_t d = 0; d < D; d += 16)
+                                a = _mm512_fmadd_ps(_mm512_loadu_ps((const float *)kc + kr + d),
+                                                    _mm512_loadu_ps((const float *)q + qg + d), a);
                         s[g * CHUNK + j] = _mm512_reduce_add_ps(a) * scale;
                     }
                 }
@@ -179,9 +205,9 @@ void attend_decode_bf16(const uint16_t *q, const uint16_t *kc, const uint16_t *v
                 }
                 /* acc[g] += sum_j p[g][j] * v_(s0+j) */
                 for (int64_t j = 0; j < n; j++) {
-                    const uint16_t *vr = vb + (s0 + j) * D;
+                    const int64_t vr = kb + (s0 + j) * D;
                     for (int64_t d = 0; d < D; d += 16) {
-                        const __m512 vv = load_bf16(vr + d, 0xFFFF);
+                        const __m512 vv = load_act(vc, vr + d, 0xFFFF, bf16);
                         for (int64_t g = 0; g < G; g++) {
                             float *a = acc + g * D + d;
                             _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(s[g * CHUNK + j]),
@@ -191,15 +217,25 @@ void attend_decode_bf16(const uint16_t *q, const uint16_t *kc, const uint16_t *v
                 }
             }
         }
-        uint16_t *ob = out + (b * KV + h) * G * D;
         for (int64_t g = 0; g < G; g++) {
             const __m512 inv = _mm512_set1_ps(1.0f / l[g]);
             for (int64_t d = 0; d < D; d += 16)
-                _mm256_storeu_si256((__m256i *)(ob + g * D + d),
-                                    (__m256i)_mm512_cvtneps_pbh(
-                                        _mm512_mul_ps(_mm512_loadu_ps(acc + g * D + d), inv)));
+                store_act(out, qb + g * D + d, _mm512_mul_ps(_mm512_loadu_ps(acc + g * D + d), inv),
+                          0xFFFF, bf16);
         }
     }
+}
+
+void attend_decode_bf16(const uint16_t *q, const uint16_t *kc, const uint16_t *vc, int64_t P,
+                        const int64_t *firsts, const int64_t *counts, const int64_t *offsets,
+                        uint16_t *out, int64_t B, int64_t KV, int64_t G, int64_t D, float scale) {
+    attend_decode(q, kc, vc, P, firsts, counts, offsets, out, B, KV, G, D, scale, 1);
+}
+
+void attend_decode_f32(const float *q, const float *kc, const float *vc, int64_t P,
+                       const int64_t *firsts, const int64_t *counts, const int64_t *offsets,
+                       float *out, int64_t B, int64_t KV, int64_t G, int64_t D, float scale) {
+    attend_decode(q, kc, vc, P, firsts, counts, offsets, out, B, KV, G, D, scale, 0);
 }
 
 /* y = x @ w.T in float32 for x [M, K] bf16 (rows contiguous) and w bf16 in oneDNN's
@@ -321,87 +357,116 @@ void gemv_int8(const int8_t *const *w, const float *scales, const void *x, int x
 
 /* ---------------------------------------------------------------- a decode layer's small
  * steps, fused: each replaces several torch ops (a few microseconds of dispatch each,
- * which at one row cost more than their arithmetic). bf16 in and out, float32 inside. */
+ * which at one row cost more than their arithmetic). bf16 or float32 in and out (the
+ * ``bf16`` flag, as for attention), float32 inside. */
 
-/* Per row of D: h = x + delta (bf16; delta NULL: h = x, not written), then RMSNorm:
- * out = bf16(bf16(h / sqrt(mean(h^2) + eps)) * w), rounded where Meta's RMSNorm rounds. */
-void add_rmsnorm_bf16(const uint16_t *x, const uint16_t *delta, const uint16_t *w, uint16_t *h,
-                      uint16_t *out, int64_t M, int64_t D, float eps) {
+/* Per row of D: h = x + delta (delta NULL: h = x, not written), then RMSNorm:
+ * out = act(act(h / sqrt(mean(h^2) + eps)) * w), act() rounding to bf16 where Meta's
+ * RMSNorm rounds (nothing in float32). */
+static inline void add_rmsnorm(const void *x, const void *delta, const void *w, void *h,
+                               void *out, int64_t M, int64_t D, float eps, const int bf16) {
 #pragma omp parallel for schedule(static) if (M > 1)
     for (int64_t m = 0; m < M; m++) {
-        const uint16_t *xr = x + m * D;
-        uint16_t *hr = delta ? h + m * D : (uint16_t *)xr;
+        const int64_t row = m * D;
+        void *hx = delta ? h : (void *)x; /* where the row's h is read back from */
         __m512 ss = _mm512_setzero_ps();
         for (int64_t d = 0; d < D; d += 16) {
             const __mmask16 k = tail(D - d);
-            __m512 v = load_bf16(xr + d, k);
+            __m512 v = load_act(x, row + d, k, bf16);
             if (delta) { /* the sum rounded, as the residual stream holds it */
-                v = bf16x16_round(_mm512_add_ps(v, load_bf16(delta + m * D + d, k)));
-                store_bf16(hr + d, v, k);
+                v = round_act(_mm512_add_ps(v, load_act(delta, row + d, k, bf16)), bf16);
+                store_act(h, row + d, v, k, bf16);
             }
             ss = _mm512_fmadd_ps(v, v, ss);
         }
         const __m512 r = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)D + eps));
         for (int64_t d = 0; d < D; d += 16) {
             const __mmask16 k = tail(D - d);
-            const __m512 normed = _mm512_mul_ps(load_bf16(hr + d, k), r);
-            const __m512 rounded = bf16x16_round(normed);
-            store_bf16(out + m * D + d, _mm512_mul_ps(rounded, load_bf16(w + d, k)), k);
+            const __m512 normed = round_act(_mm512_mul_ps(load_act(hx, row + d, k, bf16), r), bf16);
+            store_act(out, row + d, _mm512_mul_ps(normed, load_act(w, d, k, bf16)), k, bf16);
         }
     }
 }
 
+void add_rmsnorm_bf16(const uint16_t *x, const uint16_t *delta, const uint16_t *w, uint16_t *h,
+                      uint16_t *out, int64_t M, int64_t D, float eps) {
+    add_rmsnorm(x, delta, w, h, out, M, D, eps, 1);
+}
+
+void add_rmsnorm_f32(const float *x, const float *delta, const float *w, float *h, float *out,
+                     int64_t M, int64_t D, float eps) {
+    add_rmsnorm(x, delta, w, h, out, M, D, eps, 0);
+}
+
 /* One new token per row: rotate its q and k heads (RoPE, Meta's interleaved pairs) and
  * write its k and v into the caches at the row's position.
- *   qkv   [B, (H + 2*KV) * D] bf16, the fused projection's output (q heads, k, v);
+ *   qkv   [B, (H + 2*KV) * D], the fused projection's output (q heads, k, v);
  *   cis   [B, D/2, 2] float32, cos and sin of the row's position;
  *   pos   [B], the cache position each row writes;
- *   cache_k, cache_v  [KV, P, D] bf16;  q [B, H, D] bf16 out. */
-void rope_write_bf16(const uint16_t *qkv, const float *cis, const int64_t *pos,
-                     uint16_t *cache_k, uint16_t *cache_v, int64_t P, uint16_t *q, int64_t B,
-                     int64_t H, int64_t KV, int64_t D) {
+ *   cache_k, cache_v  [KV, P, D];  q [B, H, D] out. */
+static inline void rope_write(const void *qkv, const float *cis, const int64_t *pos,
+                              void *cache_k, void *cache_v, int64_t P, void *q, int64_t B,
+                              int64_t H, int64_t KV, int64_t D, const int bf16) {
     const int64_t stride = (H + 2 * KV) * D;
     /* pairs (x0, x1) -> (x0 c - x1 s, x0 s + x1 c), 8 pairs (16 values) at a time */
     const __m512i swap = _mm512_set_epi32(14, 15, 12, 13, 10, 11, 8, 9, 6, 7, 4, 5, 2, 3, 0, 1);
 #pragma omp parallel for schedule(static) if (B > 1)
     for (int64_t b = 0; b < B; b++) {
-        const uint16_t *row = qkv + b * stride;
         const float *cs = cis + b * D;
         for (int64_t head = 0; head < H + KV; head++) {
-            const uint16_t *src = row + head * D;
-            uint16_t *dst = head < H ? q + (b * H + head) * D
-                                     : cache_k + ((head - H) * P + pos[b]) * D;
+            const int64_t src = b * stride + head * D;
+            void *dst = head < H ? q : cache_k;
+            const int64_t at = head < H ? (b * H + head) * D : ((head - H) * P + pos[b]) * D;
             for (int64_t d = 0; d < D; d += 16) {
                 const __mmask16 k = tail(D - d);
-                const __m512 v = load_bf16(src + d, k);
+                const __m512 v = load_act(qkv, src + d, k, bf16);
                 const __m512 c = _mm512_maskz_loadu_ps(k, cs + d); /* c0 s0 c1 s1 ... */
                 const __m512 cos = _mm512_moveldup_ps(c), sin = _mm512_movehdup_ps(c);
                 const __m512 vs = _mm512_permutexvar_ps(swap, v); /* x1 x0 ... */
                 /* even lanes: x0 c - x1 s; odd lanes: x1 c + x0 s */
-                const __m512 out = _mm512_fmaddsub_ps(v, cos, _mm512_mul_ps(vs, sin));
-                store_bf16(dst + d, out, k);
+                store_act(dst, at + d, _mm512_fmaddsub_ps(v, cos, _mm512_mul_ps(vs, sin)), k, bf16);
             }
         }
         for (int64_t head = 0; head < KV; head++)
-            memcpy(cache_v + (head * P + pos[b]) * D, row + (H + KV + head) * D, D * 2);
+            memcpy((void *)offset(cache_v, (head * P + pos[b]) * D, bf16),
+                   offset(qkv, b * stride + (H + KV + head) * D, bf16), D * (bf16 ? 2 : 4));
     }
 }
 
-/* out = bf16(silu(gate) * up) per row, gate and up the halves of gu [M, 2F] (the fused
+void rope_write_bf16(const uint16_t *qkv, const float *cis, const int64_t *pos,
+                     uint16_t *cache_k, uint16_t *cache_v, int64_t P, uint16_t *q, int64_t B,
+                     int64_t H, int64_t KV, int64_t D) {
+    rope_write(qkv, cis, pos, cache_k, cache_v, P, q, B, H, KV, D, 1);
+}
+
+void rope_write_f32(const float *qkv, const float *cis, const int64_t *pos, float *cache_k,
+                    float *cache_v, int64_t P, float *q, int64_t B, int64_t H, int64_t KV,
+                    int64_t D) {
+    rope_write(qkv, cis, pos, cache_k, cache_v, P, q, B, H, KV, D, 0);
+}
+
+/* out = act(silu(gate)) * up per row, gate and up the halves of gu [M, 2F] (the fused
  * w1/w3 product's output); silu(g) = g / (1 + e^-g). */
-void silu_mul_bf16(const uint16_t *gu, uint16_t *out, int64_t M, int64_t F) {
+static inline void silu_mul(const void *gu, void *out, int64_t M, int64_t F, const int bf16) {
 #pragma omp parallel for schedule(static) if (M > 1)
     for (int64_t m = 0; m < M; m++) {
-        const uint16_t *g = gu + m * 2 * F, *u = g + F;
+        const int64_t g = m * 2 * F, u = g + F;
         for (int64_t i = 0; i < F; i += 16) {
             const __mmask16 k = tail(F - i);
-            const __m512 gv = load_bf16(g + i, k);
+            const __m512 gv = load_act(gu, g + i, k, bf16);
             const __m512 s = _mm512_div_ps(
                 gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-            store_bf16(out + m * F + i, _mm512_mul_ps(bf16x16_round(s), load_bf16(u + i, k)), k);
+            store_act(out, m * F + i, _mm512_mul_ps(round_act(s, bf16), load_act(gu, u + i, k, bf16)),
+                      k, bf16);
         }
     }
 }
+
+void silu_mul_bf16(const uint16_t *gu, uint16_t *out, int64_t M, int64_t F) {
+    silu_mul(gu, out, M, F, 1);
+}
+
+void silu_mul_f32(const float *gu, float *out, int64_t M, int64_t F) { silu_mul(gu, out, M, F, 0); }
 
 /* The sum of n floats (n a multiple of 64), read once front to back on every thread's
  * share: what the memory gives a stream of reads, as the one-row products read their
@@ -427,62 +492,83 @@ float stream_sum(const float *x, int64_t n) {
 }
 
 /* ---------------------------------------------------------------- one row's decode layer
- * A bf16 layer for one new token of one row, as two calls (the attention half, the
- * feed-forward half), each ending in a row-parallel product whose output the caller sums
- * over the ranks before the next call. The same kernels as above, in the same order and
- * with the same roundings as the layer's torch path with them (model.TransformerBlock):
- * only Python's part between them goes. Layouts: cpu_kernels.py's RowDecoder. */
+ * A layer for one new token of one row, bf16 or float32, as two calls (the attention
+ * half, the feed-forward half), each ending in a row-parallel product whose output the
+ * caller sums over the ranks before the next call. The same kernels as above, in the same
+ * order and with the same roundings as the layer's torch path with them
+ * (model.TransformerBlock): only Python's part between them goes. Layouts:
+ * row_decode.py's structs. */
 
 typedef struct {
-    int64_t kind;            /* 0: bf16, oneDNN-packed (gemv_bf16); 1: int8 (gemv_int8) */
-    const void *w;           /* bf16: the packed weight; int8: its groups' packed tensors */
+    int64_t kind;            /* 0: bf16 (gemv_bf16); 1: int8 (gemv_int8); 2: float32 (gemv_f32) */
+    const void *w;           /* bf16, float32: the packed weight; int8: its groups' tensors */
     const float *scales;     /* int8: [groups, N] */
-    int64_t N, K, groups;    /* N: output rows, padded to whole blocks for bf16 */
+    int64_t N, K, groups;    /* N: output rows, padded to whole blocks for bf16 and float32 */
 } product_t;
 
 typedef struct {
     product_t wqkv, wo, w13, w2;
-    const uint16_t *attn_norm, *ffn_norm;
-    uint16_t *cache_k, *cache_v; /* [KV, P, D] */
+    const void *attn_norm, *ffn_norm;
+    void *cache_k, *cache_v; /* [KV, P, D] */
 } layer_t;
 
 typedef struct {
     int64_t dim, H, KV, D, F, P; /* this rank's sizes; F: the feed-forward's hidden size */
+    int64_t bf16;                /* the activations' type: bf16 (1) or float32 (0) */
     float eps, scale;
     /* workspace, each as large as the padded product it takes */
-    uint16_t *normed, *qkv, *q, *attn, *gu, *act;
+    void *normed, *qkv, *q, *attn, *gu, *act;
     uint8_t *u8;
 } row_shape_t;
 
-static void product(const product_t *p, const uint16_t *x, uint16_t *y, uint8_t *u8) {
+static void product(const product_t *p, const void *x, void *y, uint8_t *u8, int bf16) {
     if (p->kind == 0)
-        gemv_bf16((const uint16_t *)p->w, x, y, p->N, p->K);
+        gemv_bf16((const uint16_t *)p->w, (const uint16_t *)x, (uint16_t *)y, p->N, p->K);
+    else if (p->kind == 1)
+        gemv_int8((const int8_t *const *)p->w, p->scales, x, bf16, y, p->N, p->K, p->groups, u8);
     else
-        gemv_int8((const int8_t *const *)p->w, p->scales, x, 1, y, p->N, p->K, p->groups, u8);
+        gemv_f32((const float *)p->w, (const float *)x, (float *)y, p->N, p->K);
 }
 
-/* h: the row's residual [dim] bf16, first h = bf16(h + delta) where delta is not NULL (the
+static inline void row_attention(const layer_t *L, const row_shape_t *s, void *h, const void *delta,
+                                 const float *cis, int64_t pos, const int64_t *firsts,
+                                 const int64_t *counts, int64_t n, void *out, const int bf16) {
+    const int64_t offsets[2] = {0, n};
+    add_rmsnorm(h, delta, L->attn_norm, h, s->normed, 1, s->dim, s->eps, bf16);
+    product(&L->wqkv, s->normed, s->qkv, s->u8, bf16);
+    rope_write(s->qkv, cis, &pos, L->cache_k, L->cache_v, s->P, s->q, 1, s->H, s->KV, s->D, bf16);
+    attend_decode(s->q, L->cache_k, L->cache_v, s->P, firsts, counts, offsets, s->attn, 1, s->KV,
+                  s->H / s->KV, s->D, s->scale, bf16);
+    product(&L->wo, s->attn, out, s->u8, bf16);
+}
+
+/* h: the row's residual [dim], first h = act(h + delta) where delta is not NULL (the
  * previous layer's summed feed-forward output); then out = wo(attention(norm(h))), the
  * attention over the row's segments (firsts, counts: n of them) after RoPE and the cache
  * writes at position pos; cis [D/2, 2] float32 for that position. */
-void row_attention_bf16(const layer_t *L, const row_shape_t *s, uint16_t *h,
-                        const uint16_t *delta, const float *cis, int64_t pos,
-                        const int64_t *firsts, const int64_t *counts, int64_t n, uint16_t *out) {
-    const int64_t offsets[2] = {0, n};
-    add_rmsnorm_bf16(h, delta, L->attn_norm, h, s->normed, 1, s->dim, s->eps);
-    product(&L->wqkv, s->normed, s->qkv, s->u8);
-    rope_write_bf16(s->qkv, cis, &pos, L->cache_k, L->cache_v, s->P, s->q, 1, s->H, s->KV, s->D);
-    attend_decode_bf16(s->q, L->cache_k, L->cache_v, s->P, firsts, counts, offsets, s->attn, 1,
-                       s->KV, s->H / s->KV, s->D, s->scale);
-    product(&L->wo, s->attn, out, s->u8);
+void row_attention_step(const layer_t *L, const row_shape_t *s, void *h, const void *delta,
+                        const float *cis, int64_t pos, const int64_t *firsts,
+                        const int64_t *counts, int64_t n, void *out) {
+    if (s->bf16)
+        row_attention(L, s, h, delta, cis, pos, firsts, counts, n, out, 1);
+    else
+        row_attention(L, s, h, delta, cis, pos, firsts, counts, n, out, 0);
 }
 
-/* h = bf16(h + delta) (the summed attention output), then out = w2(silu(w1 x) * w3 x) of
+static inline void row_feed_forward(const layer_t *L, const row_shape_t *s, void *h,
+                                    const void *delta, void *out, const int bf16) {
+    add_rmsnorm(h, delta, L->ffn_norm, h, s->normed, 1, s->dim, s->eps, bf16);
+    product(&L->w13, s->normed, s->gu, s->u8, bf16);
+    silu_mul(s->gu, s->act, 1, s->F, bf16);
+    product(&L->w2, s->act, out, s->u8, bf16);
+}
+
+/* h = act(h + delta) (the summed attention output), then out = w2(silu(w1 x) * w3 x) of
  * x = norm(h). */
-void row_feed_forward_bf16(const layer_t *L, const row_shape_t *s, uint16_t *h,
-                           const uint16_t *delta, uint16_t *out) {
-    add_rmsnorm_bf16(h, delta, L->ffn_norm, h, s->normed, 1, s->dim, s->eps);
-    product(&L->w13, s->normed, s->gu, s->u8);
-    silu_mul_bf16(s->gu, s->act, 1, s->F);
-    product(&L->w2, s->act, out, s->u8);
+void row_feed_forward_step(const layer_t *L, const row_shape_t *s, void *h, const void *delta,
+                           void *out) {
+    if (s->bf16)
+        row_feed_forward(L, s, h, delta, out, 1);
+    else
+        row_feed_forward(L, s, h, delta, out, 0);
 }

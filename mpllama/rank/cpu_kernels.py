@@ -49,12 +49,25 @@ _SIGNATURES = {
     "gemv_f32": [_P, _P, _P, _I, _I],
     "gemv_int8": [_P, _P, _P, ctypes.c_int, _P, _I, _I, _I, _P],
     "gemm_bf16_f32": [_P, _P, _P, _I, _I, _I, _I],
-    "add_rmsnorm_bf16": [_P, _P, _P, _P, _P, _I, _I, ctypes.c_float],
-    "rope_write_bf16": [_P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I],
-    "silu_mul_bf16": [_P, _P, _I, _I],
     "stream_sum": [_P, _I],
-    "attend_decode_bf16": [_P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_float],
+    # bf16 and float32 activations, each a kernel of its own (``_bf16``, ``_f32``)
+    **{
+        f"{name}_{kind}": args
+        for name, args in {
+            "add_rmsnorm": [_P, _P, _P, _P, _P, _I, _I, ctypes.c_float],
+            "rope_write": [_P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I],
+            "silu_mul": [_P, _P, _I, _I],
+            "attend_decode": [_P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_float],
+        }.items()
+        for kind in ("bf16", "f32")
+    },
 }
+SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
+def kernel(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
+    """The C kernel ``name`` for activations of ``dtype`` (bf16 or float32)."""
+    return getattr(library(), f"{name}_{SUFFIX[dtype]}")
 
 
 def unavailable() -> str | None:
@@ -263,9 +276,9 @@ def int8_one_row(packed: list[torch.Tensor], scales: list[torch.Tensor]) -> Int8
 
 def decode_attention_fits(n_heads: int, cache: torch.Tensor) -> bool:
     """Whether ``attend_decode`` runs a layer of ``n_heads`` query heads over ``cache``
-    [K,P,D]: a bf16 cache on the CPU, a head size of a multiple of 32, and few enough
-    query heads per KV head."""
-    if library() is None or cache.device.type != "cpu" or cache.dtype != torch.bfloat16:
+    [K,P,D]: a bf16 or float32 cache on the CPU, a head size of a multiple of 32, and few
+    enough query heads per KV head."""
+    if library() is None or cache.device.type != "cpu" or cache.dtype not in SUFFIX:
         return False
     K, _, D = cache.shape
     G = n_heads // K
@@ -301,7 +314,7 @@ def attend_decode(
     K, P, _ = cache_k.shape
     q = q.contiguous()
     out = torch.empty_like(q)
-    library().attend_decode_bf16(  # type: ignore[union-attr]
+    kernel("attend_decode", q.dtype)(
         q.data_ptr(),
         cache_k.data_ptr(),
         cache_v.data_ptr(),
@@ -320,20 +333,21 @@ def attend_decode(
 
 
 # ------------------------------------------------------------------------ a decode layer's steps
-# Used where ``attend_decode`` runs (one new token per row, bf16, on a CPU): each call
-# replaces several torch ops, whose dispatch costs more than their arithmetic at one row.
+# Used where ``attend_decode`` runs (one new token per row, bf16 or float32, on a CPU):
+# each call replaces several torch ops, whose dispatch costs more than their arithmetic
+# at one row.
 
 
 def add_rmsnorm(
     x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, RMSNorm(h) * weight) for h = x + delta (or x), rows of x [M, D] bf16, rounded
-    where ``model.RMSNorm`` rounds."""
+    """(h, RMSNorm(h) * weight) for h = x + delta (or x), rows of x [M, D] bf16 or
+    float32, rounded where ``model.RMSNorm`` rounds."""
     x = x.contiguous()
     M, D = x.reshape(-1, x.shape[-1]).shape
     h = x if delta is None else torch.empty_like(x)
     out = torch.empty_like(x)
-    library().add_rmsnorm_bf16(  # type: ignore[union-attr]
+    kernel("add_rmsnorm", x.dtype)(
         x.data_ptr(),
         None if delta is None else delta.contiguous().data_ptr(),
         weight.data_ptr(),
@@ -354,15 +368,15 @@ def rope_write(
     cache_v: torch.Tensor,
     n_heads: int,
 ) -> torch.Tensor:
-    """From the fused q/k/v projection of one token per row (qkv [B, (H+2K)*D] bf16):
-    q and k rotated by their rows' ``cis`` [B, D/2] (complex), k and v written into the
-    caches [K,P,D] at ``positions`` [B]; q [B,H,D] out."""
+    """From the fused q/k/v projection of one token per row (qkv [B, (H+2K)*D], bf16 or
+    float32): q and k rotated by their rows' ``cis`` [B, D/2] (complex), k and v written
+    into the caches [K,P,D] at ``positions`` [B]; q [B,H,D] out."""
     K, P, D = cache_k.shape
     B = qkv.shape[0]
     qkv, cis = qkv.contiguous(), torch.view_as_real(cis).contiguous()
     positions = positions.contiguous()
     q = qkv.new_empty(B, n_heads, D)
-    library().rope_write_bf16(  # type: ignore[union-attr]
+    kernel("rope_write", qkv.dtype)(
         qkv.data_ptr(),
         cis.data_ptr(),
         positions.data_ptr(),
@@ -379,11 +393,12 @@ def rope_write(
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for the halves of gate_up [M, 2F] bf16 (the fused w1/w3 output)."""
+    """silu(gate) * up for the halves of gate_up [M, 2F] (the fused w1/w3 output), bf16 or
+    float32."""
     gate_up = gate_up.contiguous()
     M, F2 = gate_up.reshape(-1, gate_up.shape[-1]).shape
     out = gate_up.new_empty(*gate_up.shape[:-1], F2 // 2)
-    library().silu_mul_bf16(gate_up.data_ptr(), out.data_ptr(), M, F2 // 2)  # type: ignore[union-attr]
+    kernel("silu_mul", gate_up.dtype)(gate_up.data_ptr(), out.data_ptr(), M, F2 // 2)
     return out
 
 

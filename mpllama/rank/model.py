@@ -89,8 +89,8 @@ class Attention(nn.Module):
         assert self.cache_k is not None and self.cache_v is not None, "call setup_caches first"
         B, T = at.shape
         if at.decode is not None and self.wqkv is not None:
-            # One new token per row in bf16 on a CPU: the fused projection, then
-            # mpllama's kernels for RoPE with the cache writes, and for attention.
+            # One new token per row on a CPU (bf16 or float32): the fused projection,
+            # then mpllama's kernels for RoPE with the cache writes, and for attention.
             qkv = self.wqkv.product(x.view(B, -1))
             q = rope_write(
                 qkv,
@@ -167,9 +167,9 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, at: CacheIndex, cis: torch.Tensor) -> torch.Tensor:
         if at.decode is not None:
-            # One new token per row in bf16 on a CPU: the norms, the residual add before
-            # the second and the FFN's activation each one call of mpllama's kernels
-            # (cpu_kernels), where torch takes several ops each.
+            # One new token per row on a CPU (bf16 or float32): the norms, the residual
+            # add before the second and the FFN's activation each one call of mpllama's
+            # kernels (cpu_kernels), where torch takes several ops each.
             norm1, norm2 = self.attention_norm, self.ffn_norm
             _, normed = add_rmsnorm(x, None, norm1.weight, norm1.eps)
             h, normed = add_rmsnorm(x, self.attention(normed, at, cis), norm2.weight, norm2.eps)
@@ -355,8 +355,8 @@ class Transformer(nn.Module):
             device,
         )
         if T == 1 and packed is None and self._decode_kernel_fits():
-            # One new token per row on a CPU in bf16: every row's segments in one call
-            # per layer (cpu_kernels.attend_decode), whatever blocks they sit in.
+            # One new token per row on a CPU (bf16 or float32): every row's segments in
+            # one call per layer (cpu_kernels.attend_decode), whatever blocks they sit in.
             at.decode = Segments.of(at.segments)
         else:
             # Evenly spaced rows read as one view where the padding costs less than a
@@ -371,6 +371,7 @@ class Transformer(nn.Module):
         cis = self.rope[positions]  # [B,T,D/2]
         h = at.pack(self.tok_embeddings(tokens))
         if B == 1 and at.decode is not None and self.row_decoder is not None:
+            # A single row's step: each layer two C calls (row_decode), same logits.
             h = self.row_decoder(h, cis, int(at.write_index), at.decode)
         else:
             for layer in self.layers:

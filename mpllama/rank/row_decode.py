@@ -4,15 +4,16 @@ A single request's step on a CPU is bound by reading the weights; what it spends
 that is mostly Python: a bf16 layer on torch's path with mpllama's kernels makes about a
 dozen calls (norms, the products, RoPE with the cache writes, attention, the FFN's
 activation), each with its module call, tensor allocations and ctypes conversion.
-Here each layer is ``row_attention_bf16`` then ``row_feed_forward_bf16`` (cpu_kernels.c):
+Here each layer is ``row_attention_step`` then ``row_feed_forward_step`` (cpu_kernels.c):
 the same kernels in the same order, so the same roundings and the same logits bit for bit,
 with the layer's weights, norms, caches and workspace described once, in C structs, when
 the model's caches are set up. Between the two calls, and after the second, the caller
 sums the row-parallel product over the ranks (the one collective each half needs).
 
-Applies where every product of every layer has a one-row kernel (bf16 weights packed by
-oneDNN, or int8 weights with ``Int8OneRow``) and attention runs ``attend_decode``; the
-model keeps its layer-by-layer path otherwise (int4 weights, float32, GPUs).
+Applies where every product of every layer has a one-row kernel (bf16 or float32 weights
+packed by oneDNN, or int8 weights with ``Int8OneRow``) and attention runs
+``attend_decode`` (bf16 or float32 on a CPU); the model keeps its layer-by-layer path
+otherwise (int4 weights, GPUs).
 """
 
 from __future__ import annotations
@@ -31,15 +32,16 @@ if TYPE_CHECKING:
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 SIGNATURES = {
-    "row_attention_bf16": [_P, _P, _P, _P, _P, _I, _P, _P, _I, _P],
-    "row_feed_forward_bf16": [_P, _P, _P, _P, _P],
+    "row_attention_step": [_P, _P, _P, _P, _P, _I, _P, _P, _I, _P],
+    "row_feed_forward_step": [_P, _P, _P, _P, _P],
 }
+BF16, INT8, F32 = 0, 1, 2  # product_t's kinds
 MAX_GROUPS = 64  # int8 input groups gemv_int8 takes
 
 
 class Product(ctypes.Structure):
     _fields_ = [
-        ("kind", ctypes.c_int64),  # 0: bf16 packed by oneDNN, 1: int8
+        ("kind", ctypes.c_int64),  # BF16, INT8 or F32
         ("w", _P),
         ("scales", _P),
         ("N", ctypes.c_int64),
@@ -63,7 +65,7 @@ class Layer(ctypes.Structure):
 
 class Shape(ctypes.Structure):
     _fields_ = [
-        *((name, ctypes.c_int64) for name in ("dim", "H", "KV", "D", "F", "P")),
+        *((name, ctypes.c_int64) for name in ("dim", "H", "KV", "D", "F", "P", "bf16")),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         *((name, _P) for name in ("normed", "qkv", "q", "attn", "gu", "act", "u8")),
@@ -73,13 +75,16 @@ class Shape(ctypes.Structure):
 def _product(module: torch.nn.Module) -> Product | None:
     """The C description of a layer's product, or None where it has no one-row kernel."""
     one_row = module.one_row
-    if isinstance(one_row, OneRowProduct) and one_row.dtype == torch.bfloat16:
-        return Product(0, one_row.address, None, one_row.padded, one_row.inner, 1)
+    if isinstance(one_row, OneRowProduct):
+        kind = BF16 if one_row.dtype == torch.bfloat16 else F32
+        return Product(kind, one_row.address, None, one_row.padded, one_row.inner, 1)
     weight = module.__dict__.get("weight")
     int8 = getattr(weight, "one_row", None)
     if isinstance(int8, Int8OneRow) and len(int8.packed) <= MAX_GROUPS:
         address = ctypes.addressof(int8.pointers)
-        return Product(1, address, int8.scales.data_ptr(), int8.rows, int8.inner, len(int8.packed))
+        return Product(
+            INT8, address, int8.scales.data_ptr(), int8.rows, int8.inner, len(int8.packed)
+        )
     return None
 
 
@@ -94,20 +99,23 @@ class RowDecoder:
         self.addresses = [ctypes.addressof(layer) for layer in layers]
         dim = shape.dim
         width = max(max(layer.wo.N, layer.w2.N) for layer in layers)
-        self.attn_out = torch.empty(width, dtype=torch.bfloat16)
-        self.ffn_out = torch.empty(width, dtype=torch.bfloat16)
+        dtype = torch.bfloat16 if shape.bf16 else torch.float32
+        self.attn_out = torch.empty(width, dtype=dtype)
+        self.ffn_out = torch.empty(width, dtype=dtype)
         self.sums = self.attn_out[:dim], self.ffn_out[:dim]  # what the ranks sum
         lib = cpu_kernels.library()
         assert lib is not None
-        self.attention, self.feed_forward = lib.row_attention_bf16, lib.row_feed_forward_bf16
+        self.attention, self.feed_forward = lib.row_attention_step, lib.row_feed_forward_step
 
     @staticmethod
     def build(model: Transformer) -> RowDecoder | None:
-        """For a bf16 model on mpllama's kernels with its caches set up, else None."""
+        """For a bf16 or float32 model on mpllama's kernels with its caches set up, else
+        None."""
         lib = cpu_kernels.library()
         first = model.layers[0].attention
         if lib is None or first.cache_k is None or not model._decode_kernel_fits():
             return None
+        dtype = first.cache_k.dtype  # the model's: bf16 or float32 (decode_attention_fits)
         for name, args in SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, None
@@ -120,7 +128,11 @@ class RowDecoder:
             if any(p is None for p in products):
                 return None
             norms = (block.attention_norm.weight, block.ffn_norm.weight)
-            if any(n.dtype != torch.bfloat16 or not n.is_contiguous() for n in norms):
+            if any(n.dtype != dtype or not n.is_contiguous() for n in norms):
+                return None
+            if any(
+                p.kind != INT8 and (p.kind == BF16) != (dtype == torch.bfloat16) for p in products
+            ):
                 return None
             layers.append(
                 Layer(
@@ -136,20 +148,25 @@ class RowDecoder:
         qkv_rows, gu_rows = layers[0].wqkv.N, layers[0].w13.N
         F = model.layers[0].feed_forward.w13.sizes[0]
         inner = max(p.K for layer in layers for p in (layer.wqkv, layer.wo, layer.w13, layer.w2))
-        work = {
-            "normed": torch.empty(model.args.dim, dtype=torch.bfloat16),
-            "qkv": torch.empty(qkv_rows, dtype=torch.bfloat16),
-            "q": torch.empty(H * D, dtype=torch.bfloat16),
-            "attn": torch.empty(H * D, dtype=torch.bfloat16),
-            "gu": torch.empty(gu_rows, dtype=torch.bfloat16),
-            "act": torch.empty(F, dtype=torch.bfloat16),
-            "u8": torch.empty(inner, dtype=torch.uint8),
-        }
+        sizes = {"normed": model.args.dim, "qkv": qkv_rows, "q": H * D, "attn": H * D}
+        sizes.update(gu=gu_rows, act=F)
+        work = {name: torch.empty(n, dtype=dtype) for name, n in sizes.items()}
+        work["u8"] = torch.empty(inner, dtype=torch.uint8)
         if any(layer.wqkv.N != qkv_rows or layer.w13.N != gu_rows for layer in layers):
             return None
         eps = model.layers[0].attention_norm.eps
+        bf16 = int(dtype == torch.bfloat16)
         shape = Shape(
-            model.args.dim, H, KV, D, F, P, eps, D**-0.5, *(t.data_ptr() for t in work.values())
+            model.args.dim,
+            H,
+            KV,
+            D,
+            F,
+            P,
+            bf16,
+            eps,
+            D**-0.5,
+            *(t.data_ptr() for t in work.values()),
         )
         decoder = RowDecoder(model, layers, shape)
         decoder.work = work  # the memory ``shape`` points at
@@ -159,7 +176,7 @@ class RowDecoder:
         self, x: torch.Tensor, cis: torch.Tensor, pos: int, segments: Segments
     ) -> torch.Tensor:
         """The hidden state after every layer for one row's one new token: x [..., dim]
-        bf16 (the embedding), cis its position's RoPE factors (complex, D/2), ``pos`` the
+        (the embedding), cis its position's RoPE factors (complex, D/2), ``pos`` the
         cache position it writes, ``segments`` the row's positions (with the new one)."""
         h = x.reshape(-1).clone()
         h_at, cis_at = h.data_ptr(), torch.view_as_real(cis).contiguous()
