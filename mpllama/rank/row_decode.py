@@ -22,6 +22,7 @@ import ctypes
 from typing import TYPE_CHECKING
 
 import torch
+from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 
 from . import cpu_kernels
 from .cpu_kernels import Int8OneRow, OneRowProduct, Segments
@@ -106,6 +107,7 @@ class RowDecoder:
         lib = cpu_kernels.library()
         assert lib is not None
         self.attention, self.feed_forward = lib.row_attention_step, lib.row_feed_forward_step
+        self.ranks = get_model_parallel_world_size()  # > 1: sum each half's output
 
     @staticmethod
     def build(model: Transformer) -> RowDecoder | None:
@@ -190,8 +192,10 @@ class RowDecoder:
             self.attention(
                 layer, shape_at, h_at, delta, cis_at.data_ptr(), pos, firsts, counts, n, attn_at
             )
-            all_reduce(attn_sum)
+            if self.ranks > 1:
+                all_reduce(attn_sum)
             self.feed_forward(layer, shape_at, h_at, attn_at, ffn_at)
-            all_reduce(ffn_sum)
+            if self.ranks > 1:
+                all_reduce(ffn_sum)
             delta = ffn_at
         return (h + ffn_sum).view(x.shape)
