@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mpllama import checkpoint
-from mpllama.rank import cpu_kernels, quant, weights
+from mpllama.rank import cpu_kernels, layers, quant, weights
 from mpllama.rank import model as model_module
 from mpllama.rank.model import Transformer, materialize
 
@@ -48,6 +48,32 @@ def test_one_row_product_reads_onednns_packed_weight(
     # float32 sums in another order; bf16 rounds the result (8 bits of mantissa).
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got.float(), want, atol=tol * float(want.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize(("rows", "inner"), SHAPES)
+def test_a_bf16_batch_of_rows_gives_each_row_its_one_row_result(rows: int, inner: int) -> None:
+    """The bf16 product of a decode step's rows (``batched``, taken by ``linear`` for 2 to
+    64 rows): each row bit for bit its one-row product, so a row's result does not depend
+    on its batch, and within bf16's rounding of oneDNN's batched product."""
+    packed = pack(randn(rows, inner).bfloat16())
+    product = cpu_kernels.one_row_product(packed)
+    assert product is not None
+    for m in (2, 5, 64):
+        x = randn(m, inner, seed=m).bfloat16()
+        assert product.batches(x)
+        got = layers.linear(x, packed, product)
+        assert got.shape == (m, rows) and got.dtype == torch.bfloat16
+        for i in range(m):
+            assert torch.equal(got[i : i + 1], product(x[i : i + 1]))
+        onednn = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "").float()
+        atol = 1e-2 * float(onednn.abs().max())
+        torch.testing.assert_close(got.float(), onednn, atol=atol, rtol=0)
+    # oneDNN keeps prefill chunks, float32, and weights whose 64-row blocks outgrow L2
+    assert not product.batches(randn(65, inner).bfloat16())
+    fp32 = cpu_kernels.one_row_product(pack(randn(rows, inner)))
+    assert fp32 is not None and not fp32.batches(randn(4, inner))
+    wide = cpu_kernels.one_row_product(pack(randn(64, 8192).bfloat16()))
+    assert wide is not None and not wide.batches(randn(4, 8192).bfloat16())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

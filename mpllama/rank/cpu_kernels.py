@@ -41,6 +41,10 @@ CPU_FLAGS = frozenset(
     {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni", "fma"}
 )
 BLOCK = 64  # output rows per block of oneDNN's packed layout (cpu_kernels.c's NB)
+# mpllama's bf16 product of several rows (OneRowProduct.batched): up to this many rows
+# (a decode step's batch; prefill chunks keep oneDNN, which blocks for caches), on
+# weights whose block of 64 rows fits this share of a core's L2 (1 MB on this EPYC).
+BATCH_ROWS, BLOCK_BYTES = 64, 512 << 10
 MAX_G, MAX_GD = 64, 4096  # query heads per KV head, and times the head size (the C limits)
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -49,6 +53,7 @@ _SIGNATURES = {
     "gemv_f32": [_P, _P, _P, _I, _I],
     "gemv_int8": [_P, _P, _P, ctypes.c_int, _P, _I, _I, _I, _P],
     "gemm_bf16_f32": [_P, _P, _P, _I, _I, _I, _I],
+    "gemm_bf16_bf16": [_P, _P, _P, _I, _I, _I, _I],
     "stream_sum": [_P, _I],
     # bf16 and float32 activations, each a kernel of its own (``_bf16``, ``_f32``)
     **{
@@ -157,6 +162,30 @@ class OneRowProduct:
         fn = library().gemv_bf16 if self.dtype == torch.bfloat16 else library().gemv_f32  # type: ignore[union-attr]
         fn(self.address, x.data_ptr(), y.data_ptr(), self.padded, self.inner)
         return y if self.padded == self.rows else y[..., : self.rows]
+
+    def batches(self, x: torch.Tensor) -> bool:
+        """Whether ``batched`` takes x: a bf16 weight, a decode step's few rows (at most
+        ``BATCH_ROWS``), and a block of 64 of its rows small enough to stay in L2 while
+        every group of four input rows reads it again (``BLOCK_BYTES``)."""
+        rows = x.numel() // self.inner
+        return (
+            self.dtype == torch.bfloat16
+            and 1 < rows <= BATCH_ROWS
+            and BLOCK * self.inner * 2 <= BLOCK_BYTES
+        )
+
+    def batched(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ w.T for a few rows of bf16 x (``gemm_bf16_bf16``): each row's sums are
+        the one-row kernel's, in the same order, so a row's result does not depend on
+        the batch it ran in; and it runs faster than oneDNN's product here (benchmarks/
+        RESULTS.md, "Figures behind the code")."""
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.inner).contiguous()
+        y = torch.empty(x.shape[0], self.rows, dtype=self.dtype)
+        library().gemm_bf16_bf16(  # type: ignore[union-attr]
+            self.address, x.data_ptr(), y.data_ptr(), x.shape[0], self.rows, self.padded, self.inner
+        )
+        return y.view(*lead, self.rows)
 
 
 def one_row_product(packed: torch.Tensor) -> OneRowProduct | None:

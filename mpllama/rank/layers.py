@@ -51,12 +51,15 @@ def linear(
 ) -> torch.Tensor:
     """x @ weight.T, with a weight plain, prepacked by ``pack_linears`` or quantized
     (``quant.materialize_quantized``: an object that runs its own kernel). ``one_row``:
-    the packed weight's one-row kernel (``cpu_kernels``), for an input of one row."""
+    the packed weight's one-row kernel (``cpu_kernels``), for an input of one row, and
+    for bf16 of a decode step's few rows."""
     if isinstance(weight, (Int8Weight, Int4Weight)):
         return weight(x)
     if weight.layout == torch._mkldnn:
         if one_row is not None and x.numel() == one_row.inner:
             return one_row(x)
+        if one_row is not None and one_row.batches(x):
+            return one_row.batched(x)
         return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return F.linear(x, weight)
 
