@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 CHILD = r"""
 import asyncio
@@ -109,6 +110,10 @@ print(f"ALIVE {time.monotonic() - first_close:.0f}s after the first close", flus
 # 4. One more engine, made in a thread, left open: the interpreter's exit closes it.
 last = in_thread("E", lambda: LLM(ckpt, **SETTINGS))
 print("TEXT last", repr(in_thread("F", lambda: text(last))), flush=True)
+# The runtime's processes started with glibc's huge-page malloc; this process kept its env.
+rank_env = open(f"/proc/{last.engine.rank_info[0]['pid']}/environ").read().split("\0")
+print("TUNABLES rank", [e for e in rank_env if e.startswith("GLIBC_TUNABLES=")], flush=True)
+print("TUNABLES driver", repr(os.environ.get("GLIBC_TUNABLES")), flush=True)
 print("PIDS", *[p.pid for p in psutil.Process().children(recursive=True)], flush=True)
 print("EXITING without close()", flush=True)
 """
@@ -129,6 +134,25 @@ def test_starts_happen_on_a_thread_that_lasts() -> None:
     assert seen[0].is_alive() and not worker.is_alive()
 
 
+def test_huge_page_malloc_is_added_for_the_runtimes_start_and_put_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mpllama import ray_session
+
+    for before, during in [
+        (None, "glibc.malloc.hugetlb=1"),
+        ("glibc.malloc.arena_max=2", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+        ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=0"),  # the user's choice stands
+    ]:
+        if before is None:
+            monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+        else:
+            monkeypatch.setenv("GLIBC_TUNABLES", before)
+        with ray_session._huge_page_malloc():
+            assert os.environ.get("GLIBC_TUNABLES") == during
+        assert os.environ.get("GLIBC_TUNABLES") == before
+
+
 def test_the_callers_runtime_is_used_and_left_running(ray_runtime: Any) -> None:
     from mpllama import ray_session
 
@@ -142,7 +166,8 @@ def test_the_callers_runtime_is_used_and_left_running(ray_runtime: Any) -> None:
 def test_engines_survive_threads_loops_and_exit(tmp_path: Path, tiny_ckpt: Path) -> None:
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local runtime
+    # a local runtime; glibc's tunables as a fresh shell has them (none)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "GLIBC_TUNABLES")}
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, str(script), str(tiny_ckpt)],
@@ -172,6 +197,9 @@ def test_engines_survive_threads_loops_and_exit(tmp_path: Path, tiny_ckpt: Path)
         assert ray_up == "ray_up=False", output  # the last client stopped the runtime
     assert int(value("ALIVE").split()[0].rstrip("s")) >= 90, output
     assert lines[-1] == "EXITING without close()", output
+    # ray_session._huge_page_malloc: in the ranks' environment, not left in the driver's
+    assert value("TUNABLES rank") == "['GLIBC_TUNABLES=glibc.malloc.hugetlb=1']", output
+    assert value("TUNABLES driver") == "None", output
 
     # Closing at exit: the ranks, the raylet, the GCS and every worker are gone.
     pids = [int(pid) for pid in value("PIDS").split()]

@@ -1,7 +1,8 @@
 """Where a rank runs and how ranks talk: device, dtype and backend choice, the
 process group and fairscale's model-parallel state, set up and torn down.
 
-The only module (with config.py) that reads or sets environment variables.
+The only module (with config.py, and ray_session.py where it starts a local runtime)
+that reads or sets environment variables.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def use_huge_pages() -> None:
-    """Have torch's CPU allocator back large tensors with transparent huge pages
-    (2 MiB-aligned, madvised), in a rank's own process: call it before the rank
-    allocates anything, since torch reads THP_MEM_ALLOC_ENABLE once, at its first
-    allocation (later, it changes nothing). A decode step streams every weight once, and
-    with 4 KiB pages the CPU's prefetchers stop at every page boundary: one request's
-    products ran 1.36x faster with them on this CPU (benchmarks/RESULTS.md, "Figures
-    behind the code")."""
+    """Have torch's CPU allocator madvise large tensors for transparent huge pages, in a
+    rank's own process: call it before the rank allocates anything, since torch reads
+    THP_MEM_ALLOC_ENABLE once, at its first allocation (later, it changes nothing). A
+    decode step streams every weight once, and with 4 KiB pages the CPU's prefetchers
+    stop at every page boundary: one request's products ran 1.36x faster with them on
+    this CPU (benchmarks/RESULTS.md, "Figures behind the code"). torch's allocations are
+    not 2 MiB-aligned, so this covers only their aligned interiors; glibc's own setting,
+    which a process must start with, covers the rest (``ray_session._huge_page_malloc``)."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
