@@ -7,6 +7,9 @@ STAMP  := $(VENV)/.installed
 BENCH_VENV := .bench-venv
 # Tests run on local Ray with auth off; real clusters keep Ray's token auth on.
 TEST_ENV := RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+# The bench process (its in-process parts and baselines, llama.cpp's child) with glibc's
+# huge-page malloc, as mpllama's local runtime starts its ranks (ray_session.py).
+BENCH_MALLOC := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
 .PHONY: install test run bench bench-env bench-serve lint soak clean
 
@@ -33,7 +36,7 @@ run: $(STAMP)
 # part says so in one line and the rest runs; a failed build is retried by bench-env only.
 bench: $(STAMP)
 	@[ -f $(BENCH_VENV)/.failed ] || $(MAKE) -s --no-print-directory bench-env 2>/dev/null || true
-	$(TEST_ENV) MPLLAMA_BENCH_ENV=$(BENCH_VENV) $(PY) benchmarks/bench.py
+	$(TEST_ENV) $(BENCH_MALLOC) MPLLAMA_BENCH_ENV=$(BENCH_VENV) $(PY) benchmarks/bench.py
 
 # The llamacpp part's llama.cpp: llama-cpp-python built from source with native CPU flags
 # (AVX-512, VNNI, bf16 where present) and llama.cpp's GGUF converter, into .bench-venv
