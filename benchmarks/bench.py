@@ -64,6 +64,7 @@ status is 0 unless a runner crashes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import subprocess
@@ -397,6 +398,7 @@ def part_guided(b: Bench) -> None:
 
 def part_llamacpp(b: Bench) -> None:
     import bench_llamacpp as cpp
+    from bench_mpllama import open_llm, run_llm
 
     s = b.sizes
     plen, new, threads = s.uniform_prompt_len, s.uniform_new_tokens, os.cpu_count() or 1
@@ -409,9 +411,9 @@ def part_llamacpp(b: Bench) -> None:
         f"\n== llamacpp: llama.cpp (llama-cpp-python {version}) against mpllama MP=1, batches "
         f"of {', '.join(map(str, s.llamacpp_batches))} requests: {plen}-token prompts x {new} "
         f"new tokens, greedy, EOS ignored, {threads} threads each\n"
-        f"  tok/s = generated tokens / wall time, prefill included, the better of two passes "
-        f"per side (at batch 1 the best of 3 runs a pass), the sides in turn; no prefix cache "
-        f"on either. GGUFs: llama.cpp's converter on mpllama's HF conversion of the bench "
+        f"  tok/s = generated tokens / wall time, prefill included; batches of 16 and 32: the "
+        f"better of two passes per side, the sides in turn; batch 1: the best of 6 runs per "
+        f"side, in 3 rounds that alternate the sides; no prefix cache on either. GGUFs: llama.cpp's converter on mpllama's HF conversion of the bench "
         f"model; llama.cpp's defaults otherwise (f16 KV cache)"
     )
     works = {
@@ -432,39 +434,61 @@ def part_llamacpp(b: Bench) -> None:
     except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
         print(f"  llama.cpp failed, part skipped: {exc}")
         return
-    # One request takes half a second, where a bigger batch's pass takes seconds: at
-    # batch 1 each side keeps the fastest of three runs per pass, so that neither side's
-    # figure is one slow spell of the machine's.
-    repeats = {n: 3 if n == 1 else 1 for n in works}
-    for _ in range(1 if b.sizes is QUICK else 2):
-        try:
+    # int8: int8 weights in a bf16 model (runtime.quantization). No prefix cache: llama.cpp's
+    # side has none across its runs (and a repeat would hit it).
+    settings = {
+        "float32": {"dtype": "float32"},
+        "bfloat16": {"dtype": "bfloat16"},
+        "int8": {"dtype": "bfloat16", "quantization": "int8"},
+    }
+    kinds = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}  # the GGUF each faces
+    batched = {n: w for n, w in works.items() if n > 1}
+    rounds = 1 if b.sizes is QUICK else 2
+    try:
+        for _ in range(rounds):
             for kind, gguf in ggufs.items():
-                todo = [(n, w) for n, w in works.items() for _ in range(repeats[n])]
-                runs = cpp.run(gguf, [(w.prompts, new) for _, w in todo], threads)
-                for (n, w), (seconds, tokens) in zip(todo, runs, strict=True):
+                runs = cpp.run(gguf, [(w.prompts, new) for w in batched.values()], threads)
+                for (n, w), (seconds, tokens) in zip(batched.items(), runs, strict=True):
                     run = RunResult(f"llama.cpp {kind}", w.useful_tokens, seconds, tokens)
                     keep(theirs, (kind, n), run)
-        except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
-            print(f"  llama.cpp failed, part skipped: {exc}")
-            return
-        if not b.with_mpllama:
-            continue
-        from bench_mpllama import open_llm, run_llm
-
-        # int8: int8 weights in a bf16 model (runtime.quantization). No prefix cache:
-        # llama.cpp's side has none across its runs (and a repeat would hit it).
-        settings = {
-            "float32": {"dtype": "float32"},
-            "bfloat16": {"dtype": "bfloat16"},
-            "int8": {"dtype": "bfloat16", "quantization": "int8"},
-        }
-        for label, setting in settings.items():
-            for n, w in works.items():
-                with open_llm(
-                    b.checkpoint(1), 1, n, b.cpus_per_rank, prefix_caching=False, **setting
-                ) as llm:
-                    run = run_llm(llm, w, f"mpllama {label}", repeats[n])
-                    keep(ours, (label, n), run)
+            if not b.with_mpllama:
+                continue
+            for label, setting in settings.items():
+                for n, w in batched.items():
+                    with open_llm(
+                        b.checkpoint(1), 1, n, b.cpus_per_rank, prefix_caching=False, **setting
+                    ) as llm:
+                        keep(ours, (label, n), run_llm(llm, w, f"mpllama {label}"))
+        # One request takes half a second, a spell of this machine's: the sides alternate
+        # within a precision, several times, each keeping its fastest run.
+        if 1 in works:
+            one = works[1]
+            for label, setting in settings.items():
+                kind = kinds[label]
+                with contextlib.ExitStack() as stack:
+                    llm = None
+                    if b.with_mpllama:
+                        llm = stack.enter_context(
+                            open_llm(
+                                b.checkpoint(1),
+                                1,
+                                1,
+                                b.cpus_per_rank,
+                                prefix_caching=False,
+                                **setting,
+                            )
+                        )
+                    for _ in range(rounds + 1):
+                        for seconds, tokens in cpp.run(
+                            ggufs[kind], [(one.prompts, new)] * 2, threads
+                        ):
+                            run = RunResult(f"llama.cpp {kind}", one.useful_tokens, seconds, tokens)
+                            keep(theirs, (kind, 1), run)
+                        if llm is not None:
+                            keep(ours, (label, 1), run_llm(llm, one, f"mpllama {label}", repeats=2))
+    except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+        print(f"  llama.cpp failed, part skipped: {exc}")
+        return
     # (mpllama run, its label, the llama.cpp GGUF type it is held against)
     pairs = (("float32", "fp32", "f32"), ("bfloat16", "bf16", "bf16"), ("int8", "int8", "q8_0"))
     print(f"  {'batch':>5}  {'mpllama / llama.cpp':<20} {'llama.cpp':>10} {'mpllama':>10}  ratio")
