@@ -179,13 +179,7 @@ class OneRowProduct:
         the one-row kernel's, in the same order, so a row's result does not depend on
         the batch it ran in; and it runs faster than oneDNN's product here (benchmarks/
         RESULTS.md, "Figures behind the code")."""
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.inner).contiguous()
-        y = torch.empty(x.shape[0], self.rows, dtype=self.dtype)
-        library().gemm_bf16_bf16(  # type: ignore[union-attr]
-            self.address, x.data_ptr(), y.data_ptr(), x.shape[0], self.rows, self.padded, self.inner
-        )
-        return y.view(*lead, self.rows)
+        return _gemm("gemm_bf16_bf16", self.dtype, self.address, self.rows, self.padded, x)
 
 
 def one_row_product(packed: torch.Tensor) -> OneRowProduct | None:
@@ -232,13 +226,20 @@ class Float32Product:
     inner: int
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.inner).contiguous()
-        y = torch.empty(x.shape[0], self.rows, dtype=torch.float32)
-        library().gemm_bf16_f32(  # type: ignore[union-attr]
-            self.address, x.data_ptr(), y.data_ptr(), x.shape[0], self.rows, self.padded, self.inner
-        )
-        return y.view(*lead, self.rows)
+        return _gemm("gemm_bf16_f32", torch.float32, self.address, self.rows, self.padded, x)
+
+
+def _gemm(
+    name: str, out: torch.dtype, address: int, rows: int, padded: int, x: torch.Tensor
+) -> torch.Tensor:
+    """x [..., in] bf16 @ the packed weight at ``address`` [rows (padded), in]^T, by the
+    C kernel ``name`` (``gemm_bf16_*``), into a tensor of ``out``."""
+    lead, inner = x.shape[:-1], x.shape[-1]
+    x = x.reshape(-1, inner).contiguous()
+    y = torch.empty(x.shape[0], rows, dtype=out)
+    fn = getattr(library(), name)
+    fn(address, x.data_ptr(), y.data_ptr(), x.shape[0], rows, padded, inner)
+    return y.view(*lead, rows)
 
 
 def float32_product(one_row: OneRowProduct | None) -> Float32Product | None:
