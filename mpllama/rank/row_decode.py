@@ -93,10 +93,13 @@ class RowDecoder:
     """A model's layers for one new token of one row (see the module's docstring). Holds
     what the C structs point at: the model (its weights and caches) and the workspace."""
 
-    def __init__(self, model: Transformer, layers: list[Layer], shape: Shape) -> None:
+    def __init__(
+        self, model: Transformer, layers: list[Layer], shape: Shape, work: dict[str, torch.Tensor]
+    ) -> None:
         self.model = model
         self.layers = layers
         self.shape = shape
+        self.work = work  # the memory ``shape`` points at
         self.addresses = [ctypes.addressof(layer) for layer in layers]
         dim = shape.dim
         width = max(max(layer.wo.N, layer.w2.N) for layer in layers)
@@ -170,9 +173,7 @@ class RowDecoder:
             D**-0.5,
             *(t.data_ptr() for t in work.values()),
         )
-        decoder = RowDecoder(model, layers, shape)
-        decoder.work = work  # the memory ``shape`` points at
-        return decoder
+        return RowDecoder(model, layers, shape, work)
 
     def __call__(
         self, x: torch.Tensor, cis: torch.Tensor, pos: int, segments: Segments
