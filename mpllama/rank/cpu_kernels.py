@@ -49,16 +49,18 @@ MAX_G, MAX_GD = 64, 4096  # query heads per KV head, and times the head size (th
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    "gemv_bf16": [_P, _P, _P, _I, _I],
-    "gemv_f32": [_P, _P, _P, _I, _I],
     "gemv_int8": [_P, _P, _P, ctypes.c_int, _P, _I, _I, _I, _P],
     "gemm_bf16_f32": [_P, _P, _P, _I, _I, _I, _I],
     "gemm_bf16_bf16": [_P, _P, _P, _I, _I, _I, _I],
     "stream_sum": [_P, _I],
+    # one row's decode layer (row_decode.py's structs, then the step's arguments)
+    "row_attention_step": [_P, _P, _P, _P, _P, _I, _P, _P, _I, _P],
+    "row_feed_forward_step": [_P, _P, _P, _P, _P],
     # bf16 and float32 activations, each a kernel of its own (``_bf16``, ``_f32``)
     **{
         f"{name}_{kind}": args
         for name, args in {
+            "gemv": [_P, _P, _P, _I, _I],
             "add_rmsnorm": [_P, _P, _P, _P, _P, _I, _I, ctypes.c_float],
             "rope_write": [_P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I],
             "silu_mul": [_P, _P, _I, _I],
@@ -159,8 +161,9 @@ class OneRowProduct:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         y = torch.empty(*x.shape[:-1], self.padded, dtype=self.dtype)
-        fn = library().gemv_bf16 if self.dtype == torch.bfloat16 else library().gemv_f32  # type: ignore[union-attr]
-        fn(self.address, x.data_ptr(), y.data_ptr(), self.padded, self.inner)
+        kernel("gemv", self.dtype)(
+            self.address, x.data_ptr(), y.data_ptr(), self.padded, self.inner
+        )
         return y if self.padded == self.rows else y[..., : self.rows]
 
     def batches(self, x: torch.Tensor) -> bool:

@@ -31,11 +31,7 @@ from .dist import all_reduce
 if TYPE_CHECKING:
     from .model import Transformer
 
-_P, _I = ctypes.c_void_p, ctypes.c_int64
-SIGNATURES = {
-    "row_attention_step": [_P, _P, _P, _P, _P, _I, _P, _P, _I, _P],
-    "row_feed_forward_step": [_P, _P, _P, _P, _P],
-}
+_P = ctypes.c_void_p
 BF16, INT8, F32 = 0, 1, 2  # product_t's kinds
 MAX_GROUPS = 64  # int8 input groups gemv_int8 takes
 
@@ -121,9 +117,6 @@ class RowDecoder:
         if lib is None or first.cache_k is None or not model._decode_kernel_fits():
             return None
         dtype = first.cache_k.dtype  # the model's: bf16 or float32 (decode_attention_fits)
-        for name, args in SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, None
         layers = []
         for block in model.layers:
             attn, ffn = block.attention, block.feed_forward
