@@ -46,8 +46,8 @@ Parts (all by default; pick with --only mixed,uniform,...):
             its batch); perplexity of the trained demo model on demo/train.py's held-out
             documents and greedy agreement with fp32, for fp32, bf16, int8 and int4; tok/s
             of bf16, int8 and int4 through the engine against llama.cpp q8_0
-  decode    one request's decode step against the machine's memory bandwidth: a 1 GiB
-            copy and sum give the bound; ms per step of the bench model in-process at
+  decode    one request's decode step against the machine's memory bandwidth: a stream
+            of reads over 256 MiB in each round gives the bound; ms per step of the bench model in-process at
             fp32, bf16, int8 and int4, with mpllama's CPU kernels and with torch's, the
             weight bytes read per token and the bandwidth achieved; the products alone
             against the rest of the step (bench_decode.py)
@@ -411,17 +411,19 @@ def part_llamacpp(b: Bench) -> None:
         f"\n== llamacpp: llama.cpp (llama-cpp-python {version}) against mpllama MP=1, batches "
         f"of {', '.join(map(str, s.llamacpp_batches))} requests: {plen}-token prompts x {new} "
         f"new tokens, greedy, EOS ignored, {threads} threads each\n"
-        f"  tok/s = generated tokens / wall time, prefill included; batches of 16 and 32: the "
-        f"better of two passes per side, the sides in turn; batch 1: the best of 6 runs per "
-        f"side, in 3 rounds that alternate the sides; no prefix cache on either. GGUFs: llama.cpp's converter on mpllama's HF conversion of the bench "
-        f"model; llama.cpp's defaults otherwise (f16 KV cache)"
+        f"  tok/s = generated tokens / wall time, prefill included; bigger batches: the better "
+        f"of two passes per side (one with --quick), the sides in turn; batch 1: each side's "
+        f"fastest of two runs a round, in rounds that alternate the sides; no prefix cache on "
+        f"either.\n"
+        f"  GGUFs: llama.cpp's converter on mpllama's HF conversion of the bench model; "
+        f"llama.cpp's defaults otherwise (f16 KV cache)"
     )
     works = {
         n: uniform_workload(n, plen, new, b.vocab_size(), b.seed + 5) for n in s.llamacpp_batches
     }
-    # Both sides in turn, twice, each cell its better pass: this shared machine's memory
-    # speed moves by half between minutes, and one side's whole run in a slow spell
-    # would decide a ratio.
+    # Batches: both sides in turn, twice, each cell its better pass: this shared
+    # machine's memory speed moves by half between minutes, and one side's whole run in
+    # a slow spell would decide a ratio.
     theirs: dict[tuple[str, int], RunResult] = {}
     ours: dict[tuple[str, int], RunResult] = {}
 
@@ -441,7 +443,9 @@ def part_llamacpp(b: Bench) -> None:
         "bfloat16": {"dtype": "bfloat16"},
         "int8": {"dtype": "bfloat16", "quantization": "int8"},
     }
-    kinds = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}  # the GGUF each faces
+    # (mpllama run, its label, the llama.cpp GGUF type it is held against)
+    pairs = (("float32", "fp32", "f32"), ("bfloat16", "bf16", "bf16"), ("int8", "int8", "q8_0"))
+    kinds = {dtype: kind for dtype, _, kind in pairs}
     batched = {n: w for n, w in works.items() if n > 1}
     rounds = 1 if b.sizes is QUICK else 2
     try:
@@ -489,8 +493,6 @@ def part_llamacpp(b: Bench) -> None:
     except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
         print(f"  llama.cpp failed, part skipped: {exc}")
         return
-    # (mpllama run, its label, the llama.cpp GGUF type it is held against)
-    pairs = (("float32", "fp32", "f32"), ("bfloat16", "bf16", "bf16"), ("int8", "int8", "q8_0"))
     print(f"  {'batch':>5}  {'mpllama / llama.cpp':<20} {'llama.cpp':>10} {'mpllama':>10}  ratio")
     for n in works:
         for dtype, label, kind in pairs:
