@@ -293,11 +293,6 @@ void gemm_bf16_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t M
     gemm_bf16(w, x, y, M, N, Np, K, 1);
 }
 
-/* 16 of x's values as float32, x bf16 or float32 */
-static inline __m512 load_x(const void *x, int x_bf16, int64_t k) {
-    return x_bf16 ? load_bf16((const uint16_t *)x + k, 0xFFFF) : _mm512_loadu_ps((const float *)x + k);
-}
-
 /* x @ w.T for one row x of K values (bf16 if x_bf16, else float32) and an int8 weight
  * [N, K] quantized in G equal groups along K, each group packed by oneDNN's
  * qlinear_prepack: [N/64][K/G/4][64][4] int8, then N int32 (minus each row's sum).
@@ -317,12 +312,12 @@ void gemv_int8(const int8_t *const *w, const float *scales, const void *x, int x
     for (int64_t g = 0; g < G; g++) {
         __m512 vmax = _mm512_setzero_ps();
         for (int64_t k = g * Kg; k < (g + 1) * Kg; k += 16)
-            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load_x(x, x_bf16, k)));
+            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load_act(x, k, 0xFFFF, x_bf16)));
         const float scale = fmaxf(_mm512_reduce_max_ps(vmax), 1e-12f) / 127.0f;
         const __m512 vs = _mm512_set1_ps(scale), bias = _mm512_set1_ps(128.0f);
         xs[g] = scale;
         for (int64_t k = g * Kg; k < (g + 1) * Kg; k += 16) {
-            const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(load_x(x, x_bf16, k), vs),
+            const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(load_act(x, k, 0xFFFF, x_bf16), vs),
                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             _mm_storeu_si128((__m128i *)(u8 + k),
                              _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(_mm512_add_ps(r, bias))));
