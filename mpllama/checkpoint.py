@@ -8,12 +8,9 @@ tensors themselves is ``weights.py``'s, on the ranks and in the converters.
 
 from __future__ import annotations
 
-import collections
 import json
 import math
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ from typing import Any
 from .config import QUANT_GROUP_SIZES
 from .errors import CheckpointError, ConfigError
 from .model_args import LLAMA3_VOCAB_SIZE, ModelArgs
+from .shard_index import index_shapes
 from .tokenizer import Tokenizer, load_tokenizer
 
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -291,79 +289,20 @@ def _few(items: list[str], n: int = 5) -> str:
     return shown + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-# ------------------------------------------------------------------- shard indexes
-
-
-class _Tensor:
-    """A tensor in a shard's index: its shape; its bytes are never read."""
-
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.shape = shape
-
-
-def _rebuild_tensor(_storage: Any, _offset: int, size: tuple[int, ...], *_rest: Any) -> _Tensor:
-    return _Tensor(tuple(size))
-
-
-def _rebuild_parameter(data: _Tensor, *_rest: Any) -> _Tensor:
-    return data
-
-
-# What torch.save writes for a state dict of tensors. Anything else (a subclass, a
-# quantized tensor, or a pickle that would run code) sends the shard to torch's own
-# weights-only loader, which accepts or refuses it as a rank would.
-_INDEX_GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-}
-_STORAGE_TYPE = re.compile(r"[A-Za-z0-9]+Storage")
-
-
-class _NotPlain(Exception):
-    pass
-
-
-class _IndexReader(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _INDEX_GLOBALS:
-            return _INDEX_GLOBALS[module, name]
-        if module == "torch" and _STORAGE_TYPE.fullmatch(name):
-            return name  # a storage type, only named
-        raise _NotPlain(f"{module}.{name}")
-
-    def persistent_load(self, pid: Any) -> None:
-        return None  # ("storage", type, key, location, numel): the bytes stay unread
-
-
-def _plain_index(path: Path) -> dict[str, Any]:
-    """The unpickled index of a zip-format torch.save file, tensors as _Tensor."""
-    with zipfile.ZipFile(path) as archive:
-        (entry,) = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
-        with archive.open(entry) as pickled:
-            return _IndexReader(pickled).load()
-
-
 def read_shapes(path: Path) -> Shapes:
-    """The weights a shard holds and their shapes, from its pickled index alone:
-    milliseconds even for a 70B shard, and no torch. A file that is not a plain state
-    dict of tensors (truncated, corrupt, legacy format, or carrying Python objects) is
-    read by ``weights.load_shard`` instead, which raises the rank's own CheckpointError."""
+    """The weights a shard holds and their shapes, from its pickled index alone
+    (``shard_index``): milliseconds even for a 70B shard, and no torch. A file that is not
+    a plain state dict of tensors (truncated, corrupt, legacy format, or carrying Python
+    objects) is read by ``weights.load_shard`` instead, which raises the rank's own
+    CheckpointError."""
     if not path.is_file():
         raise CheckpointError(f"shard {path} does not exist")
-    try:
-        index = _plain_index(path)
-    except Exception:  # noqa: BLE001  (any failure: let torch's loader judge the file)
-        index = None
-    if not isinstance(index, dict) or not all(isinstance(k, str) for k in index):
+    shapes = index_shapes(path)
+    if shapes is None:
         from .rank.weights import load_shard, tensor_shapes  # torch, on this rare path only
 
         return tensor_shapes(load_shard(path))
-    return {
-        k: v.shape if isinstance(v, _Tensor) else None
-        for k, v in index.items()
-        if k not in IGNORED_KEYS
-    }
+    return {k: shape for k, shape in shapes.items() if k not in IGNORED_KEYS}
 
 
 def count_values(shapes: Shapes) -> int:

@@ -527,7 +527,7 @@ def test_the_index_reader_resolves_no_global_of_a_file(payload: Any, tmp_path: P
     global but torch.save's few, before anything is called."""
     import io
 
-    from mpllama.checkpoint import _IndexReader, _NotPlain
+    from mpllama.shard_index import _IndexReader, _NotPlain
 
     sentinel = tmp_path / "SENTINEL"
     data = pickle.dumps(payload(sentinel), protocol=2)
