@@ -440,7 +440,7 @@ def _calls(tree):
 
 def test_library_never_unpickles_or_evaluates_user_data() -> None:
     """Checkpoints, tokenizers and YAML are untrusted: weights-only torch.load, safe YAML,
-    no eval or exec anywhere in the package, and pickle only in checkpoint.py's index
+    no eval or exec anywhere in the package, and pickle only in shard_index.py's index
     reader, which resolves no global but its own shape-recording stubs (tested below)."""
     import ast
 
@@ -476,7 +476,7 @@ def test_library_never_unpickles_or_evaluates_user_data() -> None:
                     else [node.module or ""]
                 )
                 bad = [n for n in names if n.split(".")[0] in forbidden_modules]
-                if bad == ["pickle"] and path.name == "checkpoint.py":
+                if bad == ["pickle"] and path.name == "shard_index.py":
                     continue  # the restricted index reader, below
                 if bad:
                     problems.append(f"{path.name}:{node.lineno}: imports {bad}")
@@ -494,7 +494,7 @@ def test_library_never_unpickles_or_evaluates_user_data() -> None:
     assert not problems, problems
     assert loads >= 1  # the scan does see the shard reader
     # The one unpickler: a subclass that overrides find_class, used through .load() only.
-    source = (Path(mpllama.__file__).parent / "checkpoint.py").read_text()
+    source = (Path(mpllama.__file__).parent / "shard_index.py").read_text()
     assert re.findall(r"pickle\.\w+", source) == ["pickle.Unpickler"]
     assert "def find_class(" in source
 
