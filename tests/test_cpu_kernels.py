@@ -199,18 +199,20 @@ def test_a_model_decodes_with_the_kernels_as_with_torchs(
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_decode_layers_small_steps_match_torchs(dtype: torch.dtype) -> None:
-    """The fused norm (with and without the residual add), RoPE with the cache writes,
-    and silu(gate) * up, each against the torch ops it replaces, in bf16 and float32."""
+    """The fused norm (with and without the residual add, the residual stream float32
+    in both types), RoPE with the cache writes, and silu(gate) * up, each against the
+    torch ops it replaces, in bf16 and float32."""
     # bf16: within its rounding; float32: to float32's own
     bf16 = dtype == torch.bfloat16
     close = dict(atol=0.02, rtol=0.01) if bf16 else dict(atol=1e-5, rtol=1e-5)
     normed = dict(atol=0.05, rtol=0.01) if bf16 else close  # rounded twice in bf16
     B, H, K, D, dim = 3, 8, 2, 64, 256
-    x, delta = randn(B, dim).to(dtype), randn(B, dim, seed=1).to(dtype)
+    x, delta = randn(B, dim), randn(B, dim, seed=1).to(dtype)
     norm = model_module.RMSNorm(dim, 1e-5)
     norm.weight = torch.nn.Parameter(randn(dim, seed=2).to(dtype), requires_grad=False)
     h, out = cpu_kernels.add_rmsnorm(x, delta, norm.weight, norm.eps)
-    torch.testing.assert_close(h, x + delta, atol=0, rtol=0)
+    assert h.dtype == torch.float32 and out.dtype == dtype
+    torch.testing.assert_close(h, x + delta, atol=0, rtol=0)  # the sum not rounded
     torch.testing.assert_close(out.float(), norm(x + delta).float(), **normed)
     same, out = cpu_kernels.add_rmsnorm(x, None, norm.weight, norm.eps)
     assert same is x or torch.equal(same, x)

@@ -112,22 +112,24 @@ AGREEMENT_TOKENS = 32
 # tokens closer than that is a coin toss.
 NEAR_TIE = 0.06
 # Where mpllama's CPU kernels cannot run (no AVX-512 bf16/VNNI, no compiler), bf16 keeps
-# torch's kernels: bf16 logits and attention scores, measured at 81.6% with gaps up to
-# 0.099. The bounds it is held to there: (share, largest gap).
-TORCH_BF16_BOUNDS = (0.75, 0.15)
+# torch's kernels: bf16 logits and attention scores, measured at 85.9% with gaps up to
+# 0.045. The bounds it is held to there: (share, largest gap).
+TORCH_BF16_BOUNDS = (0.80, 0.1)
 
 
 def test_bf16_greedy_agrees_with_float32(single_rank: None) -> None:
     """bf16 (the default on a CPU with bf16 instructions) against float32 on the trained
     model, both packed as a rank runs them: of 60 prompts x 32 greedy tokens, the share
-    that comes before each prompt's first divergence (measured: 90.7%), and every
-    divergence a near-tie in float32's own logits (bf16 never overturns a clear choice).
+    that comes before each prompt's first divergence, at least the issue's 95% (measured:
+    96.6%), and every divergence a near-tie in float32's own logits (bf16 never overturns
+    a clear choice).
 
-    The issue asked for 95% of the first measure. On these 60 prompts bf16 made 81.6%
-    before mpllama's CPU kernels (bf16 logits, bf16 attention scores), with float32
-    gaps up to 0.099 where they parted, and makes 90.7% now, gaps up to 0.032: what is
-    left are near-ties that any rounding of the weights to bf16 decides by chance. The
-    first 12 prompts alone swung from 97% to 85% on two such ties, which is why 60."""
+    The history of that figure, on these 60 prompts: 81.6% on torch's kernels (bf16
+    logits, bf16 attention scores); 90.7% on mpllama's CPU kernels (float32 logits and
+    scores); 96.6% since the residual stream stays float32 (model.Transformer.forward).
+    float32 itself, run on the weights rounded to bf16, agrees at 97.0%: what is left is
+    mostly the weights' own rounding, which decides near-ties by chance. The first 12
+    prompts alone once swung from 97% to 85% on two such ties, which is why 60."""
     shards = checkpoint.find_shards(DEMO)
     args = checkpoint.read_params(DEMO)
     tok = Tokenizer(checkpoint.find_tokenizer(DEMO))
@@ -171,6 +173,6 @@ def test_bf16_greedy_agrees_with_float32(single_rank: None) -> None:
             ties.append(top[pairs[first][0]] - top[bf16_token])
     share = agreed / (len(AGREEMENT_PROMPTS) * AGREEMENT_TOKENS)
     print(f"bf16 greedy agreement with float32: {share:.1%}; gaps where they part: {ties}")
-    least, near_tie = (0.85, NEAR_TIE) if cpu_kernels.unavailable() is None else TORCH_BF16_BOUNDS
+    least, near_tie = (0.95, NEAR_TIE) if cpu_kernels.unavailable() is None else TORCH_BF16_BOUNDS
     assert max(ties, default=0.0) < near_tie, ties
     assert share >= least, share

@@ -366,34 +366,35 @@ void gemv_int8(const int8_t *const *w, const float *scales, const void *x, int x
  * ``bf16`` flag, as for attention), float32 inside. */
 
 /* Per row of D: h = x + delta (delta NULL: h = x, not written), then RMSNorm:
- * out = act(act(h / sqrt(mean(h^2) + eps)) * w), act() rounding to bf16 where Meta's
- * RMSNorm rounds (nothing in float32). */
-static inline void add_rmsnorm(const void *x, const void *delta, const void *w, void *h,
+ * out = act(act(h / sqrt(mean(h^2) + eps)) * w), act() rounding to bf16 where
+ * model.RMSNorm rounds (nothing in float32). The residual stream (x, h) is float32 in
+ * either type, as model.Transformer keeps it; delta, w and out are the activations' type. */
+static inline void add_rmsnorm(const float *x, const void *delta, const void *w, float *h,
                                void *out, int64_t M, int64_t D, float eps, const int bf16) {
 #pragma omp parallel for schedule(static) if (M > 1)
     for (int64_t m = 0; m < M; m++) {
         const int64_t row = m * D;
-        void *hx = delta ? h : (void *)x; /* where the row's h is read back from */
+        const float *hx = delta ? h : x; /* where the row's h is read back from */
         __m512 ss = _mm512_setzero_ps();
         for (int64_t d = 0; d < D; d += 16) {
             const __mmask16 k = tail(D - d);
-            __m512 v = load_act(x, row + d, k, bf16);
-            if (delta) { /* the sum rounded, as the residual stream holds it */
-                v = round_act(_mm512_add_ps(v, load_act(delta, row + d, k, bf16)), bf16);
-                store_act(h, row + d, v, k, bf16);
+            __m512 v = _mm512_maskz_loadu_ps(k, x + row + d);
+            if (delta) {
+                v = _mm512_add_ps(v, load_act(delta, row + d, k, bf16));
+                _mm512_mask_storeu_ps(h + row + d, k, v);
             }
             ss = _mm512_fmadd_ps(v, v, ss);
         }
         const __m512 r = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)D + eps));
         for (int64_t d = 0; d < D; d += 16) {
             const __mmask16 k = tail(D - d);
-            const __m512 normed = round_act(_mm512_mul_ps(load_act(hx, row + d, k, bf16), r), bf16);
+            const __m512 normed = round_act(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, hx + row + d), r), bf16);
             store_act(out, row + d, _mm512_mul_ps(normed, load_act(w, d, k, bf16)), k, bf16);
         }
     }
 }
 
-void add_rmsnorm_bf16(const uint16_t *x, const uint16_t *delta, const uint16_t *w, uint16_t *h,
+void add_rmsnorm_bf16(const float *x, const uint16_t *delta, const uint16_t *w, float *h,
                       uint16_t *out, int64_t M, int64_t D, float eps) {
     add_rmsnorm(x, delta, w, h, out, M, D, eps, 1);
 }
@@ -535,7 +536,7 @@ static void product(const product_t *p, const void *x, void *y, uint8_t *u8, int
         gemv_f32((const float *)p->w, (const float *)x, (float *)y, p->N, p->K);
 }
 
-static inline void row_attention(const layer_t *L, const row_shape_t *s, void *h, const void *delta,
+static inline void row_attention(const layer_t *L, const row_shape_t *s, float *h, const void *delta,
                                  const float *cis, int64_t pos, const int64_t *firsts,
                                  const int64_t *counts, int64_t n, void *out, const int bf16) {
     const int64_t offsets[2] = {0, n};
@@ -547,11 +548,11 @@ static inline void row_attention(const layer_t *L, const row_shape_t *s, void *h
     product(&L->wo, s->attn, out, s->u8, bf16);
 }
 
-/* h: the row's residual [dim], first h = act(h + delta) where delta is not NULL (the
+/* h: the row's residual [dim], float32, first h += delta where delta is not NULL (the
  * previous layer's summed feed-forward output); then out = wo(attention(norm(h))), the
  * attention over the row's segments (firsts, counts: n of them) after RoPE and the cache
  * writes at position pos; cis [D/2, 2] float32 for that position. */
-void row_attention_step(const layer_t *L, const row_shape_t *s, void *h, const void *delta,
+void row_attention_step(const layer_t *L, const row_shape_t *s, float *h, const void *delta,
                         const float *cis, int64_t pos, const int64_t *firsts,
                         const int64_t *counts, int64_t n, void *out) {
     if (s->bf16)
@@ -560,7 +561,7 @@ void row_attention_step(const layer_t *L, const row_shape_t *s, void *h, const v
         row_attention(L, s, h, delta, cis, pos, firsts, counts, n, out, 0);
 }
 
-static inline void row_feed_forward(const layer_t *L, const row_shape_t *s, void *h,
+static inline void row_feed_forward(const layer_t *L, const row_shape_t *s, float *h,
                                     const void *delta, void *out, const int bf16) {
     add_rmsnorm(h, delta, L->ffn_norm, h, s->normed, 1, s->dim, s->eps, bf16);
     product(&L->w13, s->normed, s->gu, s->u8, bf16);
@@ -568,9 +569,9 @@ static inline void row_feed_forward(const layer_t *L, const row_shape_t *s, void
     product(&L->w2, s->act, out, s->u8, bf16);
 }
 
-/* h = act(h + delta) (the summed attention output), then out = w2(silu(w1 x) * w3 x) of
+/* h += delta (the summed attention output), then out = w2(silu(w1 x) * w3 x) of
  * x = norm(h). */
-void row_feed_forward_step(const layer_t *L, const row_shape_t *s, void *h, const void *delta,
+void row_feed_forward_step(const layer_t *L, const row_shape_t *s, float *h, const void *delta,
                            void *out) {
     if (s->bf16)
         row_feed_forward(L, s, h, delta, out, 1);

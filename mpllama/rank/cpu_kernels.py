@@ -374,13 +374,15 @@ def attend_decode(
 def add_rmsnorm(
     x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, RMSNorm(h) * weight) for h = x + delta (or x), rows of x [M, D] bf16 or
+    """(h, RMSNorm(h) * weight) for h = x + delta (or x): x and h the float32 residual
+    stream [M, D]; delta, weight and the normed rows in the weight's type, bf16 or
     float32, rounded where ``model.RMSNorm`` rounds."""
     x = x.contiguous()
+    assert x.dtype == torch.float32, "the residual stream is float32"
     M, D = x.reshape(-1, x.shape[-1]).shape
     h = x if delta is None else torch.empty_like(x)
-    out = torch.empty_like(x)
-    kernel("add_rmsnorm", x.dtype)(
+    out = torch.empty_like(x, dtype=weight.dtype)
+    kernel("add_rmsnorm", weight.dtype)(
         x.data_ptr(),
         None if delta is None else delta.contiguous().data_ptr(),
         weight.data_ptr(),
