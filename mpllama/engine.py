@@ -88,6 +88,7 @@ class Engine:
         self._wake = threading.Event()
         self._poll: Any = None
         self._loops: list[Any] = []
+        self._orders = 0  # submits and aborts sent to this gang's lead (_next_order)
         self._failures = 0  # failures since the last step that made progress
         self._last_error: MpllamaError = WorkerError("no failure yet")
         self.restarts = 0
@@ -125,7 +126,7 @@ class Engine:
         for live in lives:
             self._live[live.request.id] = live
         if self._up:
-            self.gang.lead.submit.remote([live.request for live in lives])
+            self.gang.lead.submit.remote([live.request for live in lives], self._next_order())
         else:
             self._wake.set()  # the pump rebuilds the gang and replays them
 
@@ -139,7 +140,7 @@ class Engine:
                 if live is not None:
                     gone.append(live)
             if gone and self._up:
-                self.gang.lead.abort.remote([g.request.id for g in gone])
+                self.gang.lead.abort.remote([g.request.id for g in gone], self._next_order())
         for g in gone:
             g.sink(Event(g.request.id, [], None, "", g.tokens, g.text, "abort"))
 
@@ -226,9 +227,18 @@ class Engine:
         live. Called with the lock held."""
         self._loops = [a.run.remote() for a in self.gang.actors]
         self._poll = self.gang.lead.poll.remote(POLL_WAIT_S)
+        self._orders = 0  # a new lead counts from 0
         if self._live:
-            self.gang.lead.submit.remote([e.request for e in self._live.values()])
+            self.gang.lead.submit.remote(
+                [e.request for e in self._live.values()], self._next_order()
+            )
         self._up = True
+
+    def _next_order(self) -> int:
+        """The number of the next submit or abort to the lead, which takes them in this
+        order whatever order Ray delivers them in (RankWorker._control). Lock held."""
+        order, self._orders = self._orders, self._orders + 1
+        return order
 
     def _pump(self) -> None:
         try:

@@ -77,12 +77,12 @@ class RankActor:
         self.worker.run()
 
     @ray.method(concurrency_group="control")
-    def submit(self, requests: list[Request]) -> None:
-        self.worker.submit(requests)
+    def submit(self, requests: list[Request], order: int) -> None:
+        self.worker.submit(requests, order)
 
     @ray.method(concurrency_group="control")
-    def abort(self, ids: list[str]) -> None:
-        self.worker.abort(ids)
+    def abort(self, ids: list[str], order: int) -> None:
+        self.worker.abort(ids, order)
 
     # Its own thread: a poll waits for the next step, and submit/abort must not queue
     # behind it.
@@ -95,12 +95,20 @@ class RankActor:
         self.worker.stop()
 
 
-# Set-up calls run in order on the default thread; the loop, the lead's control calls
-# and heartbeats each on a thread of their own.
+# Set-up calls run one at a time on the default thread; the loop, the lead's control
+# calls and heartbeats each on a thread of their own. Ray runs each call as it arrives
+# (allow_out_of_order_execution), not in its caller's order: an in-order actor waits for
+# each caller's calls by sequence number, and in Ray 2.60 that wait, per concurrency group,
+# twice stalled a rank on a call that never came ("Timed out waiting for seq_no ... an
+# expected task failed to arrive"), after which Ray failed every queued call and the gang
+# was rebuilt. Nothing here needs Ray's order: set-up calls are awaited one by one, and
+# the engine numbers its submits and aborts, which the lead takes in that order
+# (RankWorker._control).
 _RemoteRank = ray.remote(
     max_restarts=0,
     max_task_retries=0,
     concurrency_groups={"health": 1, "loop": 1, "control": 1, "events": 1},
+    allow_out_of_order_execution=True,
 )(RankActor)
 
 

@@ -146,6 +146,35 @@ def test_poll_carries_the_schedulers_counts(tiny_ckpts: dict[int, Path], single_
         loop.join(10)
 
 
+def test_numbered_control_calls_are_taken_in_their_callers_order(
+    tiny_ckpts: dict[int, Path], single_rank: None
+) -> None:
+    """Ray runs the rank actor's calls as they arrive (gang.py), so an abort may reach the
+    lead before the submit it follows: numbered by the engine, it waits for the submit,
+    and the request is aborted, not run to its end. Unnumbered calls are taken at once."""
+    worker = RankWorker(0, spec_for(tiny_ckpts[1]))
+    worker.setup("127.0.0.1", 0, "127.0.0.1")
+    loop = threading.Thread(target=worker.run)
+    loop.start()
+    try:
+        ids = worker.tokenizer.encode("Hello", bos=True, eos=False)
+        long = SamplingParams(temperature=0, max_tokens=25, ignore_eos=True)
+        worker.abort(["x"], order=1)  # arrives first
+        worker.submit([Request("y", ids, long)], order=2)
+        assert worker.poll(0.3).steps == []  # both wait for call 0
+        worker.submit([Request("x", ids, long)], order=0)
+        finished: dict[str, Event] = {}
+        deadline = time.monotonic() + 20
+        while len(finished) < 2 and time.monotonic() < deadline:
+            for step in worker.poll(1.0).steps:
+                finished |= {e.id: e for e in step if e.finish_reason}
+        assert finished["x"].finish_reason == "abort"
+        assert finished["y"].finish_reason == "length"
+    finally:
+        worker.stop()
+        loop.join(10)
+
+
 def test_run_before_setup_is_an_error(tiny_ckpt: Path) -> None:
     worker = RankWorker(0, spec_for(tiny_ckpt))
     with pytest.raises(RuntimeError, match="before setup"):

@@ -90,6 +90,8 @@ class RankWorker:
         self._submitted: list[Request] = []
         self._aborted: list[str] = []
         self._events: list[list[Event]] = []  # one list per step
+        self._next_order = 0  # the next control call to take (see _control)
+        self._early: dict[int, tuple[list[Request], list[str]]] = {}
         self._counts = (0, 0)  # running, waiting after the last step
         self._cache: dict[str, int] = {}  # the lead's KV pool and prefix cache stats
         self._failed: BaseException | None = None
@@ -232,16 +234,32 @@ class RankWorker:
                     self._events.append(events)
                     self._cond.notify_all()
 
-    def submit(self, requests: list[Request]) -> None:
-        """Lead only: queue requests for the next step (returns at once)."""
-        with self._cond:
-            self._submitted.extend(requests)
-            self._cond.notify_all()
+    def submit(self, requests: list[Request], order: int | None = None) -> None:
+        """Lead only: queue requests for the next step (returns at once). ``order``: see
+        ``_control``."""
+        self._control(order, requests, [])
 
-    def abort(self, ids: list[str]) -> None:
+    def abort(self, ids: list[str], order: int | None = None) -> None:
         """Lead only: drop requests at the next step; their slots are reused."""
+        self._control(order, [], ids)
+
+    def _control(self, order: int | None, requests: list[Request], ids: list[str]) -> None:
+        """Take a submit or an abort in the order its caller made them: ``order`` numbers
+        the engine's control calls to this gang from 0, and one that arrives early waits
+        here for those before it (None: take it now). The rank actor lets Ray run calls
+        as they arrive (gang.py), so an abort can never be taken before the submit it
+        aborts."""
         with self._cond:
-            self._aborted.extend(ids)
+            if order is None:
+                self._submitted.extend(requests)
+                self._aborted.extend(ids)
+            else:
+                self._early[order] = (requests, ids)
+                while self._next_order in self._early:
+                    early_requests, early_ids = self._early.pop(self._next_order)
+                    self._submitted.extend(early_requests)
+                    self._aborted.extend(early_ids)
+                    self._next_order += 1
             self._cond.notify_all()
 
     def poll(self, wait_s: float, linger_s: float = LINGER_S) -> Polled:
