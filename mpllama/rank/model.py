@@ -373,7 +373,7 @@ class Transformer(nn.Module):
         # The residual stream is float32 whatever the weights' type (as llama.cpp keeps
         # it): the layers' products and the KV cache take bf16, but summing each layer's
         # output into a bf16 stream rounds it 2 x n_layers times, and on the demo model
-        # that alone parted bf16's greedy tokens from float32's at 90.7%, against 96.1%
+        # that alone parted bf16's greedy tokens from float32's at 90.7%, against 96.6%
         # with the stream in float32 (benchmarks/RESULTS.md, "Figures behind the code").
         h = at.pack(self.tok_embeddings(tokens)).float()
         if B == 1 and at.decode is not None and self.row_decoder is not None:
