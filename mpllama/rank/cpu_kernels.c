@@ -245,12 +245,21 @@ void attend_decode_f32(const float *q, const float *kc, const float *vc, int64_t
  * weight load, so a block (in L2 by then) is read M/4 times. */
 static inline void gemm_bf16(const uint16_t *w, const uint16_t *x, void *y, int64_t M,
                              int64_t N, int64_t Np, int64_t K, const int out_bf16) {
+    const int64_t blocks = Np / NB, passes = (M + 3) / 4;
 #pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < Np / NB; b++) {
+    for (int64_t b = 0; b < blocks; b++) {
         const int64_t n0 = b * NB;
         const int64_t valid = N - n0 < NB ? N - n0 : NB;
+        /* The first pass over a block reads it from memory; the others, from L2, are
+         * bound by the dot products. From three passes on (9 rows), they fetch the next
+         * block into L2 meanwhile, a share each (pass j the k with k % (passes - 1) ==
+         * j - 1), so its first pass finds it there: memory and arithmetic overlap. With
+         * two passes, memory bounds the whole product, and the second pass fetching a
+         * whole block measured slower (benchmarks/RESULTS.md, "Figures behind the code"). */
+        const char *next = b + 1 < blocks ? (const char *)(w + (b + 1) * NB * K) : NULL;
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             const int64_t rows = M - m0 < 4 ? M - m0 : 4;
+            const int64_t pass = m0 / 4, share = pass > 0 && next && passes >= 3 ? passes - 1 : 0;
             __m512 a[4][4];
             for (int r = 0; r < 4; r++)
                 for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_ps();
@@ -259,6 +268,10 @@ static inline void gemm_bf16(const uint16_t *w, const uint16_t *x, void *y, int6
             for (int r = 0; r < 4; r++)
                 xr[r] = (const uint32_t *)(x + (m0 + (r < rows ? r : 0)) * K);
             for (int64_t k = 0; k < K / 2; k++, p += 2 * NB) {
+                if (share && k % share == pass - 1) {
+                    const char *line = next + k * 4 * NB; /* k's 256 bytes there */
+                    for (int l = 0; l < 256; l += 64) _mm_prefetch(line + l, _MM_HINT_T1);
+                }
                 const __m512bh w0 = (__m512bh)_mm512_loadu_si512(p);
                 const __m512bh w1 = (__m512bh)_mm512_loadu_si512(p + 32);
                 const __m512bh w2 = (__m512bh)_mm512_loadu_si512(p + 64);
