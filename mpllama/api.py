@@ -216,7 +216,7 @@ class LLM:
         ``error`` message instead of failing the call; the others run as usual.
         """
         entries = self._requests(prompts, prompt_token_ids, sampling_params, errors)
-        return _finals(self._run(entries), len(entries))
+        return _finals(self._run(entries, stream=False), len(entries))
 
     def chat(
         self,
@@ -230,7 +230,7 @@ class LLM:
         assistant and (Llama 3) tool. ``errors="return"`` also turns a malformed dialog,
         or one using a reserved Llama 2 chat tag, into an error output."""
         entries = self._dialog_requests(dialogs, sampling_params, errors)
-        return _finals(self._run(entries), len(entries))
+        return _finals(self._run(entries, stream=False), len(entries))
 
     def stream(
         self,
@@ -247,6 +247,22 @@ class LLM:
         Closing the iterator early aborts the requests still running."""
         entries = self._requests(prompts, prompt_token_ids, sampling_params, errors)
         return (p.output() for p in self._run(entries))
+
+    def as_completed(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        errors: str = "raise",
+    ) -> Iterator[RequestOutput]:
+        """Like ``generate``, but yields each request's finished output as soon as it
+        finishes (``index`` says which input it was), for callers that act on each
+        result (a batch job writing records) without reading tokens as they come: the
+        lead then sends tokens in fewer, larger batches, as for ``generate``. Closing
+        the iterator early aborts the requests still running."""
+        entries = self._requests(prompts, prompt_token_ids, sampling_params, errors)
+        return (p.output() for p in self._run(entries, stream=False) if p.finish_reason)
 
     def _encode_dialogs(self, dialogs: Dialog | Sequence[Dialog]) -> list[list[int] | Exception]:
         if dialogs and isinstance(dialogs[0], dict):
@@ -356,9 +372,10 @@ class LLM:
             raise PromptError(f"prompt #{index} is empty; give at least one character")
         return self.tokenizer.encode(prompt, bos=True, eos=False)
 
-    def _run(self, entries: list[PartialOutput]) -> Iterator[PartialOutput]:
+    def _run(self, entries: list[PartialOutput], stream: bool = True) -> Iterator[PartialOutput]:
         """Submit every request; yield each one's progress as its events arrive (the
-        refused inputs first, already finished)."""
+        refused inputs first, already finished). ``stream`` False: the caller wants only
+        finished outputs, so the lead may send tokens in fewer, larger batches."""
         if self._closed:
             raise WorkerError("this LLM has been closed; make a new one")
         lost = self._ray.lost() if self._ray is not None else None
@@ -370,6 +387,8 @@ class LLM:
         if not by_id:
             return
         inbox: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
+        for p in by_id.values():
+            p.request.stream = stream
         self.router.submit([p.request for p in by_id.values()], inbox.put)
         try:
             while by_id:

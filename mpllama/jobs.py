@@ -328,14 +328,12 @@ def _run_pending(
         start = time.perf_counter()
         # errors="return": a prompt the model cannot run (too long for the context,
         # ids outside the vocabulary) gets its error record; the others go on.
-        stream = llm.stream(
+        finished = llm.as_completed(
             prompt_token_ids=[ids for _, ids, _ in runnable],
             sampling_params=[p for _, _, p in runnable],
             errors="return",
         )
-        for out in stream:
-            if not out.finished:
-                continue
+        for out in finished:
             if out.finish_reason == "error":
                 _append(f, [_error(runnable[out.index][0], out.error or "error")])
                 summary.completed += 1

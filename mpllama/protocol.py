@@ -27,6 +27,9 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     seed: int = 0  # used only when sampling; the same seed gives the same tokens
+    # Whether its caller reads it token by token; False (``LLM.generate``) lets the lead
+    # send its tokens in fewer, larger batches (rank.worker.FINAL_HOLD_S).
+    stream: bool = True
 
     def budget(self, max_seq_len: int) -> int:
         """How many tokens it may generate: max_tokens, capped by the context left."""

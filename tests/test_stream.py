@@ -126,6 +126,33 @@ def test_stream_deltas_add_up_to_what_generate_returns(
         assert sorted(order[4 * step : 4 * step + 4]) == [0, 1, 2, 3], order
 
 
+def test_as_completed_yields_each_finished_output_once_and_submits_unstreamed(
+    llm: LLM, reference: list[RequestOutput], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``as_completed``: one finished output per request (the same as ``generate``'s),
+    in the order they finish, each request submitted with ``stream`` False (the lead
+    may then hold its tokens longer); ``stream`` submits them streamed."""
+    flags: list[bool] = []
+    submit = llm.router.submit
+
+    def spy(requests, sink):  # type: ignore[no-untyped-def]
+        flags.extend(r.stream for r in requests)
+        return submit(requests, sink)
+
+    monkeypatch.setattr(llm.router, "submit", spy)
+    params = [GREEDY.replace(max_tokens=n) for n in (8, 3, 6, 1)]  # finish in this order
+    outputs = list(llm.as_completed(PROMPTS, params))
+    assert flags == [False] * len(PROMPTS)
+    assert [o.index for o in outputs] == [3, 1, 2, 0]
+    assert all(o.finished for o in outputs)
+    for o in outputs:
+        want = reference[o.index]
+        assert o.token_ids == want.token_ids[: params[o.index].max_tokens]
+        assert want.text.startswith(o.text)
+    list(llm.stream(PROMPTS[:1], GREEDY))
+    assert flags[-1] is True
+
+
 def assert_never_splits_a_character(tok: Tokenizer, outputs: list[RequestOutput]) -> None:
     """Every output's text is a prefix of the one-shot decode of the final tokens: a
     delta shows U+FFFD only where the whole text has one, never for a character whose

@@ -196,38 +196,77 @@ def test_rank_logging_puts_the_rank_in_every_line(capfd: pytest.CaptureFixture[s
 
 
 def test_a_poll_holds_stream_continuations_briefly_but_never_a_first_or_last_token(
-    tiny_ckpts: dict[int, Path],
+    tiny_ckpts: dict[int, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Tokens that only continue streams wait up to ``linger_s`` for the next steps' (one
-    Ray call carries several steps); a first token, a finish or an error goes at once."""
+    """Tokens that only continue a stream wait up to ``LINGER_S`` for the next steps'
+    (one Ray call carries several steps); a first token, a finish or an error goes at
+    once; and the poll thread is woken only by what is due sooner than what it holds."""
+    from mpllama.rank import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "LINGER_S", 0.3)
     worker = RankWorker(0, spec_for(tiny_ckpts[1]))
+    wakes = []
+    notify = worker._cond.notify_all
+    monkeypatch.setattr(worker._cond, "notify_all", lambda: wakes.append(1) or notify())
 
     def step(offset: int, finish: str | None = None) -> list[Event]:
         return [Event("a", [7], None, "x", offset, offset, finish)]
 
-    def later(events: list[Event], after_s: float) -> threading.Thread:
-        def add() -> None:
-            time.sleep(after_s)
-            with worker._cond:
-                worker._events.append(events)
-                worker._cond.notify_all()
+    def later(steps: list[list[Event]], after_s: float) -> threading.Thread:
+        def publish() -> None:
+            for events in steps:
+                time.sleep(after_s)
+                with worker._cond:
+                    worker._publish(events)
 
-        thread = threading.Thread(target=add)
+        thread = threading.Thread(target=publish)
         thread.start()
         return thread
 
-    worker._events = [step(3)]
-    joiner = later(step(4), 0.05)
+    joiner = later([step(3), step(4), step(5)], 0.02)
     started = time.monotonic()
-    polled = worker.poll(0.0, linger_s=0.3)
+    polled = worker.poll(1.0)
     joiner.join()
-    assert [s[0].token_offset for s in polled.steps] == [3, 4]  # the next step joined
+    assert [s[0].token_offset for s in polled.steps] == [3, 4, 5]  # the next steps joined
     assert 0.29 < time.monotonic() - started < 3
+    assert len(wakes) == 1  # by the first continuation only: the others were due later
     for first_or_last in (step(0), step(9, "stop")):
-        worker._events = [step(5)]
-        joiner = later(first_or_last, 0.05)
+        joiner = later([step(5), first_or_last], 0.05)
         started = time.monotonic()
-        polled = worker.poll(0.0, linger_s=5.0)
+        polled = worker.poll(1.0)
         joiner.join()
         assert len(polled.steps) == 2
-        assert time.monotonic() - started < 2  # answered as soon as it came
+        assert time.monotonic() - started < 0.25  # answered as soon as it came
+
+
+def test_a_poll_holds_the_tokens_of_requests_nobody_streams_longer(
+    tiny_ckpts: dict[int, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request submitted with ``stream`` False (``LLM.generate``): even its first
+    tokens wait up to ``FINAL_HOLD_S``, so one Ray reply carries many steps; its finish
+    still goes at once, and a streamed request's tokens keep their own, shorter hold."""
+    from mpllama.rank import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "LINGER_S", 0.05)
+    monkeypatch.setattr(worker_module, "FINAL_HOLD_S", 0.6)
+    worker = RankWorker(0, spec_for(tiny_ckpts[1]))
+    worker.submit([Request("quiet", [1, 5], SamplingParams(), stream=False)], order=0)
+
+    def publish(*events: Event) -> None:
+        with worker._cond:
+            worker._publish(list(events))
+
+    publish(Event("quiet", [7], None, "x", 0, 0))  # a first token, not streamed
+    started = time.monotonic()
+    assert len(worker.poll(1.0).steps) == 1
+    assert 0.55 < time.monotonic() - started < 3
+    publish(Event("quiet", [7], None, "x", 1, 1))
+    publish(Event("loud", [7], None, "x", 4, 4))  # a streamed continuation
+    started = time.monotonic()
+    assert len(worker.poll(1.0).steps) == 2
+    assert 0.04 < time.monotonic() - started < 0.4
+    publish(Event("quiet", [7], None, "x", 2, 2, "length"))
+    started = time.monotonic()
+    assert len(worker.poll(1.0).steps) == 1
+    assert time.monotonic() - started < 0.25
+    assert "quiet" not in worker._unstreamed  # finished: forgotten

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import queue
 import resource
@@ -46,10 +47,15 @@ T = TypeVar("T")
 
 
 # How long a poll holds tokens that only continue streams, for the next steps' to join
-# them: each poll is a Ray call whose cost, on a small CPU machine, competes with the
-# ranks for the cores (benchmarks/RESULTS.md, "Figures behind the code"). A stream's
-# first token, its last and any error are never held.
+# them: each poll answered is a Ray reply, about a millisecond of the rank's CPU, and on
+# a machine whose cores all run the step's threads it delays the step it lands in by
+# about twice that (benchmarks/RESULTS.md, "Figures behind the code"). A stream's first
+# token, its last and any error are never held.
 LINGER_S = 0.025
+# How long a poll holds the tokens of requests nobody streams (``Request.stream`` False:
+# ``LLM.generate``, which returns finished outputs only): one reply every so often
+# instead of one every few steps. A finish or an error is still answered at once.
+FINAL_HOLD_S = 0.5
 
 
 class TorchThread:
@@ -91,6 +97,8 @@ class RankWorker:
         self._aborted: list[str] = []
         self._events: list[list[Event]] = []  # one list per step
         self._next_order = 0  # the next control call to take (see _control)
+        self._unstreamed: set[str] = set()  # running requests nobody streams
+        self._due = math.inf  # when the events held for poll must be answered (_hold)
         self._early: dict[int, tuple[list[Request], list[str]]] = {}
         self._counts = (0, 0)  # running, waiting after the last step
         self._cache: dict[str, int] = {}  # the lead's KV pool and prefix cache stats
@@ -231,8 +239,28 @@ class RankWorker:
                 self._counts = (len(runner.running), len(runner.scheduler.waiting))
                 self._cache = runner.stats()
                 if events:
-                    self._events.append(events)
-                    self._cond.notify_all()
+                    self._publish(events)
+
+    def _publish(self, events: list[Event]) -> None:
+        """Hand one step's events to ``poll`` (lock held). The poll thread is woken only
+        when they are due before what it holds already: a wake-up every step would take
+        a core from the step's threads."""
+        self._events.append(events)
+        due = time.monotonic() + min(map(self._hold, events))
+        for e in events:
+            if e.finish_reason is not None:
+                self._unstreamed.discard(e.id)
+        if due < self._due:
+            self._due = due
+            self._cond.notify_all()
+
+    def _hold(self, event: Event) -> float:
+        """How long a poll may hold ``event`` for later steps' events to join it."""
+        if event.finish_reason is not None:
+            return 0.0
+        if event.id in self._unstreamed:
+            return FINAL_HOLD_S
+        return LINGER_S if event.token_offset > 0 else 0.0
 
     def submit(self, requests: list[Request], order: int | None = None) -> None:
         """Lead only: queue requests for the next step (returns at once). ``order``: see
@@ -251,35 +279,38 @@ class RankWorker:
         aborts."""
         with self._cond:
             if order is None:
-                self._submitted.extend(requests)
-                self._aborted.extend(ids)
+                self._take(requests, ids)
             else:
                 self._early[order] = (requests, ids)
                 while self._next_order in self._early:
-                    early_requests, early_ids = self._early.pop(self._next_order)
-                    self._submitted.extend(early_requests)
-                    self._aborted.extend(early_ids)
+                    self._take(*self._early.pop(self._next_order))
                     self._next_order += 1
             self._cond.notify_all()
 
-    def poll(self, wait_s: float, linger_s: float = LINGER_S) -> Polled:
+    def _take(self, requests: list[Request], ids: list[str]) -> None:
+        self._submitted.extend(requests)
+        self._aborted.extend(ids)
+        self._unstreamed.update(r.id for r in requests if not r.stream)
+        self._unstreamed.difference_update(ids)
+
+    def poll(self, wait_s: float) -> Polled:
         """Lead only: the events of every step since the last poll, grouped per step, and
-        the scheduler's counts; waits up to ``wait_s`` for at least one step. Steps that
-        only continue streams wait up to ``linger_s`` more for the next steps' (see
-        ``LINGER_S``); a first token, a finish or an error is answered at once. Raises
-        what stopped the loop."""
+        the scheduler's counts. Waits up to ``wait_s`` for a step; once there are events,
+        until they are due (``_hold``: a stream's continuation ``LINGER_S`` after it was
+        made, so that the next steps' join it; a request nobody streams ``FINAL_HOLD_S``;
+        a first token, a finish or an error at once). Raises what stopped the loop."""
         with self._cond:
-            if not self._events and self._failed is None:
-                self._cond.wait(wait_s)
-            deadline = time.monotonic() + linger_s
-            while self._events and self._failed is None and _continuations(self._events):
-                left = deadline - time.monotonic()
+            idle_until = time.monotonic() + wait_s
+            while self._failed is None and not self._stopping:
+                until = self._due if self._events else idle_until
+                left = until - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
             if self._failed is not None:
                 raise RuntimeError(f"the step loop failed: {self._failed!r}") from self._failed
             events, self._events = self._events, []
+            self._due = math.inf
             return Polled(events, *self._counts, cache=self._cache)
 
     def stop(self) -> None:
@@ -318,11 +349,6 @@ class RankWorker:
             written = here if written is None else written | here
         assert written is not None
         return written.nonzero().squeeze(1).tolist()
-
-
-def _continuations(steps: list[list[Event]]) -> bool:
-    """Whether every event only continues a stream: no first token, finish or error."""
-    return all(e.token_offset > 0 and e.finish_reason is None for s in steps for e in s)
 
 
 def peak_rss_mb() -> float:
