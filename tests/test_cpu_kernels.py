@@ -119,26 +119,32 @@ def test_decode_attention_over_scattered_segments(
 ) -> None:
     """Rows of one segment, of several out of order, of one position, and longer than a
     chunk of 64: each equals float32 SDPA over its positions gathered in order (to bf16's
-    output rounding, or float32's)."""
+    output rounding, or float32's). A row alone, whose heads the kernel splits over
+    tasks to keep both threads busy, gets the same bits as in the batch."""
     P = 512
-    cache_k, cache_v = randn(kv, P, dim).to(dtype), randn(kv, P, dim, seed=1).to(dtype)
+    cache_k, cache_v = randn(P, kv, dim).to(dtype), randn(P, kv, dim, seed=1).to(dtype)
     rows = [[(0, 200)], [(300, 5), (100, 70), (17, 1)], [(511, 1)], [(256, 64), (400, 65)]]
     q = randn(len(rows), heads, dim, seed=2).to(dtype)
     assert cpu_kernels.decode_attention_fits(heads, cache_k)
     got = cpu_kernels.attend_decode(q, cache_k, cache_v, cpu_kernels.Segments.of(rows))
     for b, row in enumerate(rows):
         pos = torch.cat([torch.arange(first, first + n) for first, n in row])
-        k, v = cache_k[:, pos].float(), cache_v[:, pos].float()  # [K,S,D]
+        k, v = cache_k[pos].transpose(0, 1).float(), cache_v[pos].transpose(0, 1).float()
         want = F.scaled_dot_product_attention(q[b].float()[:, None], k, v, enable_gqa=heads != kv)[
             :, 0
         ]
         atol = 1e-2 if dtype == torch.bfloat16 else 1e-5
         torch.testing.assert_close(got[b].float(), want, atol=atol, rtol=0)
+        alone = cpu_kernels.attend_decode(
+            q[b : b + 1], cache_k, cache_v, cpu_kernels.Segments.of([row])
+        )
+        assert torch.equal(alone[0], got[b])
 
 
 def test_decode_attention_refuses_what_it_cannot_run() -> None:
-    assert not cpu_kernels.decode_attention_fits(8, torch.zeros(4, 16, 16).bfloat16())  # D=16
-    assert not cpu_kernels.decode_attention_fits(8, torch.zeros(4, 16, 64).half())  # float16
+    assert not cpu_kernels.decode_attention_fits(8, torch.zeros(16, 4, 16).bfloat16())  # D=16
+    assert not cpu_kernels.decode_attention_fits(8, torch.zeros(16, 4, 64).half())  # float16
+    assert not cpu_kernels.decode_attention_fits(256, torch.zeros(16, 8, 64).bfloat16())
 
 
 def test_kernels_off_without_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -221,19 +227,17 @@ def test_a_decode_layers_small_steps_match_torchs(dtype: torch.dtype) -> None:
     qkv = randn(B, (H + 2 * K) * D, seed=3).to(dtype)
     positions = torch.tensor([5, 0, 63])
     cis = model_module.rope_table(D, 64, 10000.0, torch.device("cpu"))[positions]  # [B,D/2]
-    cache_k, cache_v = torch.zeros(K, 64, D).to(dtype), torch.zeros(K, 64, D).to(dtype)
+    cache_k, cache_v = torch.zeros(64, K, D).to(dtype), torch.zeros(64, K, D).to(dtype)
     q = cpu_kernels.rope_write(qkv, cis, positions, cache_k, cache_v, H)
     xq, xk, xv = qkv.view(B, 1, H + 2 * K, D).split([H, K, K], dim=2)
     want_q = model_module.apply_rope(xq, cis[:, None])[:, 0]
     want_k = model_module.apply_rope(xk, cis[:, None])[:, 0]
     torch.testing.assert_close(q.float(), want_q.float(), **close)
-    torch.testing.assert_close(
-        cache_k[:, positions].transpose(0, 1).float(), want_k.float(), **close
-    )
-    assert torch.equal(cache_v[:, positions].transpose(0, 1), xv[:, 0])
+    torch.testing.assert_close(cache_k[positions].float(), want_k.float(), **close)
+    assert torch.equal(cache_v[positions], xv[:, 0])
     untouched = torch.ones(64, dtype=torch.bool)
     untouched[positions] = False
-    assert not cache_k[:, untouched].any() and not cache_v[:, untouched].any()
+    assert not cache_k[untouched].any() and not cache_v[untouched].any()
 
     gate_up = randn(B, 2 * 200, seed=4).to(dtype)  # 200: not a multiple of 16
     gate, up = gate_up.split(200, dim=-1)

@@ -95,7 +95,7 @@ def test_materialize_converts_when_dtype_differs(
     model.setup_slots(2, 16)
     assert model.layers[0].attention.cache_k.dtype == torch.bfloat16
     # Two slots of one 16-position block each, plus the spare block for padding writes.
-    assert model.layers[0].attention.cache_k.shape == (4, 3 * 16, 16)  # [K, positions, D]
+    assert model.layers[0].attention.cache_k.shape == (3 * 16, 4, 16)  # [positions, K, D]
 
 
 def test_materialize_is_strict(tiny_ckpts: dict[int, Path], single_rank: None) -> None:
@@ -310,7 +310,7 @@ def test_rows_at_different_positions_equal_running_them_alone(
     # The padding wrote only to the spare block: positions 5.. of row a's blocks are 0.
     k = tiny.layers[0].attention.cache_k
     first_a = [(f + j) * 4 for f, n in runs[0] for j in range(n)]
-    assert not k[:, first_a[1] + 1 : first_a[1] + 4].any()
+    assert not k[first_a[1] + 1 : first_a[1] + 4].any()
     # Three more tokens per row, starting at each row's own length (5 and 11).
     pos = torch.tensor([5, 11])
     got = tiny(torch.stack([a_more, b_more]), pos, runs)[:, -1]

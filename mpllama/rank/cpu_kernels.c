@@ -135,38 +135,47 @@ static inline const void *offset(const void *p, int64_t i, int bf16) {
 }
 
 #define CHUNK 64     /* positions scored at a time (online softmax between chunks) */
-#define MAX_G 64     /* query heads per KV head */
-#define MAX_GD 4096  /* query heads per KV head x head size */
+#define MAX_H 128    /* query heads a task holds (all of a row's on this rank, at most) */
+#define MAX_HD 16384 /* query heads x head size */
 
 /* Attention of one new token per row over the positions it holds, G query heads per KV
  * head, bf16 or float32 throughout (``bf16``):
  *   q       [B, KV*G, D] (contiguous), each row's query;
- *   kc, vc  one layer's caches [KV, P, D]: KV head h, cache position p at (h*P + p)*D;
+ *   kc, vc  one layer's caches [P, KV, D]: cache position p, KV head h at (p*KV + h)*D;
  *   row b reads its segments firsts[i], counts[i] for i in offsets[b] .. offsets[b+1]-1,
  *   in order (consecutive cache positions each), whatever blocks they sit in;
  *   out     [B, KV*G, D].
- * Scores and the softmax are in float32 (online: a chunk of positions at a time), the
- * weighted sum of v in float32, rounded to bf16 (for bf16) once at the end. */
-static inline void attend_decode(const void *q, const void *kc, const void *vc, int64_t P,
+ * A task is one row's heads (or, with fewer rows than twice the threads, a share of them)
+ * and walks the row's positions in order, every head of a position before the next: the
+ * bytes it reads are one run per segment, front to back, which the CPU's prefetchers
+ * stream at close to the memory's speed (a task per head of a position-major cache, or a
+ * head-major cache, reads short runs far apart: 2-3x slower cold, benchmarks/RESULTS.md,
+ * "Figures behind the code"). Each head's arithmetic is the same as alone, in the same
+ * order. Scores and the softmax are in float32 (online: a chunk of positions at a time),
+ * the weighted sum of v in float32, rounded to bf16 (for bf16) once at the end. */
+static inline void attend_decode(const void *q, const void *kc, const void *vc,
                                  const int64_t *firsts, const int64_t *counts,
                                  const int64_t *offsets, void *out, int64_t B, int64_t KV,
                                  int64_t G, int64_t D, float scale, const int bf16) {
+    int64_t splits = 1; /* tasks per row, each a run of KV / splits heads */
+    while (B * splits < 2 * omp_get_max_threads() && KV % (2 * splits) == 0) splits *= 2;
+    const int64_t per = KV / splits, HG = per * G; /* KV heads, query heads a task */
 #pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t task = 0; task < B * KV; task++) {
-        const int64_t b = task / KV, h = task % KV;
-        const int64_t qb = (b * KV + h) * G * D; /* this task's queries, in elements */
-        float acc[MAX_GD], m[MAX_G], l[MAX_G], s[MAX_G * CHUNK];
-        for (int64_t i = 0; i < G * D; i++) acc[i] = 0.0f;
-        for (int64_t g = 0; g < G; g++) m[g] = -INFINITY, l[g] = 0.0f;
+    for (int64_t task = 0; task < B * splits; task++) {
+        const int64_t b = task / splits, h0 = task % splits * per;
+        const int64_t qb = (b * KV + h0) * G * D; /* this task's queries, in elements */
+        float acc[MAX_HD], m[MAX_H], l[MAX_H], s[MAX_H * CHUNK];
+        for (int64_t i = 0; i < HG * D; i++) acc[i] = 0.0f;
+        for (int64_t g = 0; g < HG; g++) m[g] = -INFINITY, l[g] = 0.0f;
         for (int64_t seg = offsets[b]; seg < offsets[b + 1]; seg++) {
-            const int64_t kb = (h * P + firsts[seg]) * D; /* the segment's first, in elements */
             for (int64_t s0 = 0; s0 < counts[seg]; s0 += CHUNK) {
                 const int64_t n = counts[seg] - s0 < CHUNK ? counts[seg] - s0 : CHUNK;
+                /* the first of this chunk's positions, at this task's first head */
+                const int64_t kb = ((firsts[seg] + s0) * KV + h0) * D;
                 /* this chunk's scores: s[g][j] = q_g . k_(s0+j) * scale */
                 for (int64_t j = 0; j < n; j++) {
-                    const int64_t kr = kb + (s0 + j) * D;
-                    for (int64_t g = 0; g < G; g++) {
-                        const int64_t qg = qb + g * D;
+                    for (int64_t g = 0; g < HG; g++) {
+                        const int64_t kr = kb + j * KV * D + g / G * D, qg = qb + g * D;
                         __m512 a = _mm512_setzero_ps();
                         if (bf16)
                             for (int64_t d = 0; d < D; d += 32)
@@ -181,7 +190,7 @@ static inline void attend_decode(const void *q, const void *kc, const void *vc, 
                     }
                 }
                 /* online softmax: what is summed so far, rescaled to the new running max */
-                for (int64_t g = 0; g < G; g++) {
+                for (int64_t g = 0; g < HG; g++) {
                     float *sg = s + g * CHUNK;
                     __m512 vmax = _mm512_set1_ps(m[g]);
                     for (int64_t j = 0; j < n; j += 16)
@@ -205,19 +214,21 @@ static inline void attend_decode(const void *q, const void *kc, const void *vc, 
                 }
                 /* acc[g] += sum_j p[g][j] * v_(s0+j) */
                 for (int64_t j = 0; j < n; j++) {
-                    const int64_t vr = kb + (s0 + j) * D;
-                    for (int64_t d = 0; d < D; d += 16) {
-                        const __m512 vv = load_act(vc, vr + d, 0xFFFF, bf16);
-                        for (int64_t g = 0; g < G; g++) {
-                            float *a = acc + g * D + d;
-                            _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(s[g * CHUNK + j]),
-                                                                vv, _mm512_loadu_ps(a)));
+                    for (int64_t h = 0; h < per; h++) {
+                        const int64_t vr = kb + j * KV * D + h * D;
+                        for (int64_t d = 0; d < D; d += 16) {
+                            const __m512 vv = load_act(vc, vr + d, 0xFFFF, bf16);
+                            for (int64_t g = h * G; g < (h + 1) * G; g++) {
+                                float *a = acc + g * D + d;
+                                _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(s[g * CHUNK + j]),
+                                                                    vv, _mm512_loadu_ps(a)));
+                            }
                         }
                     }
                 }
             }
         }
-        for (int64_t g = 0; g < G; g++) {
+        for (int64_t g = 0; g < HG; g++) {
             const __m512 inv = _mm512_set1_ps(1.0f / l[g]);
             for (int64_t d = 0; d < D; d += 16)
                 store_act(out, qb + g * D + d, _mm512_mul_ps(_mm512_loadu_ps(acc + g * D + d), inv),
@@ -226,16 +237,16 @@ static inline void attend_decode(const void *q, const void *kc, const void *vc, 
     }
 }
 
-void attend_decode_bf16(const uint16_t *q, const uint16_t *kc, const uint16_t *vc, int64_t P,
+void attend_decode_bf16(const uint16_t *q, const uint16_t *kc, const uint16_t *vc,
                         const int64_t *firsts, const int64_t *counts, const int64_t *offsets,
                         uint16_t *out, int64_t B, int64_t KV, int64_t G, int64_t D, float scale) {
-    attend_decode(q, kc, vc, P, firsts, counts, offsets, out, B, KV, G, D, scale, 1);
+    attend_decode(q, kc, vc, firsts, counts, offsets, out, B, KV, G, D, scale, 1);
 }
 
-void attend_decode_f32(const float *q, const float *kc, const float *vc, int64_t P,
+void attend_decode_f32(const float *q, const float *kc, const float *vc,
                        const int64_t *firsts, const int64_t *counts, const int64_t *offsets,
                        float *out, int64_t B, int64_t KV, int64_t G, int64_t D, float scale) {
-    attend_decode(q, kc, vc, P, firsts, counts, offsets, out, B, KV, G, D, scale, 0);
+    attend_decode(q, kc, vc, firsts, counts, offsets, out, B, KV, G, D, scale, 0);
 }
 
 /* y = x @ w.T in float32 for x [M, K] bf16 (rows contiguous) and w bf16 in oneDNN's
@@ -422,10 +433,10 @@ void add_rmsnorm_f32(const float *x, const float *delta, const float *w, float *
  *   qkv   [B, (H + 2*KV) * D], the fused projection's output (q heads, k, v);
  *   cis   [B, D/2, 2] float32, cos and sin of the row's position;
  *   pos   [B], the cache position each row writes;
- *   cache_k, cache_v  [KV, P, D];  q [B, H, D] out. */
+ *   cache_k, cache_v  [P, KV, D];  q [B, H, D] out. */
 static inline void rope_write(const void *qkv, const float *cis, const int64_t *pos,
-                              void *cache_k, void *cache_v, int64_t P, void *q, int64_t B,
-                              int64_t H, int64_t KV, int64_t D, const int bf16) {
+                              void *cache_k, void *cache_v, void *q, int64_t B, int64_t H,
+                              int64_t KV, int64_t D, const int bf16) {
     const int64_t stride = (H + 2 * KV) * D;
     /* pairs (x0, x1) -> (x0 c - x1 s, x0 s + x1 c), 8 pairs (16 values) at a time */
     const __m512i swap = _mm512_set_epi32(14, 15, 12, 13, 10, 11, 8, 9, 6, 7, 4, 5, 2, 3, 0, 1);
@@ -435,7 +446,7 @@ static inline void rope_write(const void *qkv, const float *cis, const int64_t *
         for (int64_t head = 0; head < H + KV; head++) {
             const int64_t src = b * stride + head * D;
             void *dst = head < H ? q : cache_k;
-            const int64_t at = head < H ? (b * H + head) * D : ((head - H) * P + pos[b]) * D;
+            const int64_t at = head < H ? (b * H + head) * D : (pos[b] * KV + head - H) * D;
             for (int64_t d = 0; d < D; d += 16) {
                 const __mmask16 k = tail(D - d);
                 const __m512 v = load_act(qkv, src + d, k, bf16);
@@ -446,22 +457,20 @@ static inline void rope_write(const void *qkv, const float *cis, const int64_t *
                 store_act(dst, at + d, _mm512_fmaddsub_ps(v, cos, _mm512_mul_ps(vs, sin)), k, bf16);
             }
         }
-        for (int64_t head = 0; head < KV; head++)
-            memcpy((void *)offset(cache_v, (head * P + pos[b]) * D, bf16),
-                   offset(qkv, b * stride + (H + KV + head) * D, bf16), D * (bf16 ? 2 : 4));
+        memcpy((void *)offset(cache_v, pos[b] * KV * D, bf16),
+               offset(qkv, b * stride + (H + KV) * D, bf16), KV * D * (bf16 ? 2 : 4));
     }
 }
 
 void rope_write_bf16(const uint16_t *qkv, const float *cis, const int64_t *pos,
-                     uint16_t *cache_k, uint16_t *cache_v, int64_t P, uint16_t *q, int64_t B,
-                     int64_t H, int64_t KV, int64_t D) {
-    rope_write(qkv, cis, pos, cache_k, cache_v, P, q, B, H, KV, D, 1);
+                     uint16_t *cache_k, uint16_t *cache_v, uint16_t *q, int64_t B, int64_t H,
+                     int64_t KV, int64_t D) {
+    rope_write(qkv, cis, pos, cache_k, cache_v, q, B, H, KV, D, 1);
 }
 
 void rope_write_f32(const float *qkv, const float *cis, const int64_t *pos, float *cache_k,
-                    float *cache_v, int64_t P, float *q, int64_t B, int64_t H, int64_t KV,
-                    int64_t D) {
-    rope_write(qkv, cis, pos, cache_k, cache_v, P, q, B, H, KV, D, 0);
+                    float *cache_v, float *q, int64_t B, int64_t H, int64_t KV, int64_t D) {
+    rope_write(qkv, cis, pos, cache_k, cache_v, q, B, H, KV, D, 0);
 }
 
 /* out = act(silu(gate)) * up per row, gate and up the halves of gu [M, 2F] (the fused
@@ -528,11 +537,11 @@ typedef struct {
 typedef struct {
     product_t wqkv, wo, w13, w2;
     const void *attn_norm, *ffn_norm;
-    void *cache_k, *cache_v; /* [KV, P, D] */
+    void *cache_k, *cache_v; /* [P, KV, D] */
 } layer_t;
 
 typedef struct {
-    int64_t dim, H, KV, D, F, P; /* this rank's sizes; F: the feed-forward's hidden size */
+    int64_t dim, H, KV, D, F;    /* this rank's sizes; F: the feed-forward's hidden size */
     int64_t bf16;                /* the activations' type: bf16 (1) or float32 (0) */
     float eps, scale;
     /* workspace, each as large as the padded product it takes */
@@ -555,8 +564,8 @@ static inline void row_attention(const layer_t *L, const row_shape_t *s, float *
     const int64_t offsets[2] = {0, n};
     add_rmsnorm(h, delta, L->attn_norm, h, s->normed, 1, s->dim, s->eps, bf16);
     product(&L->wqkv, s->normed, s->qkv, s->u8, bf16);
-    rope_write(s->qkv, cis, &pos, L->cache_k, L->cache_v, s->P, s->q, 1, s->H, s->KV, s->D, bf16);
-    attend_decode(s->q, L->cache_k, L->cache_v, s->P, firsts, counts, offsets, s->attn, 1, s->KV,
+    rope_write(s->qkv, cis, &pos, L->cache_k, L->cache_v, s->q, 1, s->H, s->KV, s->D, bf16);
+    attend_decode(s->q, L->cache_k, L->cache_v, firsts, counts, offsets, s->attn, 1, s->KV,
                   s->H / s->KV, s->D, s->scale, bf16);
     product(&L->wo, s->attn, out, s->u8, bf16);
 }

@@ -45,7 +45,7 @@ BLOCK = 64  # output rows per block of oneDNN's packed layout (cpu_kernels.c's N
 # (a decode step's batch; prefill chunks keep oneDNN, which blocks for caches), on
 # weights whose block of 64 rows fits this share of a core's L2 (1 MB on this EPYC).
 BATCH_ROWS, BLOCK_BYTES = 64, 512 << 10
-MAX_G, MAX_GD = 64, 4096  # query heads per KV head, and times the head size (the C limits)
+MAX_H, MAX_HD = 128, 16384  # a rank's query heads, and times the head size (the C limits)
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
@@ -62,9 +62,9 @@ _SIGNATURES = {
         for name, args in {
             "gemv": [_P, _P, _P, _I, _I],
             "add_rmsnorm": [_P, _P, _P, _P, _P, _I, _I, ctypes.c_float],
-            "rope_write": [_P, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I],
+            "rope_write": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I],
             "silu_mul": [_P, _P, _I, _I],
-            "attend_decode": [_P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_float],
+            "attend_decode": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_float],
         }.items()
         for kind in ("bf16", "f32")
     },
@@ -309,13 +309,12 @@ def int8_one_row(packed: list[torch.Tensor], scales: list[torch.Tensor]) -> Int8
 
 def decode_attention_fits(n_heads: int, cache: torch.Tensor) -> bool:
     """Whether ``attend_decode`` runs a layer of ``n_heads`` query heads over ``cache``
-    [K,P,D]: a bf16 or float32 cache on the CPU, a head size of a multiple of 32, and few
-    enough query heads per KV head."""
+    [P,K,D]: a bf16 or float32 cache on the CPU, a head size of a multiple of 32, and few
+    enough query heads for one task to hold a row's."""
     if library() is None or cache.device.type != "cpu" or cache.dtype not in SUFFIX:
         return False
-    K, _, D = cache.shape
-    G = n_heads // K
-    return D % 32 == 0 and G <= MAX_G and G * D <= MAX_GD and cache.is_contiguous()
+    D = cache.shape[2]
+    return D % 32 == 0 and n_heads <= MAX_H and n_heads * D <= MAX_HD and cache.is_contiguous()
 
 
 @dataclass
@@ -342,16 +341,15 @@ def attend_decode(
     q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, segments: Segments
 ) -> torch.Tensor:
     """Attention of q [B,H,D] (one new token per row, already in the cache) over each
-    row's segments of the caches [K,P,D]; [B,H,D] out (see ``decode_attention_fits``)."""
+    row's segments of the caches [P,K,D]; [B,H,D] out (see ``decode_attention_fits``)."""
     B, H, D = q.shape
-    K, P, _ = cache_k.shape
+    K = cache_k.shape[1]
     q = q.contiguous()
     out = torch.empty_like(q)
     kernel("attend_decode", q.dtype)(
         q.data_ptr(),
         cache_k.data_ptr(),
         cache_v.data_ptr(),
-        P,
         segments.firsts.data_ptr(),
         segments.counts.data_ptr(),
         segments.offsets.data_ptr(),
@@ -405,8 +403,8 @@ def rope_write(
 ) -> torch.Tensor:
     """From the fused q/k/v projection of one token per row (qkv [B, (H+2K)*D], bf16 or
     float32): q and k rotated by their rows' ``cis`` [B, D/2] (complex), k and v written
-    into the caches [K,P,D] at ``positions`` [B]; q [B,H,D] out."""
-    K, P, D = cache_k.shape
+    into the caches [P,K,D] at ``positions`` [B]; q [B,H,D] out."""
+    _, K, D = cache_k.shape
     B = qkv.shape[0]
     qkv, cis = qkv.contiguous(), torch.view_as_real(cis).contiguous()
     positions = positions.contiguous()
@@ -417,7 +415,6 @@ def rope_write(
         positions.data_ptr(),
         cache_k.data_ptr(),
         cache_v.data_ptr(),
-        P,
         q.data_ptr(),
         B,
         n_heads,

@@ -4,7 +4,7 @@ A ``CacheIndex`` is built once per forward from each row's block runs and shared
 every layer: the cache position each new token writes to, each row's positions as
 segments, and the read plan (``pieces``: evenly spaced one-segment rows as one strided
 view, the others one by one; or ``gather``, every row's positions gathered at once).
-The caches it indexes are ``[K, positions, D]`` per layer, the last block a spare that
+The caches it indexes are ``[positions, K, D]`` per layer, the last block a spare that
 takes padding writes.
 """
 
@@ -135,22 +135,22 @@ class CacheIndex:
         return out.view(B, T, -1)
 
     def view(self, cache: torch.Tensor, lo: int, hi: int, S: int) -> torch.Tensor:
-        """[hi-lo,K,S,D]: rows lo..hi-1's positions up to S, a view of the cache [K,P,D]
+        """[hi-lo,K,S,D]: rows lo..hi-1's positions up to S, a view of the cache [P,K,D]
         (one evenly spaced segment each, see ``read_pieces``); one row alone is a view
         of its own positions, or its segments gathered."""
-        K, P, D = cache.shape
+        _, K, D = cache.shape
         base = cache.storage_offset()
         if hi - lo == 1:
             # as_strided: a third of what slicing costs, which counts at one call per
             # row, layer and tensor.
             parts = [
-                cache.as_strided((1, K, n, D), (K * P * D, P * D, D, 1), base + first * D)
+                cache.as_strided((1, K, n, D), (n * K * D, D, K * D, 1), base + first * K * D)
                 for first, n in self.segments[lo]
             ]
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         stride = self.firsts[lo + 1] - self.firsts[lo]
         return cache.as_strided(
-            (hi - lo, K, S, D), (stride * D, P * D, D, 1), base + self.firsts[lo] * D
+            (hi - lo, K, S, D), (stride * K * D, D, K * D, 1), base + self.firsts[lo] * K * D
         )
 
     def gather_index(self, S: int, device: torch.device) -> torch.Tensor:

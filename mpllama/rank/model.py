@@ -75,9 +75,12 @@ class Attention(nn.Module):
         self.wk = column_parallel(args.dim, kv_rows, gather_output=False)
         self.wv = column_parallel(args.dim, kv_rows, gather_output=False)
         self.wo = row_parallel(args.n_heads * args.head_dim, args.dim)
-        # [K, P, D]: every position of the block pool (blocks of ``block_size`` positions,
-        # plus one spare block that takes padding writes). A sequence whose blocks are
-        # consecutive reads its keys as a view in the layout attention wants.
+        # [P, K, D]: every position of the block pool (blocks of ``block_size`` positions,
+        # plus one spare block that takes padding writes), a position's heads together:
+        # a row's keys are one run of memory per block run, which a CPU streams at close
+        # to the memory's speed (cpu_kernels.attend_decode), and the layout vLLM's paged
+        # cache has on GPUs. A sequence whose blocks are consecutive reads its keys as a
+        # (strided) view in the shape attention wants.
         self.cache_k: torch.Tensor | None = None
         self.cache_v: torch.Tensor | None = None
         self.wqkv: Fused | None = None  # wq, wk and wv as one product (``fuse``)
@@ -115,9 +118,9 @@ class Attention(nn.Module):
 
         # Each row writes its own positions in its own blocks, so rows can sit at different
         # lengths; padding tokens write to the spare block, which no row ever reads.
-        # (Indexing [K,P,D] by [B,T] on dim 1 gives [K,B,T,D].)
-        self.cache_k[:, at.write_index] = k.permute(2, 0, 1, 3)
-        self.cache_v[:, at.write_index] = v.permute(2, 0, 1, 3)
+        # (Indexing [P,K,D] by [B,T] gives [B,T,K,D].)
+        self.cache_k[at.write_index] = k
+        self.cache_v[at.write_index] = v
         if at.decode is not None:  # one new token per row, mpllama's CPU kernel (unfused)
             out = attend_decode(q.view(B, -1, self.head_dim), self.cache_k, self.cache_v, at.decode)
             return self.wo(at.pack(out.view(B, T, -1)))
@@ -126,8 +129,8 @@ class Attention(nn.Module):
         gqa = self.n_local_heads != self.n_local_kv_heads
         q = q.transpose(1, 2)  # [B,H,T,D]
         if at.gather is not None:  # every row's positions gathered, one call
-            k_rows = self.cache_k[:, at.gather].transpose(0, 1)  # [K,B,S,D] -> [B,K,S,D]
-            v_rows = self.cache_v[:, at.gather].transpose(0, 1)
+            k_rows = self.cache_k[at.gather].transpose(1, 2)  # [B,S,K,D] -> [B,K,S,D]
+            v_rows = self.cache_v[at.gather].transpose(1, 2)
             out = attend(q, k_rows, v_rows, at.mask, gqa)
         else:  # evenly spaced rows as one strided view each group, the others one by one
             outs = []
@@ -219,7 +222,7 @@ class Transformer(nn.Module):
             raise RuntimeError("materialize() the weights before setup_caches()")
         for layer in self.layers:
             attn = layer.attention
-            shape = (attn.n_local_kv_heads, (num_blocks + 1) * block_size, attn.head_dim)
+            shape = ((num_blocks + 1) * block_size, attn.n_local_kv_heads, attn.head_dim)
             # Zeros, not empty: a batched read spans other rows' positions (masked), and
             # garbage there could be NaN, which a mask does not cancel.
             attn.cache_k = torch.zeros(shape, device=weight.device, dtype=weight.dtype)

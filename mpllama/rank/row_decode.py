@@ -62,7 +62,7 @@ class Layer(ctypes.Structure):
 
 class Shape(ctypes.Structure):
     _fields_ = [
-        *((name, ctypes.c_int64) for name in ("dim", "H", "KV", "D", "F", "P", "bf16")),
+        *((name, ctypes.c_int64) for name in ("dim", "H", "KV", "D", "F", "bf16")),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         *((name, _P) for name in ("normed", "qkv", "q", "attn", "gu", "act", "u8")),
@@ -142,7 +142,7 @@ class RowDecoder:
                 )
             )
         H, D = first.n_local_heads, first.head_dim
-        KV, P = first.n_local_kv_heads, first.cache_k.shape[1]
+        KV = first.n_local_kv_heads
         qkv_rows, gu_rows = layers[0].wqkv.N, layers[0].w13.N
         F = model.layers[0].feed_forward.w13.sizes[0]
         inner = max(p.K for layer in layers for p in (layer.wqkv, layer.wo, layer.w13, layer.w2))
@@ -160,7 +160,6 @@ class RowDecoder:
             KV,
             D,
             F,
-            P,
             bf16,
             eps,
             D**-0.5,

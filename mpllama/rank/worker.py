@@ -345,7 +345,7 @@ class RankWorker:
         for layer in self.model.layers:
             cache = layer.attention.cache_k
             assert cache is not None
-            here = cache.ne(0).any(dim=2).any(dim=0)  # [K,P,D] -> [P]
+            here = cache.ne(0).any(dim=2).any(dim=1)  # [P,K,D] -> [P]
             written = here if written is None else written | here
         assert written is not None
         return written.nonzero().squeeze(1).tolist()
