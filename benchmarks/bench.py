@@ -29,8 +29,9 @@ Parts (all by default; pick with --only mixed,uniform,...):
             the bench model's weights: mpllama's HF conversion, then llama.cpp's own
             converter to GGUF f32, bf16 and q8_0; batches of 1, 16 and 32 requests of
             32-token prompts x 64 new tokens through its batched API against mpllama
-            MP=1 (max_batch_size = batch) in fp32, bf16 and int8 (bench_llamacpp.py); skipped
-            in one line where llama.cpp is not built
+            MP=1 (max_batch_size = batch) in fp32, bf16 and int8, and the mixed part's
+            requests through 32 sequences a side (llama.cpp batching continuously)
+            (bench_llamacpp.py); skipped in one line where llama.cpp is not built
   chat      16 conversations x 6 turns through AsyncLLM, all concurrent, each turn's prompt
             the whole conversation: TTFT p50/p99 and tok/s with prefix caching off and on,
             the hit rate, and the same over HTTP against mpllama serve and transformers
@@ -416,11 +417,17 @@ def part_llamacpp(b: Bench) -> None:
         f"fastest of two runs a round, in rounds that alternate the sides; no prefix cache on "
         f"either.\n"
         f"  GGUFs: llama.cpp's converter on mpllama's HF conversion of the bench model; "
-        f"llama.cpp's defaults otherwise (f16 KV cache)"
+        f"llama.cpp's defaults otherwise (f16 KV cache)\n"
+        f"  mixed: the mixed part's {s.mixed_requests} requests through {s.slots} sequences a side "
+        f"(llama.cpp: continuous batching, a freed slot taking the next prompt)"
     )
     works = {
         n: uniform_workload(n, plen, new, b.vocab_size(), b.seed + 5) for n in s.llamacpp_batches
     }
+    # The mixed part's requests, through s.slots sequences a side: llama.cpp's continuous
+    # batching (a finished sequence's slot takes the next prompt, as its server runs
+    # parallel slots) against mpllama's engine with as many KV-cache slots.
+    mixed = mixed_workload(s.mixed_requests, b.vocab_size(), b.seed)
     # Batches: both sides in turn, twice, each cell its better pass: this shared
     # machine's memory speed moves by half between minutes, and one side's whole run in
     # a slow spell would decide a ratio.
@@ -455,12 +462,18 @@ def part_llamacpp(b: Bench) -> None:
                 for (n, w), (seconds, tokens) in zip(batched.items(), runs, strict=True):
                     run = RunResult(f"llama.cpp {kind}", w.useful_tokens, seconds, tokens)
                     keep(theirs, (kind, n), run)
+                ((seconds, tokens),) = cpp.run(
+                    gguf, [(mixed.prompts, mixed.new_tokens)], threads, slots=s.slots
+                )
+                run = RunResult(f"llama.cpp {kind}", mixed.useful_tokens, seconds, tokens)
+                keep(theirs, (kind, "mixed"), run)
             if not b.with_mpllama:
                 continue
+            cells = [(n, w, n) for n, w in batched.items()] + [("mixed", mixed, s.slots)]
             for label, setting in settings.items():
-                for n, w in batched.items():
+                for n, w, slots in cells:
                     with open_llm(
-                        b.checkpoint(1), 1, n, b.cpus_per_rank, prefix_caching=False, **setting
+                        b.checkpoint(1), 1, slots, b.cpus_per_rank, prefix_caching=False, **setting
                     ) as llm:
                         keep(ours, (label, n), run_llm(llm, w, f"mpllama {label}"))
         # One request takes half a second, a spell of this machine's: the sides alternate
@@ -494,7 +507,7 @@ def part_llamacpp(b: Bench) -> None:
         print(f"  llama.cpp failed, part skipped: {exc}")
         return
     print(f"  {'batch':>5}  {'mpllama / llama.cpp':<20} {'llama.cpp':>10} {'mpllama':>10}  ratio")
-    for n in works:
+    for n in [*works, "mixed"]:
         for dtype, label, kind in pairs:
             base = theirs[kind, n]
             line = f"  {n:>5}  {label + ' / ' + kind:<20} {base.tokens_per_s:10.1f} "
@@ -504,21 +517,25 @@ def part_llamacpp(b: Bench) -> None:
             mine = ours[dtype, n]
             ratio = mine.tokens_per_s / base.tokens_per_s
             print(line + f"{mine.tokens_per_s:10.1f}  {ratio:5.2f}x")
-            # The goals: level at one request, bf16 1.5x ahead once batched.
-            what = f"llamacpp: batch {n}, mpllama {label} / llama.cpp {kind}"
+            # The goals: level at one request, bf16 and int8 1.5x ahead once
+            # batched and on the mixed workload.
+            cell = "the mixed workload" if n == "mixed" else f"batch {n}"
+            what = f"llamacpp: {cell}, mpllama {label} / llama.cpp {kind}"
             if n == 1:
                 b.target(what, ratio, 1.0)
             elif dtype in ("bfloat16", "int8"):
                 b.target(what, ratio, 1.5)
     if ours:
-        # Same weights, same prompts: a GGUF converted wrong would disagree from the start.
-        n = max(works)
-        print_agreement(
-            f"mpllama fp32 (batch {n})", ours["float32", n], "llama.cpp f32", theirs["f32", n]
-        )
-        print_agreement(
-            f"mpllama bf16 (batch {n})", ours["bfloat16", n], "llama.cpp bf16", theirs["bf16", n]
-        )
+        # Same weights, same prompts: a GGUF converted wrong, or a sequence of llama.cpp's
+        # continuous batching fed the wrong tokens, would disagree from the start.
+        for n in (max(works), "mixed"):
+            cell = "mixed" if n == "mixed" else f"batch {n}"
+            print_agreement(
+                f"mpllama fp32 ({cell})", ours["float32", n], "llama.cpp f32", theirs["f32", n]
+            )
+            print_agreement(
+                f"mpllama bf16 ({cell})", ours["bfloat16", n], "llama.cpp bf16", theirs["bf16", n]
+            )
 
 
 def part_chat(b: Bench) -> None:

@@ -90,11 +90,18 @@ def make_ggufs(
 
 
 def run(
-    gguf: Path, works: list[tuple[list[list[int]], int]], threads: int, env: Path = BENCH_ENV
+    gguf: Path,
+    works: list[tuple[list[list[int]], int | list[int]]],
+    threads: int,
+    env: Path = BENCH_ENV,
+    slots: int | None = None,
 ) -> list[tuple[float, list[list[int]]]]:
-    """Each of ``works`` (prompts as token ids, new tokens per prompt), as one batch of
-    that many sequences, through llama.cpp in the bench env; (seconds, tokens) for each."""
-    request = {"gguf": str(gguf), "threads": threads, "works": works}
+    """Each of ``works`` (prompts as token ids, new tokens for all or per prompt) through
+    llama.cpp in the bench env; (seconds, tokens) for each. Without ``slots``, every
+    prompt at once, one batch of that many sequences (as batched-bench runs them); with
+    ``slots``, continuous batching over that many sequences (as llama.cpp's server runs
+    its parallel slots): a finished sequence's slot takes the next prompt."""
+    request = {"gguf": str(gguf), "threads": threads, "works": works, "slots": slots}
     done = subprocess.run(
         [str(env / "bin/python"), __file__],
         input=json.dumps(request),
@@ -160,6 +167,52 @@ def _greedy(
         llama.llama_batch_free(batch)
 
 
+def _continuous(
+    prompts: list[list[int]],
+    new_tokens: list[int],
+    slots: int,
+    llama: Any,
+    ctx: Any,
+    n_vocab: int,
+) -> list[list[int]]:
+    """Up to ``slots`` sequences at a time, in order of the prompts: each step one
+    ``llama_decode`` holding one token of every running sequence and the whole prompt of
+    each one starting in a free slot; a sequence ends after its ``new_tokens`` and its
+    slot's KV cells are freed for the next prompt. Returns each prompt's argmax tokens."""
+    import numpy as np
+
+    memory = llama.llama_get_memory(ctx)
+    waiting = list(range(len(prompts)))[::-1]  # popped from the end: the first prompt first
+    free = list(range(slots))[::-1]
+    running: dict[int, int] = {}  # sequence (slot) -> prompt index
+    out: list[list[int]] = [[] for _ in prompts]
+    batch = llama.llama_batch_init(slots + sum(sorted(map(len, prompts))[-slots:]), 0, 1)
+    try:
+        while waiting or running:
+            entries, rows = [], []  # rows: the prompt each logits row belongs to
+            for seq, i in running.items():
+                entries.append((out[i][-1], len(prompts[i]) + len(out[i]) - 1, seq, True))
+                rows.append(i)
+            while waiting and free:
+                i, seq = waiting.pop(), free.pop()
+                running[seq] = i
+                p = prompts[i]
+                entries += [(t, pos, seq, pos == len(p) - 1) for pos, t in enumerate(p)]
+                rows.append(i)
+            _decode(llama, ctx, batch, entries)
+            logits = np.ctypeslib.as_array(llama.llama_get_logits(ctx), shape=(len(rows), n_vocab))
+            for i, token in zip(rows, logits.argmax(axis=1).tolist(), strict=True):
+                out[i].append(token)
+            for seq, i in list(running.items()):
+                if len(out[i]) == new_tokens[i]:
+                    del running[seq]
+                    free.append(seq)
+                    llama.llama_memory_seq_rm(memory, seq, -1, -1)
+        return out
+    finally:
+        llama.llama_batch_free(batch)
+
+
 def _serve(request: dict[str, Any]) -> list[dict[str, Any]]:
     """The child's work: load the GGUF once, then per workload a context with one
     sequence per prompt, a warm-up, a cleared cache and the timed pass."""
@@ -173,12 +226,19 @@ def _serve(request: dict[str, Any]) -> list[dict[str, Any]]:
         raise RuntimeError(f"llama.cpp could not load {request['gguf']}")
     n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
     results = []
+    slots = request.get("slots")
     for prompts, new_tokens in request["works"]:
+        each = new_tokens if isinstance(new_tokens, list) else [new_tokens] * len(prompts)
+        sequences = slots or len(prompts)
         params = llama.llama_context_default_params()
-        params.n_seq_max = len(prompts)
+        params.n_seq_max = sequences
         # Each sequence gets n_ctx / n_seq_max positions of the (per-sequence) KV cache.
-        params.n_ctx = len(prompts) * (max(map(len, prompts)) + new_tokens)
-        params.n_batch = max(params.n_batch, sum(map(len, prompts)))  # one prefill call
+        longest = max(len(p) + n for p, n in zip(prompts, each, strict=True))
+        params.n_ctx = sequences * longest
+        # One call takes every prompt starting in it (all of them, without slots).
+        params.n_batch = max(
+            params.n_batch, sequences + sum(sorted(map(len, prompts))[-sequences:])
+        )
         params.n_threads = params.n_threads_batch = request["threads"]
         ctx = llama.llama_init_from_model(model, params)
         if not ctx:
@@ -187,7 +247,10 @@ def _serve(request: dict[str, Any]) -> list[dict[str, Any]]:
             _greedy(prompts[:2], 2, llama, ctx, n_vocab)  # warm up
             llama.llama_memory_clear(llama.llama_get_memory(ctx), True)
             start = time.perf_counter()
-            tokens = _greedy(prompts, new_tokens, llama, ctx, n_vocab)
+            if slots:
+                tokens = _continuous(prompts, each, slots, llama, ctx, n_vocab)
+            else:
+                tokens = _greedy(prompts, each[0], llama, ctx, n_vocab)
             results.append({"seconds": time.perf_counter() - start, "tokens": tokens})
         finally:
             llama.llama_free(ctx)
