@@ -170,16 +170,22 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x: torch.Tensor, at: CacheIndex, cis: torch.Tensor) -> torch.Tensor:
-        if at.decode is not None:
-            # One new token per row on a CPU (bf16 or float32): the norms, the residual
-            # add before the second and the FFN's activation each one call of mpllama's
-            # kernels (cpu_kernels), where torch takes several ops each.
-            norm1, norm2 = self.attention_norm, self.ffn_norm
-            _, normed = add_rmsnorm(x, None, norm1.weight, norm1.eps)
-            h, normed = add_rmsnorm(x, self.attention(normed, at, cis), norm2.weight, norm2.eps)
-            return h + self.feed_forward(normed, cpu_decode=True)
         h = x + self.attention(self.attention_norm(x), at, cis)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def decode(
+        self, x: torch.Tensor, delta: torch.Tensor | None, at: CacheIndex, cis: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One new token per row on a CPU (bf16 or float32, ``at.decode`` set): the norms
+        with the residual adds before them and the FFN's activation, each one call of
+        mpllama's kernels (cpu_kernels) where torch takes several ops each. ``delta``,
+        the previous layer's feed-forward output, is added into x by this layer's first
+        norm; returns (h, this layer's feed-forward output), whose sum is the layer's
+        output: the same float32 sums as ``forward``'s, without a torch add a layer."""
+        norm1, norm2 = self.attention_norm, self.ffn_norm
+        x, normed = add_rmsnorm(x, delta, norm1.weight, norm1.eps)
+        h, normed = add_rmsnorm(x, self.attention(normed, at, cis), norm2.weight, norm2.eps)
+        return h, self.feed_forward(normed, cpu_decode=True)
 
 
 class Transformer(nn.Module):
@@ -382,6 +388,11 @@ class Transformer(nn.Module):
         if B == 1 and at.decode is not None and self.row_decoder is not None:
             # A single row's step: each layer two C calls (row_decode), same logits.
             h = self.row_decoder(h, cis, int(at.write_index), at.decode)
+        elif at.decode is not None:
+            delta = None  # each layer's feed-forward output, added in by the next layer
+            for layer in self.layers:
+                h, delta = layer.decode(h, delta, at, cis)
+            h = h + delta
         else:
             for layer in self.layers:
                 h = layer(h, at, cis)
