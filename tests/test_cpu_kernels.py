@@ -183,6 +183,7 @@ def test_a_model_decodes_with_the_kernels_as_with_torchs(
                 for m in products:
                     patch.setattr(m, "one_row", None)
                 patch.setattr(model, "logits32", None)
+                patch.setattr(model, "fused_layers", False)
             model.setup_caches(40, 16, 256)
             runs = [[(0, 8)], [(30, 2), (10, 3), (20, 3)], [(8, 8)]]
             prompt = torch.randint(3, 1000, (3, 40), generator=torch.Generator().manual_seed(0))

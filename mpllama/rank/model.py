@@ -16,6 +16,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 
 from ..model_args import ModelArgs
+from . import cpu_kernels
 from .cpu_kernels import (
     Float32Product,
     Segments,
@@ -154,8 +155,8 @@ class FeedForward(nn.Module):
     def fuse(self) -> None:
         self.w13 = Fused([self.w1, self.w3])
 
-    def forward(self, x: torch.Tensor, cpu_decode: bool = False) -> torch.Tensor:
-        if cpu_decode and self.w13 is not None:  # see TransformerBlock.forward
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused and self.w13 is not None:  # see TransformerBlock.fused
             return self.w2(silu_mul(self.w13.product(x)))
         gate, up = self.w13(x) if self.w13 is not None else (self.w1(x), self.w3(x))
         return self.w2(F.silu(gate) * up)
@@ -173,19 +174,19 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), at, cis)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def decode(
+    def fused(
         self, x: torch.Tensor, delta: torch.Tensor | None, at: CacheIndex, cis: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One new token per row on a CPU (bf16 or float32, ``at.decode`` set): the norms
-        with the residual adds before them and the FFN's activation, each one call of
-        mpllama's kernels (cpu_kernels) where torch takes several ops each. ``delta``,
-        the previous layer's feed-forward output, is added into x by this layer's first
-        norm; returns (h, this layer's feed-forward output), whose sum is the layer's
-        output: the same float32 sums as ``forward``'s, without a torch add a layer."""
+        """``forward`` on a CPU with mpllama's kernels (bf16 or float32; see
+        ``Transformer.fused_layers``): the norms with the residual adds before them and
+        the FFN's activation each one call of mpllama's kernels (cpu_kernels), where torch
+        takes several ops each. ``delta``, the previous layer's feed-forward output, is
+        added into x by this layer's first norm; returns (h, this layer's feed-forward
+        output), whose sum is the layer's output, without a torch add a layer."""
         norm1, norm2 = self.attention_norm, self.ffn_norm
         x, normed = add_rmsnorm(x, delta, norm1.weight, norm1.eps)
         h, normed = add_rmsnorm(x, self.attention(normed, at, cis), norm2.weight, norm2.eps)
-        return h, self.feed_forward(normed, cpu_decode=True)
+        return h, self.feed_forward(normed, fused=True)
 
 
 class Transformer(nn.Module):
@@ -211,8 +212,10 @@ class Transformer(nn.Module):
         # The bf16 output layer's product with float32 logits, where mpllama's CPU
         # kernels run (``pack_linears``): bf16 logits would leave near-ties to rounding.
         self.logits32: Float32Product | None = None
-        # One row's decode step as two C calls a layer (row_decode), where it can run;
-        # made once the weights are packed and the caches set up.
+        # Layers on mpllama's fused CPU kernels (``_fused_layers``), and one row's decode
+        # step as two C calls a layer (row_decode), where they can run; set once the
+        # weights are packed and the caches set up.
+        self.fused_layers = False
         self.row_decoder: RowDecoder | None = None
 
     @property
@@ -234,6 +237,7 @@ class Transformer(nn.Module):
             attn.cache_k = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
             attn.cache_v = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
         args = self.args
+        self.fused_layers = self._fused_layers()
         self.rope = rope_table(
             args.head_dim, max_seq_len, args.rope_theta, weight.device, args.rope_scaling_factor
         )
@@ -284,7 +288,20 @@ class Transformer(nn.Module):
                 module.register_buffer("weight", packed)
                 module.one_row = one_row_product(packed)
         self.logits32 = float32_product(self.output.one_row)
+        self.fused_layers = self._fused_layers()
         self.row_decoder = RowDecoder.build(self)
+
+    def _fused_layers(self) -> bool:
+        """Whether every forward runs its layers through ``TransformerBlock.fused``:
+        mpllama's CPU kernels built, bf16 or float32 weights on the CPU, the products
+        fused (``pack_linears``)."""
+        weight = self.output.weight
+        return (
+            weight.device.type == "cpu"
+            and weight.dtype in (torch.bfloat16, torch.float32)
+            and cpu_kernels.library() is not None
+            and all(layer.feed_forward.w13 is not None for layer in self.layers)
+        )
 
     def batched_read_pays(self, ends: list[int]) -> bool:
         """Whether rows that could be read as one strided view should be: one batched
@@ -388,10 +405,10 @@ class Transformer(nn.Module):
         if B == 1 and at.decode is not None and self.row_decoder is not None:
             # A single row's step: each layer two C calls (row_decode), same logits.
             h = self.row_decoder(h, cis, int(at.write_index), at.decode)
-        elif at.decode is not None:
+        elif at.decode is not None or self.fused_layers:
             delta = None  # each layer's feed-forward output, added in by the next layer
             for layer in self.layers:
-                h, delta = layer.decode(h, delta, at, cis)
+                h, delta = layer.fused(h, delta, at, cis)
             h = h + delta
         else:
             for layer in self.layers:
