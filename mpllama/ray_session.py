@@ -63,6 +63,9 @@ WATCH_EVERY_S = 0.5
 HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
 # Longest the watchdog waits for one client to stop using a runtime that died.
 LOST_CALLBACK_TIMEOUT_S = 10.0
+# How long a healthy runtime is left to deliver the workers' last output before this
+# process shuts Ray down (``_stop``): what Ray's own exit hook waits.
+LOG_FLUSH_S = 0.5
 # Ray's driver waits this long at shutdown to flush task events to a GCS that may be
 # gone (its default, 5 s, would be added to every shutdown of a runtime that died).
 _SYSTEM_CONFIG = {"task_events_shutdown_flush_timeout_ms": 1000}
@@ -315,6 +318,12 @@ def _stop(runtime: _Runtime) -> None:
     sessions = {p.pid for p in runtime.processes.values()}
     if runtime.lost is not None or runtime.dead() is not None:
         _kill_sessions(sessions)
+    elif ray.is_initialized():
+        # Ray forwards the workers' output to this process a little after they print it,
+        # and ray.shutdown() drops what has not arrived (ray-project/ray#31931): the ranks'
+        # last lines, or a short run's set-up logs under -v. Ray's own exit hook waits
+        # as long before it shuts down.
+        time.sleep(LOG_FLUSH_S)
     if ray.is_initialized():
         ray.shutdown()
     _kill_sessions(sessions)
