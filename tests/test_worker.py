@@ -3,10 +3,12 @@ through submit/poll/abort/stop, and the rank in every log line."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,19 @@ def spec_for(ckpt: Path, world: int = 1) -> RankSpec:
     )
 
 
+@contextlib.contextmanager
+def looping(worker: RankWorker, name: str = "loop") -> Iterator[threading.Thread]:
+    """The worker's step loop on a thread of its own (as Ray's loop group runs it), stopped
+    and joined on the way out."""
+    loop = threading.Thread(target=worker.run, name=name)
+    loop.start()
+    try:
+        yield loop
+    finally:
+        worker.stop()
+        loop.join(10)
+
+
 def test_one_rank_worker_runs_its_loop_through_submit_and_poll(
     tiny_ckpts: dict[int, Path], single_rank: None
 ) -> None:
@@ -41,9 +56,7 @@ def test_one_rank_worker_runs_its_loop_through_submit_and_poll(
     # The spec's dtype is "auto": bf16 on a CPU with bf16 instructions, else float32.
     auto = str(dist.resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
     assert (info["device"], info["dtype"], info["backend"]) == ("cpu", auto, "gloo")
-    loop = threading.Thread(target=worker.run)
-    loop.start()
-    try:
+    with looping(worker) as loop:
         ids = worker.tokenizer.encode("Hello", bos=True, eos=False)
         params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
         long = params.replace(max_tokens=25)
@@ -66,9 +79,6 @@ def test_one_rank_worker_runs_its_loop_through_submit_and_poll(
         (aborted,) = [e for e in events if e.id == "x" and e.finish_reason]
         assert aborted.finish_reason == "abort"
         assert aborted.token_offset < 25
-    finally:
-        worker.stop()
-        loop.join(10)
     assert not loop.is_alive()
     assert worker.memory()["peak_rss_mb"] > 0
 
@@ -101,16 +111,11 @@ def test_a_ranks_torch_work_all_runs_on_one_thread(
     monkeypatch.setattr(model.Transformer, "forward", on_thread(model.Transformer.forward))
     worker = RankWorker(0, spec_for(tiny_ckpts[1]))
     worker.setup("127.0.0.1", 0, "127.0.0.1")
-    loop = threading.Thread(target=worker.run, name="the caller's loop thread")
-    loop.start()
-    try:
+    with looping(worker, "the caller's loop thread"):
         ids = worker.tokenizer.encode("Hello", bos=True, eos=False)
         worker.submit([Request("a", ids, SamplingParams(temperature=0, max_tokens=2))])
         while not any(e.finish_reason for step in worker.poll(5.0).steps for e in step):
             pass
-    finally:
-        worker.stop()
-        loop.join(10)
     assert {call.split(" on ")[0] for call in seen} == {
         "load_rank_state",
         "materialize",
@@ -124,9 +129,7 @@ def test_poll_carries_the_schedulers_counts(tiny_ckpts: dict[int, Path], single_
     spec = dataclasses.replace(spec_for(tiny_ckpts[1]), max_seq_len=512)
     worker = RankWorker(0, spec)  # two slots
     worker.setup("127.0.0.1", 0, "127.0.0.1")
-    loop = threading.Thread(target=worker.run)
-    loop.start()
-    try:
+    with looping(worker):
         ids = worker.tokenizer.encode("Hello", bos=True, eos=False)
         long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
         worker.submit([Request(str(i), ids, long) for i in range(4)])
@@ -141,9 +144,6 @@ def test_poll_carries_the_schedulers_counts(tiny_ckpts: dict[int, Path], single_
         while (polled.running, polled.waiting) != (0, 0) and time.monotonic() < deadline:
             polled = worker.poll(1.0)
         assert (polled.running, polled.waiting) == (0, 0)
-    finally:
-        worker.stop()
-        loop.join(10)
 
 
 def test_numbered_control_calls_are_taken_in_their_callers_order(
@@ -154,9 +154,7 @@ def test_numbered_control_calls_are_taken_in_their_callers_order(
     and the request is aborted, not run to its end. Unnumbered calls are taken at once."""
     worker = RankWorker(0, spec_for(tiny_ckpts[1]))
     worker.setup("127.0.0.1", 0, "127.0.0.1")
-    loop = threading.Thread(target=worker.run)
-    loop.start()
-    try:
+    with looping(worker):
         ids = worker.tokenizer.encode("Hello", bos=True, eos=False)
         long = SamplingParams(temperature=0, max_tokens=25, ignore_eos=True)
         worker.abort(["x"], order=1)  # arrives first
@@ -170,9 +168,6 @@ def test_numbered_control_calls_are_taken_in_their_callers_order(
                 finished |= {e.id: e for e in step if e.finish_reason}
         assert finished["x"].finish_reason == "abort"
         assert finished["y"].finish_reason == "length"
-    finally:
-        worker.stop()
-        loop.join(10)
 
 
 def test_run_before_setup_is_an_error(tiny_ckpt: Path) -> None:
