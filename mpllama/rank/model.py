@@ -212,9 +212,9 @@ class Transformer(nn.Module):
         # The bf16 output layer's product with float32 logits, where mpllama's CPU
         # kernels run (``pack_linears``): bf16 logits would leave near-ties to rounding.
         self.logits32: Float32Product | None = None
-        # Layers on mpllama's fused CPU kernels (``_fused_layers``), and one row's decode
-        # step as two C calls a layer (row_decode), where they can run; set once the
-        # weights are packed and the caches set up.
+        # Layers on mpllama's fused CPU kernels (``_fused_layers``, set once the weights
+        # are packed), and one row's decode step as two C calls a layer (row_decode,
+        # made once they are packed and the caches set up), where they can run.
         self.fused_layers = False
         self.row_decoder: RowDecoder | None = None
 
@@ -237,7 +237,6 @@ class Transformer(nn.Module):
             attn.cache_k = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
             attn.cache_v = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
         args = self.args
-        self.fused_layers = self._fused_layers()
         self.rope = rope_table(
             args.head_dim, max_seq_len, args.rope_theta, weight.device, args.rope_scaling_factor
         )
