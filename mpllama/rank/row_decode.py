@@ -171,9 +171,10 @@ class RowDecoder:
         self, x: torch.Tensor, cis: torch.Tensor, pos: int, segments: Segments
     ) -> torch.Tensor:
         """The hidden state after every layer for one row's one new token: x [..., dim]
-        (the float32 residual stream, the embedding's), cis its position's RoPE factors (complex, D/2), ``pos`` the
-        cache position it writes, ``segments`` the row's positions (with the new one)."""
-        h = x.reshape(-1).float().clone()  # float32, as Transformer.forward keeps it
+        (the embedding, as the float32 residual stream), cis its position's RoPE factors
+        (complex, D/2), ``pos`` the cache position it writes, ``segments`` the row's
+        positions (with the new one)."""
+        h = x.reshape(-1).clone()
         h_at, cis_at = h.data_ptr(), torch.view_as_real(cis).contiguous()
         shape_at = ctypes.addressof(self.shape)
         firsts, counts = segments.firsts.data_ptr(), segments.counts.data_ptr()
