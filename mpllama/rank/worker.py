@@ -14,13 +14,10 @@ between parallel regions, which measured markedly slower (benchmarks/RESULTS.md,
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
 import queue
-import resource
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +35,7 @@ from ..tokenizer import Tokenizer
 from . import dist, quant, weights
 from .layers import onednn_unsupported
 from .model import Transformer, materialize
+from .process_memory import peak_rss_mb, release_freed_memory, resident_mb
 from .runner import Runner
 from .step_plan import follow
 
@@ -349,36 +347,6 @@ class RankWorker:
             written = here if written is None else written | here
         assert written is not None
         return written.nonzero().squeeze(1).tolist()
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's freed pages back to the OS (glibc's malloc_trim; nothing elsewhere).
-    Loading frees as much as it keeps: each packed weight's unpacked source, and while
-    quantizing, each weight's float32 copy. glibc keeps those pages for reuse, so a rank
-    quantized to int8 held 240 MiB of anonymous memory for 106 MiB of weights, more than
-    the same rank in bf16; after a trim it holds 117."""
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return
-    trim(0)
-
-
-def resident_mb() -> dict[str, float]:
-    """Resident memory now, anonymous and file-backed, in MiB (Linux; {} elsewhere)."""
-    fields = {"RssAnon:": "anon_rss_mb", "RssFile:": "file_rss_mb"}
-    try:
-        with open("/proc/self/status") as status:
-            lines = [line.split() for line in status]
-    except OSError:
-        return {}
-    return {fields[p[0]]: round(int(p[1]) / 1024, 1) for p in lines if p and p[0] in fields}
 
 
 def configure_rank_logging(rank: int, level: int = logging.INFO) -> None:
