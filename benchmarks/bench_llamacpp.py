@@ -186,7 +186,7 @@ def _continuous(
     free = list(range(slots))[::-1]
     running: dict[int, int] = {}  # sequence (slot) -> prompt index
     out: list[list[int]] = [[] for _ in prompts]
-    batch = llama.llama_batch_init(slots + sum(sorted(map(len, prompts))[-slots:]), 0, 1)
+    batch = llama.llama_batch_init(_most_tokens(prompts, slots), 0, 1)
     try:
         while waiting or running:
             entries, rows = [], []  # rows: the prompt each logits row belongs to
@@ -213,6 +213,12 @@ def _continuous(
         llama.llama_batch_free(batch)
 
 
+def _most_tokens(prompts: list[list[int]], sequences: int) -> int:
+    """The most tokens one ``llama_decode`` of ``_continuous`` holds: a token of each
+    running sequence and the longest prompts starting."""
+    return sequences + sum(sorted(map(len, prompts))[-sequences:])
+
+
 def _serve(request: dict[str, Any]) -> list[dict[str, Any]]:
     """The child's work: load the GGUF once, then per workload a context with one
     sequence per prompt, a warm-up, a cleared cache and the timed pass."""
@@ -236,9 +242,7 @@ def _serve(request: dict[str, Any]) -> list[dict[str, Any]]:
         longest = max(len(p) + n for p, n in zip(prompts, each, strict=True))
         params.n_ctx = sequences * longest
         # One call takes every prompt starting in it (all of them, without slots).
-        params.n_batch = max(
-            params.n_batch, sequences + sum(sorted(map(len, prompts))[-sequences:])
-        )
+        params.n_batch = max(params.n_batch, _most_tokens(prompts, sequences))
         params.n_threads = params.n_threads_batch = request["threads"]
         # Continuous batching on one KV buffer for all sequences, as llama.cpp's server
         # can run its slots (--kv-unified): 2x faster here than a stream per sequence,
