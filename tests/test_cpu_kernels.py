@@ -247,28 +247,42 @@ def test_a_decode_layers_small_steps_match_torchs(dtype: torch.dtype) -> None:
     )
 
 
-# ------------------------------------------------------------------------ one row's step in C
+# ------------------------------------------------------------------------ a decode step in C
+
+# Each row's blocks scattered, its new positions in a later run than its first: one row,
+# and three rows (prompts of 40, 25 and 33 tokens) whose blocks interleave.
+ONE_ROW = [[(30, 1), (10, 2)]]
+THREE_ROWS = [[(30, 1), (10, 2)], [(5, 2), (20, 1)], [(0, 1), (25, 2)]]
+PROMPTS = [40, 25, 33]
 
 
 def teacher_forced(model: Transformer, runs: list[list[tuple[int, int]]]) -> list[torch.Tensor]:
-    """A 40-token prefill then 6 one-row steps fed fixed tokens (so that every rank of a
-    gang feeds the same, whatever its logits), from a fresh cache; the logits of each."""
+    """A prefill of each row's prompt then 6 decode steps of all rows fed fixed tokens (so
+    that every rank of a gang feeds the same, whatever its logits), from a fresh cache;
+    the logits of each [B, V]."""
     model.setup_caches(40, 16, 256)
+    B = len(runs)
+    lengths = torch.tensor(PROMPTS[:B])
     gen = torch.Generator().manual_seed(1)
     prompt, steps = (
-        torch.randint(3, 1000, (1, 40), generator=gen),
-        torch.randint(3, 1000, (6,), generator=gen),
+        torch.randint(3, 1000, (B, 40), generator=gen),
+        torch.randint(3, 1000, (6, B, 1), generator=gen),
     )
-    out = [model(prompt, torch.zeros(1, dtype=torch.long), runs)]
-    for i, token in enumerate(steps.tolist()):
-        out.append(model(torch.tensor([[token]]), torch.tensor([40 + i]), runs))
-    return [x if x is None else x[:, -1] for x in out]
+    start = torch.zeros(B, dtype=torch.long)
+    out = [model(prompt, start, runs, lengths=lengths, logits_at=lengths - 1)]
+    for i, tokens in enumerate(steps):
+        logits = model(tokens, lengths + i, runs)
+        out.append(logits if logits is None else logits[:, -1])
+    return out
 
 
-def with_and_without_row_decoder(model: Transformer) -> tuple[bool, list, list]:
-    runs = [[(30, 1), (10, 2)]]  # scattered blocks, the new positions in the second run
+def with_and_without_row_decoder(
+    model: Transformer, runs: list[list[tuple[int, int]]]
+) -> tuple[int, list, list]:
+    """The most rows the model's decoder takes (0: none built), and the logits of
+    ``teacher_forced`` with it and on the layer-by-layer path."""
     with_c = teacher_forced(model, runs)
-    built = model.row_decoder is not None
+    most_rows = 0 if model.row_decoder is None else model.row_decoder.most_rows
     original = model.setup_caches
 
     def layer_by_layer(*args: int) -> None:
@@ -280,17 +294,24 @@ def with_and_without_row_decoder(model: Transformer) -> tuple[bool, list, list]:
         without = teacher_forced(model, runs)
     finally:
         del model.setup_caches
-    return built, with_c, without
+    return most_rows, with_c, without
 
 
 @pytest.mark.parametrize(
-    ("dtype", "method"), [(torch.bfloat16, None), (torch.bfloat16, "int8"), (torch.float32, None)]
+    ("dtype", "method", "rows"),
+    [
+        (torch.bfloat16, None, ONE_ROW),
+        (torch.bfloat16, None, THREE_ROWS),
+        (torch.bfloat16, "int8", ONE_ROW),
+        (torch.float32, None, ONE_ROW),
+    ],
 )
-def test_one_rows_step_in_two_c_calls_a_layer_is_the_layer_path_bit_for_bit(
-    single_rank: None, dtype: torch.dtype, method: str | None
+def test_a_decode_step_in_two_c_calls_a_layer_is_the_layer_path_bit_for_bit(
+    single_rank: None, dtype: torch.dtype, method: str | None, rows: list
 ) -> None:
-    """row_decode: a bf16 model, one with int8 weights and a float32 one decode one row
-    through two C calls a layer, with the logits of the layer-by-layer path exactly."""
+    """row_decode: a bf16 model (one row, and three at different lengths), one with int8
+    weights and a float32 one decode through two C calls a layer, with the logits of the
+    layer-by-layer path exactly. Batched steps run it where every product is bf16 only."""
     demo = Path(__file__).parent.parent / "demo" / "model"
     args = checkpoint.read_params(demo)
     shards = checkpoint.find_shards(demo)
@@ -301,8 +322,9 @@ def test_one_rows_step_in_two_c_calls_a_layer_is_the_layer_path_bit_for_bit(
     build = quant.materialize_quantized if on_load else materialize
     model = build(Transformer(args), state, torch.device("cpu"), dtype)
     model.pack_linears()
-    built, with_c, without = with_and_without_row_decoder(model)
-    assert built
+    most_rows, with_c, without = with_and_without_row_decoder(model, rows)
+    expected = cpu_kernels.BATCH_ROWS if dtype == torch.bfloat16 and method is None else 1
+    assert most_rows == expected
     for a, b in zip(with_c, without, strict=True):
         assert torch.equal(a, b)
 
@@ -320,20 +342,23 @@ def two_rank_decode(port: int, rank: int, world: int, out: object) -> None:
         state = weights.load_rank_state(checkpoint.find_shards(demo), args, rank, world)
         model = materialize(Transformer(args), state, torch.device("cpu"), torch.bfloat16)
         model.pack_linears()
-        built, with_c, without = with_and_without_row_decoder(model)
-        same = all(
-            a is None and b is None or torch.equal(a, b)
-            for a, b in zip(with_c, without, strict=True)
-        )
+        built, same = True, True
+        for runs in (ONE_ROW, THREE_ROWS):
+            most_rows, with_c, without = with_and_without_row_decoder(model, runs)
+            built = built and most_rows >= len(runs)
+            same = same and all(
+                a is None and b is None or torch.equal(a, b)
+                for a, b in zip(with_c, without, strict=True)
+            )
         out.put((rank, built, same, None))  # type: ignore[attr-defined]
     except BaseException as exc:  # the parent reports it
         out.put((rank, False, False, repr(exc)))  # type: ignore[attr-defined]
         raise
 
 
-def test_two_ranks_step_one_row_in_c_as_layer_by_layer() -> None:
-    """At MP=2 (shared-memory collectives between the calls), the same: the lead's logits
-    are the layer-by-layer path's exactly."""
+def test_two_ranks_decode_steps_in_c_as_layer_by_layer() -> None:
+    """At MP=2 (shared-memory collectives between the calls), the same for one row and
+    for three: the lead's logits are the layer-by-layer path's exactly."""
     import multiprocessing as mp
 
     from mpllama.rank import dist

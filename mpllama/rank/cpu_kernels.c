@@ -519,12 +519,14 @@ float stream_sum(const float *x, int64_t n) {
     return total;
 }
 
-/* ---------------------------------------------------------------- one row's decode layer
- * A layer for one new token of one row, bf16 or float32, as two calls (the attention
- * half, the feed-forward half), each ending in a row-parallel product whose output the
- * caller sums over the ranks before the next call. The same kernels as above, in the same
- * order and with the same roundings as the layer's torch path with them
- * (model.TransformerBlock): only Python's part between them goes. Layouts:
+/* ---------------------------------------------------------------- a decode step's layer
+ * A layer for one new token of each of M rows, bf16 or float32, as two calls (the
+ * attention half, the feed-forward half), each ending in a row-parallel product whose
+ * output the caller sums over the ranks before the next call. The same kernels as above,
+ * in the same order and with the same roundings as the layer's torch path with them
+ * (model.TransformerBlock.fused): only Python's part between them goes. One row's
+ * products are the one-row kernels (gemv_*); several rows' are gemm_bf16, as
+ * OneRowProduct.batched runs them, so a row's bits do not depend on the path. Layouts:
  * row_decode.py's structs. */
 
 typedef struct {
@@ -532,6 +534,7 @@ typedef struct {
     const void *w;           /* bf16, float32: the packed weight; int8: its groups' tensors */
     const float *scales;     /* int8: [groups, N] */
     int64_t N, K, groups;    /* N: output rows, padded to whole blocks for bf16 and float32 */
+    int64_t rows;            /* the real output rows: an output row's stride for M > 1 */
 } product_t;
 
 typedef struct {
@@ -544,13 +547,17 @@ typedef struct {
     int64_t dim, H, KV, D, F;    /* this rank's sizes; F: the feed-forward's hidden size */
     int64_t bf16;                /* the activations' type: bf16 (1) or float32 (0) */
     float eps, scale;
-    /* workspace, each as large as the padded product it takes */
+    /* workspace, each as large as its product for the most rows a call takes */
     void *normed, *qkv, *q, *attn, *gu, *act;
     uint8_t *u8;
 } row_shape_t;
 
-static void product(const product_t *p, const void *x, void *y, uint8_t *u8, int bf16) {
-    if (p->kind == 0)
+/* y = x @ w.T for M rows of x: M == 1 the one-row kernels (y padded to p->N); M > 1 bf16
+ * only (row_decode.py builds no other), y [M, p->rows]. */
+static void product(const product_t *p, const void *x, void *y, int64_t M, uint8_t *u8, int bf16) {
+    if (M > 1)
+        gemm_bf16((const uint16_t *)p->w, (const uint16_t *)x, y, M, p->rows, p->N, p->K, 1);
+    else if (p->kind == 0)
         gemv_bf16((const uint16_t *)p->w, (const uint16_t *)x, (uint16_t *)y, p->N, p->K);
     else if (p->kind == 1)
         gemv_int8((const int8_t *const *)p->w, p->scales, x, bf16, y, p->N, p->K, p->groups, u8);
@@ -559,44 +566,44 @@ static void product(const product_t *p, const void *x, void *y, uint8_t *u8, int
 }
 
 static inline void row_attention(const layer_t *L, const row_shape_t *s, float *h, const void *delta,
-                                 const float *cis, int64_t pos, const int64_t *firsts,
-                                 const int64_t *counts, int64_t n, void *out, const int bf16) {
-    const int64_t offsets[2] = {0, n};
-    add_rmsnorm(h, delta, L->attn_norm, h, s->normed, 1, s->dim, s->eps, bf16);
-    product(&L->wqkv, s->normed, s->qkv, s->u8, bf16);
-    rope_write(s->qkv, cis, &pos, L->cache_k, L->cache_v, s->q, 1, s->H, s->KV, s->D, bf16);
-    attend_decode(s->q, L->cache_k, L->cache_v, firsts, counts, offsets, s->attn, 1, s->KV,
+                                 const float *cis, const int64_t *pos, const int64_t *firsts,
+                                 const int64_t *counts, const int64_t *offsets, int64_t M,
+                                 void *out, const int bf16) {
+    add_rmsnorm(h, delta, L->attn_norm, h, s->normed, M, s->dim, s->eps, bf16);
+    product(&L->wqkv, s->normed, s->qkv, M, s->u8, bf16);
+    rope_write(s->qkv, cis, pos, L->cache_k, L->cache_v, s->q, M, s->H, s->KV, s->D, bf16);
+    attend_decode(s->q, L->cache_k, L->cache_v, firsts, counts, offsets, s->attn, M, s->KV,
                   s->H / s->KV, s->D, s->scale, bf16);
-    product(&L->wo, s->attn, out, s->u8, bf16);
+    product(&L->wo, s->attn, out, M, s->u8, bf16);
 }
 
-/* h: the row's residual [dim], float32, first h += delta where delta is not NULL (the
- * previous layer's summed feed-forward output); then out = wo(attention(norm(h))), the
- * attention over the row's segments (firsts, counts: n of them) after RoPE and the cache
- * writes at position pos; cis [D/2, 2] float32 for that position. */
+/* h: the rows' residual [M, dim], float32, first h += delta where delta is not NULL (the
+ * previous layer's summed feed-forward output); then out = wo(attention(norm(h))), each
+ * row's attention over its segments (row m's: offsets[m] .. offsets[m+1]-1 of firsts,
+ * counts) after RoPE and the cache writes at pos[m]; cis [M, D/2, 2] float32. */
 void row_attention_step(const layer_t *L, const row_shape_t *s, float *h, const void *delta,
-                        const float *cis, int64_t pos, const int64_t *firsts,
-                        const int64_t *counts, int64_t n, void *out) {
+                        const float *cis, const int64_t *pos, const int64_t *firsts,
+                        const int64_t *counts, const int64_t *offsets, int64_t M, void *out) {
     if (s->bf16)
-        row_attention(L, s, h, delta, cis, pos, firsts, counts, n, out, 1);
+        row_attention(L, s, h, delta, cis, pos, firsts, counts, offsets, M, out, 1);
     else
-        row_attention(L, s, h, delta, cis, pos, firsts, counts, n, out, 0);
+        row_attention(L, s, h, delta, cis, pos, firsts, counts, offsets, M, out, 0);
 }
 
 static inline void row_feed_forward(const layer_t *L, const row_shape_t *s, float *h,
-                                    const void *delta, void *out, const int bf16) {
-    add_rmsnorm(h, delta, L->ffn_norm, h, s->normed, 1, s->dim, s->eps, bf16);
-    product(&L->w13, s->normed, s->gu, s->u8, bf16);
-    silu_mul(s->gu, s->act, 1, s->F, bf16);
-    product(&L->w2, s->act, out, s->u8, bf16);
+                                    const void *delta, int64_t M, void *out, const int bf16) {
+    add_rmsnorm(h, delta, L->ffn_norm, h, s->normed, M, s->dim, s->eps, bf16);
+    product(&L->w13, s->normed, s->gu, M, s->u8, bf16);
+    silu_mul(s->gu, s->act, M, s->F, bf16);
+    product(&L->w2, s->act, out, M, s->u8, bf16);
 }
 
 /* h += delta (the summed attention output), then out = w2(silu(w1 x) * w3 x) of
- * x = norm(h). */
+ * x = norm(h), for M rows. */
 void row_feed_forward_step(const layer_t *L, const row_shape_t *s, float *h, const void *delta,
-                           void *out) {
+                           int64_t M, void *out) {
     if (s->bf16)
-        row_feed_forward(L, s, h, delta, out, 1);
+        row_feed_forward(L, s, h, delta, M, out, 1);
     else
-        row_feed_forward(L, s, h, delta, out, 0);
+        row_feed_forward(L, s, h, delta, M, out, 0);
 }

@@ -41,9 +41,8 @@ CPU_FLAGS = frozenset(
     {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni", "fma"}
 )
 BLOCK = 64  # output rows per block of oneDNN's packed layout (cpu_kernels.c's NB)
-# mpllama's bf16 product of several rows (OneRowProduct.batched): up to this many rows
-# (a decode step's batch; prefill chunks keep oneDNN, which blocks for caches), on
-# weights whose block of 64 rows fits this share of a core's L2 (1 MB on this EPYC).
+# mpllama's bf16 product of several rows (OneRowProduct.batched): up to this many rows,
+# on weights whose block of 64 rows fits this share of a core's L2 (1 MB on this EPYC).
 BATCH_ROWS, BLOCK_BYTES = 64, 512 << 10
 MAX_H, MAX_HD = 128, 16384  # a rank's query heads, and times the head size (the C limits)
 
@@ -53,9 +52,9 @@ _SIGNATURES = {
     "gemm_bf16_f32": [_P, _P, _P, _I, _I, _I, _I],
     "gemm_bf16_bf16": [_P, _P, _P, _I, _I, _I, _I],
     "stream_sum": [_P, _I],
-    # one row's decode layer (row_decode.py's structs, then the step's arguments)
-    "row_attention_step": [_P, _P, _P, _P, _P, _I, _P, _P, _I, _P],
-    "row_feed_forward_step": [_P, _P, _P, _P, _P],
+    # a decode step's layer (row_decode.py's structs, then the step's arguments)
+    "row_attention_step": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _P],
+    "row_feed_forward_step": [_P, _P, _P, _P, _I, _P],
     # bf16 and float32 activations, each a kernel of its own (``_bf16``, ``_f32``)
     **{
         f"{name}_{kind}": args
@@ -166,16 +165,18 @@ class OneRowProduct:
         )
         return y if self.padded == self.rows else y[..., : self.rows]
 
+    @property
+    def most_rows(self) -> int:
+        """The most rows ``batched`` takes: a decode step's few (``BATCH_ROWS``; prefill
+        chunks keep oneDNN, which blocks for caches) for a bf16 weight whose block of 64
+        rows is small enough to stay in L2 while every group of four input rows reads it
+        again (``BLOCK_BYTES``); 1 (none) otherwise."""
+        fits = self.dtype == torch.bfloat16 and BLOCK * self.inner * 2 <= BLOCK_BYTES
+        return BATCH_ROWS if fits else 1
+
     def batches(self, x: torch.Tensor) -> bool:
-        """Whether ``batched`` takes x: a bf16 weight, a decode step's few rows (at most
-        ``BATCH_ROWS``), and a block of 64 of its rows small enough to stay in L2 while
-        every group of four input rows reads it again (``BLOCK_BYTES``)."""
-        rows = x.numel() // self.inner
-        return (
-            self.dtype == torch.bfloat16
-            and 1 < rows <= BATCH_ROWS
-            and BLOCK * self.inner * 2 <= BLOCK_BYTES
-        )
+        """Whether ``batched`` takes x's rows (see ``most_rows``)."""
+        return 1 < x.numel() // self.inner <= self.most_rows
 
     def batched(self, x: torch.Tensor) -> torch.Tensor:
         """x @ w.T for a few rows of bf16 x (``gemm_bf16_bf16``): each row's sums are

@@ -213,7 +213,7 @@ class Transformer(nn.Module):
         # kernels run (``pack_linears``): bf16 logits would leave near-ties to rounding.
         self.logits32: Float32Product | None = None
         # Layers on mpllama's fused CPU kernels (``_fused_layers``, set once the weights
-        # are packed), and one row's decode step as two C calls a layer (row_decode,
+        # are packed), and a decode step's rows as two C calls a layer (row_decode,
         # made once they are packed and the caches set up), where they can run.
         self.fused_layers = False
         self.row_decoder: RowDecoder | None = None
@@ -401,9 +401,10 @@ class Transformer(nn.Module):
         # that alone parted bf16's greedy tokens from float32's at 90.7%, against 96.6%
         # with the stream in float32 (benchmarks/RESULTS.md, "Figures behind the code").
         h = at.pack(self.tok_embeddings(tokens)).float()
-        if B == 1 and at.decode is not None and self.row_decoder is not None:
-            # A single row's step: each layer two C calls (row_decode), same logits.
-            h = self.row_decoder(h, cis, int(at.write_index), at.decode)
+        decoder = self.row_decoder
+        if at.decode is not None and decoder is not None and B <= decoder.most_rows:
+            # A decode step's rows, each layer two C calls (row_decode), same logits.
+            h = decoder(h, cis, at.write_index.view(B), at.decode)
         elif at.decode is not None or self.fused_layers:
             delta = None  # each layer's feed-forward output, added in by the next layer
             for layer in self.layers:
