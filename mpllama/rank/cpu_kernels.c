@@ -1,6 +1,7 @@
 /* mpllama's decode kernels for CPU ranks with AVX-512: one-row products (bf16, fp32,
  * int8), float32 logits of bf16 rows, one-query attention over the block pool, a decode
- * layer's small steps fused (bf16 or float32), and one row's whole layer as two calls.
+ * layer's small steps fused (bf16 or float32), and a decode step's whole layer as two
+ * calls.
  * Built on first use by cpu_kernels.py with the machine's C compiler, and called through
  * ctypes on torch tensors' memory.
  *
