@@ -324,12 +324,18 @@ def speed(ckpt: Path, batches: tuple[int, ...], seed: int, root: Path) -> dict:
     )
     print(
         f"\n== quant speed: the bench model, MP=1, batches of {', '.join(map(str, batches))} "
-        "requests of 32-token prompts x 64 new tokens (tok/s, prefill included)"
+        "requests of 32-token prompts x 64 new tokens (tok/s, prefill included; each cell "
+        "the better of two passes)"
     )
+    # Each cell the better of two passes, as the llamacpp part keeps its cells (this shared
+    # machine's memory speed moves by half between minutes); no prefix cache, which a
+    # repeat would hit.
     for label, dtype, setting in runs:
         for n, w in works.items():
-            with open_llm(ckpt, 1, n, None, dtype=dtype, quantization=setting) as llm:
-                rates[label, n] = run_llm(llm, w, f"mpllama {label}").tokens_per_s
+            with open_llm(
+                ckpt, 1, n, None, dtype=dtype, quantization=setting, prefix_caching=False
+            ) as llm:
+                rates[label, n] = run_llm(llm, w, f"mpllama {label}", repeats=2).tokens_per_s
                 if n == batches[0]:
                     memory[label] = rank_memory_mb(llm)
     try:
@@ -338,10 +344,11 @@ def speed(ckpt: Path, batches: tuple[int, ...], seed: int, root: Path) -> dict:
         cpp.installed_version()
         gguf = cpp.make_ggufs(ckpt, root / "gguf", kinds=("q8_0",))["q8_0"]
         threads = os.cpu_count() or 1
-        for n, (seconds, tokens) in zip(
-            batches, cpp.run(gguf, [(w.prompts, 64) for w in works.values()], threads), strict=True
-        ):
-            rates["llama.cpp q8_0", n] = sum(map(len, tokens)) / seconds
+        for _ in range(2):  # its better of two passes too
+            runs = cpp.run(gguf, [(w.prompts, 64) for w in works.values()], threads)
+            for n, (seconds, tokens) in zip(batches, runs, strict=True):
+                rate = sum(map(len, tokens)) / seconds
+                rates["llama.cpp q8_0", n] = max(rate, rates.get(("llama.cpp q8_0", n), 0.0))
     except Exception as exc:  # noqa: BLE001  (llama.cpp is optional: say why and go on)
         print(f"  (llama.cpp q8_0 skipped: {str(exc).splitlines()[0]})")
     head = f"  {'batch':>5} " + "".join(f"{name:>10}" for name in ("bf16", "int8", "int4"))
