@@ -25,11 +25,13 @@
 
 #define NB 64 /* output rows per packed block: oneDNN's blocking for one-row products */
 
-/* A stream read once (a one-row product's weight, the bound's own pass) asks for its
- * bytes this far ahead, into L2: the CPU's own prefetchers keep too few lines in flight
- * to take what the memory gives. On this EPYC a pass over the bench model's weights went
- * 28 -> 35 GB/s (bf16), 27 -> 33 (int8), and the plain pass of reads 31 -> 33; a hint to
- * L1 slowed bf16 (benchmarks/RESULTS.md, "Figures behind the code"). */
+/* The bf16 one-row product asks for its weight's bytes this far ahead, into L2. On huge
+ * pages (as ranks allocate), a bf16 decode step of the bench model ran 2-7% faster with
+ * it, interleaved, at every memory speed this machine showed; with it, the float32 and
+ * int8 products ran 2-15% slower and the plain pass of reads up to 9%, so they leave
+ * their reads to the CPU's prefetchers, as do batched products (10-20% slower at 2-8
+ * rows with it, on 4 KiB pages). The L1 hint made bf16 slower. (benchmarks/RESULTS.md,
+ * "Figures behind the code".) */
 #define AHEAD 16384
 static inline void ahead(const void *p) { _mm_prefetch((const char *)p + AHEAD, _MM_HINT_T1); }
 
@@ -78,7 +80,6 @@ void gemv_f32(const float *w, const float *x, float *y, int64_t Np, int64_t K) {
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
         __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
         for (int64_t k = 0; k < K; k++, p += NB) {
-            ahead(p), ahead(p + 16), ahead(p + 32), ahead(p + 48);
             __m512 xk = _mm512_set1_ps(x[k]);
             a0 = _mm512_fmadd_ps(_mm512_loadu_ps(p), xk, a0);
             a1 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 16), xk, a1);
@@ -383,7 +384,6 @@ void gemv_int8(const int8_t *const *w, const float *scales, const void *x, int x
             __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
             __m512i a2 = _mm512_setzero_si512(), a3 = _mm512_setzero_si512();
             for (int64_t k = 0; k < Kg / 4; k++, p += 4 * NB) {
-                ahead(p), ahead(p + 64), ahead(p + 128), ahead(p + 192);
                 const __m512i xk = _mm512_set1_epi32((int)quads[k]);
                 a0 = _mm512_dpbusd_epi32(a0, xk, _mm512_loadu_si512(p));
                 a1 = _mm512_dpbusd_epi32(a1, xk, _mm512_loadu_si512(p + 64));
@@ -537,7 +537,6 @@ float stream_sum(const float *x, int64_t n) {
         __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
         __m512 c = _mm512_setzero_ps(), d = _mm512_setzero_ps();
         for (int64_t i = lo; i < hi; i += 64) {
-            ahead(x + i), ahead(x + i + 16), ahead(x + i + 32), ahead(x + i + 48);
             a = _mm512_add_ps(a, _mm512_loadu_ps(x + i));
             b = _mm512_add_ps(b, _mm512_loadu_ps(x + i + 16));
             c = _mm512_add_ps(c, _mm512_loadu_ps(x + i + 32));
