@@ -79,17 +79,22 @@ def test_a_bf16_batch_of_rows_gives_each_row_its_one_row_result(rows: int, inner
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_int8_one_row_is_onednns_row_bit_for_bit(dtype: torch.dtype, groups: int) -> None:
-    """The int8 kernel takes every one-row product (it is not refused here), and each
-    row alone equals its row of oneDNN's batched product exactly, input groups (one per
-    shard of a row-parallel weight) summed in the same order."""
+    """The int8 kernels take every one-row product and a decode step's rows (they are not
+    refused here), and each row, alone or in mpllama's batch, equals its row of oneDNN's
+    batched product exactly, input groups (one per shard of a row-parallel weight) summed
+    in the same order."""
     q, scales = quant.quantize_int8(randn(256, 512), groups=groups)
     weight = quant.Int8Weight(q, scales)
     weight.pack(dtype)
     assert weight.kernel == "onednn" and weight.one_row is not None
-    x = randn(7, 512, seed=1).to(dtype)
-    batched = weight(x)
-    for i in range(7):
-        assert torch.equal(weight(x[i : i + 1]), batched[i : i + 1])
+    x = randn(13, 512, seed=1).to(dtype)
+    ours = weight(x)  # gemm_int8: passes of 4, 4, 4 and 1 rows, the later ones prefetching
+    one_row, weight.one_row = weight.one_row, None
+    onednn = weight(x)
+    weight.one_row = one_row
+    assert one_row.batches(x) and torch.equal(ours, onednn)
+    for i in range(13):
+        assert torch.equal(weight(x[i : i + 1]), onednn[i : i + 1])
 
 
 def test_one_row_product_refuses_what_it_cannot_read() -> None:
@@ -303,15 +308,17 @@ def with_and_without_row_decoder(
         (torch.bfloat16, None, ONE_ROW),
         (torch.bfloat16, None, THREE_ROWS),
         (torch.bfloat16, "int8", ONE_ROW),
+        (torch.bfloat16, "int8", THREE_ROWS),
         (torch.float32, None, ONE_ROW),
     ],
 )
 def test_a_decode_step_in_two_c_calls_a_layer_is_the_layer_path_bit_for_bit(
     single_rank: None, dtype: torch.dtype, method: str | None, rows: list
 ) -> None:
-    """row_decode: a bf16 model (one row, and three at different lengths), one with int8
-    weights and a float32 one decode through two C calls a layer, with the logits of the
-    layer-by-layer path exactly. Batched steps run it where every product is bf16 only."""
+    """row_decode: a bf16 model and one with int8 weights (one row, and three at different
+    lengths) and a float32 one decode through two C calls a layer, with the logits of the
+    layer-by-layer path exactly. Batched steps run it where every product batches (bf16
+    and int8 weights; float32 keeps oneDNN)."""
     demo = Path(__file__).parent.parent / "demo" / "model"
     args = checkpoint.read_params(demo)
     shards = checkpoint.find_shards(demo)
@@ -323,7 +330,7 @@ def test_a_decode_step_in_two_c_calls_a_layer_is_the_layer_path_bit_for_bit(
     model = build(Transformer(args), state, torch.device("cpu"), dtype)
     model.pack_linears()
     most_rows, with_c, without = with_and_without_row_decoder(model, rows)
-    expected = cpu_kernels.BATCH_ROWS if dtype == torch.bfloat16 and method is None else 1
+    expected = cpu_kernels.BATCH_ROWS if dtype == torch.bfloat16 else 1
     assert most_rows == expected
     for a, b in zip(with_c, without, strict=True):
         assert torch.equal(a, b)

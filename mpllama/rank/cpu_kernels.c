@@ -355,12 +355,12 @@ void gemm_bf16_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t M
  * round half to even, plus 128), their integer products summed exactly (VNNI), less
  * 128 x the row's sum, then float(sum) * w_scale * x_scale, the groups added in order,
  * rounded once to x's type. u8: a workspace of K bytes. */
-void gemv_int8(const int8_t *const *w, const float *scales, const void *x, int x_bf16,
-               void *y, int64_t N, int64_t K, int64_t G, uint8_t *u8) {
+/* Row x's K values quantized as quant.quantize_rows does, per each of G equal groups:
+ * u8[k] = round_half_even(x[k] / scale) + 128, xs[g] = scale = max(max|x|, 1e-12) / 127.
+ * 16 values at a time: the same IEEE operations as the scalar form (a correctly rounded
+ * division, then rounding to nearest even), so the same bytes. */
+static void quantize_row(const void *x, int x_bf16, int64_t K, int64_t G, uint8_t *u8, float *xs) {
     const int64_t Kg = K / G;
-    float xs[64];
-    /* 16 values at a time: the same IEEE operations as the scalar form (a correctly
-     * rounded division, then rounding to nearest even), so the same bytes */
     for (int64_t g = 0; g < G; g++) {
         __m512 vmax = _mm512_setzero_ps();
         for (int64_t k = g * Kg; k < (g + 1) * Kg; k += 16)
@@ -375,6 +375,23 @@ void gemv_int8(const int8_t *const *w, const float *scales, const void *x, int x
                              _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(_mm512_add_ps(r, bias))));
         }
     }
+}
+
+/* The 16 outputs c of a row from its integer sums for group g: float(sums - 128 x the
+ * weight row's sum) * w_scale * x_scale, added to what the groups before gave. */
+static inline __m512 int8_part(__m512 out, int64_t g, __m512i sums, const int32_t *minus_sums,
+                               const float *ws, float x_scale) {
+    const __m512i exact = _mm512_add_epi32(sums, _mm512_slli_epi32(_mm512_loadu_si512(minus_sums), 7));
+    const __m512 part = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(exact), _mm512_loadu_ps(ws)),
+                                      _mm512_set1_ps(x_scale));
+    return g == 0 ? part : _mm512_add_ps(out, part);
+}
+
+void gemv_int8(const int8_t *const *w, const float *scales, const void *x, int x_bf16,
+               void *y, int64_t N, int64_t K, int64_t G, uint8_t *u8) {
+    const int64_t Kg = K / G;
+    float xs[64];
+    quantize_row(x, x_bf16, K, G, u8, xs);
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < N / NB; b++) {
         __m512 out[4];
@@ -392,15 +409,9 @@ void gemv_int8(const int8_t *const *w, const float *scales, const void *x, int x
             }
             const int32_t *minus_sums = (const int32_t *)(w[g] + N * Kg) + b * NB;
             const float *ws = scales + g * N + b * NB;
-            const __m512 sx = _mm512_set1_ps(xs[g]);
-            __m512i acc[4] = {a0, a1, a2, a3};
-            for (int c = 0; c < 4; c++) {
-                const __m512i sums = _mm512_add_epi32(
-                    acc[c], _mm512_slli_epi32(_mm512_loadu_si512(minus_sums + 16 * c), 7));
-                const __m512 part = _mm512_mul_ps(
-                    _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_loadu_ps(ws + 16 * c)), sx);
-                out[c] = g == 0 ? part : _mm512_add_ps(out[c], part);
-            }
+            const __m512i acc[4] = {a0, a1, a2, a3};
+            for (int c = 0; c < 4; c++)
+                out[c] = int8_part(out[c], g, acc[c], minus_sums + 16 * c, ws + 16 * c, xs[g]);
         }
         for (int c = 0; c < 4; c++) {
             if (x_bf16)
@@ -408,6 +419,61 @@ void gemv_int8(const int8_t *const *w, const float *scales, const void *x, int x
                                     (__m256i)_mm512_cvtneps_pbh(out[c]));
             else
                 _mm512_storeu_ps((float *)y + b * NB + 16 * c, out[c]);
+        }
+    }
+}
+
+/* The same for M rows of x (2 <= M <= 64): each row quantized on its own, four rows at a
+ * time sharing each weight load, so a block (in L2 by then) is read M/4 times, and from
+ * three passes on the later passes fetch the next block meanwhile, as gemm_bf16 does.
+ * Each row's integer sums are exact and its float steps gemv_int8's, in the same order,
+ * so a row's result is bit for bit what it gives alone. u8: a workspace of M x K bytes;
+ * y [M, N]. */
+void gemm_int8(const int8_t *const *w, const float *scales, const void *x, int x_bf16,
+               void *y, int64_t M, int64_t N, int64_t K, int64_t G, uint8_t *u8) {
+    const int64_t Kg = K / G, blocks = N / NB, passes = (M + 3) / 4;
+    float xs[64 * 64]; /* [M][G] */
+    for (int64_t m = 0; m < M; m++)
+        quantize_row(offset(x, m * K, x_bf16), x_bf16, K, G, u8 + m * K, xs + m * G);
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int64_t rows = M - m0 < 4 ? M - m0 : 4;
+            const int64_t pass = m0 / 4;
+            const int64_t share = pass > 0 && b + 1 < blocks && passes >= 3 ? passes - 1 : 0;
+            __m512 out[4][4];
+            for (int64_t g = 0; g < G; g++) {
+                const int8_t *p = w[g] + b * NB * Kg;
+                const char *next = (const char *)(w[g] + (b + 1) * NB * Kg);
+                const uint32_t *xr[4];
+                for (int r = 0; r < 4; r++)
+                    xr[r] = (const uint32_t *)(u8 + (m0 + (r < rows ? r : 0)) * K + g * Kg);
+                __m512i a[4][4];
+                for (int r = 0; r < 4; r++)
+                    for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_si512();
+                for (int64_t k = 0; k < Kg / 4; k++, p += 4 * NB) {
+                    if (share && k % share == pass - 1) /* k's 256 bytes of the next block */
+                        for (int l = 0; l < 256; l += 64) _mm_prefetch(next + k * 4 * NB + l, _MM_HINT_T1);
+                    const __m512i w0 = _mm512_loadu_si512(p), w1 = _mm512_loadu_si512(p + 64);
+                    const __m512i w2 = _mm512_loadu_si512(p + 128), w3 = _mm512_loadu_si512(p + 192);
+                    for (int r = 0; r < 4; r++) {
+                        const __m512i xk = _mm512_set1_epi32((int)xr[r][k]);
+                        a[r][0] = _mm512_dpbusd_epi32(a[r][0], xk, w0);
+                        a[r][1] = _mm512_dpbusd_epi32(a[r][1], xk, w1);
+                        a[r][2] = _mm512_dpbusd_epi32(a[r][2], xk, w2);
+                        a[r][3] = _mm512_dpbusd_epi32(a[r][3], xk, w3);
+                    }
+                }
+                const int32_t *minus_sums = (const int32_t *)(w[g] + N * Kg) + b * NB;
+                const float *ws = scales + g * N + b * NB;
+                for (int64_t r = 0; r < rows; r++)
+                    for (int c = 0; c < 4; c++)
+                        out[r][c] = int8_part(out[r][c], g, a[r][c], minus_sums + 16 * c,
+                                              ws + 16 * c, xs[(m0 + r) * G + g]);
+            }
+            for (int64_t r = 0; r < rows; r++)
+                for (int c = 0; c < 4; c++)
+                    store_act(y, (m0 + r) * N + b * NB + 16 * c, out[r][c], 0xFFFF, x_bf16);
         }
     }
 }
@@ -553,8 +619,9 @@ float stream_sum(const float *x, int64_t n) {
  * output the caller sums over the ranks before the next call. The same kernels as above,
  * in the same order and with the same roundings as the layer's torch path with them
  * (model.TransformerBlock.fused): only Python's part between them goes. One row's
- * products are the one-row kernels (gemv_*); several rows' are gemm_bf16, as
- * OneRowProduct.batched runs them, so a row's bits do not depend on the path. Layouts:
+ * products are the one-row kernels (gemv_*); several rows' are gemm_bf16 or gemm_int8, as
+ * OneRowProduct.batched and Int8OneRow.batched run them, so a row's bits do not depend
+ * on the path. Layouts:
  * row_decode.py's structs. */
 
 typedef struct {
@@ -577,13 +644,15 @@ typedef struct {
     float eps, scale;
     /* workspace, each as large as its product for the most rows a call takes */
     void *normed, *qkv, *q, *attn, *gu, *act;
-    uint8_t *u8;
+    uint8_t *u8; /* int8 products' quantized rows: the most rows x the widest input */
 } row_shape_t;
 
 /* y = x @ w.T for M rows of x: M == 1 the one-row kernels (y padded to p->N); M > 1 bf16
- * only (row_decode.py builds no other), y [M, p->rows]. */
+ * or int8 in a bf16 model (row_decode.py builds no other), y [M, p->rows]. */
 static void product(const product_t *p, const void *x, void *y, int64_t M, uint8_t *u8, int bf16) {
-    if (M > 1)
+    if (M > 1 && p->kind == 1)
+        gemm_int8((const int8_t *const *)p->w, p->scales, x, bf16, y, M, p->N, p->K, p->groups, u8);
+    else if (M > 1)
         gemm_bf16((const uint16_t *)p->w, (const uint16_t *)x, y, M, p->rows, p->N, p->K, 1);
     else if (p->kind == 0)
         gemv_bf16((const uint16_t *)p->w, (const uint16_t *)x, (uint16_t *)y, p->N, p->K);

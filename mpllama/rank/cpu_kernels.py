@@ -49,6 +49,7 @@ MAX_H, MAX_HD = 128, 16384  # a rank's query heads, and times the head size (the
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "gemv_int8": [_P, _P, _P, ctypes.c_int, _P, _I, _I, _I, _P],
+    "gemm_int8": [_P, _P, _P, ctypes.c_int, _P, _I, _I, _I, _I, _P],
     "gemm_bf16_f32": [_P, _P, _P, _I, _I, _I, _I],
     "gemm_bf16_bf16": [_P, _P, _P, _I, _I, _I, _I],
     "stream_sum": [_P, _I],
@@ -262,7 +263,8 @@ class Int8OneRow:
     oneDNN's ``qlinear_prepack`` (one packed tensor per input group), bit for bit what
     ``quant.Int8Weight`` computes through oneDNN (``gemv_int8`` in the C file): its
     activations quantized per group as ``quant.quantize_rows`` does, the integer sums
-    exact. Holds the packed tensors and scales the kernel reads."""
+    exact. ``batched`` takes a decode step's few rows the same way, each row's result
+    what it gives alone. Holds the packed tensors and scales the kernel reads."""
 
     packed: list[torch.Tensor] = field(repr=False)
     scales: torch.Tensor = field(repr=False)  # [G, N] float32
@@ -271,20 +273,40 @@ class Int8OneRow:
     inner: int
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, 1)
+
+    @property
+    def most_rows(self) -> int:
+        """The most rows ``batched`` takes: as ``OneRowProduct.most_rows``, a decode
+        step's few rows (``BATCH_ROWS``) on a weight whose block of 64 rows stays in L2
+        while each group of four input rows reads it again (``BLOCK_BYTES``), and at most
+        ``BATCH_ROWS`` input groups (the kernel's scales table)."""
+        fits = BLOCK * self.inner <= BLOCK_BYTES and len(self.packed) <= BATCH_ROWS
+        return BATCH_ROWS if fits else 1
+
+    def batches(self, x: torch.Tensor) -> bool:
+        return 1 < x.numel() // self.inner <= self.most_rows
+
+    def batched(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] (2 <= M <= ``most_rows``) through ``gemm_int8``: each row's
+        result bit for bit its one-row product's, and oneDNN's."""
+        return self._run(x, x.numel() // self.inner)
+
+    def _run(self, x: torch.Tensor, M: int) -> torch.Tensor:
         x = x.contiguous()
         y = torch.empty(*x.shape[:-1], self.rows, dtype=x.dtype)
-        work = torch.empty(self.inner, dtype=torch.uint8)
-        library().gemv_int8(  # type: ignore[union-attr]
-            self.pointers,
-            self.scales.data_ptr(),
-            x.data_ptr(),
-            int(x.dtype == torch.bfloat16),
-            y.data_ptr(),
-            self.rows,
-            self.inner,
-            len(self.packed),
-            work.data_ptr(),
-        )
+        work = torch.empty(M * self.inner, dtype=torch.uint8)
+        args = [self.pointers, self.scales.data_ptr(), x.data_ptr(), int(x.dtype == torch.bfloat16)]
+        lib = library()
+        assert lib is not None
+        if M == 1:
+            lib.gemv_int8(
+                *args, y.data_ptr(), self.rows, self.inner, len(self.packed), work.data_ptr()
+            )
+        else:
+            lib.gemm_int8(
+                *args, y.data_ptr(), M, self.rows, self.inner, len(self.packed), work.data_ptr()
+            )
         return y
 
 

@@ -153,9 +153,13 @@ class Int8Weight:
         product must not depend on whether it ran alone or batched."""
         if one_row is None or dtype not in (torch.float32, torch.bfloat16):
             return None
-        probe = torch.randn(1, self.shape[1], generator=torch.Generator().manual_seed(0))
+        # One row, and a few as a decode step batches them (``Int8OneRow.batched``).
+        probe = torch.randn(3, self.shape[1], generator=torch.Generator().manual_seed(0))
         probe = probe.to(dtype)
-        if torch.equal(one_row(probe), self(probe)):
+        alone = torch.equal(one_row(probe[:1]), self(probe[:1]))
+        if alone and (
+            not one_row.batches(probe) or torch.equal(one_row.batched(probe), self(probe))
+        ):
             return one_row
         log.warning("mpllama's int8 kernel differs from oneDNN's here; oneDNN runs every row")
         return None
@@ -173,6 +177,8 @@ class Int8Weight:
         lead = x.shape[:-1]
         if self.one_row is not None and x.numel() == self.shape[1]:
             return self.one_row(x.reshape(1, -1)).reshape(*lead, self.shape[0])
+        if self.one_row is not None and self.one_row.batches(x):  # a decode step's rows
+            return self.one_row.batched(x.reshape(-1, self.shape[1])).reshape(*lead, self.shape[0])
         x2 = x.reshape(-1, x.shape[-1])
         groups = self.scales.shape[1]
         y: torch.Tensor | None = None

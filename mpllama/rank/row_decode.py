@@ -13,9 +13,10 @@ sums the row-parallel product over the ranks (the one collective each half needs
 
 One row applies where every product of every layer has a one-row kernel (bf16 or float32
 weights packed by oneDNN, or int8 weights with ``Int8OneRow``); several rows, up to
-``BATCH_ROWS``, where every product runs ``OneRowProduct.batched`` (bf16); attention runs
-``attend_decode`` (bf16 or float32 on a CPU). The model keeps its layer-by-layer path
-otherwise (int4 weights, batched float32 and int8 steps, prefill, GPUs).
+``BATCH_ROWS``, where every product batches them (``OneRowProduct.batched`` for bf16,
+``Int8OneRow.batched`` for int8 weights); attention runs ``attend_decode`` (bf16 or
+float32 on a CPU). The model keeps its layer-by-layer path otherwise (int4 weights,
+batched float32 steps, prefill, GPUs).
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ class Shape(ctypes.Structure):
 
 
 def _product(module: torch.nn.Module) -> tuple[Product, int] | None:
-    """The C description of a layer's product and the most rows it takes (1, or
-    ``OneRowProduct.most_rows``), or None where it has no one-row kernel."""
+    """The C description of a layer's product and the most rows it takes (its kernel's
+    ``most_rows``), or None where it has no one-row kernel."""
     one_row = module.one_row
     if isinstance(one_row, OneRowProduct):
         kind = BF16 if one_row.dtype == torch.bfloat16 else F32
@@ -87,7 +88,8 @@ def _product(module: torch.nn.Module) -> tuple[Product, int] | None:
         address = ctypes.addressof(int8.pointers)
         scales = int8.scales.data_ptr()
         groups = len(int8.packed)
-        return Product(INT8, address, scales, int8.rows, int8.inner, groups, int8.rows), 1
+        product = Product(INT8, address, scales, int8.rows, int8.inner, groups, int8.rows)
+        return product, int8.most_rows
     return None
 
 
@@ -171,7 +173,7 @@ class RowDecoder:
             "act": most_rows * F,
         }
         work = {name: torch.empty(n, dtype=dtype) for name, n in sizes.items()}
-        work["u8"] = torch.empty(inner, dtype=torch.uint8)
+        work["u8"] = torch.empty(most_rows * inner, dtype=torch.uint8)
         if any(layer.wqkv.N != qkv_rows or layer.w13.N != gu_rows for layer in layers):
             return None
         eps = model.layers[0].attention_norm.eps
