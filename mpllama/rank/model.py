@@ -402,10 +402,11 @@ class Transformer(nn.Module):
         # with the stream in float32 (benchmarks/RESULTS.md, "Figures behind the code").
         h = at.pack(self.tok_embeddings(tokens)).float()
         decoder = self.row_decoder
+        fused = at.decode is not None or self.fused_layers  # mpllama's CPU kernels run
         if at.decode is not None and decoder is not None and B <= decoder.most_rows:
             # A decode step's rows, each layer two C calls (row_decode), same logits.
             h = decoder(h, cis, at.write_index.view(B), at.decode)
-        elif at.decode is not None or self.fused_layers:
+        elif fused:
             delta = None  # each layer's feed-forward output, added in by the next layer
             for layer in self.layers:
                 h, delta = layer.fused(h, delta, at, cis)
@@ -416,7 +417,10 @@ class Transformer(nn.Module):
         h = at.unpack(h)  # [B,T,dim]
         if logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at]  # [B,dim]
-        h = self.norm(h)
+        if fused:  # the final norm in one C call too (a dozen microseconds of torch ops)
+            _, h = add_rmsnorm(h, None, self.norm.weight, self.norm.eps)
+        else:
+            h = self.norm(h)
         logits = gather_to_lead(self.logits32(h) if self.logits32 else self.output(h))
         return None if logits is None else logits.float()
 
