@@ -126,6 +126,15 @@ def test_decode_attention_over_scattered_segments(
     chunk of 64: each equals float32 SDPA over its positions gathered in order (to bf16's
     output rounding, or float32's). A row alone, whose heads the kernel splits over
     tasks to keep both threads busy, gets the same bits as in the batch."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the kernel splits a row's heads only for idle threads
+    try:
+        check_decode_attention(kv, heads, dim, dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_decode_attention(kv: int, heads: int, dim: int, dtype: torch.dtype) -> None:
     P = 512
     cache_k, cache_v = randn(P, kv, dim).to(dtype), randn(P, kv, dim, seed=1).to(dtype)
     rows = [[(0, 200)], [(300, 5), (100, 70), (17, 1)], [(511, 1)], [(256, 64), (400, 65)]]

@@ -163,8 +163,9 @@ static inline void share_ahead(const void *cache, int64_t i, int64_t lead, int64
  *   row b reads its segments firsts[i], counts[i] for i in offsets[b] .. offsets[b+1]-1,
  *   in order (consecutive cache positions each), whatever blocks they sit in;
  *   out     [B, KV*G, D].
- * A task is one row's heads (or, with fewer rows than twice the threads, a share of them)
- * and walks the row's positions in order, every head of a position before the next: the
+ * A task is one row's heads (or, with fewer rows than threads, a share of them, only as
+ * many shares as give every thread a task: a share's reads are strided, and 2-3 rows split
+ * in shares for twice the threads read 1.3-2x slower than whole rows) and walks the row's positions in order, every head of a position before the next: the
  * bytes it reads are one run per segment, front to back, which the CPU's prefetchers
  * stream at close to the memory's speed (a task per head of a position-major cache, or a
  * head-major cache, reads short runs far apart: 2-3x slower cold, benchmarks/RESULTS.md,
@@ -176,9 +177,9 @@ static inline void attend_decode(const void *q, const void *kc, const void *vc,
                                  const int64_t *offsets, void *out, int64_t B, int64_t KV,
                                  int64_t G, int64_t D, float scale, const int bf16) {
     int64_t splits = 1; /* tasks per row, each a run of KV / splits heads */
-    while (B * splits < 2 * omp_get_max_threads() && KV % (2 * splits) == 0) splits *= 2;
+    while (B * splits < omp_get_max_threads() && KV % (2 * splits) == 0) splits *= 2;
     const int64_t per = KV / splits, HG = per * G; /* KV heads, query heads a task */
-    /* A task that reads a share of each position's heads (splits > 1: few rows) asks for
+    /* A task that reads a share of each position's heads (splits > 1: a row) asks for
      * its bytes AHEAD of its reads, within the segment: the CPU's prefetchers do not follow
      * its strided reads (1 row of 512 positions: 0.20 -> 0.10 ms a layer). A task reading
      * whole positions reads one run, which they stream; asking there measured 10-20%
