@@ -285,6 +285,7 @@ class Int8OneRow:
         return BATCH_ROWS if fits else 1
 
     def batches(self, x: torch.Tensor) -> bool:
+        """Whether ``batched`` takes x's rows (see ``most_rows``)."""
         return 1 < x.numel() // self.inner <= self.most_rows
 
     def batched(self, x: torch.Tensor) -> torch.Tensor:
