@@ -147,14 +147,14 @@ static inline const void *offset(const void *p, int64_t i, int bf16) {
 }
 
 #define CHUNK 64     /* positions scored at a time (online softmax between chunks) */
+#define MAX_H 128    /* query heads a task holds (all of a row's on this rank, at most) */
+#define MAX_HD 16384 /* query heads x head size */
 
 /* Ask for the n values at element i + lead of a cache, into L2. */
 static inline void share_ahead(const void *cache, int64_t i, int64_t lead, int64_t n, int bf16) {
     const char *p = (const char *)offset(cache, i + lead, bf16);
     for (int64_t b = 0; b < n * (bf16 ? 2 : 4); b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
 }
-#define MAX_H 128    /* query heads a task holds (all of a row's on this rank, at most) */
-#define MAX_HD 16384 /* query heads x head size */
 
 /* Attention of one new token per row over the positions it holds, G query heads per KV
  * head, bf16 or float32 throughout (``bf16``):
@@ -164,14 +164,16 @@ static inline void share_ahead(const void *cache, int64_t i, int64_t lead, int64
  *   in order (consecutive cache positions each), whatever blocks they sit in;
  *   out     [B, KV*G, D].
  * A task is one row's heads (or, with fewer rows than threads, a share of them, only as
- * many shares as give every thread a task: a share's reads are strided, and 2-3 rows split
- * in shares for twice the threads read 1.3-2x slower than whole rows) and walks the row's positions in order, every head of a position before the next: the
- * bytes it reads are one run per segment, front to back, which the CPU's prefetchers
- * stream at close to the memory's speed (a task per head of a position-major cache, or a
- * head-major cache, reads short runs far apart: 2-3x slower cold, benchmarks/RESULTS.md,
- * "Figures behind the code"). Each head's arithmetic is the same as alone, in the same
- * order. Scores and the softmax are in float32 (online: a chunk of positions at a time),
- * the weighted sum of v in float32, rounded to bf16 (for bf16) once at the end. */
+ * many shares as give every thread a task: a share's reads are strided, and 2-3 rows
+ * split in shares for twice the threads read 1.3-2x slower than whole rows) and walks
+ * the row's positions in order, every head of a position before the next: the bytes it
+ * reads are one run per segment, front to back, which the CPU's prefetchers stream at
+ * close to the memory's speed (a task per head of a position-major cache, or a
+ * head-major cache, reads short runs far apart: 2-3x slower cold,
+ * benchmarks/RESULTS.md, "Figures behind the code"). Each head's arithmetic is the same
+ * as alone, in the same order. Scores and the softmax are in float32 (online: a chunk
+ * of positions at a time), the weighted sum of v in float32, rounded to bf16 (for bf16)
+ * once at the end. */
 static inline void attend_decode(const void *q, const void *kc, const void *vc,
                                  const int64_t *firsts, const int64_t *counts,
                                  const int64_t *offsets, void *out, int64_t B, int64_t KV,
@@ -346,16 +348,6 @@ void gemm_bf16_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t M
     gemm_bf16(w, x, y, M, N, Np, K, 1);
 }
 
-/* x @ w.T for one row x of K values (bf16 if x_bf16, else float32) and an int8 weight
- * [N, K] quantized in G equal groups along K, each group packed by oneDNN's
- * qlinear_prepack: [N/64][K/G/4][64][4] int8, then N int32 (minus each row's sum).
- * scales: G x N float32 (group-major). y: N values in x's type.
- *
- * Bit for bit what quant.Int8Weight computes through oneDNN for the same row: each
- * group's values quantized as quantize_rows does (scale = max(max|x|, 1e-12) / 127,
- * round half to even, plus 128), their integer products summed exactly (VNNI), less
- * 128 x the row's sum, then float(sum) * w_scale * x_scale, the groups added in order,
- * rounded once to x's type. u8: a workspace of K bytes. */
 /* Row x's K values quantized as quant.quantize_rows does, per each of G equal groups:
  * u8[k] = round_half_even(x[k] / scale) + 128, xs[g] = scale = max(max|x|, 1e-12) / 127.
  * 16 values at a time: the same IEEE operations as the scalar form (a correctly rounded
@@ -382,12 +374,23 @@ static void quantize_row(const void *x, int x_bf16, int64_t K, int64_t G, uint8_
  * weight row's sum) * w_scale * x_scale, added to what the groups before gave. */
 static inline __m512 int8_part(__m512 out, int64_t g, __m512i sums, const int32_t *minus_sums,
                                const float *ws, float x_scale) {
-    const __m512i exact = _mm512_add_epi32(sums, _mm512_slli_epi32(_mm512_loadu_si512(minus_sums), 7));
-    const __m512 part = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(exact), _mm512_loadu_ps(ws)),
-                                      _mm512_set1_ps(x_scale));
+    const __m512i exact =
+        _mm512_add_epi32(sums, _mm512_slli_epi32(_mm512_loadu_si512(minus_sums), 7));
+    const __m512 part = _mm512_mul_ps(
+        _mm512_mul_ps(_mm512_cvtepi32_ps(exact), _mm512_loadu_ps(ws)), _mm512_set1_ps(x_scale));
     return g == 0 ? part : _mm512_add_ps(out, part);
 }
 
+/* x @ w.T for one row x of K values (bf16 if x_bf16, else float32) and an int8 weight
+ * [N, K] quantized in G equal groups along K, each group packed by oneDNN's
+ * qlinear_prepack: [N/64][K/G/4][64][4] int8, then N int32 (minus each row's sum).
+ * scales: G x N float32 (group-major). y: N values in x's type.
+ *
+ * Bit for bit what quant.Int8Weight computes through oneDNN for the same row: each
+ * group's values quantized as quantize_rows does (scale = max(max|x|, 1e-12) / 127,
+ * round half to even, plus 128), their integer products summed exactly (VNNI), less
+ * 128 x the row's sum, then float(sum) * w_scale * x_scale, the groups added in order,
+ * rounded once to x's type. u8: a workspace of K bytes. */
 void gemv_int8(const int8_t *const *w, const float *scales, const void *x, int x_bf16,
                void *y, int64_t N, int64_t K, int64_t G, uint8_t *u8) {
     const int64_t Kg = K / G;
@@ -454,9 +457,11 @@ void gemm_int8(const int8_t *const *w, const float *scales, const void *x, int x
                     for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_si512();
                 for (int64_t k = 0; k < Kg / 4; k++, p += 4 * NB) {
                     if (share && k % share == pass - 1) /* k's 256 bytes of the next block */
-                        for (int l = 0; l < 256; l += 64) _mm_prefetch(next + k * 4 * NB + l, _MM_HINT_T1);
+                        for (int l = 0; l < 256; l += 64)
+                            _mm_prefetch(next + k * 4 * NB + l, _MM_HINT_T1);
                     const __m512i w0 = _mm512_loadu_si512(p), w1 = _mm512_loadu_si512(p + 64);
-                    const __m512i w2 = _mm512_loadu_si512(p + 128), w3 = _mm512_loadu_si512(p + 192);
+                    const __m512i w2 = _mm512_loadu_si512(p + 128);
+                    const __m512i w3 = _mm512_loadu_si512(p + 192);
                     for (int r = 0; r < 4; r++) {
                         const __m512i xk = _mm512_set1_epi32((int)xr[r][k]);
                         a[r][0] = _mm512_dpbusd_epi32(a[r][0], xk, w0);
