@@ -81,6 +81,18 @@ def rank_memory_mb(llm: LLM) -> list[float] | str:
         return f"n/a ({type(exc).__name__}: {exc})"
 
 
+def rank_memory(llm: LLM) -> dict[str, float] | str:
+    """The first rank's memory report (``Worker.memory``: growth, and the weights and KV
+    cache it holds, counted tensor by tensor), or why it is unknown (as ``rank_memory_mb``)."""
+    call_all = getattr(getattr(llm, "engine", None), "call_all", None)
+    if call_all is None:
+        return "n/a (llm.engine.call_all is gone)"
+    try:
+        return dict(call_all("memory")[0])
+    except Exception as exc:  # any failure here costs only this one number
+        return f"n/a ({type(exc).__name__}: {exc})"
+
+
 # ------------------------------------------------------------------------ under load
 
 

@@ -310,13 +310,13 @@ def decode_steps(
 
 def speed(ckpt: Path, batches: tuple[int, ...], seed: int, root: Path) -> dict:
     """tok/s through the engine at MP=1 per (label, batch), and llama.cpp q8_0's."""
-    from bench_mpllama import open_llm, rank_memory_mb, run_llm
+    from bench_mpllama import open_llm, rank_memory, run_llm
     from bench_workloads import uniform_workload
 
     vocab = checkpoint.read_params(ckpt).vocab_size
     works = {n: uniform_workload(n, 32, 64, vocab, seed + 5) for n in batches}
     rates: dict[tuple[str, int], float] = {}
-    memory: dict[str, list[float] | str] = {}
+    memory: dict[str, dict[str, float] | str] = {}
     runs = (
         ("bf16", "bfloat16", "none"),
         ("int8", "bfloat16", "int8"),
@@ -337,7 +337,7 @@ def speed(ckpt: Path, batches: tuple[int, ...], seed: int, root: Path) -> dict:
             ) as llm:
                 rates[label, n] = run_llm(llm, w, f"mpllama {label}", repeats=2).tokens_per_s
                 if n == batches[0]:
-                    memory[label] = rank_memory_mb(llm)
+                    memory[label] = rank_memory(llm)
     try:
         import bench_llamacpp as cpp
 
@@ -363,12 +363,30 @@ def speed(ckpt: Path, batches: tuple[int, ...], seed: int, root: Path) -> dict:
         else:
             line += f" {rates['int8', n] / rates['bf16', n]:9.2f}x"
         print(line)
-    print(
-        "  rank memory growth at batch "
-        f"{batches[0]} (MiB; weights, KV cache, activations): "
-        + ", ".join(f"{k} {v[0] if isinstance(v, list) else v}" for k, v in memory.items())
-    )
+    print_memory(memory, ckpt, batches[0])
     return rates
+
+
+def print_memory(memory: dict[str, dict[str, float] | str], ckpt: Path, batch: int) -> None:
+    """The rank's memory per precision: its resident growth, what of it the weights and
+    the KV cache are (counted tensor by tensor), the rest (activations, the heap, the
+    kernels' buffers), and the weights against float32's bytes of the same model."""
+    shards = checkpoint.find_shards(ckpt)
+    fp32_mb = checkpoint.check_shards(shards, checkpoint.read_params(ckpt)) * 4 / 2**20
+    print(
+        f"  rank memory at batch {batch}, MiB (float32's weights: {fp32_mb:.1f}):\n"
+        f"  {'':>6} {'growth':>8} {'weights':>8} {'KV cache':>9} {'rest':>7}  weights/fp32"
+    )
+    for label, m in memory.items():
+        if isinstance(m, str) or "weights_mb" not in m:
+            print(f"  {label:>6} {m}")
+            continue
+        growth = m.get("anon_growth_mb", m["growth_mb"])
+        rest = growth - m["weights_mb"] - m["kv_cache_mb"]
+        print(
+            f"  {label:>6} {growth:8.1f} {m['weights_mb']:8.1f} {m['kv_cache_mb']:9.1f} "
+            f"{rest:7.1f}  {m['weights_mb'] / fp32_mb:11.3f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,9 @@ _LAYER_KEY = re.compile(r"^layers\.\d+\.")
 QUANTIZED_LINEARS = tuple(k for k in SHARD_AXES if k.startswith(("attention.w", "feed_forward.w")))
 SCALE_AXES = {k.removesuffix("weight") + "scales": SHARD_AXES[k] for k in QUANTIZED_LINEARS}
 EMBEDDING = "tok_embeddings.weight"
+# The vocabulary's two tables, int8 per row in a quantized model (``Quantization.vocab``).
+VOCAB_TABLES = (EMBEDDING, "output.weight")
+SCALE_AXES["output.scales"] = 0
 # Keys holding key/value heads: with more ranks (or shards) than KV heads, each rank holds
 # a copy of one head instead of a slice of one (Meta's reshard_mp repeats them so).
 _KV_KEY = re.compile(r"^layers\.\d+\.attention\.w[kv]\.(weight|scales)$")
@@ -60,7 +63,7 @@ _KV_KEY = re.compile(r"^layers\.\d+\.attention\.w[kv]\.(weight|scales)$")
 def shard_axis(key: str, embed_axis: int = 1) -> int | None:
     """The dimension ``key`` is split on across ranks, or None when it is replicated;
     ``embed_axis`` is the embedding's (1: Llama 1/2 layout, 0: vocabulary parallel)."""
-    if key == EMBEDDING:
+    if key in (EMBEDDING, scales_key(EMBEDDING)):
         return embed_axis
     if _LAYER_KEY.sub("", key) in SCALE_AXES:
         return SCALE_AXES[_LAYER_KEY.sub("", key)]
@@ -371,7 +374,7 @@ def check_shards(shards: list[Path], args: ModelArgs) -> int:
         try:
             expected = shard_shapes(args, len(shards), embed_axis)
             if quant is not None:
-                expected = quantized_shapes(expected, quant, len(shards), args)
+                expected = quantized_shapes(expected, quant, len(shards), args, embed_axis)
             check_state(shapes, expected, str(path))
         except CheckpointError as exc:
             raise CheckpointError(
@@ -394,11 +397,20 @@ class Quantization:
 
     ``row_groups`` (int8): scale groups along the input of each row-parallel weight in
     the whole (unsharded) model, the number of shards it was quantized from, so each
-    shard's scales stand on their own and resharding never re-quantizes."""
+    shard's scales stand on their own and resharding never re-quantizes.
+
+    ``vocab``: the embedding and the output layer are int8 too, one scale per row (and
+    ``embed_groups`` along the embedding's rows: the shards it was quantized from if they
+    split it by model dimension, else 1), whatever ``method`` the layers take: int8 is
+    what llama.cpp's q8_0 keeps them in, and int4 logits would cost more quality than the
+    bytes are worth. Checkpoints quantized before mpllama did so have no ``vocab`` entry:
+    theirs stay in full precision."""
 
     method: str
     group_size: int = 32  # int4: weights per scale and zero along the input
     row_groups: int = 1
+    vocab: bool = True
+    embed_groups: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in QUANT_METHODS:
@@ -409,13 +421,40 @@ class Quantization:
             raise ConfigError(
                 f"quantization group size must be one of {QUANT_GROUP_SIZES}, got {self.group_size}"
             )
-        if self.row_groups < 1:
-            raise ConfigError(f"quantization row_groups must be >= 1, got {self.row_groups}")
+        if self.row_groups < 1 or self.embed_groups < 1:
+            raise ConfigError(
+                "quantization row_groups and embed_groups must be >= 1, got "
+                f"{self.row_groups} and {self.embed_groups}"
+            )
 
     def to_params(self) -> dict[str, Any]:
-        if self.method == "int8":
-            return {"method": "int8", "row_groups": self.row_groups}
-        return {"method": "int4", "group_size": self.group_size}
+        entry: dict[str, Any] = {"method": self.method}
+        if self.method == "int4":
+            entry["group_size"] = self.group_size
+        else:
+            entry["row_groups"] = self.row_groups
+        if self.vocab:
+            entry["embed_groups"] = self.embed_groups
+        return {**entry, "vocab": self.vocab}
+
+    def scale_groups(self, key: str, parts: int, embed_axis: int) -> int:
+        """How many int8 scales a row of int8 weight ``key`` has in each of ``parts``:
+        weights split along their input (row-parallel, or an embedding split by model
+        dimension) keep one per group they were quantized in, and a part cut finer than
+        the groups holds its group's one; an embedding split by vocabulary holds whole
+        rows, all their groups."""
+        if key == EMBEDDING:
+            return max(1, self.embed_groups // parts) if embed_axis == 1 else self.embed_groups
+        if shard_axis(key, embed_axis) != 1:
+            return 1
+        return max(1, self.row_groups // parts)
+
+    def method_of(self, key: str) -> str | None:
+        """How ``key`` is quantized: ``method`` for the layers' linear weights, int8 for
+        the vocabulary's tables (``vocab``), None for a tensor kept as it is."""
+        if is_quantized_key(key):
+            return self.method
+        return "int8" if self.vocab and key in VOCAB_TABLES else None
 
 
 def read_quantization(checkpoint_dir: str | Path) -> Quantization | None:
@@ -428,7 +467,7 @@ def read_quantization(checkpoint_dir: str | Path) -> Quantization | None:
     if entry is None:
         return None
     try:
-        return Quantization(**entry)
+        return Quantization(**{"vocab": False, **entry})  # older entries: see ``vocab``
     except (TypeError, ConfigError) as exc:
         raise CheckpointError(
             f"{path}: {QUANTIZATION_KEY} {entry!r} is not one mpllama wrote ({exc}); "
@@ -437,7 +476,8 @@ def read_quantization(checkpoint_dir: str | Path) -> Quantization | None:
 
 
 def is_quantized_key(key: str) -> bool:
-    """Whether ``key`` is one of the linear weights quantization replaces."""
+    """Whether ``key`` is one of the layers' linear weights quantization replaces (the
+    vocabulary's tables: ``Quantization.method_of``)."""
     return key.startswith("layers.") and _LAYER_KEY.sub("", key) in QUANTIZED_LINEARS
 
 
@@ -463,28 +503,34 @@ def check_quantization(args: ModelArgs, quant: Quantization, parts: int) -> None
                 f"int4 group size {quant.group_size} does not divide {', '.join(bad)} "
                 f"({parts} part(s)); {fix}"
             )
-    elif quant.row_groups % parts and parts % quant.row_groups:
+    groups = [quant.row_groups] if quant.method == "int8" else []
+    groups += [quant.embed_groups] if quant.vocab else []
+    if any(n % parts and parts % n for n in groups):
         raise ConfigError(
-            f"an int8 checkpoint quantized from {quant.row_groups} shard(s) cannot be split "
-            f"into {parts}: one must be a multiple of the other"
+            f"the int8 scales of a checkpoint quantized from {max(groups)} shard(s) cannot "
+            f"be split into {parts}: one must be a multiple of the other"
         )
 
 
 def quantized_shapes(
-    shapes: dict[str, tuple[int, ...]], quant: Quantization, parts: int, args: ModelArgs
+    shapes: dict[str, tuple[int, ...]],
+    quant: Quantization,
+    parts: int,
+    args: ModelArgs,
+    embed_axis: int = 1,
 ) -> dict[str, tuple[int, ...]]:
     """``shard_shapes`` of a checkpoint in ``parts`` shards, as ``quant`` stores it:
     quantized weights (int4: two values a byte) and their scales after each weight."""
     check_quantization(args, quant, parts)
     out: dict[str, tuple[int, ...]] = {}
     for key, shape in shapes.items():
-        if not is_quantized_key(key):
+        method = quant.method_of(key)
+        if method is None:
             out[key] = shape
             continue
         rows, inputs = shape
-        if quant.method == "int8":
-            row_parallel = shard_axis(key) == 1
-            groups = max(1, quant.row_groups // parts) if row_parallel else 1
+        if method == "int8":
+            groups = quant.scale_groups(key, parts, embed_axis)
             out[key], out[scales_key(key)] = shape, (rows, groups)
         else:
             out[key] = (rows, inputs // 2)

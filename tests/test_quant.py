@@ -19,7 +19,7 @@ from mpllama.cli import main
 from mpllama.config import RuntimeConfig
 from mpllama.errors import CheckpointError, ConfigError
 from mpllama.model_args import PRESETS
-from mpllama.rank import quant, weights
+from mpllama.rank import cpu_kernels, quant, weights
 from mpllama.rank.model import Transformer, materialize
 from mpllama.rank.quant import Int4Weight, Int8Weight, quantize_int4, quantize_int8
 
@@ -45,10 +45,12 @@ def test_int8_product_is_the_integer_product_scaled(
     groups: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Packed (oneDNN where it runs) and unpacked (torch._int_mm) give the scaled integer
-    product of per-token int8 activations, and stay near the float product."""
-    w, x = randn(0, 96, 128), randn(1, 5, 128)
+    product of per-token int8 activations, and stay near the float product. 96 rows:
+    packing pads them to whole blocks of 64 for mpllama's kernel, which one row and a
+    decode step's few rows run, and every product drops the padding."""
+    w, x = randn(0, 96, 128), randn(1, 70, 128)
     weight = quantized("int8", w, groups)
-    want = torch.zeros(5, 96, dtype=torch.float64)
+    want = torch.zeros(70, 96, dtype=torch.float64)
     for xg, wg in zip(x.chunk(groups, 1), weight.dequantize().chunk(groups, 1), strict=True):
         xq, sx = quant.quantize_rows(xg)
         want += (xq.double() * sx.double()) @ wg.double().t()
@@ -56,7 +58,11 @@ def test_int8_product_is_the_integer_product_scaled(
     torch.testing.assert_close(unpacked.double(), want, rtol=1e-5, atol=1e-5)
     weight.pack(torch.float32)
     assert weight.kernel == ("onednn" if quant.onednn_int8_supported() else "int_mm")
-    torch.testing.assert_close(weight(x), unpacked, rtol=1e-6, atol=1e-6)
+    if weight.kernel == "onednn" and cpu_kernels.library() is not None:
+        assert weight.one_row is not None and weight.one_row.rows == 128
+    for rows in (slice(None), slice(0, 1), slice(2, 7)):  # prefill, one row, a few rows
+        assert weight(x[rows]).shape == unpacked[rows].shape
+        torch.testing.assert_close(weight(x[rows]), unpacked[rows], rtol=1e-6, atol=1e-6)
     err = (weight(x) - x @ w.t()).norm() / (x @ w.t()).norm()
     assert err < 0.02
     # Where oneDNN's int8 kernel cannot run: torch._int_mm on a pre-transposed weight.
@@ -121,6 +127,17 @@ def tiny_q(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_q_by_vocab(tiny_q: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_q's weights in 2 shards that split the embedding by vocabulary, as Llama 3's."""
+    out = tmp_path_factory.mktemp("tiny-q-vocab")
+    args = checkpoint.read_params(tiny_q)
+    state = weights.load_rank_state(checkpoint.find_shards(tiny_q), args, 0, 1)
+    weights.write_checkpoint(out, args, state, 2, embed_axis=0)
+    shutil.copyfile(tiny_q / "tokenizer.model", out / "tokenizer.model")
+    return out
+
+
 def quantize_ckpt(src: Path, out: Path, method: str, *extra: str) -> Path:
     assert main(["quantize", str(src), str(out), "--to", method, *extra]) == 0
     return out
@@ -170,9 +187,15 @@ def test_quantizing_on_load_equals_loading_a_quantized_checkpoint(
     assert torch.equal(got, want)
     # Near the float model's logits (a random model's are flat: its greedy token is not
     # a fair test; the trained demo model's agreement is measured by make bench).
-    full = last_logits(load(tiny_q), ROWS)
+    float_model = load(tiny_q)
+    full = last_logits(float_model, ROWS)
     err = float((got - full).norm() / full.norm())
     assert err < {"int8": 0.03, "int4": 0.25}[method], err
+    # The int8 embedding's rows, each half (a shard's) on its own scale, as stored.
+    table = float_model.tok_embeddings.weight
+    for model in (on_load, stored):
+        rows = model.tok_embeddings.weight.lookup(torch.arange(table.shape[0]))
+        assert float((rows - table).norm() / table.norm()) < 0.01
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -185,13 +208,16 @@ def test_quantized_rows_batched_equal_rows_alone(
         torch.testing.assert_close(last_logits(model, [row])[0], batched[i], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("split", ["by dimension", "by vocabulary"])
 @pytest.mark.parametrize("method", METHODS)
 def test_a_quantized_checkpoint_reshards_like_any_other(
-    method: str, tiny_q: Path, tmp_path: Path, single_rank: None
+    method: str, split: str, tmp_path: Path, single_rank: None, request: pytest.FixtureRequest
 ) -> None:
     """2 quantized shards merged into 1 and split into 4 give the same model: the
-    scales split with their weights, nothing is quantized again."""
-    two = quantize_ckpt(tiny_q, tmp_path / "q2", method)
+    scales split with their weights (the embedding's on either axis), nothing is
+    quantized again."""
+    source = request.getfixturevalue("tiny_q" if split == "by dimension" else "tiny_q_by_vocab")
+    two = quantize_ckpt(source, tmp_path / "q2", method)
     assert main(["reshard", str(two), str(tmp_path / "q1"), "--mp", "1"]) == 0
     assert main(["reshard", str(tmp_path / "q1"), str(tmp_path / "q4"), "--mp", "4"]) == 0
     assert main(["check", str(tmp_path / "q4")]) == 0
@@ -202,44 +228,81 @@ def test_a_quantized_checkpoint_reshards_like_any_other(
         assert torch.equal(last_logits(load(tmp_path / folder), ROWS), want)
 
 
-def test_int8_weights_take_a_quarter_of_float32(tiny_q: Path, single_rank: None) -> None:
-    """Bytes of the linear weights (scales included): int8 ~1/4, int4 (groups of 32, a
-    bf16 scale and zero each) ~5/32 of float32."""
-    model = load(tiny_q)
-    full = sum(
-        p.numel() * 4
-        for k, p in materialize(
-            Transformer(model.args),
-            weights.load_rank_state(checkpoint.find_shards(tiny_q), model.args, 0, 1),
-            CPU,
-            torch.float32,
-        ).named_parameters()
-        if checkpoint.is_quantized_key(k)
-    )
-    int8 = quant.quantized_bytes(load(tiny_q, "int8"))
-    int4 = quant.quantized_bytes(load(tiny_q, "int4"))
-    assert 0.25 <= int8 / full < 0.26
-    assert 0.125 <= int4 / full <= 5 / 32
+def test_a_quantized_rank_holds_a_quarter_or_less_of_float32s_bytes(
+    tiny_q: Path, single_rank: None
+) -> None:
+    """Every weight a rank holds, scales and norms included: int8 about 1/4 of float32's
+    bytes, the vocabulary's tables too; int4's layers half a byte a weight and a scale
+    and zero per group of 32 (in the model's dtype, here float32), its vocabulary's
+    tables int8 as int8's are."""
+    full = load(tiny_q)
+    int8, int4 = load(tiny_q, "int8"), load(tiny_q, "int4")
+    assert isinstance(int8.output.weight, Int8Weight)
+    assert isinstance(int4.output.weight, Int8Weight)
+    assert isinstance(int4.tok_embeddings.weight, quant.Int8Table)
+    assert 0.25 <= int8.weight_bytes() / full.weight_bytes() < 0.26
+    layers = [m.weight for m in int4.modules() if isinstance(m.__dict__.get("weight"), Int4Weight)]
+    assert len(layers) == 4 * full.args.n_layers  # wqkv, wo, w13, w2
+    linears = sum(w.shape[0] * w.shape[1] for w in layers)
+    int4_layers = sum(w.nbytes() for w in layers)
+    assert int4_layers == linears // 2 + linears // 32 * 2 * 4
+    int8_layers = quant.quantized_bytes(int8) - int8.output.weight.nbytes()
+    int8_layers -= int8.tok_embeddings.weight.nbytes()
+    assert int4.weight_bytes() - int4_layers == int8.weight_bytes() - int8_layers
+
+
+def test_a_checkpoint_quantized_before_the_vocabulary_was_keeps_it_in_full_precision(
+    tiny_q: Path, tmp_path: Path, single_rank: None
+) -> None:
+    """An int8 checkpoint written before ``vocab`` existed: its params entry has no
+    ``vocab``, its embedding and output layer are float. It loads as written, its
+    tables float, its layers int8 as a checkpoint quantized now."""
+    old, now = tmp_path / "old", quantize_ckpt(tiny_q, tmp_path / "now", "int8")
+    old.mkdir()
+    written = Quantization("int8", row_groups=2, vocab=False)
+    for path in checkpoint.find_shards(tiny_q):
+        torch.save(quant.quantize_state(weights.load_shard(path), written), old / path.name)
+    params = json.loads((tiny_q / "params.json").read_text())
+    params["mpllama_quantization"] = {"method": "int8", "row_groups": 2}
+    (old / "params.json").write_text(json.dumps(params))
+    shutil.copyfile(tiny_q / "tokenizer.model", old / "tokenizer.model")
+    assert checkpoint.read_quantization(old) == written
+    assert main(["check", str(old)]) == 0
+    model, new = load(old), load(now)
+    assert isinstance(model.tok_embeddings.weight, torch.Tensor)
+    assert isinstance(model.output.weight, torch.Tensor)
+    assert isinstance(new.output.weight, Int8Weight)
+    for a, b in zip(model.layers, new.layers, strict=True):
+        assert torch.equal(a.attention.wo.weight.scales, b.attention.wo.weight.scales)
+    full = last_logits(load(tiny_q), ROWS)
+    err = float((last_logits(model, ROWS) - full).norm() / full.norm())
+    assert err < 0.03, err
 
 
 def test_two_ranks_run_a_quantized_checkpoint_as_one_does(
-    tiny_q: Path, tmp_path: Path, ray_runtime
+    tiny_q: Path, tiny_q_by_vocab: Path, tmp_path: Path, ray_runtime
 ) -> None:
     """Through the engine: the int8 checkpoint of 2 shards on 1 rank and on 2 (its
-    row-parallel scales are per shard, so the two compute the same sums), and int4
-    quantized on load at 2 ranks against the same on 1."""
+    row-parallel scales are per shard, so the two compute the same sums), int4
+    quantized on load at 2 ranks against the same on 1, and int8 on load from shards
+    that split the embedding by vocabulary (each rank looks up its own rows' int8)."""
     from mpllama import LLM, SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=5, logprobs=True, ignore_eos=True)
     int8 = quantize_ckpt(tiny_q, tmp_path / "int8", "int8")
+    cases = [
+        ("int8", int8, "none"),
+        ("int4", tiny_q, "int4"),
+        ("int8 by vocabulary", tiny_q_by_vocab, "int8"),
+    ]
     runs = {}
-    for name, folder, setting in [("int8", int8, "none"), ("int4", tiny_q, "int4")]:
+    for name, folder, setting in cases:
         for world in (1, 2):
             settings = {"cpus_per_rank": 0.5, "max_seq_len": 64, "max_batch_size": 4}
             with LLM(folder, model_parallel_size=world, quantization=setting, **settings) as llm:
-                assert {i["quantization"] for i in llm.engine.rank_info} == {name}
+                assert {i["quantization"] for i in llm.engine.rank_info} == {name.split()[0]}
                 runs[name, world] = llm.generate(PROMPTS[:3], params)
-    for name in ("int8", "int4"):
+    for name, _, _ in cases:
         for one, two in zip(runs[name, 1], runs[name, 2], strict=True):
             assert one.token_ids == two.token_ids
             torch.testing.assert_close(one.logprobs, two.logprobs, rtol=0, atol=1e-4)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .cpu_kernels import OneRowProduct
 from .dist import all_gather, all_reduce
-from .quant import Int4Weight, Int8Weight
+from .quant import Int4Weight, Int8Table, Int8Weight
 
 # fairscale 0.4.13 allocates each parallel layer's weight with the legacy torch.Tensor()
 # constructor (which ignores the meta device) and, with more than one rank, initialises
@@ -111,9 +111,17 @@ class Fused(nn.Module):
         return linear(x, self.weight, self.one_row)
 
 
+def lookup(tokens: torch.Tensor, table: torch.Tensor | Int8Table) -> torch.Tensor:
+    """An embedding's rows for ``tokens``: the table's own type, or float32 from an int8
+    table (``quant.Int8Table``)."""
+    if isinstance(table, Int8Table):
+        return table.lookup(tokens)
+    return F.embedding(tokens, table)
+
+
 class Embedding(ParallelEmbedding):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return all_gather(F.embedding(tokens, self.weight))
+        return all_gather(lookup(tokens, self.weight))
 
 
 class VocabEmbedding(VocabParallelEmbedding):
@@ -123,10 +131,10 @@ class VocabEmbedding(VocabParallelEmbedding):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.num_embeddings_per_partition == self.num_embeddings:
-            return F.embedding(tokens, self.weight)
+            return lookup(tokens, self.weight)
         local = tokens - self.vocab_start_index
         outside = (local < 0) | (local >= self.num_embeddings_per_partition)
-        rows = F.embedding(local.masked_fill(outside, 0), self.weight)
+        rows = lookup(local.masked_fill(outside, 0), self.weight)
         return all_reduce(rows.masked_fill_(outside[..., None], 0.0))
 
 

@@ -39,7 +39,7 @@ from .layers import (
     parallel_embedding,
     row_parallel,
 )
-from .quant import Int4Weight, Int8Weight
+from .quant import Int4Weight, Int8Weight, quantized_bytes
 from .rope import apply_rope, rope_table
 from .row_decode import RowDecoder
 
@@ -220,13 +220,18 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.output.weight.device
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's dtype: its norms', which any quantization leaves as they are."""
+        return self.norm.weight.dtype
 
     def setup_caches(self, num_blocks: int, block_size: int, max_seq_len: int) -> None:
         """Allocate a KV cache of ``num_blocks`` blocks of ``block_size`` positions (plus
         one spare block that takes padding writes) and the RoPE tables for positions up to
         ``max_seq_len``, on the weights' device and dtype."""
-        weight = self.output.weight
+        weight = self.norm.weight
         if weight.is_meta:
             raise RuntimeError("materialize() the weights before setup_caches()")
         for layer in self.layers:
@@ -271,7 +276,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.fuse()
             layer.feed_forward.fuse()
-        dtype = self.output.weight.dtype
+        dtype = self.dtype
         for module in self.modules():
             quantized = module.__dict__.get("weight")
             if isinstance(quantized, (Int8Weight, Int4Weight)):
@@ -294,10 +299,9 @@ class Transformer(nn.Module):
         """Whether every forward runs its layers through ``TransformerBlock.fused``:
         mpllama's CPU kernels built, bf16 or float32 weights on the CPU, the products
         fused (``pack_linears``)."""
-        weight = self.output.weight
         return (
-            weight.device.type == "cpu"
-            and weight.dtype in (torch.bfloat16, torch.float32)
+            self.device.type == "cpu"
+            and self.dtype in (torch.bfloat16, torch.float32)
             and cpu_kernels.library() is not None
             and all(layer.feed_forward.w13 is not None for layer in self.layers)
         )
@@ -325,6 +329,20 @@ class Transformer(nn.Module):
         attn = self.layers[0].attention
         assert attn.cache_k is not None
         return decode_attention_fits(attn.n_local_heads, attn.cache_k)
+
+    def weight_bytes(self) -> int:
+        """Bytes of every weight this rank holds: quantized ones at their stored size
+        (scales included), packed ones as packed, the KV cache and RoPE tables aside."""
+        total = quantized_bytes(self)
+        for t in (*self.parameters(), *self.buffers()):
+            mkldnn = t.layout == torch._mkldnn
+            total += torch.ops.mkldnn._nbytes(t) if mkldnn else t.numel() * t.element_size()
+        return total
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes of this rank's KV cache (0 before ``setup_caches``)."""
+        caches = [(a.cache_k, a.cache_v) for a in (layer.attention for layer in self.layers)]
+        return sum(c.numel() * c.element_size() for kv in caches for c in kv if c is not None)
 
     def _kv_position_bytes(self) -> int:
         """Bytes of K and V one position holds in one layer of this rank's cache."""

@@ -2,9 +2,11 @@
 quantized, stored and multiplied, and the load-time swap of a model's linear weights for
 their quantized twins (gpt-fast's shape: build, then replace each weight while loading).
 
-The seven linear weights of every layer (wq, wk, wv, wo, w1, w2, w3) are quantized; the
-embedding and the output layer stay in the model's dtype (they are a small part of a
-large model's bytes, and the logits are what sampling reads).
+The seven linear weights of every layer (wq, wk, wv, wo, w1, w2, w3) are quantized to
+the method's type; the vocabulary's tables, the embedding and the output layer, to int8
+per row whatever the method (``Quantization.vocab``; llama.cpp's q8_0 keeps them so).
+They are a fifth of Llama 3.2 1B's weights, and in full precision an int8 rank held
+0.35 of float32's bytes instead of a quarter (benchmarks/RESULTS.md, session 7).
 
 * int8: symmetric int8 weights, one float32 scale per output row and input group (a
   column-parallel weight has one group; a row-parallel weight one per shard it was
@@ -18,8 +20,8 @@ large model's bytes, and the logits are what sampling reads).
   ``_weight_int4pack_mm_for_cpu``; elsewhere the weight is dequantized at each product.
 
 Measured on a 2-core AMD EPYC (AVX-512 bf16 + VNNI), 2048x8192 layer: benchmarks/RESULTS.md.
-A quantized checkpoint (``mpllama quantize``) holds each linear ``X.weight`` quantized
-(int8 [out, in]; int4 packed two to a byte, uint8 [out, in/2], the even column in the low
+A quantized checkpoint (``mpllama quantize``) holds each quantized ``X.weight`` (int8
+[out, in]; int4 packed two to a byte, uint8 [out, in/2], the even column in the low
 nibble) and ``X.scales`` (int8: float32 [out, groups]; int4: bf16 [out, in/group_size, 2],
 scale then zero, w = (q - 8) * scale + zero).
 """
@@ -32,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import Quantization, is_quantized_key, scales_key
+from ..checkpoint import Quantization, scales_key
 from ..errors import CheckpointError
 from ..hardware import cpu_flags
-from .cpu_kernels import Int8OneRow, int8_one_row
+from .cpu_kernels import BLOCK, Int8OneRow, int8_one_row
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +85,10 @@ def quantize_state(state: dict[str, torch.Tensor], quant: Quantization) -> dict[
     time: a float32 copy of the weight being quantized, never more."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        if not is_quantized_key(key):
+        method = quant.method_of(key)
+        if method is None:
             out[key] = value
-        elif quant.method == "int8":
+        elif method == "int8":
             out[key], out[scales_key(key)] = quantize_int8(value)
         else:
             out[key], out[scales_key(key)] = quantize_int4(value, quant.group_size)
@@ -133,12 +136,19 @@ class Int8Weight:
 
     def pack(self, dtype: torch.dtype) -> None:
         groups = self.scales.shape[1]
-        chunks = self.q.chunk(groups, dim=1)
+        q, scales = self.q, self.scales
+        if self.device.type == "cpu" and onednn_int8_supported():
+            # mpllama's kernel reads whole blocks of 64 rows (an output layer's vocabulary
+            # slice may not be): zero rows fill the last, and products drop them.
+            pad = -self.shape[0] % BLOCK
+            q = torch.cat([q, q.new_zeros(pad, self.shape[1])]) if pad else q
+            scales = torch.cat([scales, scales.new_ones(pad, groups)]) if pad else scales
+        chunks = q.chunk(groups, dim=1)
         # Dense copies: oneDNN reads a view's storage as if it were dense.
-        self._scales = [self.scales[:, g].contiguous() for g in range(groups)]
+        self._scales = [scales[:, g].contiguous() for g in range(groups)]
         if self.device.type == "cpu" and onednn_int8_supported():
             self._packed = [torch.ops.onednn.qlinear_prepack(c.contiguous(), None) for c in chunks]
-            self._zero_points = torch.zeros(self.shape[0], dtype=torch.long)
+            self._zero_points = torch.zeros(q.shape[0], dtype=torch.long)
             self.kernel = "onednn"
             self.one_row = self._checked(int8_one_row(self._packed, self._scales), dtype)
         elif self.device.type == "cpu":
@@ -156,9 +166,10 @@ class Int8Weight:
         # One row, and a few as a decode step batches them (``Int8OneRow.batched``).
         probe = torch.randn(3, self.shape[1], generator=torch.Generator().manual_seed(0))
         probe = probe.to(dtype)
-        alone = torch.equal(one_row(probe[:1]), self(probe[:1]))
+        rows = self.shape[0]
+        alone = torch.equal(one_row(probe[:1])[:, :rows], self(probe[:1]))
         if alone and (
-            not one_row.batches(probe) or torch.equal(one_row.batched(probe), self(probe))
+            not one_row.batches(probe) or torch.equal(one_row.batched(probe)[:, :rows], self(probe))
         ):
             return one_row
         log.warning("mpllama's int8 kernel differs from oneDNN's here; oneDNN runs every row")
@@ -174,12 +185,20 @@ class Int8Weight:
         return (q * self.scales[..., None]).reshape(self.shape)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        if self.one_row is not None and x.numel() == self.shape[1]:
-            return self.one_row(x.reshape(1, -1)).reshape(*lead, self.shape[0])
-        if self.one_row is not None and self.one_row.batches(x):  # a decode step's rows
-            return self.one_row.batched(x.reshape(-1, self.shape[1])).reshape(*lead, self.shape[0])
-        x2 = x.reshape(-1, x.shape[-1])
+        lead, x2 = x.shape[:-1], x.reshape(-1, self.shape[1])
+        if self.one_row is not None and x2.shape[0] == 1:
+            y = self.one_row(x2)
+        elif self.one_row is not None and self.one_row.batches(x2):  # a decode step's rows
+            y = self.one_row.batched(x2)
+        else:
+            y = self._products(x2).to(x.dtype)
+        if y.shape[1] != self.shape[0]:  # rows ``pack`` added
+            y = y[:, : self.shape[0]].contiguous()
+        return y.reshape(*lead, self.shape[0])
+
+    def _products(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [M, in] -> [M, out] float32 through the kernel ``pack`` chose, each row's
+        activations quantized per input group."""
         groups = self.scales.shape[1]
         y: torch.Tensor | None = None
         for g, xg in enumerate(x2.chunk(groups, dim=1)):
@@ -187,7 +206,7 @@ class Int8Weight:
             part = self._product(xq, g) * sx  # [M, out] float32
             y = part if y is None else y + part
         assert y is not None
-        return y.to(x.dtype).reshape(*lead, self.shape[0])
+        return y
 
     def _product(self, xq: torch.Tensor, g: int) -> torch.Tensor:
         """(xq @ q_g.T) * scales[:, g] in float32, q_g the g-th input group."""
@@ -249,10 +268,12 @@ class Int4Weight:
                 unpack_int4(self.packed), 1
             )
             self._sz = self.scales.to(dtype).transpose(0, 1).contiguous()  # [in/g, out, 2]
+            self.scales = torch.empty(0, dtype=torch.bfloat16)  # the kernel's copy replaces it
             self.kernel = "int4pack"
 
     def nbytes(self) -> int:
-        return self.shape[0] * self.shape[1] // 2 + self.scales.numel() * 2
+        scales = self.scales if self._sz is None else self._sz
+        return self.shape[0] * self.shape[1] // 2 + scales.numel() * scales.element_size()
 
     def dequantize(self) -> torch.Tensor:
         assert self.kernel == "torch", "dequantize() reads the unpacked weight"
@@ -268,6 +289,30 @@ class Int4Weight:
             )
             return y.reshape(*lead, self.shape[0])
         return F.linear(x, self.dequantize().to(x.dtype))
+
+
+class Int8Table:
+    """An embedding table in int8 (``Quantization.vocab``): q [rows, dim] with float32
+    scales [rows, G], one per row and each of G equal runs of its dim (an embedding split
+    by model dimension is quantized per shard). Looked up row by row, in float32."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor) -> None:
+        assert q.dtype == torch.int8 and q.shape[1] % scales.shape[1] == 0
+        self.q, self.scales = q, scales.float()
+        self.shape = tuple(q.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows ``ids`` [...] name, dequantized: [..., dim] float32."""
+        groups = self.scales.shape[1]
+        q = F.embedding(ids, self.q).float().unflatten(-1, (groups, -1))
+        return (q * F.embedding(ids, self.scales)[..., None]).flatten(-2)
+
+    def nbytes(self) -> int:
+        return self.q.numel() + self.scales.numel() * 4
 
 
 QuantizedWeight = Int8Weight | Int4Weight
@@ -303,6 +348,7 @@ def on_load(
         return None
     if setting == "none":
         return None
+    # The embedding's scale groups: ``weights.load_rank_state`` reads them off the shards.
     return Quantization(setting, group_size, row_groups=n_shards)
 
 
@@ -317,18 +363,23 @@ def materialize_quantized(
     state = dict(state)
     for name, module in model.named_modules():
         key = f"{name}.weight"
-        if not is_quantized_key(key):
+        if scales_key(key) not in state:
             continue
         q, scales = state.pop(key).to(device), state.pop(scales_key(key)).to(device)
         module._parameters.pop("weight")
-        module.weight = Int8Weight(q, scales) if q.dtype == torch.int8 else Int4Weight(q, scales)
+        if name == "tok_embeddings":
+            module.weight = Int8Table(q, scales)
+        elif q.dtype == torch.int8:
+            module.weight = Int8Weight(q, scales)
+        else:
+            module.weight = Int4Weight(q, scales)
     return materialize(model, state, device, dtype)
 
 
 def quantized_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's quantized weights (their scales included)."""
+    """Bytes held by the model's quantized weights and tables (their scales included)."""
     return sum(
         m.weight.nbytes()
         for m in model.modules()
-        if isinstance(m.__dict__.get("weight"), (Int8Weight, Int4Weight))
+        if isinstance(m.__dict__.get("weight"), (Int8Weight, Int4Weight, Int8Table))
     )

@@ -87,7 +87,8 @@ def load_rank_state(
     """The weights rank ``rank`` of ``world`` needs, read from its shard(s) only.
 
     ``stored``: the checkpoint is quantized so (``checkpoint.read_quantization``).
-    ``quantize``: quantize each shard's linear weights as read (``quant.quantize_state``),
+    ``quantize``: quantize each shard's weights as read (``quant.quantize_state``; the
+    embedding's scale groups are the shards' own, whatever ``quantize`` says),
     one at a time, before resharding: the rank gets what loading the checkpoint
     ``mpllama quantize`` makes of these shards would give it.
 
@@ -102,14 +103,16 @@ def load_rank_state(
     embed_axis = embedding_axis(tensor_shapes(loaded[0]), args, len(shards))
     per_file = shard_shapes(args, len(shards), embed_axis)
     if stored is not None:
-        per_file = quantized_shapes(per_file, stored, len(shards), args)
+        per_file = quantized_shapes(per_file, stored, len(shards), args, embed_axis)
     for i, state in zip(files, loaded, strict=True):
         check_state(tensor_shapes(state), per_file, str(shards[i]))
+    if quantize is not None:  # each shard quantizes its own slice of the embedding's rows
+        quantize = replace(quantize, embed_groups=len(shards) if embed_axis == 1 else 1)
     quant = stored or quantize
     if quantize is not None:
         from .quant import quantize_state
 
-        per_file = quantized_shapes(per_file, quantize, len(shards), args)
+        per_file = quantized_shapes(per_file, quantize, len(shards), args, embed_axis)
         loaded = [quantize_state(state, quantize) for state in loaded]
     if len(loaded) == 1 and pieces == 1:
         return loaded[0]
@@ -138,10 +141,12 @@ def load_rank_state(
             out[key] = torch.cat([s[key] for s in loaded], dim=axis)
         else:
             out[key] = _piece(key, loaded[0][key], axis, pieces, piece).clone()
-        if quant is not None and quant.method == "int8" and key.endswith(".scales") and axis:
-            # Shards cut finer than the row groups each hold a copy of their group's
-            # scales: take each group once (activations are quantized per group).
-            groups = max(1, quant.row_groups // world)
+        weight = key.removesuffix("scales") + "weight"
+        if quant is not None and key != weight and quant.method_of(weight) == "int8" and axis:
+            # Shards cut finer than the scale groups each hold a copy of their group's
+            # scales: take each group once (activations are quantized per group; an
+            # embedding split by model dimension is looked up per group).
+            groups = quant.scale_groups(weight, world, embed_axis)
             out[key] = out[key][:, :: out[key].shape[1] // groups].contiguous()
     return out
 
@@ -236,8 +241,11 @@ def write_checkpoint(
 
 
 def _written(quant: Quantization, state: dict[str, torch.Tensor]) -> Quantization:
-    """``quant`` with an int8 row-parallel weight's scale groups read from the full
-    state (shards cut finer than the groups each hold a copy of their group's)."""
-    if quant.method != "int8":
-        return quant
-    return replace(quant, row_groups=state["layers.0.attention.wo.scales"].shape[1])
+    """``quant`` with the scale groups of its int8 weights split along their input (a
+    row-parallel weight's, the embedding's) read from the full state (shards cut finer
+    than the groups each hold a copy of their group's)."""
+    if quant.method == "int8":
+        quant = replace(quant, row_groups=state["layers.0.attention.wo.scales"].shape[1])
+    if quant.vocab:
+        quant = replace(quant, embed_groups=state["tok_embeddings.scales"].shape[1])
+    return quant

@@ -331,6 +331,9 @@ class RankWorker:
         out = {"peak_rss_mb": peak, "growth_mb": round(peak - self._rss_before_load, 1), **now}
         if "anon_rss_mb" in now:
             out["anon_growth_mb"] = round(now["anon_rss_mb"] - self._anon_before_load, 1)
+        if self.model is not None:  # what the growth holds, counted tensor by tensor
+            out["weights_mb"] = round(self.model.weight_bytes() / 2**20, 1)
+            out["kv_cache_mb"] = round(self.model.kv_cache_bytes() / 2**20, 1)
         return out
 
     def kv_written(self) -> list[int]:
