@@ -139,7 +139,7 @@ class Decoder:
 def products_ms(model: Transformer, repeats: int) -> float:
     """ms for one row through every product of a step, back to back (median of
     ``repeats`` passes after a first)."""
-    dtype = model.output.weight.dtype
+    dtype = model.dtype
     rows = [torch.randn(1, m.weight.shape[1]).to(dtype) for m in products(model)]
     pairs = list(zip(products(model), rows, strict=True))
 

@@ -143,7 +143,13 @@ def quantize_ckpt(src: Path, out: Path, method: str, *extra: str) -> Path:
     return out
 
 
-def load(folder: Path, method: str | None = None, world: int = 1, rank: int = 0) -> Transformer:
+def load(
+    folder: Path,
+    method: str | None = None,
+    world: int = 1,
+    rank: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Transformer:
     """Rank ``rank`` of ``world``'s model, quantized on load to ``method`` (or as the
     checkpoint is stored), packed as a CPU rank packs it."""
     args = checkpoint.resolve_vocab(
@@ -155,7 +161,7 @@ def load(folder: Path, method: str | None = None, world: int = 1, rank: int = 0)
     on_load = quant.on_load(method or "none", 32, stored, len(shards))
     state = weights.load_rank_state(shards, args, rank, world, stored, on_load)
     build = quant.materialize_quantized if stored or on_load else materialize
-    model = build(Transformer(args), state, CPU, torch.float32)
+    model = build(Transformer(args), state, CPU, dtype)
     model.pack_linears()
     return model
 
@@ -196,6 +202,21 @@ def test_quantizing_on_load_equals_loading_a_quantized_checkpoint(
     for model in (on_load, stored):
         rows = model.tok_embeddings.weight.lookup(torch.arange(table.shape[0]))
         assert float((rows - table).norm() / table.norm()) < 0.01
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_bf16_models_int8_logits_are_float32(
+    method: str, tiny_q: Path, single_rank: None
+) -> None:
+    """The int8 output layer of a bf16 model gives float32 logits, as a bf16 one does
+    (``Float32Product``): rounded to bf16, near-ties would be decided by the rounding.
+    One row and three (the one-row and the batched kernel)."""
+    model = load(tiny_q, method, dtype=torch.bfloat16)
+    assert isinstance(model.output.weight, Int8Weight)
+    for rows in (ROWS[:1], ROWS):
+        logits = last_logits(model, rows)
+        assert logits.dtype == torch.float32
+        assert not torch.equal(logits, logits.bfloat16().float())
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -439,7 +439,15 @@ class Transformer(nn.Module):
             _, h = add_rmsnorm(h, None, self.norm.weight, self.norm.eps)
         else:
             h = self.norm(h)
-        logits = gather_to_lead(self.logits32(h) if self.logits32 else self.output(h))
+        if self.logits32 is not None:
+            logits = self.logits32(h)
+        elif isinstance(self.output.weight, Int8Weight):
+            # float32 logits, as logits32 gives: bf16's rounding would decide near-ties.
+            # The rows quantize the same from float32 (their values are bf16's).
+            logits = self.output(h.float())
+        else:
+            logits = self.output(h)
+        logits = gather_to_lead(logits)
         return None if logits is None else logits.float()
 
 
