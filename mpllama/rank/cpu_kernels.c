@@ -27,12 +27,15 @@
 
 /* The bf16 one-row product asks for its weight's bytes this far ahead, into L2. On huge
  * pages (as ranks allocate), a bf16 decode step of the bench model ran 2-7% faster with
- * it, interleaved, at every memory speed this machine showed; with it, the float32 and
- * int8 products ran 2-15% slower and the plain pass of reads up to 9%, so they leave
- * their reads to the CPU's prefetchers, as do batched products (10-20% slower at 2-8
- * rows with it, on 4 KiB pages). The L1 hint made bf16 slower. (benchmarks/RESULTS.md,
- * "Figures behind the code".) */
+ * it, interleaved, at every memory speed this machine showed (32 or 48 KB: the same);
+ * with it, float32 products ran slower and the plain pass of reads up to 9%, so they
+ * leave their reads to the CPU's prefetchers, as do batched products (10-20% slower at
+ * 2-8 rows with it, on 4 KiB pages). The L1 hint made bf16 slower. The int8 one-row
+ * product asks further ahead, INT8_AHEAD: two of every four lines 48 KB on made an int8
+ * decode step 5-16% faster at every memory speed (16 KB: 0-8%; the L1 hint: 40% slower).
+ * (benchmarks/RESULTS.md, "Figures behind the code".) */
 #define AHEAD 16384
+#define INT8_AHEAD 49152
 static inline void ahead(const void *p) { _mm_prefetch((const char *)p + AHEAD, _MM_HINT_T1); }
 
 static inline float bf16_to_f32(uint16_t v) {
@@ -405,6 +408,8 @@ void gemv_int8(const int8_t *const *w, const float *scales, const void *x, int x
             __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
             __m512i a2 = _mm512_setzero_si512(), a3 = _mm512_setzero_si512();
             for (int64_t k = 0; k < Kg / 4; k++, p += 4 * NB) {
+                _mm_prefetch((const char *)p + INT8_AHEAD, _MM_HINT_T1);
+                _mm_prefetch((const char *)p + INT8_AHEAD + 64, _MM_HINT_T1);
                 const __m512i xk = _mm512_set1_epi32((int)quads[k]);
                 a0 = _mm512_dpbusd_epi32(a0, xk, _mm512_loadu_si512(p));
                 a1 = _mm512_dpbusd_epi32(a1, xk, _mm512_loadu_si512(p + 64));
