@@ -18,6 +18,42 @@ import torch
 from .cpu_kernels import Segments
 
 
+def row_segments(
+    i: int, row: list[tuple[int, int]], end: int, block_size: int
+) -> list[tuple[int, int]]:
+    """Row ``i``'s positions 0..end-1 as (first cache position, count) segments, from its
+    (first block, count) runs."""
+    segs, covered = [], 0
+    for first, count in row:
+        if covered >= end:
+            break
+        n = min(count * block_size, end - covered)
+        segs.append((first * block_size, n))
+        covered += n
+    if covered < end:
+        raise ValueError(f"row {i}: blocks for {covered} positions, it needs {end}")
+    return segs
+
+
+def decode_positions(
+    runs: list[list[tuple[int, int]]], starts: list[int], block_size: int
+) -> tuple[list[list[tuple[int, int]]], list[int]]:
+    """For one new token per row at logical position ``starts[i]``: each row's segments
+    (its positions with the new one) and the cache position the new token writes, as
+    ``CacheIndex.build`` places them, without the tensors a general step needs."""
+    segments, writes = [], []
+    for i, (row, start) in enumerate(zip(runs, starts, strict=True)):
+        segs = row_segments(i, row, start + 1, block_size)
+        at = 0
+        for first, n in segs:
+            if start < at + n:
+                writes.append(first + start - at)
+                break
+            at += n
+        segments.append(segs)
+    return segments, writes
+
+
 @dataclass
 class CacheIndex:
     """Where one forward's tokens sit, and where they go in every layer's KV cache."""
@@ -60,15 +96,7 @@ class CacheIndex:
         scattered: dict[int, list[int]] = {}  # the others: each new token's position
         segments = []
         for i, (row, start, end) in enumerate(zip(runs, starts, ends, strict=True)):
-            segs, covered = [], 0
-            for first, count in row:
-                if covered >= end:
-                    break
-                n = min(count * block_size, end - covered)
-                segs.append((first * block_size, n))
-                covered += n
-            if covered < end:
-                raise ValueError(f"row {i}: blocks for {covered} positions, it needs {end}")
+            segs = row_segments(i, row, end, block_size)
             segments.append(segs)
             if len(segs) == 1:
                 bases[i] = segs[0][0]

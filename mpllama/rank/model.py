@@ -29,7 +29,7 @@ from .cpu_kernels import (
     silu_mul,
 )
 from .dist import gather_to_lead
-from .kv_layout import CacheIndex
+from .kv_layout import CacheIndex, decode_positions
 from .layers import (
     ColumnLinear,
     Fused,
@@ -371,6 +371,9 @@ class Transformer(nn.Module):
         ``logits_at``.
         """
         B, T = tokens.shape
+        if T == 1 and lengths is None and self._decodes(B):
+            logits = self.decode(tokens[:, 0].tolist(), start_pos.tolist(), runs)
+            return logits if logits is None or logits_at is not None else logits[:, None]
         device = tokens.device
         steps = torch.arange(T, device=device)
         positions = start_pos[:, None] + steps  # [B,T]
@@ -419,12 +422,8 @@ class Transformer(nn.Module):
         # that alone parted bf16's greedy tokens from float32's at 90.7%, against 96.6%
         # with the stream in float32 (benchmarks/RESULTS.md, "Figures behind the code").
         h = at.pack(self.tok_embeddings(tokens)).float()
-        decoder = self.row_decoder
         fused = at.decode is not None or self.fused_layers  # mpllama's CPU kernels run
-        if at.decode is not None and decoder is not None and B <= decoder.most_rows:
-            # A decode step's rows, each layer two C calls (row_decode), same logits.
-            h = decoder(h, cis, at.write_index.view(B), at.decode)
-        elif fused:
+        if fused:
             delta = None  # each layer's feed-forward output, added in by the next layer
             for layer in self.layers:
                 h, delta = layer.fused(h, delta, at, cis)
@@ -439,6 +438,51 @@ class Transformer(nn.Module):
             _, h = add_rmsnorm(h, None, self.norm.weight, self.norm.eps)
         else:
             h = self.norm(h)
+        return self._logits(h)
+
+    def _decodes(self, B: int) -> bool:
+        """Whether a step of one new token for each of B rows runs ``decode``'s path."""
+        decoder = self.row_decoder
+        return decoder is not None and B <= decoder.most_rows and self._decode_kernel_fits()
+
+    @torch.inference_mode()
+    def decode(
+        self, tokens: list[int], starts: list[int], runs: list[list[tuple[int, int]]]
+    ) -> torch.Tensor | None:
+        """One new token per row, ``tokens[i]`` at position ``starts[i]`` of row i (its
+        blocks ``runs[i]``, as ``forward`` takes them): float32 logits [B, V] on the lead
+        rank, None on the others, bit for bit ``forward``'s at ``logits_at`` 0.
+
+        Where the row decoder runs (``_decodes``): each layer two C calls, the final norm
+        one more, and no more Python around them than the step needs. At one row of the
+        bench model in int8 a step is about 3 ms, and forward's general plan (the cache
+        index, padding, masks, the logits' row) cost about 0.2 ms of it. Elsewhere,
+        ``forward``."""
+        B = len(tokens)
+        if not self._decodes(B):
+            return self(
+                torch.tensor(tokens, device=self.device)[:, None],
+                torch.tensor(starts, device=self.device),
+                runs,
+                logits_at=torch.zeros(B, dtype=torch.long, device=self.device),
+            )
+        if max(starts) >= self.max_seq_len:
+            raise ValueError(
+                f"a row reaches position {max(starts)}, past max_seq_len {self.max_seq_len}"
+            )
+        segments, writes = decode_positions(runs, starts, self.block_size)
+        assert self.row_decoder is not None
+        h = self.row_decoder(
+            self.tok_embeddings(torch.tensor(tokens)).float(),
+            self.rope[torch.tensor(starts)],
+            torch.tensor(writes),
+            Segments.of(segments),
+            self.norm,
+        )
+        return self._logits(h)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits of the normed rows h [..., dim], gathered on the lead."""
         if self.logits32 is not None:
             logits = self.logits32(h)
         elif isinstance(self.output.weight, Int8Weight):

@@ -32,7 +32,7 @@ from .cpu_kernels import BATCH_ROWS, Int8OneRow, OneRowProduct, Segments
 from .dist import all_reduce
 
 if TYPE_CHECKING:
-    from .model import Transformer
+    from .model import RMSNorm, Transformer
 
 _P = ctypes.c_void_p
 BF16, INT8, F32 = 0, 1, 2  # product_t's kinds
@@ -121,6 +121,8 @@ class RowDecoder:
         lib = cpu_kernels.library()
         assert lib is not None
         self.attention, self.feed_forward = lib.row_attention_step, lib.row_feed_forward_step
+        self.dtype = dtype
+        self.final_norm = cpu_kernels.kernel("add_rmsnorm", dtype)
         self.ranks = get_model_parallel_world_size()  # > 1: sum each half's output
 
     @staticmethod
@@ -192,12 +194,18 @@ class RowDecoder:
         return RowDecoder(model, layers, shape, work, most_rows)
 
     def __call__(
-        self, x: torch.Tensor, cis: torch.Tensor, positions: torch.Tensor, segments: Segments
+        self,
+        x: torch.Tensor,
+        cis: torch.Tensor,
+        positions: torch.Tensor,
+        segments: Segments,
+        norm: RMSNorm,
     ) -> torch.Tensor:
-        """The hidden states after every layer for one new token of each of M rows
-        (M <= ``most_rows``): x [M, dim] (the embeddings, as the float32 residual stream),
-        cis their positions' RoPE factors (complex, [M, D/2]), ``positions`` [M] the cache
-        positions they write, ``segments`` each row's positions (with the new one)."""
+        """The final norm of the hidden states after every layer, in the model's dtype,
+        for one new token of each of M rows (M <= ``most_rows``): x [M, dim] (the
+        embeddings, as the float32 residual stream), cis their positions' RoPE factors
+        (complex, [M, D/2]), ``positions`` [M] the cache positions they write, ``segments``
+        each row's positions (with the new one), ``norm`` the model's final norm."""
         M = x.shape[0]
         assert 0 < M <= self.most_rows and x.dtype == torch.float32
         h = x.reshape(M, -1).clone()
@@ -231,4 +239,9 @@ class RowDecoder:
             if self.ranks > 1:
                 all_reduce(ffn_sum)
             delta = ffn_at
-        return (h + ffn_sum).view(x.shape)
+        out = torch.empty(M, dim, dtype=self.dtype)
+        # The last layer's output added in and the final norm, in one call.
+        self.final_norm(
+            h_at, ffn_at, norm.weight.data_ptr(), h_at, out.data_ptr(), M, dim, norm.eps
+        )
+        return out

@@ -155,13 +155,7 @@ def execute(
             logits_at=lens - 1,
         )
     if batch.dec_tokens:
-        n = len(batch.dec_tokens)
-        dec = model(
-            torch.tensor(batch.dec_tokens, device=device)[:, None],
-            torch.tensor(batch.dec_starts, device=device),
-            batch.dec_runs,
-            logits_at=torch.zeros(n, dtype=torch.long, device=device),
-        )
+        dec = model.decode(batch.dec_tokens, batch.dec_starts, batch.dec_runs)
     return pf, dec
 
 
