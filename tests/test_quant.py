@@ -88,6 +88,19 @@ def test_int4_product_matches_its_dequantized_weight(dtype: torch.dtype) -> None
     assert (want - x.float() @ w.t()).norm() / (x.float() @ w.t()).norm() < 0.12
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_an_int8_table_looks_up_each_row_times_its_scale(groups: int) -> None:
+    """Int8Table.lookup (one C call on the CPU) gives each named row's int8 values times
+    its run's scale, in float32, exactly; 40 values a run exercise the kernel's tail."""
+    q, scales = quantize_int8(randn(5, 50, 80), groups)
+    table = quant.Int8Table(q, scales)
+    ids = torch.tensor([[3, 0, 49], [7, 7, 12]])
+    want = (q[ids].float().unflatten(-1, (groups, -1)) * scales[ids][..., None]).flatten(-2)
+    got = table.lookup(ids)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, 80)
+    assert torch.equal(got, want)
+
+
 def test_int4_values_round_trip_through_their_packing() -> None:
     w = randn(4, 8, 64)
     packed, scales = quantize_int4(w, 32)

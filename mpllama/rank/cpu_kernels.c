@@ -624,6 +624,26 @@ float stream_sum(const float *x, int64_t n) {
     return total;
 }
 
+/* Rows ids[0..n-1] of an int8 embedding table q [rows, dim] with float32 scales
+ * [rows, G] (one per G equal runs of a row): out[i] = float(q[id]) * its run's scale,
+ * float32, as quant.Int8Table's torch form computes it (one rounding each). */
+void lookup_int8(const int8_t *q, const float *scales, const int64_t *ids, int64_t n,
+                 int64_t dim, int64_t G, float *out) {
+    const int64_t run = dim / G;
+    for (int64_t i = 0; i < n; i++) {
+        const int8_t *row = q + ids[i] * dim;
+        for (int64_t g = 0; g < G; g++) {
+            const __m512 s = _mm512_set1_ps(scales[ids[i] * G + g]);
+            for (int64_t d = g * run; d < (g + 1) * run; d += 16) {
+                const __mmask16 k = tail((g + 1) * run - d);
+                const __m128i v = _mm_maskz_loadu_epi8(k, row + d);
+                _mm512_mask_storeu_ps(out + i * dim + d, k,
+                                      _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), s));
+            }
+        }
+    }
+}
+
 /* ---------------------------------------------------------------- a decode step's layer
  * A layer for one new token of each of M rows, bf16 or float32, as two calls (the
  * attention half, the feed-forward half), each ending in a row-parallel product whose

@@ -53,6 +53,7 @@ _SIGNATURES = {
     "gemm_bf16_f32": [_P, _P, _P, _I, _I, _I, _I],
     "gemm_bf16_bf16": [_P, _P, _P, _I, _I, _I, _I],
     "stream_sum": [_P, _I],
+    "lookup_int8": [_P, _P, _P, _I, _I, _I, _P],
     # a decode step's layer (row_decode.py's structs, then the step's arguments)
     "row_attention_step": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _P],
     "row_feed_forward_step": [_P, _P, _P, _P, _I, _P],

@@ -37,7 +37,7 @@ from torch import nn
 from ..checkpoint import Quantization, scales_key
 from ..errors import CheckpointError
 from ..hardware import cpu_flags
-from .cpu_kernels import BLOCK, Int8OneRow, int8_one_row
+from .cpu_kernels import BLOCK, Int8OneRow, int8_one_row, library
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ class Int8Table:
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor) -> None:
         assert q.dtype == torch.int8 and q.shape[1] % scales.shape[1] == 0
-        self.q, self.scales = q, scales.float()
+        self.q, self.scales = q.contiguous(), scales.float().contiguous()
         self.shape = tuple(q.shape)
 
     @property
@@ -306,8 +306,24 @@ class Int8Table:
         return self.q.device
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """The rows ``ids`` [...] name, dequantized: [..., dim] float32."""
+        """The rows ``ids`` [...] name, dequantized: [..., dim] float32. On the CPU one C
+        call (``lookup_int8``): the torch form's five ops cost about 0.1 ms of a batch-1
+        int8 step, cold after the weights' stream. The same values either way."""
         groups = self.scales.shape[1]
+        lib = library() if self.device.type == "cpu" else None
+        if lib is not None:
+            ids = ids.contiguous()
+            out = torch.empty(*ids.shape, self.shape[1])
+            lib.lookup_int8(
+                self.q.data_ptr(),
+                self.scales.data_ptr(),
+                ids.data_ptr(),
+                ids.numel(),
+                self.shape[1],
+                groups,
+                out.data_ptr(),
+            )
+            return out
         q = F.embedding(ids, self.q).float().unflatten(-1, (groups, -1))
         return (q * F.embedding(ids, self.scales)[..., None]).flatten(-2)
 
