@@ -5,8 +5,9 @@ their quantized twins (gpt-fast's shape: build, then replace each weight while l
 The seven linear weights of every layer (wq, wk, wv, wo, w1, w2, w3) are quantized to
 the method's type; the vocabulary's tables, the embedding and the output layer, to int8
 per row whatever the method (``Quantization.vocab``; llama.cpp's q8_0 keeps them so).
-They are a fifth of Llama 3.2 1B's weights, and in full precision an int8 rank held
-0.35 of float32's bytes instead of a quarter (benchmarks/RESULTS.md, session 7).
+They are a fifth of Llama 3.2 1B's weights; in full precision they kept an int8 rank of
+the bench model at 0.27 of float32's weight bytes instead of a quarter (RESULTS.md,
+session 7).
 
 * int8: symmetric int8 weights, one float32 scale per output row and input group (a
   column-parallel weight has one group; a row-parallel weight one per shard it was
