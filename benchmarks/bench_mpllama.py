@@ -63,11 +63,9 @@ def run_llm(llm: LLM, work: Workload, name: str, repeats: int = 1) -> RunResult:
     return RunResult(name, got, elapsed, tokens)
 
 
-def rank_memory_mb(llm: LLM) -> list[float] | str:
-    """Each rank's resident-memory growth since it started (MiB), or why it is unknown:
-    the anonymous memory it holds where the OS tells (prepacked weights, KV cache,
-    activations; pages of a memory-mapped shard, which the kernel may drop, are not
-    counted), else the growth of its peak.
+def rank_memory(llm: LLM) -> list[dict[str, float]] | str:
+    """Each rank's memory report (``RankWorker.memory``: its growth, and the weights and
+    KV cache it holds, counted tensor by tensor), or why it is unknown.
 
     Read through the engine's call-every-rank primitive, which the per-step engine may
     rename; a benchmark must not die on that, so a missing hook reads "n/a".
@@ -76,21 +74,20 @@ def rank_memory_mb(llm: LLM) -> list[float] | str:
     if call_all is None:
         return "n/a (llm.engine.call_all is gone)"
     try:
-        return [float(m.get("anon_growth_mb", m["growth_mb"])) for m in call_all("memory")]
+        return [dict(m) for m in call_all("memory")]
     except Exception as exc:  # any failure here costs only this one number
         return f"n/a ({type(exc).__name__}: {exc})"
 
 
-def rank_memory(llm: LLM) -> dict[str, float] | str:
-    """The first rank's memory report (``Worker.memory``: growth, and the weights and KV
-    cache it holds, counted tensor by tensor), or why it is unknown (as ``rank_memory_mb``)."""
-    call_all = getattr(getattr(llm, "engine", None), "call_all", None)
-    if call_all is None:
-        return "n/a (llm.engine.call_all is gone)"
-    try:
-        return dict(call_all("memory")[0])
-    except Exception as exc:  # any failure here costs only this one number
-        return f"n/a ({type(exc).__name__}: {exc})"
+def rank_memory_mb(llm: LLM) -> list[float] | str:
+    """Each rank's resident-memory growth since it started (MiB), or why it is unknown:
+    the anonymous memory it holds where the OS tells (prepacked weights, KV cache,
+    activations; pages of a memory-mapped shard, which the kernel may drop, are not
+    counted), else the growth of its peak."""
+    reports = rank_memory(llm)
+    if isinstance(reports, str):
+        return reports
+    return [float(m.get("anon_growth_mb", m["growth_mb"])) for m in reports]
 
 
 # ------------------------------------------------------------------------ under load

@@ -337,7 +337,8 @@ def speed(ckpt: Path, batches: tuple[int, ...], seed: int, root: Path) -> dict:
             ) as llm:
                 rates[label, n] = run_llm(llm, w, f"mpllama {label}", repeats=2).tokens_per_s
                 if n == batches[0]:
-                    memory[label] = rank_memory(llm)
+                    reports = rank_memory(llm)
+                    memory[label] = reports if isinstance(reports, str) else reports[0]
     try:
         import bench_llamacpp as cpp
 

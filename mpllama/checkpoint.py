@@ -449,6 +449,12 @@ class Quantization:
             return 1
         return max(1, self.row_groups // parts)
 
+    def split_as(self, n_shards: int, embed_axis: int) -> Quantization:
+        """This quantization for ``n_shards`` shards splitting the embedding on
+        ``embed_axis``, each quantized alone: its embedding's scale groups, one a shard
+        where they split its rows by model dimension, else 1 (each holds whole rows)."""
+        return replace(self, embed_groups=n_shards if embed_axis == 1 else 1)
+
     def method_of(self, key: str) -> str | None:
         """How ``key`` is quantized: ``method`` for the layers' linear weights, int8 for
         the vocabulary's tables (``vocab``), None for a tensor kept as it is."""

@@ -138,9 +138,8 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
         raise MpllamaError("--group-size applies to --to int4 only (int8 scales each row)")
     group_size = RuntimeConfig.quant_group_size if ns.group_size is None else ns.group_size
     try:
-        by_dim = detect_embedding_axis(shards, args) == 1  # else each shard has whole rows
-        quant = Quantization(
-            ns.to, group_size, row_groups=len(shards), embed_groups=len(shards) if by_dim else 1
+        quant = Quantization(ns.to, group_size, row_groups=len(shards)).split_as(
+            len(shards), detect_embedding_axis(shards, args)
         )
         check_quantization(args, quant, len(shards))
     except ConfigError as exc:

@@ -138,16 +138,17 @@ class Int8Weight:
     def pack(self, dtype: torch.dtype) -> None:
         groups = self.scales.shape[1]
         q, scales = self.q, self.scales
-        if self.device.type == "cpu" and onednn_int8_supported():
+        onednn = self.device.type == "cpu" and onednn_int8_supported()
+        pad = -self.shape[0] % BLOCK if onednn else 0
+        if pad:
             # mpllama's kernel reads whole blocks of 64 rows (an output layer's vocabulary
             # slice may not be): zero rows fill the last, and products drop them.
-            pad = -self.shape[0] % BLOCK
-            q = torch.cat([q, q.new_zeros(pad, self.shape[1])]) if pad else q
-            scales = torch.cat([scales, scales.new_ones(pad, groups)]) if pad else scales
+            q = torch.cat([q, q.new_zeros(pad, self.shape[1])])
+            scales = torch.cat([scales, scales.new_ones(pad, groups)])
         chunks = q.chunk(groups, dim=1)
         # Dense copies: oneDNN reads a view's storage as if it were dense.
         self._scales = [scales[:, g].contiguous() for g in range(groups)]
-        if self.device.type == "cpu" and onednn_int8_supported():
+        if onednn:
             self._packed = [torch.ops.onednn.qlinear_prepack(c.contiguous(), None) for c in chunks]
             self._zero_points = torch.zeros(q.shape[0], dtype=torch.long)
             self.kernel = "onednn"

@@ -107,7 +107,7 @@ def load_rank_state(
     for i, state in zip(files, loaded, strict=True):
         check_state(tensor_shapes(state), per_file, str(shards[i]))
     if quantize is not None:  # each shard quantizes its own slice of the embedding's rows
-        quantize = replace(quantize, embed_groups=len(shards) if embed_axis == 1 else 1)
+        quantize = quantize.split_as(len(shards), embed_axis)
     quant = stored or quantize
     if quantize is not None:
         from .quant import quantize_state
