@@ -4,9 +4,11 @@ the result records every runner returns, so each runner sees exactly the same wo
 from __future__ import annotations
 
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from mpllama.checkpoint import read_params
 from mpllama.model_args import ModelArgs
 
 try:  # the random-checkpoint writer is moving from checkpoint.py to fixtures.py
@@ -64,15 +66,23 @@ class RunResult:
 def make_checkpoint(
     root: Path, name: str, model: ModelArgs | str, parts: int, vocab_size: int = VOCAB_SIZE
 ) -> Path:
-    """A seeded random checkpoint in ``root/name-parts``, reused when already there.
+    """A seeded random checkpoint in ``root/name-parts``, reused when already there with
+    the same shape (a --quick run's smaller model under the same name is replaced).
 
     Every ``parts`` gets the same weights (same seed, same tokenizer corpus), so MP=1
     and MP=2 runs and the transformers baselines all decode the same model.
     """
     out = root / f"{name}-{parts}"
+    if (out / "params.json").exists() and isinstance(model, ModelArgs):
+        have = read_params(out)
+        if any(getattr(have, f) != getattr(model, f) for f in _SHAPE):
+            shutil.rmtree(out)
     if not (out / "params.json").exists():
         init_checkpoint(out, model, parts=parts, seed=0, vocab_size=vocab_size)
     return out
+
+
+_SHAPE = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
 
 
 def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .config import QUANT_GROUP_SIZES
+from .config import AUTO_GROUP_SIZES, QUANT_GROUP_SIZES
 from .errors import CheckpointError, ConfigError
 from .model_args import LLAMA3_VOCAB_SIZE, ModelArgs
 from .shard_index import index_shapes
@@ -491,15 +491,40 @@ def scales_key(key: str) -> str:
     return key.removesuffix("weight") + "scales"
 
 
+def _int4_inputs(args: ModelArgs, parts: int) -> dict[str, int]:
+    """The inputs of the int4 weights of a model split over ``parts``, by name."""
+    return {
+        "dim": args.dim,
+        "the FFN width per part": args.ffn_dim // parts,
+        "the attention width per part": args.n_heads * args.head_dim // parts,
+    }
+
+
+def _int4_fits(args: ModelArgs, parts: int) -> list[int]:
+    """The int4 group sizes that divide every int4 weight's input split over ``parts``."""
+    inputs = _int4_inputs(args, parts).values()
+    return [g for g in QUANT_GROUP_SIZES if all(v % g == 0 for v in inputs)]
+
+
+def int4_group_size(args: ModelArgs, requested: int | str, *parts: int) -> int:
+    """The int4 group size for ``requested`` (runtime.quant_group_size): itself, or for
+    ``auto`` the largest of ``AUTO_GROUP_SIZES`` that divides every int4 weight's input
+    split over each of ``parts`` (the shards quantized, the ranks that load them).
+    ``check_quantization`` reports a size that fits no split."""
+    if requested != "auto":
+        return int(requested)
+    fits = set.intersection(*(set(_int4_fits(args, n)) for n in parts))
+    return next((g for g in AUTO_GROUP_SIZES if g in fits), AUTO_GROUP_SIZES[-1])
+
+
 def check_quantization(args: ModelArgs, quant: Quantization, parts: int) -> None:
     """Raise ConfigError unless every quantized weight's input, as split over ``parts``
     ranks or shards, holds whole groups (int4) and whole scale groups (int8)."""
     if quant.method == "int4":
-        inputs = {"dim": args.dim, "the FFN width per part": args.ffn_dim // parts}
-        inputs["the attention width per part"] = args.n_heads * args.head_dim // parts
+        inputs = _int4_inputs(args, parts)
         bad = [f"{name}={value}" for name, value in inputs.items() if value % quant.group_size]
         if bad:
-            fits = [g for g in QUANT_GROUP_SIZES if all(v % g == 0 for v in inputs.values())]
+            fits = _int4_fits(args, parts)
             fix = (
                 f"group sizes that fit: {fits}"
                 if fits

@@ -325,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="int4: weights per scale along the input (32, 64, 128 or 256; default: "
-        "runtime.quant_group_size's)",
+        help="int4: weights per scale and zero along the input (32, 64, 128 or 256; "
+        "default: 128 where every shard's weights take it, else 64 or 32)",
     )
 
     p = add(

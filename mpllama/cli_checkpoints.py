@@ -115,6 +115,7 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
         detect_embedding_axis,
         find_shards,
         find_tokenizer,
+        int4_group_size,
         read_params,
         read_quantization,
     )
@@ -136,7 +137,8 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
         )
     if ns.group_size is not None and ns.to != "int4":
         raise MpllamaError("--group-size applies to --to int4 only (int8 scales each row)")
-    group_size = RuntimeConfig.quant_group_size if ns.group_size is None else ns.group_size
+    requested = RuntimeConfig.quant_group_size if ns.group_size is None else ns.group_size
+    group_size = int4_group_size(args, requested, len(shards))
     try:
         quant = Quantization(ns.to, group_size, row_groups=len(shards)).split_as(
             len(shards), detect_embedding_axis(shards, args)

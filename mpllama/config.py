@@ -25,6 +25,10 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 CPU_LINEARS = ("auto", "onednn", "torch")
 QUANTIZATIONS = ("none", "int8", "int4")
 QUANT_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels take
+# quant_group_size: auto takes the first that divides every int4 weight's input on every
+# rank: 128 for Llama's widths, as GPTQ/AWQ and torchao default (4.25 bits a weight with
+# its bf16 scale and zero, against 5 at 32); the demo model's 96-input shards take 32.
+AUTO_GROUP_SIZES = (128, 64, 32)
 BACKENDS = ("auto", "gloo", "nccl")
 PLACEMENT_STRATEGIES = ("auto", "PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
 REPLICA_PLACEMENTS = ("spread", "pack")
@@ -123,9 +127,10 @@ class RuntimeConfig:
     # Linear weights quantized on load, on each rank (a checkpoint `mpllama quantize`
     # wrote is already quantized and runs so): int8 per output row, activations quantized
     # per token; int4 weight-only, group-wise along the input, quant_group_size weights
-    # per scale. The embedding and the output layer keep the dtype.
+    # per scale and zero (auto: 128 where every rank's weights take it, else 64 or 32).
+    # The embedding and the output layer: int8 per row with either method.
     quantization: str = "none"
-    quant_group_size: int = 32
+    quant_group_size: int | str = "auto"
     seed: int = 1
 
     def __post_init__(self) -> None:
@@ -133,9 +138,9 @@ class RuntimeConfig:
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("cpu_linear", self.cpu_linear, CPU_LINEARS)
         _one_of("quantization", self.quantization, QUANTIZATIONS)
-        if self.quant_group_size not in QUANT_GROUP_SIZES:
+        if self.quant_group_size != "auto" and self.quant_group_size not in QUANT_GROUP_SIZES:
             raise ConfigError(
-                f"quant_group_size must be one of {list(QUANT_GROUP_SIZES)}, got "
+                f"quant_group_size must be auto or one of {list(QUANT_GROUP_SIZES)}, got "
                 f"{self.quant_group_size!r}"
             )
         if self.max_batch_size < 1:

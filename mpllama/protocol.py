@@ -87,7 +87,7 @@ class RankSpec:
     prefill_chunk_tokens: int = 512
     cpu_linear: str = "auto"
     quantization: str = "none"  # none | int8 | int4: quantize the linear weights on load
-    quant_group_size: int = 32
+    quant_group_size: int | str = "auto"  # int4: see config.AUTO_GROUP_SIZES
     threads: int = 1
     collective_timeout_s: float = 60.0
     log_level: int = logging.WARNING  # the driver's level for mpllama's loggers

@@ -18,12 +18,13 @@ from mpllama.checkpoint import Quantization
 from mpllama.cli import main
 from mpllama.config import RuntimeConfig
 from mpllama.errors import CheckpointError, ConfigError
-from mpllama.model_args import PRESETS
+from mpllama.model_args import PRESETS, ModelArgs
 from mpllama.rank import cpu_kernels, quant, weights
 from mpllama.rank.model import Transformer, materialize
 from mpllama.rank.quant import Int4Weight, Int8Weight, quantize_int4, quantize_int8
 
 CPU = torch.device("cpu")
+DEMO = Path(__file__).parent.parent / "demo" / "model"
 METHODS = ["int8", "int4"]
 
 
@@ -171,7 +172,7 @@ def load(
     )
     shards = checkpoint.find_shards(folder)
     stored = checkpoint.read_quantization(folder)
-    on_load = quant.on_load(method or "none", 32, stored, len(shards))
+    on_load = quant.on_load(method or "none", "auto", stored, args, len(shards), world)
     state = weights.load_rank_state(shards, args, rank, world, stored, on_load)
     build = quant.materialize_quantized if stored or on_load else materialize
     model = build(Transformer(args), state, CPU, dtype)
@@ -249,9 +250,11 @@ def test_a_quantized_checkpoint_reshards_like_any_other(
 ) -> None:
     """2 quantized shards merged into 1 and split into 4 give the same model: the
     scales split with their weights (the embedding's on either axis), nothing is
-    quantized again."""
+    quantized again. (int4 in groups of 32: 4 shards give the attention 32 inputs each,
+    auto's 64 would not split so.)"""
     source = request.getfixturevalue("tiny_q" if split == "by dimension" else "tiny_q_by_vocab")
-    two = quantize_ckpt(source, tmp_path / "q2", method)
+    groups = ("--group-size", "32") if method == "int4" else ()
+    two = quantize_ckpt(source, tmp_path / "q2", method, *groups)
     assert main(["reshard", str(two), str(tmp_path / "q1"), "--mp", "1"]) == 0
     assert main(["reshard", str(tmp_path / "q1"), str(tmp_path / "q4"), "--mp", "4"]) == 0
     assert main(["check", str(tmp_path / "q4")]) == 0
@@ -267,8 +270,8 @@ def test_a_quantized_rank_holds_a_quarter_or_less_of_float32s_bytes(
 ) -> None:
     """Every weight a rank holds, scales and norms included: int8 about 1/4 of float32's
     bytes, the vocabulary's tables too; int4's layers half a byte a weight and a scale
-    and zero per group of 32 (in the model's dtype, here float32), its vocabulary's
-    tables int8 as int8's are."""
+    and zero per group of 64 (auto's for tiny_q's 2 shards; in the model's dtype, here
+    float32), its vocabulary's tables int8 as int8's are."""
     full = load(tiny_q)
     int8, int4 = load(tiny_q, "int8"), load(tiny_q, "int4")
     assert isinstance(int8.output.weight, Int8Weight)
@@ -277,9 +280,10 @@ def test_a_quantized_rank_holds_a_quarter_or_less_of_float32s_bytes(
     assert 0.25 <= int8.weight_bytes() / full.weight_bytes() < 0.26
     layers = [m.weight for m in int4.modules() if isinstance(m.__dict__.get("weight"), Int4Weight)]
     assert len(layers) == 4 * full.args.n_layers  # wqkv, wo, w13, w2
+    assert {w.group_size for w in layers} == {64}
     linears = sum(w.shape[0] * w.shape[1] for w in layers)
     int4_layers = sum(w.nbytes() for w in layers)
-    assert int4_layers == linears // 2 + linears // 32 * 2 * 4
+    assert int4_layers == linears // 2 + linears // 64 * 2 * 4
     int8_layers = quant.quantized_bytes(int8) - int8.output.weight.nbytes()
     int8_layers -= int8.tok_embeddings.weight.nbytes()
     assert int4.weight_bytes() - int4_layers == int8.weight_bytes() - int8_layers
@@ -355,9 +359,56 @@ def test_quantize_help(capsys: pytest.CaptureFixture[str]) -> None:
 def test_quantization_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match=r"quantization must be one of \['none', 'int8'"):
         RuntimeConfig(quantization="int3")
-    with pytest.raises(ConfigError, match="quant_group_size must be one of"):
+    with pytest.raises(ConfigError, match="quant_group_size must be auto or one of"):
         RuntimeConfig(quant_group_size=48)
     assert RuntimeConfig().quantization == "none"
+
+
+LLAMA32_1B = ModelArgs(
+    dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5, multiple_of=256
+)
+
+
+def test_int4_groups_are_the_largest_every_split_takes() -> None:
+    """auto: 128 for Llama's widths at any usual split; the demo model's 2 shards give
+    its wo 96 inputs each (32), one shard 192 (64); a size asked for is kept, and
+    check_quantization refuses it where it does not fit."""
+    demo = checkpoint.read_params(DEMO)
+    for parts in (1, 2, 8):
+        assert checkpoint.int4_group_size(LLAMA32_1B, "auto", parts, parts) == 128
+    assert checkpoint.int4_group_size(demo, "auto", 2) == 32
+    assert checkpoint.int4_group_size(demo, "auto", 1) == 64
+    assert checkpoint.int4_group_size(demo, "auto", 1, 2) == 32  # one shard, two ranks
+    assert checkpoint.int4_group_size(demo, 128, 1) == 128
+    with pytest.raises(
+        ConfigError, match=r"does not divide dim=192.*group sizes that fit: \[32, 64\]"
+    ):
+        checkpoint.check_quantization(demo, Quantization("int4", 128), 1)
+    assert RuntimeConfig().quant_group_size == "auto"
+
+
+def test_quantize_writes_auto_groups(tiny_q: Path, tmp_path: Path, single_rank: None) -> None:
+    """`mpllama quantize --to int4` without --group-size writes auto's groups, and a rank
+    quantizing on load makes the same (64 for tiny_q's 2 shards, 128 from 1 shard)."""
+    for shards, want in ((2, 64), (1, 128)):
+        src = tiny_q
+        if shards == 1:
+            src = tmp_path / "one"
+            assert main(["reshard", str(tiny_q), str(src), "--mp", "1"]) == 0
+        out = quantize_ckpt(src, tmp_path / f"q{shards}", "int4")
+        stored = checkpoint.read_quantization(out)
+        assert stored is not None and stored.group_size == want
+        args = checkpoint.read_params(src)
+        made = quant.on_load("int4", "auto", None, args, shards, shards)
+        assert made is not None and made.group_size == want
+        model = load(out)
+        assert {
+            m.weight.group_size
+            for m in model.modules()
+            if isinstance(m.__dict__.get("weight"), Int4Weight)
+        } == {want}
+    explicit = quantize_ckpt(tiny_q, tmp_path / "q32", "int4", "--group-size", "32")
+    assert checkpoint.read_quantization(explicit).group_size == 32
 
 
 def test_quantize_errors(
@@ -384,7 +435,8 @@ def test_quantize_errors(
     done = quantize_ckpt(tiny_ckpt, tmp_path / "q", "int8")
     assert "already quantized (int8)" in error(str(done), str(tmp_path / "y"), "--to", "int4")
     with pytest.raises(CheckpointError, match="would quantize it twice"):
-        quant.on_load("int4", 32, Quantization("int8", row_groups=2), 2)
+        args = checkpoint.read_params(tiny_ckpt)
+        quant.on_load("int4", 32, Quantization("int8", row_groups=2), args, 2, 2)
 
 
 def test_a_quantized_shard_needs_its_params_entry(tiny_ckpt: Path, tmp_path: Path) -> None:

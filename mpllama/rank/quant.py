@@ -17,7 +17,8 @@ session 7).
   back to float. On the CPU: oneDNN's int8 kernel (VNNI); elsewhere ``torch._int_mm``
   (the same integers), or a float product of the same integers on GPUs.
 * int4: weight-only, asymmetric, group-wise along the input (``group_size`` weights per
-  bf16 scale and zero); activations stay in the model's dtype. On the CPU: torch's
+  bf16 scale and zero; by default 128 where the shards and ranks take it,
+  ``checkpoint.int4_group_size``); activations stay in the model's dtype. On the CPU: torch's
   ``_weight_int4pack_mm_for_cpu``; elsewhere the weight is dequantized at each product.
 
 Measured on a 2-core AMD EPYC (AVX-512 bf16 + VNNI), 2048x8192 layer: benchmarks/RESULTS.md.
@@ -35,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import Quantization, scales_key
+from ..checkpoint import Quantization, int4_group_size, scales_key
 from ..errors import CheckpointError
 from ..hardware import cpu_flags
+from ..model_args import ModelArgs
 from .cpu_kernels import BLOCK, Int8OneRow, int8_one_row, library
 
 log = logging.getLogger(__name__)
@@ -350,11 +352,18 @@ def onednn_int8_supported() -> bool:
 
 
 def on_load(
-    setting: str, group_size: int, stored: Quantization | None, n_shards: int
+    setting: str,
+    group_size: int | str,
+    stored: Quantization | None,
+    args: ModelArgs,
+    n_shards: int,
+    world_size: int,
 ) -> Quantization | None:
     """What a rank quantizes while loading, for ``runtime.quantization`` = ``setting``:
     nothing for ``none``, nor for a checkpoint already quantized (``stored``), which runs
-    as it was written; quantizing it again to another method is refused."""
+    as it was written; quantizing it again to another method is refused. Each of the
+    ``n_shards`` shards is quantized as it is read, then split over ``world_size`` ranks:
+    an ``auto`` group size fits both."""
     if stored is not None:
         if setting not in ("none", stored.method):
             raise CheckpointError(
@@ -367,6 +376,7 @@ def on_load(
     if setting == "none":
         return None
     # The embedding's scale groups: ``weights.load_rank_state`` reads them off the shards.
+    group_size = int4_group_size(args, group_size, n_shards, world_size)
     return Quantization(setting, group_size, row_groups=n_shards)
 
 

@@ -146,7 +146,14 @@ class RankWorker:
         embed_axis = checkpoint.detect_embedding_axis(shards, spec.args)
         # Quantized weights: as a quantized checkpoint stores them, or made while loading.
         stored = checkpoint.read_quantization(spec.checkpoint_dir)
-        on_load = quant.on_load(spec.quantization, spec.quant_group_size, stored, len(shards))
+        on_load = quant.on_load(
+            spec.quantization,
+            spec.quant_group_size,
+            stored,
+            spec.args,
+            len(shards),
+            spec.world_size,
+        )
         quantization = stored or on_load
         if quantization:
             checkpoint.check_quantization(spec.args, quantization, spec.world_size)
