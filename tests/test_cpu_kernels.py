@@ -34,6 +34,41 @@ def pack(w: torch.Tensor) -> torch.Tensor:
 SHAPES = [(256, 1024), (100, 64), (4000, 96)]
 
 
+def blocked(w: torch.Tensor, block: int) -> torch.Tensor:
+    """w [rows, in] in oneDNN's one-row layout, built by hand: blocks of ``block`` rows
+    (zero rows pad the last), each [in / pair][block][pair], pair 2 for bf16, 1 float32."""
+    pair = 2 if w.dtype == torch.bfloat16 else 1
+    rows, inner = w.shape
+    padded = torch.cat([w, w.new_zeros(-rows % block, inner)])
+    return padded.reshape(-1, block, inner // pair, pair).permute(0, 2, 1, 3).contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", cpu_kernels.BLOCKS)
+def test_the_kernels_read_blocks_of_64_rows_and_of_32(dtype: torch.dtype, block: int) -> None:
+    """Both layouts oneDNN packs one-row weights in (64 rows a block; bf16 in 32 on CPUs
+    with AMX), on any CPU: the one-row product, rows batched (each bit for bit its row
+    alone) and the float32 logits, against float32 sums of the same values."""
+    rows, inner = 100, 96
+    w = randn(rows, inner).to(dtype)
+    packed = blocked(w, block)
+    padded = packed.numel() // inner
+    product = cpu_kernels.OneRowProduct(
+        packed, packed.data_ptr(), rows, padded, inner, dtype, block
+    )
+    x = randn(5, inner, seed=1).to(dtype)
+    want = x.float() @ w.float().t()
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    one = torch.cat([product(x[i : i + 1]) for i in range(5)])
+    torch.testing.assert_close(one.float(), want, atol=tol * float(want.abs().max()), rtol=0)
+    if dtype == torch.bfloat16:
+        assert torch.equal(product.batched(x), one)
+        logits = cpu_kernels.float32_product(product)
+        assert logits is not None
+        torch.testing.assert_close(logits(x), want, atol=1e-4, rtol=1e-4)
+        assert torch.equal(logits(x).bfloat16(), one)  # the same sums, before rounding
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("rows", "inner"), SHAPES)
 def test_one_row_product_reads_onednns_packed_weight(
@@ -68,12 +103,13 @@ def test_a_bf16_batch_of_rows_gives_each_row_its_one_row_result(rows: int, inner
         onednn = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "").float()
         atol = 1e-2 * float(onednn.abs().max())
         torch.testing.assert_close(got.float(), onednn, atol=atol, rtol=0)
-    # oneDNN keeps prefill chunks, float32, and weights whose 64-row blocks outgrow L2
+    # oneDNN keeps prefill chunks, float32, and weights whose blocks (64 rows, or 32 where
+    # oneDNN packs for AMX) outgrow L2
     assert not product.batches(randn(65, inner).bfloat16())
     fp32 = cpu_kernels.one_row_product(pack(randn(rows, inner)))
     assert fp32 is not None and not fp32.batches(randn(4, inner))
-    wide = cpu_kernels.one_row_product(pack(randn(64, 8192).bfloat16()))
-    assert wide is not None and not wide.batches(randn(4, 8192).bfloat16())
+    wide = cpu_kernels.one_row_product(pack(randn(64, 16384).bfloat16()))
+    assert wide is not None and not wide.batches(randn(4, 16384).bfloat16())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -49,51 +49,55 @@ static inline __m512 bf16x16_round(__m512 v) {
         _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
 
-/* y[n] = sum_k w[n,k] x[k] for n < Np (rows padded to a multiple of 64).
- * w: bf16 in oneDNN's blocked layout [Np/64][K/2][64][2]; x: K bf16; y: Np bf16, rounded
- * to nearest even from float32 sums (as oneDNN rounds). */
-void gemv_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t Np, int64_t K) {
+/* y[n] = sum_k w[n,k] x[k] for n < Np (rows padded to whole blocks).
+ * w: bf16 in oneDNN's blocked layout [Np/nb][K/2][nb][2], nb = 64 rows a block, or 32
+ * where oneDNN packs for AMX; x: K bf16; y: Np bf16, rounded to nearest even from float32
+ * sums (as oneDNN rounds). One block, nb a constant where it is inlined. */
+static inline void gemv_bf16_block(const uint16_t *p, const uint32_t *pairs, uint16_t *out,
+                                   int64_t K, const int nb) {
+    __m512 a[4];
+    for (int c = 0; c < nb / 16; c++) a[c] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K / 2; k++, p += 2 * nb) {
+        for (int c = 0; c < nb / 32; c++) ahead(p + 32 * c); /* 2 lines in 4 */
+        __m512bh xk = (__m512bh)_mm512_set1_epi32((int)pairs[k]);
+        for (int c = 0; c < nb / 16; c++)
+            a[c] = _mm512_dpbf16_ps(a[c], (__m512bh)_mm512_loadu_si512(p + 32 * c), xk);
+    }
+    for (int c = 0; c < nb / 16; c++)
+        _mm256_storeu_si256((__m256i *)(out + 16 * c), (__m256i)_mm512_cvtneps_pbh(a[c]));
+}
+
+void gemv_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t Np, int64_t K,
+               int64_t nb) {
     const uint32_t *pairs = (const uint32_t *)x;
 #pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < Np / NB; b++) {
-        const uint16_t *p = w + b * NB * K;
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K / 2; k++, p += 2 * NB) {
-            ahead(p), ahead(p + 32);
-            __m512bh xk = (__m512bh)_mm512_set1_epi32((int)pairs[k]);
-            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(p), xk);
-            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(p + 32), xk);
-            a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(p + 64), xk);
-            a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(p + 96), xk);
-        }
-        uint16_t *out = y + b * NB;
-        _mm256_storeu_si256((__m256i *)out, (__m256i)_mm512_cvtneps_pbh(a0));
-        _mm256_storeu_si256((__m256i *)(out + 16), (__m256i)_mm512_cvtneps_pbh(a1));
-        _mm256_storeu_si256((__m256i *)(out + 32), (__m256i)_mm512_cvtneps_pbh(a2));
-        _mm256_storeu_si256((__m256i *)(out + 48), (__m256i)_mm512_cvtneps_pbh(a3));
+    for (int64_t b = 0; b < Np / nb; b++) {
+        if (nb == 32)
+            gemv_bf16_block(w + b * 32 * K, pairs, y + b * 32, K, 32);
+        else
+            gemv_bf16_block(w + b * NB * K, pairs, y + b * NB, K, NB);
     }
 }
 
-/* The same for float32: w in oneDNN's blocked layout [Np/64][K][64], x: K, y: Np. */
-void gemv_f32(const float *w, const float *x, float *y, int64_t Np, int64_t K) {
+/* The same for float32: w in oneDNN's blocked layout [Np/nb][K][nb], x: K, y: Np. */
+static inline void gemv_f32_block(const float *p, const float *x, float *out, int64_t K,
+                                  const int nb) {
+    __m512 a[4];
+    for (int c = 0; c < nb / 16; c++) a[c] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++, p += nb) {
+        __m512 xk = _mm512_set1_ps(x[k]);
+        for (int c = 0; c < nb / 16; c++) a[c] = _mm512_fmadd_ps(_mm512_loadu_ps(p + 16 * c), xk, a[c]);
+    }
+    for (int c = 0; c < nb / 16; c++) _mm512_storeu_ps(out + 16 * c, a[c]);
+}
+
+void gemv_f32(const float *w, const float *x, float *y, int64_t Np, int64_t K, int64_t nb) {
 #pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < Np / NB; b++) {
-        const float *p = w + b * NB * K;
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k++, p += NB) {
-            __m512 xk = _mm512_set1_ps(x[k]);
-            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(p), xk, a0);
-            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 16), xk, a1);
-            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 32), xk, a2);
-            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 48), xk, a3);
-        }
-        float *out = y + b * NB;
-        _mm512_storeu_ps(out, a0);
-        _mm512_storeu_ps(out + 16, a1);
-        _mm512_storeu_ps(out + 32, a2);
-        _mm512_storeu_ps(out + 48, a3);
+    for (int64_t b = 0; b < Np / nb; b++) {
+        if (nb == 32)
+            gemv_f32_block(w + b * 32 * K, x, y + b * 32, K, 32);
+        else
+            gemv_f32_block(w + b * NB * K, x, y + b * NB, K, NB);
     }
 }
 
@@ -284,71 +288,75 @@ void attend_decode_f32(const float *q, const float *kc, const float *vc,
 }
 
 /* y = x @ w.T in float32 for x [M, K] bf16 (rows contiguous) and w bf16 in oneDNN's
- * blocked layout [Np/64][K/2][64][2]; y [M, N] float32, N <= Np the weight's real rows.
- * For the logits: kept in float32, where a bf16 result would round them to steps of
- * 1/16 around 10 and leave near-ties to the rounding. Four rows at a time share each
- * weight load, so a block (in L2 by then) is read M/4 times. */
-static inline void gemm_bf16(const uint16_t *w, const uint16_t *x, void *y, int64_t M,
-                             int64_t N, int64_t Np, int64_t K, const int out_bf16) {
-    const int64_t blocks = Np / NB, passes = (M + 3) / 4;
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t n0 = b * NB;
-        const int64_t valid = N - n0 < NB ? N - n0 : NB;
-        /* The first pass over a block reads it from memory; the others, from L2, are
-         * bound by the dot products. From three passes on (9 rows), they fetch the next
-         * block into L2 meanwhile, a share each (pass j the k with k % (passes - 1) ==
-         * j - 1), so its first pass finds it there: memory and arithmetic overlap. With
-         * two passes, memory bounds the whole product, and the second pass fetching a
-         * whole block measured slower (benchmarks/RESULTS.md, "Figures behind the code"). */
-        const char *next = b + 1 < blocks ? (const char *)(w + (b + 1) * NB * K) : NULL;
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const int64_t rows = M - m0 < 4 ? M - m0 : 4;
-            const int64_t pass = m0 / 4, share = pass > 0 && next && passes >= 3 ? passes - 1 : 0;
-            __m512 a[4][4];
-            for (int r = 0; r < 4; r++)
-                for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_ps();
-            const uint16_t *p = w + b * NB * K;
-            const uint32_t *xr[4];
-            for (int r = 0; r < 4; r++)
-                xr[r] = (const uint32_t *)(x + (m0 + (r < rows ? r : 0)) * K);
-            for (int64_t k = 0; k < K / 2; k++, p += 2 * NB) {
-                if (share && k % share == pass - 1) {
-                    const char *line = next + k * 4 * NB; /* k's 256 bytes there */
-                    for (int l = 0; l < 256; l += 64) _mm_prefetch(line + l, _MM_HINT_T1);
-                }
-                const __m512bh w0 = (__m512bh)_mm512_loadu_si512(p);
-                const __m512bh w1 = (__m512bh)_mm512_loadu_si512(p + 32);
-                const __m512bh w2 = (__m512bh)_mm512_loadu_si512(p + 64);
-                const __m512bh w3 = (__m512bh)_mm512_loadu_si512(p + 96);
-                for (int r = 0; r < 4; r++) {
-                    const __m512bh xk = (__m512bh)_mm512_set1_epi32((int)xr[r][k]);
-                    a[r][0] = _mm512_dpbf16_ps(a[r][0], w0, xk);
-                    a[r][1] = _mm512_dpbf16_ps(a[r][1], w1, xk);
-                    a[r][2] = _mm512_dpbf16_ps(a[r][2], w2, xk);
-                    a[r][3] = _mm512_dpbf16_ps(a[r][3], w3, xk);
-                }
+ * blocked layout [Np/nb][K/2][nb][2] (gemv_bf16's); y [M, N] float32, N <= Np the
+ * weight's real rows. For the logits: kept in float32, where a bf16 result would round
+ * them to steps of 1/16 around 10 and leave near-ties to the rounding. Four rows at a
+ * time share each weight load, so a block (in L2 by then) is read M/4 times. One block
+ * b of blocks, nb a constant where it is inlined. */
+static inline void gemm_bf16_block(const uint16_t *w, const uint16_t *x, void *y, int64_t b,
+                                   int64_t blocks, int64_t M, int64_t N, int64_t K,
+                                   const int out_bf16, const int nb) {
+    const int64_t passes = (M + 3) / 4, n0 = b * nb;
+    const int64_t valid = N - n0 < nb ? N - n0 : nb;
+    /* The first pass over a block reads it from memory; the others, from L2, are bound
+     * by the dot products. From three passes on (9 rows), they fetch the next block into
+     * L2 meanwhile, a share each (pass j the k with k % (passes - 1) == j - 1), so its
+     * first pass finds it there: memory and arithmetic overlap. With two passes, memory
+     * bounds the whole product, and the second pass fetching a whole block measured
+     * slower (benchmarks/RESULTS.md, "Figures behind the code"). */
+    const char *next = b + 1 < blocks ? (const char *)(w + (b + 1) * nb * K) : NULL;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t rows = M - m0 < 4 ? M - m0 : 4;
+        const int64_t pass = m0 / 4, share = pass > 0 && next && passes >= 3 ? passes - 1 : 0;
+        __m512 a[4][4];
+        for (int r = 0; r < 4; r++)
+            for (int c = 0; c < nb / 16; c++) a[r][c] = _mm512_setzero_ps();
+        const uint16_t *p = w + b * nb * K;
+        const uint32_t *xr[4];
+        for (int r = 0; r < 4; r++) xr[r] = (const uint32_t *)(x + (m0 + (r < rows ? r : 0)) * K);
+        for (int64_t k = 0; k < K / 2; k++, p += 2 * nb) {
+            if (share && k % share == pass - 1) {
+                const char *line = next + k * 4 * nb; /* k's 4 * nb bytes there */
+                for (int l = 0; l < 4 * nb; l += 64) _mm_prefetch(line + l, _MM_HINT_T1);
             }
-            for (int64_t r = 0; r < rows; r++) {
-                const int64_t out = (m0 + r) * N + n0;
-                for (int c = 0; c < 4 && 16 * c < valid; c++)
-                    store_act(y, out + 16 * c, a[r][c], tail(valid - 16 * c), out_bf16);
+            __m512bh wc[4];
+            for (int c = 0; c < nb / 16; c++) wc[c] = (__m512bh)_mm512_loadu_si512(p + 32 * c);
+            for (int r = 0; r < 4; r++) {
+                const __m512bh xk = (__m512bh)_mm512_set1_epi32((int)xr[r][k]);
+                for (int c = 0; c < nb / 16; c++) a[r][c] = _mm512_dpbf16_ps(a[r][c], wc[c], xk);
             }
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t out = (m0 + r) * N + n0;
+            for (int c = 0; c < nb / 16 && 16 * c < valid; c++)
+                store_act(y, out + 16 * c, a[r][c], tail(valid - 16 * c), out_bf16);
         }
     }
 }
 
+static inline void gemm_bf16(const uint16_t *w, const uint16_t *x, void *y, int64_t M,
+                             int64_t N, int64_t Np, int64_t K, const int out_bf16, int64_t nb) {
+    const int64_t blocks = Np / nb;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        if (nb == 32)
+            gemm_bf16_block(w, x, y, b, blocks, M, N, K, out_bf16, 32);
+        else
+            gemm_bf16_block(w, x, y, b, blocks, M, N, K, out_bf16, NB);
+    }
+}
+
 void gemm_bf16_f32(const uint16_t *w, const uint16_t *x, float *y, int64_t M, int64_t N,
-                   int64_t Np, int64_t K) {
-    gemm_bf16(w, x, y, M, N, Np, K, 0);
+                   int64_t Np, int64_t K, int64_t nb) {
+    gemm_bf16(w, x, y, M, N, Np, K, 0, nb);
 }
 
 /* The same with the result rounded to bf16 (nearest even, from the float32 sums, as
  * oneDNN rounds): the rows of a batched decode step, where it runs faster than oneDNN's
  * own product on the same packed weight at up to a few dozen rows. */
 void gemm_bf16_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t M, int64_t N,
-                    int64_t Np, int64_t K) {
-    gemm_bf16(w, x, y, M, N, Np, K, 1);
+                    int64_t Np, int64_t K, int64_t nb) {
+    gemm_bf16(w, x, y, M, N, Np, K, 1, nb);
 }
 
 /* Row x's K values quantized as quant.quantize_rows does, per each of G equal groups:
@@ -661,6 +669,7 @@ typedef struct {
     const float *scales;     /* int8: [groups, N] */
     int64_t N, K, groups;    /* N: output rows, padded to whole blocks for bf16 and float32 */
     int64_t rows;            /* the real output rows: an output row's stride for M > 1 */
+    int64_t nb;              /* bf16, float32: rows a packed block (64, or 32 for AMX) */
 } product_t;
 
 typedef struct {
@@ -684,13 +693,13 @@ static void product(const product_t *p, const void *x, void *y, int64_t M, uint8
     if (M > 1 && p->kind == 1)
         gemm_int8((const int8_t *const *)p->w, p->scales, x, bf16, y, M, p->N, p->K, p->groups, u8);
     else if (M > 1)
-        gemm_bf16((const uint16_t *)p->w, (const uint16_t *)x, y, M, p->rows, p->N, p->K, 1);
+        gemm_bf16((const uint16_t *)p->w, (const uint16_t *)x, y, M, p->rows, p->N, p->K, 1, p->nb);
     else if (p->kind == 0)
-        gemv_bf16((const uint16_t *)p->w, (const uint16_t *)x, (uint16_t *)y, p->N, p->K);
+        gemv_bf16((const uint16_t *)p->w, (const uint16_t *)x, (uint16_t *)y, p->N, p->K, p->nb);
     else if (p->kind == 1)
         gemv_int8((const int8_t *const *)p->w, p->scales, x, bf16, y, p->N, p->K, p->groups, u8);
     else
-        gemv_f32((const float *)p->w, (const float *)x, (float *)y, p->N, p->K);
+        gemv_f32((const float *)p->w, (const float *)x, (float *)y, p->N, p->K, p->nb);
 }
 
 static inline void row_attention(const layer_t *L, const row_shape_t *s, float *h, const void *delta,

@@ -41,6 +41,9 @@ CPU_FLAGS = frozenset(
     {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni", "fma"}
 )
 BLOCK = 64  # output rows per block of oneDNN's packed layout (cpu_kernels.c's NB)
+# oneDNN's bf16 blocks on a CPU with AMX (its default packing there): 32 rows. The bf16
+# and float32 kernels read either (``OneRowProduct.block``); int8 is in blocks of 64.
+BLOCKS = (BLOCK, 32)
 # mpllama's bf16 product of several rows (OneRowProduct.batched): up to this many rows,
 # on weights whose block of 64 rows fits this share of a core's L2 (1 MB on this EPYC).
 BATCH_ROWS, BLOCK_BYTES = 64, 512 << 10
@@ -50,8 +53,8 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "gemv_int8": [_P, _P, _P, ctypes.c_int, _P, _I, _I, _I, _P],
     "gemm_int8": [_P, _P, _P, ctypes.c_int, _P, _I, _I, _I, _I, _P],
-    "gemm_bf16_f32": [_P, _P, _P, _I, _I, _I, _I],
-    "gemm_bf16_bf16": [_P, _P, _P, _I, _I, _I, _I],
+    "gemm_bf16_f32": [_P, _P, _P, _I, _I, _I, _I, _I],
+    "gemm_bf16_bf16": [_P, _P, _P, _I, _I, _I, _I, _I],
     "stream_sum": [_P, _I],
     "lookup_int8": [_P, _P, _P, _I, _I, _I, _P],
     # a decode step's layer (row_decode.py's structs, then the step's arguments)
@@ -61,7 +64,7 @@ _SIGNATURES = {
     **{
         f"{name}_{kind}": args
         for name, args in {
-            "gemv": [_P, _P, _P, _I, _I],
+            "gemv": [_P, _P, _P, _I, _I, _I],
             "add_rmsnorm": [_P, _P, _P, _P, _P, _I, _I, ctypes.c_float],
             "rope_write": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I],
             "silu_mul": [_P, _P, _I, _I],
@@ -149,8 +152,8 @@ def _load(path: Path) -> ctypes.CDLL:
 @dataclass
 class OneRowProduct:
     """x @ w.T for an input of one row, on a weight in oneDNN's packed layout: w's
-    blocks of 64 output rows streamed once, front to back (``gemv_*`` in the C file).
-    Holds the packed tensor, whose memory the kernel reads at ``address``."""
+    blocks of ``block`` output rows streamed once, front to back (``gemv_*`` in the C
+    file). Holds the packed tensor, whose memory the kernel reads at ``address``."""
 
     packed: torch.Tensor = field(repr=False)
     address: int
@@ -158,22 +161,23 @@ class OneRowProduct:
     padded: int  # rounded up to whole blocks, as oneDNN lays them out
     inner: int
     dtype: torch.dtype
+    block: int = BLOCK  # rows a block: 64, or 32 where oneDNN packs bf16 for AMX
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         y = torch.empty(*x.shape[:-1], self.padded, dtype=self.dtype)
         kernel("gemv", self.dtype)(
-            self.address, x.data_ptr(), y.data_ptr(), self.padded, self.inner
+            self.address, x.data_ptr(), y.data_ptr(), self.padded, self.inner, self.block
         )
         return y if self.padded == self.rows else y[..., : self.rows]
 
     @property
     def most_rows(self) -> int:
         """The most rows ``batched`` takes: a decode step's few (``BATCH_ROWS``; prefill
-        chunks keep oneDNN, which blocks for caches) for a bf16 weight whose block of 64
-        rows is small enough to stay in L2 while every group of four input rows reads it
-        again (``BLOCK_BYTES``); 1 (none) otherwise."""
-        fits = self.dtype == torch.bfloat16 and BLOCK * self.inner * 2 <= BLOCK_BYTES
+        chunks keep oneDNN, which blocks for caches) for a bf16 weight whose block of rows
+        is small enough to stay in L2 while every group of four input rows reads it again
+        (``BLOCK_BYTES``); 1 (none) otherwise."""
+        fits = self.dtype == torch.bfloat16 and self.block * self.inner * 2 <= BLOCK_BYTES
         return BATCH_ROWS if fits else 1
 
     def batches(self, x: torch.Tensor) -> bool:
@@ -185,77 +189,72 @@ class OneRowProduct:
         the one-row kernel's, in the same order, so a row's result does not depend on
         the batch it ran in; and it runs faster than oneDNN's product here (benchmarks/
         RESULTS.md, "Figures behind the code")."""
-        return _gemm("gemm_bf16_bf16", self.dtype, self.address, self.rows, self.padded, x)
+        return _gemm("gemm_bf16_bf16", self.dtype, self, x)
 
 
 def one_row_product(packed: torch.Tensor) -> OneRowProduct | None:
     """The one-row kernel for a weight packed by oneDNN (``_reorder_linear_weight``), or
     None where it cannot read it: kernels off, another dtype, or a layout other than
-    blocks of 64 rows by pairs (bf16) or single (float32) inputs. The layout is checked
-    on the weight itself: the kernel's product of a probe row must match oneDNN's."""
+    blocks of 64 or 32 rows (``BLOCKS``) by pairs (bf16) or single (float32) inputs.
+    The layout is told by the weight itself: the kernel's product of a probe row must
+    match oneDNN's, read in blocks of 64 rows, else of 32."""
     if library() is None or packed.dtype not in (torch.bfloat16, torch.float32):
         return None
     rows, inner = packed.shape
-    padded = -(-rows // BLOCK) * BLOCK
-    if inner % 32 or torch.ops.mkldnn._nbytes(packed) != padded * inner * packed.element_size():
+    if inner % 32:
         return None
     address = torch.ops.mkldnn.data_ptr(packed)
-    product = OneRowProduct(packed, address, rows, padded, inner, packed.dtype)
     probe = torch.randn(1, inner, generator=torch.Generator().manual_seed(0)).to(packed.dtype)
-    ours = product(probe).float()
     theirs = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "").float()
     # Sums in another order: float32 agrees to rounding, bf16 to its output's rounding.
     tol = 1e-4 if packed.dtype == torch.float32 else 2e-2
-    if not torch.allclose(ours, theirs, rtol=tol, atol=tol * float(theirs.abs().max()) + 1e-6):
-        log.warning(
-            "oneDNN packed a %s weight [%d, %d] in a layout mpllama's kernel does not read; "
-            "its one-row products stay with oneDNN",
-            str(packed.dtype).split(".")[-1],
-            rows,
-            inner,
-        )
-        return None
-    return product
+    for block in BLOCKS:
+        padded = -(-rows // block) * block
+        if torch.ops.mkldnn._nbytes(packed) != padded * inner * packed.element_size():
+            continue
+        product = OneRowProduct(packed, address, rows, padded, inner, packed.dtype, block)
+        ours = product(probe).float()
+        if torch.allclose(ours, theirs, rtol=tol, atol=tol * float(theirs.abs().max()) + 1e-6):
+            return product
+    log.warning(
+        "oneDNN packed a %s weight [%d, %d] in a layout mpllama's kernel does not read; "
+        "its one-row products stay with oneDNN",
+        str(packed.dtype).split(".")[-1],
+        rows,
+        inner,
+    )
+    return None
 
 
 @dataclass
 class Float32Product:
     """x @ w.T with a float32 result for bf16 x [..., in] and a bf16 weight packed by
     oneDNN (whose own product returns bf16): for the logits, where bf16's rounding
-    (steps of 1/16 around 10) would decide near-ties. ``gemm_bf16_f32`` in the C file.
-    Holds the packed tensor, whose memory the kernel reads at ``address``."""
+    (steps of 1/16 around 10) would decide near-ties. ``gemm_bf16_f32`` in the C file, on
+    the weight its one-row kernel reads (the same layout, checked by ``one_row_product``)."""
 
-    packed: torch.Tensor = field(repr=False)
-    address: int
-    rows: int
-    padded: int
-    inner: int
+    one_row: OneRowProduct
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _gemm("gemm_bf16_f32", torch.float32, self.address, self.rows, self.padded, x)
+        return _gemm("gemm_bf16_f32", torch.float32, self.one_row, x)
 
 
-def _gemm(
-    name: str, out: torch.dtype, address: int, rows: int, padded: int, x: torch.Tensor
-) -> torch.Tensor:
-    """x [..., in] bf16 @ the packed weight at ``address`` [rows (padded), in]^T, by the
-    C kernel ``name`` (``gemm_bf16_*``), into a tensor of ``out``."""
+def _gemm(name: str, out: torch.dtype, w: OneRowProduct, x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] bf16 @ w's packed weight [rows (padded), in]^T, by the C kernel
+    ``name`` (``gemm_bf16_*``), into a tensor of ``out``."""
     lead, inner = x.shape[:-1], x.shape[-1]
     x = x.reshape(-1, inner).contiguous()
-    y = torch.empty(x.shape[0], rows, dtype=out)
+    y = torch.empty(x.shape[0], w.rows, dtype=out)
     fn = getattr(library(), name)
-    fn(address, x.data_ptr(), y.data_ptr(), x.shape[0], rows, padded, inner)
-    return y.view(*lead, rows)
+    fn(w.address, x.data_ptr(), y.data_ptr(), x.shape[0], w.rows, w.padded, inner, w.block)
+    return y.view(*lead, w.rows)
 
 
 def float32_product(one_row: OneRowProduct | None) -> Float32Product | None:
-    """``Float32Product`` for a bf16 weight whose one-row kernel was made (the same
-    layout, already checked by ``one_row_product``); else None."""
+    """``Float32Product`` for a bf16 weight whose one-row kernel was made; else None."""
     if one_row is None or one_row.dtype != torch.bfloat16:
         return None
-    return Float32Product(
-        one_row.packed, one_row.address, one_row.rows, one_row.padded, one_row.inner
-    )
+    return Float32Product(one_row)
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 
 from . import cpu_kernels
-from .cpu_kernels import BATCH_ROWS, Int8OneRow, OneRowProduct, Segments
+from .cpu_kernels import BATCH_ROWS, BLOCK, Int8OneRow, OneRowProduct, Segments
 from .dist import all_reduce
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ class Product(ctypes.Structure):
         ("K", ctypes.c_int64),
         ("groups", ctypes.c_int64),
         ("rows", ctypes.c_int64),
+        ("nb", ctypes.c_int64),  # bf16, float32: rows a packed block (64, or 32: AMX)
     ]
 
 
@@ -80,7 +81,9 @@ def _product(module: torch.nn.Module) -> tuple[Product, int] | None:
     if isinstance(one_row, OneRowProduct):
         kind = BF16 if one_row.dtype == torch.bfloat16 else F32
         padded, inner = one_row.padded, one_row.inner
-        product = Product(kind, one_row.address, None, padded, inner, 1, one_row.rows)
+        product = Product(
+            kind, one_row.address, None, padded, inner, 1, one_row.rows, one_row.block
+        )
         return product, one_row.most_rows
     weight = module.__dict__.get("weight")
     int8 = getattr(weight, "one_row", None)
@@ -88,7 +91,7 @@ def _product(module: torch.nn.Module) -> tuple[Product, int] | None:
         address = ctypes.addressof(int8.pointers)
         scales = int8.scales.data_ptr()
         groups = len(int8.packed)
-        product = Product(INT8, address, scales, int8.rows, int8.inner, groups, int8.rows)
+        product = Product(INT8, address, scales, int8.rows, int8.inner, groups, int8.rows, BLOCK)
         return product, int8.most_rows
     return None
 
