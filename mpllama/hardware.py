@@ -14,17 +14,29 @@ BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The first CPU's flags, or none where the kernel does not list them (not Linux)."""
+def _cpuinfo(field: str) -> str:
+    """``field`` of the first CPU in /proc/cpuinfo, or "" (not Linux, or not listed)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
+        return ""
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
+        if key.strip() == field:
+            return value.strip()
+    return ""
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The first CPU's flags, or none where the kernel does not list them (not Linux)."""
+    return frozenset(_cpuinfo("flags").split())
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id: GenuineIntel, AuthenticAMD, or "" where not listed. Only for
+    tuning what was measured on each (cpu_kernels.c's prefetches)."""
+    return _cpuinfo("vendor_id")
 
 
 def cpu_native_bf16() -> bool:

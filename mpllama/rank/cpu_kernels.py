@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..hardware import cpu_flags
+from ..hardware import cpu_flags, cpu_vendor
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,8 @@ def _load(path: Path) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     lib.stream_sum.restype = ctypes.c_float
+    lib.set_bf16_every_line.argtypes = [ctypes.c_int]
+    lib.set_bf16_every_line(int(cpu_vendor() == "GenuineIntel"))
     return lib
 
 
