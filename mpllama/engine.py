@@ -12,6 +12,7 @@ drops what a consumer has already seen: each consumer gets every token exactly o
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -89,6 +90,12 @@ class Engine:
         self._poll: Any = None
         self._loops: list[Any] = []
         self._orders = 0  # submits and aborts sent to this gang's lead (_next_order)
+        # Submits and aborts on their way to the lead (_control), sent by _send_loop.
+        self._outbox: queue.SimpleQueue[tuple[Any, str, Any, int] | None] = queue.SimpleQueue()
+        self._sender = threading.Thread(
+            target=self._send_loop, name="mpllama-engine-control", daemon=True
+        )
+        self._sender.start()
         self._failures = 0  # failures since the last step that made progress
         self._last_error: MpllamaError = WorkerError("no failure yet")
         self.restarts = 0
@@ -126,7 +133,7 @@ class Engine:
         for live in lives:
             self._live[live.request.id] = live
         if self._up:
-            self.gang.lead.submit.remote([live.request for live in lives], self._next_order())
+            self._control("submit", [live.request for live in lives])
         else:
             self._wake.set()  # the pump rebuilds the gang and replays them
 
@@ -140,7 +147,7 @@ class Engine:
                 if live is not None:
                     gone.append(live)
             if gone and self._up:
-                self.gang.lead.abort.remote([g.request.id for g in gone], self._next_order())
+                self._control("abort", [g.request.id for g in gone])
         for g in gone:
             g.sink(Event(g.request.id, [], None, "", g.tokens, g.text, "abort"))
 
@@ -213,6 +220,9 @@ class Engine:
             if gone is not None:
                 self._gone = gone
             live, self._live = list(self._live.values()), {}
+            while not self._outbox.empty():  # the gang goes: what it was owed does not matter
+                self._outbox.get_nowait()
+            self._outbox.put(None)  # ends _send_loop
         self._wake.set()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5 * POLL_WAIT_S + 5)
@@ -229,16 +239,31 @@ class Engine:
         self._poll = self.gang.lead.poll.remote(POLL_WAIT_S)
         self._orders = 0  # a new lead counts from 0
         if self._live:
-            self.gang.lead.submit.remote(
-                [e.request for e in self._live.values()], self._next_order()
-            )
+            self._control("submit", [e.request for e in self._live.values()])
         self._up = True
 
-    def _next_order(self) -> int:
-        """The number of the next submit or abort to the lead, which takes them in this
-        order whatever order Ray delivers them in (RankWorker._control). Lock held."""
+    def _control(self, method: str, payload: Any) -> None:
+        """Send the lead a submit or an abort, numbered: it takes them in this order
+        whatever order Ray delivers them in (RankWorker._control). Lock held.
+
+        The call leaves from the engine's own thread (``_send_loop``), never the caller's:
+        a Ray call made inside a Ray task is that task's child, and Ray Serve cancels a
+        request's task with its children when its client leaves (``ray.cancel``,
+        recursive). An abort made as the client left was cancelled before it ran (the
+        replica's log: "Cancelling an actor task ... function_name=abort"), its number
+        never reached the lead, and the lead waited for it for good: every later request
+        on the gang hung."""
         order, self._orders = self._orders, self._orders + 1
-        return order
+        self._outbox.put((self.gang.lead, method, payload, order))
+
+    def _send_loop(self) -> None:
+        """Make the calls ``_control`` queued, in its order, until ``_end``."""
+        while (item := self._outbox.get()) is not None:
+            lead, method, payload, order = item
+            try:
+                getattr(lead, method).remote(payload, order)
+            except Exception as exc:  # noqa: BLE001  (a dead lead: the pump rebuilds the gang)
+                log.warning("the %s call to the lead failed: %s", method, exc)
 
     def _pump(self) -> None:
         try:

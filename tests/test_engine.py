@@ -4,6 +4,7 @@ admitted mid-flight and long prompts prefilled in chunks."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from helpers import PROMPTS, hf_greedy, hf_model
 
 from mpllama import LLM, SamplingParams
 from mpllama.errors import PromptError
+from mpllama.protocol import Event, Request
 from mpllama.rank import shm
 from mpllama.rank.layers import onednn_unsupported
 
@@ -112,6 +114,41 @@ def test_thirteen_prompts_through_four_slots_come_back_complete_and_in_order(llm
         alone = llm2.generate(prompts[i], params)[0]
         assert alone.token_ids == outputs[i].token_ids
         assert alone.prompt_token_ids == outputs[i].prompt_token_ids
+
+
+def test_the_leads_submits_and_aborts_leave_from_the_engines_own_thread(
+    llm2: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never from the caller's thread: a Ray call made inside a Ray task is its child, and
+    Ray Serve cancels a request's task with its children when the client leaves. A
+    numbered abort cancelled so never reached the lead, which waited for its number for
+    good: every later request on the gang hung (Engine._control)."""
+    engine = llm2.engine
+    lead, calls = engine.gang.lead, []
+
+    class Method:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def remote(self, payload, order):
+            calls.append((self.name, threading.current_thread().name))
+            return getattr(lead, self.name).remote(payload, order)
+
+    class Lead:
+        def __getattr__(self, name: str):
+            return Method(name) if name in ("submit", "abort") else getattr(lead, name)
+
+    monkeypatch.setattr(type(engine.gang), "lead", property(lambda gang: Lead()))
+    done = threading.Event()
+    engine.submit([Request("spy-long", [1, 5, 9], SamplingParams(max_tokens=40))], lambda e: None)
+    engine.abort(["spy-long"])
+    engine.submit(
+        [Request("spy", [1, 5, 9], SamplingParams(max_tokens=2))],
+        lambda e: done.set() if not isinstance(e, Event) or e.finish_reason else None,
+    )
+    assert done.wait(60)
+    assert [name for name, _ in calls] == ["submit", "abort", "submit"]
+    assert {thread for _, thread in calls} == {"mpllama-engine-control"}
 
 
 def test_seeded_sampling_repeats_and_fixed_seed_ignores_batch_company(llm2: LLM) -> None:
