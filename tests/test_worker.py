@@ -18,6 +18,7 @@ from mpllama import checkpoint
 from mpllama.config import SamplingParams
 from mpllama.protocol import Event, RankSpec, Request
 from mpllama.rank import dist
+from mpllama.rank import worker as worker_module
 from mpllama.rank.worker import RankWorker, configure_rank_logging
 from mpllama.tokenizer import Tokenizer
 
@@ -168,6 +169,35 @@ def test_numbered_control_calls_are_taken_in_their_callers_order(
                 finished |= {e.id: e for e in step if e.finish_reason}
         assert finished["x"].finish_reason == "abort"
         assert finished["y"].finish_reason == "length"
+
+
+def test_a_control_call_that_never_comes_stops_the_gang_only_for_a_while(
+    tiny_ckpts: dict[int, Path], single_rank: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A numbered call Ray lost (or cancelled) must not hold the later ones for good: past
+    CONTROL_GAP_S they are taken, and the lost one when it comes after all."""
+    monkeypatch.setattr(worker_module, "CONTROL_GAP_S", 0.5)
+    worker = RankWorker(0, spec_for(tiny_ckpts[1]))
+    worker.setup("127.0.0.1", 0, "127.0.0.1")
+    with looping(worker):
+        ids = worker.tokenizer.encode("Hello", bos=True, eos=False)
+        short = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        worker.submit([Request("y", ids, short)], order=1)  # call 0 never comes
+        assert worker.poll(0.2).steps == []  # waits for it a while
+        finished: dict[str, Event] = {}
+        deadline = time.monotonic() + 20
+        while "y" not in finished and time.monotonic() < deadline:
+            for step in worker.poll(1.0).steps:
+                finished |= {e.id: e for e in step if e.finish_reason}
+        assert finished["y"].finish_reason == "length"
+        monkeypatch.setattr(worker_module, "CONTROL_GAP_S", 60.0)  # no more passing over
+        worker.submit([Request("x", ids, short)], order=0)  # late: taken at once
+        worker.submit([Request("z", ids, short)], order=2)  # the order goes on
+        deadline = time.monotonic() + 20
+        while len(finished) < 3 and time.monotonic() < deadline:
+            for step in worker.poll(1.0).steps:
+                finished |= {e.id: e for e in step if e.finish_reason}
+        assert {finished[i].finish_reason for i in "xz"} == {"length"}
 
 
 def test_run_before_setup_is_an_error(tiny_ckpt: Path) -> None:
