@@ -326,10 +326,14 @@ static inline void gemm_bf16_block(const uint16_t *w, const uint16_t *x, void *y
         const uint16_t *p = w + b * nb * K;
         const uint32_t *xr[4];
         for (int r = 0; r < 4; r++) xr[r] = (const uint32_t *)(x + (m0 + (r < rows ? r : 0)) * K);
+        /* the k this pass fetches for next: k % share == pass - 1, counted, not divided
+         * (a 64-bit division each k cost more than the dot products on an Intel Xeon) */
+        int64_t due = share ? pass - 1 : -1;
         for (int64_t k = 0; k < K / 2; k++, p += 2 * nb) {
-            if (share && k % share == pass - 1) {
+            if (k == due) {
                 const char *line = next + k * 4 * nb; /* k's 4 * nb bytes there */
                 for (int l = 0; l < 4 * nb; l += 64) _mm_prefetch(line + l, _MM_HINT_T1);
+                due += share;
             }
             __m512bh wc[4];
             for (int c = 0; c < nb / 16; c++) wc[c] = (__m512bh)_mm512_loadu_si512(p + 32 * c);
@@ -480,10 +484,13 @@ void gemm_int8(const int8_t *const *w, const float *scales, const void *x, int x
                 __m512i a[4][4];
                 for (int r = 0; r < 4; r++)
                     for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_si512();
+                int64_t due = share ? pass - 1 : -1; /* as gemm_bf16 counts it */
                 for (int64_t k = 0; k < Kg / 4; k++, p += 4 * NB) {
-                    if (share && k % share == pass - 1) /* k's 256 bytes of the next block */
+                    if (k == due) { /* k's 256 bytes of the next block */
                         for (int l = 0; l < 256; l += 64)
                             _mm_prefetch(next + k * 4 * NB + l, _MM_HINT_T1);
+                        due += share;
+                    }
                     const __m512i w0 = _mm512_loadu_si512(p), w1 = _mm512_loadu_si512(p + 64);
                     const __m512i w2 = _mm512_loadu_si512(p + 128);
                     const __m512i w3 = _mm512_loadu_si512(p + 192);
