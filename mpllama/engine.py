@@ -11,6 +11,7 @@ drops what a consumer has already seen: each consumer gets every token exactly o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -89,7 +90,7 @@ class Engine:
         self._wake = threading.Event()
         self._poll: Any = None
         self._loops: list[Any] = []
-        self._orders = 0  # submits and aborts sent to this gang's lead (_next_order)
+        self._orders = 0  # submits and aborts sent to this gang's lead (_control)
         # Submits and aborts on their way to the lead (_control), sent by _send_loop.
         self._outbox: queue.SimpleQueue[tuple[Any, str, Any, int] | None] = queue.SimpleQueue()
         self._sender = threading.Thread(
@@ -220,8 +221,11 @@ class Engine:
             if gone is not None:
                 self._gone = gone
             live, self._live = list(self._live.values()), {}
-            while not self._outbox.empty():  # the gang goes: what it was owed does not matter
-                self._outbox.get_nowait()
+            # The gang goes: what it was owed does not matter. (The sender may take an item
+            # between an empty() and a get_nowait(): get until the queue says it is empty.)
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._outbox.get_nowait()
             self._outbox.put(None)  # ends _send_loop
         self._wake.set()
         if threading.current_thread() is not self._thread:

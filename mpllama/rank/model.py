@@ -372,7 +372,7 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         if T == 1 and lengths is None and self._decodes(B):
-            logits = self.decode(tokens[:, 0].tolist(), start_pos.tolist(), runs)
+            logits = self._decode_rows(tokens[:, 0].tolist(), start_pos.tolist(), runs)
             return logits if logits is None or logits_at is not None else logits[:, None]
         device = tokens.device
         steps = torch.arange(T, device=device)
@@ -441,9 +441,11 @@ class Transformer(nn.Module):
         return self._logits(h)
 
     def _decodes(self, B: int) -> bool:
-        """Whether a step of one new token for each of B rows runs ``decode``'s path."""
+        """Whether a step of one new token for each of B rows runs ``decode``'s path: the
+        row decoder, which ``setup_caches`` builds only where its kernels take the caches
+        (``_decode_kernel_fits``), takes B rows."""
         decoder = self.row_decoder
-        return decoder is not None and B <= decoder.most_rows and self._decode_kernel_fits()
+        return decoder is not None and B <= decoder.most_rows
 
     @torch.inference_mode()
     def decode(
@@ -465,6 +467,12 @@ class Transformer(nn.Module):
                 runs,
                 logits_at=torch.zeros(B, dtype=torch.long, device=self.device),
             )
+        return self._decode_rows(tokens, starts, runs)
+
+    def _decode_rows(
+        self, tokens: list[int], starts: list[int], runs: list[list[tuple[int, int]]]
+    ) -> torch.Tensor | None:
+        """``decode`` through the row decoder (``_decodes`` already said it runs)."""
         if max(starts) >= self.max_seq_len:
             raise ValueError(
                 f"a row reaches position {max(starts)}, past max_seq_len {self.max_seq_len}"

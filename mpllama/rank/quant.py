@@ -375,8 +375,8 @@ def on_load(
         return None
     if setting == "none":
         return None
-    # The embedding's scale groups: ``weights.load_rank_state`` reads them off the shards.
     group_size = int4_group_size(args, group_size, n_shards, world_size)
+    # The embedding's scale groups: ``weights.load_rank_state`` reads them off the shards.
     return Quantization(setting, group_size, row_groups=n_shards)
 
 

@@ -233,14 +233,13 @@ class RankWorker:
         keepalive = self.spec.collective_timeout_s / 4
         while True:
             with self._cond:
-                self._skip_gap()
                 if not (runner.has_work or self._submitted or self._aborted or self._stopping):
                     wait = keepalive
                     if self._gap_since is not None:
                         left = self._gap_since + CONTROL_GAP_S - time.monotonic()
                         wait = min(keepalive, max(left, 0.01))
                     self._cond.wait(wait)
-                    self._skip_gap()
+                self._skip_gap()
                 submitted, self._submitted = self._submitted, []
                 aborted, self._aborted = self._aborted, []
                 stopping = self._stopping
