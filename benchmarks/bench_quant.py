@@ -41,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from mpllama import checkpoint  # noqa: E402
 from mpllama.checkpoint import Quantization  # noqa: E402
-from mpllama.rank import quant, weights  # noqa: E402
+from mpllama.rank import cpu_kernels, quant, weights  # noqa: E402
 from mpllama.rank.model import Transformer, materialize  # noqa: E402
 from mpllama.tokenizer import Tokenizer  # noqa: E402
 
@@ -275,6 +275,11 @@ def decode_steps(
         label: load_demo(ckpt, torch.bfloat16, method)
         for label, method in (("bf16", None), ("int8", "int8"), ("int4", "int4"))
     }
+    # On a CPU with AMX the bf16 products run on its tiles; the same model on AVX-512's
+    # dot products beside it, for what the tiles give.
+    amx = cpu_kernels.amx_on()
+    if amx:
+        models["bf16 avx512"] = load_demo(ckpt, torch.bfloat16, None)
     rounds, steps = (3, 4) if quick else (7, 8)
     print(
         f"\n== quant decode step, in-process: the bench model in bf16, {rounds} interleaved rounds "
@@ -295,12 +300,14 @@ def decode_steps(
         for _ in range(rounds):
             for label, model in models.items():
                 runs, tok, pos = state[label]
+                cpu_kernels.set_amx(amx and label != "bf16 avx512")
                 start = time.perf_counter()
                 for _ in range(steps):
                     tok = model(tok[:, None], pos, runs)[:, -1].argmax(-1)
                     pos = pos + 1
                 times[label].append((time.perf_counter() - start) / steps * 1e3)
                 state[label] = (runs, tok, pos)
+            cpu_kernels.set_amx(amx)
         med = {k: statistics.median(v) for k, v in times.items()}
         cells = "".join(f"{med[k]:9.2f} ({min(v):5.2f})" for k, v in times.items())
         print(

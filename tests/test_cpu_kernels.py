@@ -5,6 +5,7 @@ against the same model on torch's kernels."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,25 @@ def pack(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w)
 
 
+@pytest.fixture(params=["avx512", "amx"])
+def bf16_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A bf16 product test on each path the kernels have: AVX-512's dot products, and
+    AMX's tiles where the CPU has them (``library()`` runs bf16 on them there)."""
+    default = cpu_kernels.amx_on()
+    on = request.param == "amx"
+    if cpu_kernels.set_amx(on) != on:
+        cpu_kernels.set_amx(default)
+        pytest.skip("this CPU has no AMX tiles mpllama can use")
+    try:
+        yield request.param
+    finally:
+        cpu_kernels.set_amx(default)
+
+
+def test_bf16_products_run_on_amx_where_the_cpu_has_it() -> None:
+    assert cpu_kernels.amx_on() == (cpu_kernels.AMX_CPU_FLAGS <= hardware.cpu_flags())
+
+
 # (output rows, input size): whole blocks of 64 rows, and rows that oneDNN pads.
 SHAPES = [(256, 1024), (100, 64), (4000, 96)]
 
@@ -45,7 +65,9 @@ def blocked(w: torch.Tensor, block: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block", cpu_kernels.BLOCKS)
-def test_the_kernels_read_blocks_of_64_rows_and_of_32(dtype: torch.dtype, block: int) -> None:
+def test_the_kernels_read_blocks_of_64_rows_and_of_32(
+    dtype: torch.dtype, block: int, bf16_path: str
+) -> None:
     """Both layouts oneDNN packs one-row weights in (64 rows a block; bf16 in 32 on CPUs
     with AMX), on any CPU: the one-row product, rows batched (each bit for bit its row
     alone) and the float32 logits, against float32 sums of the same values."""
@@ -79,7 +101,7 @@ def test_the_kernels_read_blocks_of_64_rows_and_of_32(dtype: torch.dtype, block:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("rows", "inner"), SHAPES)
 def test_one_row_product_reads_onednns_packed_weight(
-    dtype: torch.dtype, rows: int, inner: int
+    dtype: torch.dtype, rows: int, inner: int, bf16_path: str
 ) -> None:
     w, x = randn(rows, inner).to(dtype), randn(1, inner, seed=1).to(dtype)
     product = cpu_kernels.one_row_product(pack(w))
@@ -93,14 +115,16 @@ def test_one_row_product_reads_onednns_packed_weight(
 
 
 @pytest.mark.parametrize(("rows", "inner"), SHAPES)
-def test_a_bf16_batch_of_rows_gives_each_row_its_one_row_result(rows: int, inner: int) -> None:
+def test_a_bf16_batch_of_rows_gives_each_row_its_one_row_result(
+    rows: int, inner: int, bf16_path: str
+) -> None:
     """The bf16 product of a decode step's rows (``batched``, taken by ``linear`` for 2 to
     64 rows): each row bit for bit its one-row product, so a row's result does not depend
     on its batch, and within bf16's rounding of oneDNN's batched product."""
     packed = pack(randn(rows, inner).bfloat16())
     product = cpu_kernels.one_row_product(packed)
     assert product is not None
-    for m in (2, 5, 64):
+    for m in (2, 5, 20, 64):  # 20: a run of 16 rows, then one of 4
         x = randn(m, inner, seed=m).bfloat16()
         assert product.batches(x)
         got = layers.linear(x, packed, product)
@@ -148,7 +172,7 @@ def test_one_row_product_refuses_what_it_cannot_read() -> None:
 
 
 @pytest.mark.parametrize("m", [1, 3, 4, 9])
-def test_float32_logits_of_bf16_rows(m: int) -> None:
+def test_float32_logits_of_bf16_rows(m: int, bf16_path: str) -> None:
     """Any number of rows, four at a time and the rest; the padded rows never written."""
     rows, inner = 4000, 128
     w, x = randn(rows, inner).bfloat16(), randn(m, inner, seed=1).bfloat16()
@@ -220,7 +244,7 @@ def demo_model(dtype: torch.dtype) -> Transformer:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_model_decodes_with_the_kernels_as_with_torchs(
-    single_rank: None, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+    single_rank: None, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, bf16_path: str
 ) -> None:
     """The trained demo model in bf16 and in float32, packed as a rank runs it: every
     product has its one-row kernel (and bf16's logits their float32 one). Prefill, then
@@ -365,7 +389,7 @@ def with_and_without_row_decoder(
     ],
 )
 def test_a_decode_step_in_two_c_calls_a_layer_is_the_layer_path_bit_for_bit(
-    single_rank: None, dtype: torch.dtype, method: str | None, rows: list
+    single_rank: None, dtype: torch.dtype, method: str | None, rows: list, bf16_path: str
 ) -> None:
     """row_decode: a bf16 model and one with int8 weights (one row, and three at different
     lengths) and a float32 one decode through two C calls a layer, with the logits of the

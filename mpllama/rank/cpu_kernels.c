@@ -49,6 +49,39 @@ static inline __m512 bf16x16_round(__m512 v) {
         _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
 
+static inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static inline void store_bf16(uint16_t *p, __m512 v, __mmask16 m) {
+    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+static inline __mmask16 tail(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
+
+/* Activations of either type: bf16 (uint16_t) or float32, chosen by a flag that each
+ * exported function passes as a constant, so the compiler makes one copy per type. */
+static inline __m512 load_act(const void *p, int64_t i, __mmask16 m, int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)p + i, m) : _mm512_maskz_loadu_ps(m, (const float *)p + i);
+}
+
+static inline void store_act(void *p, int64_t i, __m512 v, __mmask16 m, int bf16) {
+    if (bf16)
+        store_bf16((uint16_t *)p + i, v, m);
+    else
+        _mm512_mask_storeu_ps((float *)p + i, m, v);
+}
+
+/* v as the activation type holds it: rounded to bf16, or float32 as it is */
+static inline __m512 round_act(__m512 v, int bf16) { return bf16 ? bf16x16_round(v) : v; }
+
+static inline const void *offset(const void *p, int64_t i, int bf16) {
+    return (const char *)p + i * (bf16 ? 2 : 4);
+}
+
 /* y[n] = sum_k w[n,k] x[k] for n < Np (rows padded to whole blocks).
  * w: bf16 in oneDNN's blocked layout [Np/nb][K/2][nb][2], nb = 64 rows a block, or 32
  * where oneDNN packs for AMX; x: K bf16; y: Np bf16, rounded to nearest even from float32
@@ -74,8 +107,115 @@ static inline void gemv_bf16_block(const uint16_t *p, const uint32_t *pairs, uin
 static int bf16_every_line = 0;
 void set_bf16_every_line(int every) { bf16_every_line = every; }
 
+/* ---------------------------------------------------------------- bf16 products on AMX
+ * On a CPU with AMX (Intel Sapphire Rapids on), every bf16 product of mpllama's, of one
+ * row or several, runs on the tiles: the same packed weight, read in the same order by
+ * row count, so a row's sums are the same alone as in any batch (a tile row's
+ * accumulation does not see the other rows: checked bit for bit, tests/test_cpu_kernels.py).
+ * Why both: AVX-512's dot products round between a pair's two products in another order
+ * than the tiles do (their sums differ in the last bits), so a one-row kernel on AVX-512
+ * beside batches on AMX would make a row's result depend on its batch. Measured here
+ * (48 cold 2816x1024 weights, 2 threads, benchmarks/RESULTS.md): one row 31 GB/s against
+ * the AVX-512 kernel's 20-23; 16 / 32 rows 470 / 710 GFLOP/s against its 100.
+ * Off until amx_request() gets the kernel's leave to use the tiles (Linux asks each
+ * process to request it: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)). */
+#ifdef __AMX_BF16__
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static int amx_granted = 0, amx = 0;
+
+int amx_request(void) {
+    if (!amx_granted) amx_granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                            18 /* XFEATURE_XTILEDATA */) == 0;
+    return amx_granted;
+}
+
+/* Whether the bf16 products use the tiles (only where granted); what they do now. Tests
+ * run both paths. */
+int set_amx(int on) { return amx = on && amx_granted; }
+int amx_on(void) { return amx; }
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) tile_config_t;
+
+/* Tiles 0, 1: two sets of 16 outputs for `rows` rows (float32); 2: those rows' 32 inputs
+ * (bf16); 3, 4: 16 input pairs x 16 outputs of the weight, one for each of 0 and 1. */
+static void amx_config(int rows) {
+    tile_config_t c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 5; t++) c.rows[t] = t < 3 ? rows : 16, c.colsb[t] = 64;
+    _tile_loadconfig(&c);
+}
+
+/* y = x @ w.T for M rows of x [M, K] bf16 and w in the blocked layout [Np/nb][K/2][nb][2];
+ * y [M, N] (row stride N; N <= Np the real rows) bf16 rounded to nearest even from the
+ * float32 sums (out_bf16), or float32. Each block of nb outputs, for each run of up to
+ * 16 rows: 32 outputs at a time (two column tiles), over the inputs 32 at a time. The
+ * first run asks for the weight's every line AHEAD (16 KB) into L2 as it reads (31 GB/s
+ * one row against 26 without; the later runs find the block in L2). */
+static void amx_product(const uint16_t *w, const uint16_t *x, void *y, int64_t M, int64_t N,
+                        int64_t Np, int64_t K, int64_t nb, const int out_bf16) {
+    const int64_t stride = nb * 4, step = 16 * stride; /* bytes: a pair of inputs, 32 inputs */
+#pragma omp parallel
+    {
+        int configured = 0; /* the rows the tiles are set up for */
+        float sums[16 * 64];
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < Np / nb; b++) {
+            const char *block = (const char *)(w + b * nb * K);
+            const int64_t n0 = b * nb, valid = N - n0 < nb ? N - n0 : nb;
+            for (int64_t m0 = 0; m0 < M; m0 += 16) {
+                const int rows = M - m0 < 16 ? (int)(M - m0) : 16;
+                if (rows != configured) amx_config(configured = rows);
+                for (int64_t j = 0; j < nb / 16; j += 2) {
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    const char *p = block + 64 * j;
+                    for (int64_t k = 0; k < K; k += 32, p += step) {
+                        if (m0 == 0 && j == 0)
+                            for (int64_t l = 0; l < step; l += 64)
+                                _mm_prefetch(p + AHEAD + l, _MM_HINT_T1);
+                        _tile_loadd(2, x + m0 * K + k, K * 2);
+                        _tile_loadd(3, p, stride);
+                        _tile_loadd(4, p + 64, stride);
+                        _tile_dpbf16ps(0, 2, 3);
+                        _tile_dpbf16ps(1, 2, 4);
+                    }
+                    _tile_stored(0, sums + 16 * j, nb * 4);
+                    _tile_stored(1, sums + 16 * j + 16, nb * 4);
+                }
+                for (int64_t r = 0; r < rows; r++)
+                    for (int64_t c = 0; c < nb / 16 && 16 * c < valid; c++)
+                        store_act(y, (m0 + r) * N + n0 + 16 * c, _mm512_loadu_ps(sums + r * nb + 16 * c),
+                                  tail(valid - 16 * c), out_bf16);
+            }
+        }
+        if (configured) _tile_release();
+    }
+}
+#else
+int amx_request(void) { return 0; }
+int set_amx(int on) {
+    (void)on;
+    return 0;
+}
+int amx_on(void) { return 0; }
+static const int amx = 0;
+static void amx_product(const uint16_t *w, const uint16_t *x, void *y, int64_t M, int64_t N,
+                        int64_t Np, int64_t K, int64_t nb, const int out_bf16) {}
+#endif
+
 void gemv_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t Np, int64_t K,
                int64_t nb) {
+    if (amx) {
+        amx_product(w, x, y, 1, Np, Np, K, nb, 1);
+        return;
+    }
     const uint32_t *pairs = (const uint32_t *)x;
     const int every = bf16_every_line;
 #pragma omp parallel for schedule(static)
@@ -130,39 +270,6 @@ static inline __m512 exp16(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
     p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(p, n);
-}
-
-static inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
-    return _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
-static inline void store_bf16(uint16_t *p, __m512 v, __mmask16 m) {
-    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
-}
-
-static inline __mmask16 tail(int64_t left) {
-    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-}
-
-/* Activations of either type: bf16 (uint16_t) or float32, chosen by a flag that each
- * exported function passes as a constant, so the compiler makes one copy per type. */
-static inline __m512 load_act(const void *p, int64_t i, __mmask16 m, int bf16) {
-    return bf16 ? load_bf16((const uint16_t *)p + i, m) : _mm512_maskz_loadu_ps(m, (const float *)p + i);
-}
-
-static inline void store_act(void *p, int64_t i, __m512 v, __mmask16 m, int bf16) {
-    if (bf16)
-        store_bf16((uint16_t *)p + i, v, m);
-    else
-        _mm512_mask_storeu_ps((float *)p + i, m, v);
-}
-
-/* v as the activation type holds it: rounded to bf16, or float32 as it is */
-static inline __m512 round_act(__m512 v, int bf16) { return bf16 ? bf16x16_round(v) : v; }
-
-static inline const void *offset(const void *p, int64_t i, int bf16) {
-    return (const char *)p + i * (bf16 ? 2 : 4);
 }
 
 #define CHUNK 64     /* positions scored at a time (online softmax between chunks) */
@@ -352,6 +459,10 @@ static inline void gemm_bf16_block(const uint16_t *w, const uint16_t *x, void *y
 
 static inline void gemm_bf16(const uint16_t *w, const uint16_t *x, void *y, int64_t M,
                              int64_t N, int64_t Np, int64_t K, const int out_bf16, int64_t nb) {
+    if (amx) {
+        amx_product(w, x, y, M, N, Np, K, nb, out_bf16);
+        return;
+    }
     const int64_t blocks = Np / nb;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {

@@ -37,6 +37,11 @@ FLAGS = (
     "-O3 -ffp-contract=off -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mavx512vnni -mfma "
     "-fopenmp -shared -fPIC"
 ).split()
+# AMX's bf16 tiles, where the compiler knows them: the bf16 products run on them on a CPU
+# that has them (cpu_kernels.c, "bf16 products on AMX"). A compiler that does not builds
+# the rest without them.
+AMX_FLAGS = "-mamx-tile -mamx-bf16".split()
+AMX_CPU_FLAGS = frozenset({"amx_tile", "amx_bf16"})
 CPU_FLAGS = frozenset(
     {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni", "fma"}
 )
@@ -112,7 +117,7 @@ def _build() -> Path:
     cc = compiler()
     assert cc is not None
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source + " ".join([cc, *FLAGS, *AMX_FLAGS]).encode()).hexdigest()[:16]
     out = Path.home() / ".cache" / "mpllama" / f"cpu_kernels-{digest}.so"
     if out.exists():
         return out
@@ -121,20 +126,29 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
+        try:
+            _compile(cc, [*FLAGS, *AMX_FLAGS], tmp)
+        except subprocess.SubprocessError as e:
+            log.info("building %s with AMX failed (%s); building it without", SOURCE.name, e)
+            _compile(cc, FLAGS, tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _compile(cc: str, flags: list[str], out: str) -> None:
+    try:
         subprocess.run(
-            [cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"],
+            [cc, *flags, "-o", out, str(SOURCE), "-lm"],
             check=True,
             capture_output=True,
             text=True,
             timeout=120,
         )
-        os.replace(tmp, out)
     except subprocess.CalledProcessError as e:
         raise subprocess.SubprocessError(e.stderr.strip()[-2000:]) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
 
 
 def _load(path: Path) -> ctypes.CDLL:
@@ -145,7 +159,32 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.stream_sum.restype = ctypes.c_float
     lib.set_bf16_every_line.argtypes = [ctypes.c_int]
     lib.set_bf16_every_line(int(cpu_vendor() == "GenuineIntel"))
+    lib.amx_request.restype = lib.set_amx.restype = lib.amx_on.restype = ctypes.c_int
+    lib.set_amx.argtypes = [ctypes.c_int]
+    if AMX_CPU_FLAGS <= cpu_flags():
+        if lib.set_amx(lib.amx_request()):
+            log.info("mpllama's bf16 products run on AMX tiles")
+        else:
+            log.info(
+                "the CPU has AMX, but this build or Linux does not let mpllama use it: "
+                "its bf16 products run on AVX-512"
+            )
     return lib
+
+
+def amx_on() -> bool:
+    """Whether the bf16 products run on AMX tiles (see ``set_amx``)."""
+    lib = library()
+    return lib is not None and bool(lib.amx_on())
+
+
+def set_amx(on: bool) -> bool:
+    """Run the bf16 products on AMX tiles (where the CPU has them and the library could
+    ask for them: ``library()`` turns them on there) or on AVX-512; whether they run on
+    the tiles now. For tests, which check both paths, and benchmarks."""
+    lib = library()
+    assert lib is not None
+    return bool(lib.set_amx(int(on)))
 
 
 # ------------------------------------------------------------------------ one-row products
