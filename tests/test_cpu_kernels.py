@@ -32,9 +32,9 @@ def pack(w: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(params=["avx512", "amx"])
-def bf16_path(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A bf16 product test on each path the kernels have: AVX-512's dot products, and
-    AMX's tiles where the CPU has them (``library()`` runs bf16 on them there)."""
+def products_on(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A product test on each path the bf16 and int8 kernels have: AVX-512's dot products,
+    and AMX's tiles where the CPU has them (``library()`` runs them on the tiles there)."""
     default = cpu_kernels.amx_on()
     on = request.param == "amx"
     if cpu_kernels.set_amx(on) != on:
@@ -66,7 +66,7 @@ def blocked(w: torch.Tensor, block: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block", cpu_kernels.BLOCKS)
 def test_the_kernels_read_blocks_of_64_rows_and_of_32(
-    dtype: torch.dtype, block: int, bf16_path: str
+    dtype: torch.dtype, block: int, products_on: str
 ) -> None:
     """Both layouts oneDNN packs one-row weights in (64 rows a block; bf16 in 32 on CPUs
     with AMX), on any CPU: the one-row product, rows batched (each bit for bit its row
@@ -101,7 +101,7 @@ def test_the_kernels_read_blocks_of_64_rows_and_of_32(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("rows", "inner"), SHAPES)
 def test_one_row_product_reads_onednns_packed_weight(
-    dtype: torch.dtype, rows: int, inner: int, bf16_path: str
+    dtype: torch.dtype, rows: int, inner: int, products_on: str
 ) -> None:
     w, x = randn(rows, inner).to(dtype), randn(1, inner, seed=1).to(dtype)
     product = cpu_kernels.one_row_product(pack(w))
@@ -116,7 +116,7 @@ def test_one_row_product_reads_onednns_packed_weight(
 
 @pytest.mark.parametrize(("rows", "inner"), SHAPES)
 def test_a_bf16_batch_of_rows_gives_each_row_its_one_row_result(
-    rows: int, inner: int, bf16_path: str
+    rows: int, inner: int, products_on: str
 ) -> None:
     """The bf16 product of a decode step's rows (``batched``, taken by ``linear`` for 2 to
     64 rows): each row bit for bit its one-row product, so a row's result does not depend
@@ -144,8 +144,10 @@ def test_a_bf16_batch_of_rows_gives_each_row_its_one_row_result(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("groups", [1, 2, 4])
-def test_int8_one_row_is_onednns_row_bit_for_bit(dtype: torch.dtype, groups: int) -> None:
+@pytest.mark.parametrize("groups", [1, 2, 4, 16])  # 16: groups of 32 inputs, no AMX
+def test_int8_one_row_is_onednns_row_bit_for_bit(
+    dtype: torch.dtype, groups: int, products_on: str
+) -> None:
     """The int8 kernels take every one-row product and a decode step's rows (they are not
     refused here), and each row, alone or in mpllama's batch, equals its row of oneDNN's
     batched product exactly, input groups (one per shard of a row-parallel weight) summed
@@ -154,13 +156,15 @@ def test_int8_one_row_is_onednns_row_bit_for_bit(dtype: torch.dtype, groups: int
     weight = quant.Int8Weight(q, scales)
     weight.pack(dtype)
     assert weight.kernel == "onednn" and weight.one_row is not None
-    x = randn(13, 512, seed=1).to(dtype)
-    ours = weight(x)  # gemm_int8: passes of 4, 4, 4 and 1 rows, the later ones prefetching
+    # gemm_int8: passes of 4 rows, then 1, the later ones prefetching; on AMX a run of 16
+    # rows, then one of 5
+    x = randn(21, 512, seed=1).to(dtype)
+    ours = weight(x)
     one_row, weight.one_row = weight.one_row, None
     onednn = weight(x)
     weight.one_row = one_row
     assert one_row.batches(x) and torch.equal(ours, onednn)
-    for i in range(13):
+    for i in range(21):
         assert torch.equal(weight(x[i : i + 1]), onednn[i : i + 1])
 
 
@@ -172,7 +176,7 @@ def test_one_row_product_refuses_what_it_cannot_read() -> None:
 
 
 @pytest.mark.parametrize("m", [1, 3, 4, 9])
-def test_float32_logits_of_bf16_rows(m: int, bf16_path: str) -> None:
+def test_float32_logits_of_bf16_rows(m: int, products_on: str) -> None:
     """Any number of rows, four at a time and the rest; the padded rows never written."""
     rows, inner = 4000, 128
     w, x = randn(rows, inner).bfloat16(), randn(m, inner, seed=1).bfloat16()
@@ -244,7 +248,7 @@ def demo_model(dtype: torch.dtype) -> Transformer:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_model_decodes_with_the_kernels_as_with_torchs(
-    single_rank: None, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, bf16_path: str
+    single_rank: None, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, products_on: str
 ) -> None:
     """The trained demo model in bf16 and in float32, packed as a rank runs it: every
     product has its one-row kernel (and bf16's logits their float32 one). Prefill, then
@@ -389,7 +393,7 @@ def with_and_without_row_decoder(
     ],
 )
 def test_a_decode_step_in_two_c_calls_a_layer_is_the_layer_path_bit_for_bit(
-    single_rank: None, dtype: torch.dtype, method: str | None, rows: list, bf16_path: str
+    single_rank: None, dtype: torch.dtype, method: str | None, rows: list, products_on: str
 ) -> None:
     """row_decode: a bf16 model and one with int8 weights (one row, and three at different
     lengths) and a float32 one decode through two C calls a layer, with the logits of the

@@ -103,76 +103,103 @@ def test_checkpoint_stays_small() -> None:
 
 
 # Prompts for the bf16 check (bench.py's quant part uses them too): 12 of several kinds,
-# then the first words of 48 of demo/train.py's held-out documents. The golden prompts
-# were chosen for their margins, so they would flatter it.
+# then the first words of demo/train.py's held-out documents (48, then the other 239
+# whose first four words no prompt before starts alike). The golden prompts were chosen
+# for their margins, so they would flatter it.
 AGREEMENT_PROMPTS = json.loads((DEMO.parent / "agreement_prompts.json").read_text())
 AGREEMENT_TOKENS = 32
+# Prompts run this many at a time, so a decode step's rows run mpllama's kernels (oneDNN
+# takes more than cpu_kernels.BATCH_ROWS), as a rank's few dozen requests do.
+AGREEMENT_BATCH = 60
 # bf16's logits differ from float32's by about 0.03 on this model (its weights rounded to
 # bf16), and bf16 logits would come in steps of 1/16 near 10: a greedy choice between two
 # tokens closer than that is a coin toss.
 NEAR_TIE = 0.06
 # Where mpllama's CPU kernels cannot run (no AVX-512 bf16/VNNI, no compiler), bf16 keeps
-# torch's kernels: bf16 logits and attention scores, measured at 85.9% with gaps up to
-# 0.045. The bounds it is held to there: (share, largest gap).
+# torch's kernels: bf16 logits and attention scores, measured at 81.7% of the 299 prompts
+# (85.9% of the first 60) with gaps up to 0.045. The bounds it is held to there: (share,
+# largest gap).
 TORCH_BF16_BOUNDS = (0.80, 0.1)
 
 
 def test_bf16_greedy_agrees_with_float32(single_rank: None) -> None:
     """bf16 (the default on a CPU with bf16 instructions) against float32 on the trained
-    model, both packed as a rank runs them: of 60 prompts x 32 greedy tokens, the share
-    that comes before each prompt's first divergence, at least the issue's 95% (measured:
-    96.6%), and every divergence a near-tie in float32's own logits (bf16 never overturns
-    a clear choice).
+    model, both packed as a rank runs them: of 299 prompts x 32 greedy tokens, the share
+    that comes before each prompt's first divergence, and every divergence a near-tie in
+    float32's own logits (bf16 never overturns a clear choice). The share is held to what
+    bf16 weights allow at all: float32 itself, run on the weights rounded to bf16, in the
+    same test, less 2.5 points for the activations' rounding (measured: 0.9).
 
-    The history of that figure, on these 60 prompts: 81.6% on torch's kernels (bf16
-    logits, bf16 attention scores); 90.7% on mpllama's CPU kernels (float32 logits and
-    scores); 96.6% since the residual stream stays float32 (model.Transformer.forward).
-    float32 itself, run on the weights rounded to bf16, agrees at 97.0%: what is left is
-    mostly the weights' own rounding, which decides near-ties by chance. The first 12
-    prompts alone once swung from 97% to 85% on two such ties, which is why 60."""
+    Why not the issue's 95% as it stands: on this model the bound itself is under it.
+    Here, bf16 93.0% against the bound's 93.9%, on AMX tiles and on AVX-512 alike. On the
+    first 60 prompts alone (the set until session 9) the bound is 97.8%, and the runtime
+    96.6% (EPYC, AVX-512), 95.7% (Intel, AVX-512) and 94.8% (Intel, AMX, whose sums are
+    twice as close to exact): which near-ties the weights' rounding flips is chance, and
+    60 prompts too few to tell (benchmarks/RESULTS.md, session 9).
+
+    The history of the figure, on the 60 prompts: 81.6% on torch's kernels (bf16 logits,
+    bf16 attention scores); 90.7% on mpllama's CPU kernels (float32 logits and scores);
+    96.6% since the residual stream stays float32 (model.Transformer.forward)."""
     shards = checkpoint.find_shards(DEMO)
     args = checkpoint.read_params(DEMO)
     tok = Tokenizer(checkpoint.find_tokenizer(DEMO))
     runs: list[dict[str, list[int]]] = []
     tops: dict[str, list[dict[int, float]]] = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    # float32; float32 on the weights rounded to bf16 (the bound); bf16
+    for dtype, rounded in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False)):
         state = weights.load_rank_state(shards, args, 0, 1)
+        if rounded:
+            state = {
+                k: v.bfloat16().float() if v.is_floating_point() else v for k, v in state.items()
+            }
         model = materialize(Transformer(args), state, torch.device("cpu"), dtype)
         model.pack_linears()  # as a rank runs it
-        model.setup_slots(len(AGREEMENT_PROMPTS), 128)
+        model.setup_slots(AGREEMENT_BATCH, 128)
         assert model.layers[0].attention.cache_k.dtype is dtype  # the KV cache follows
+        first_run = not runs
         params = SamplingParams(
             temperature=0,
             max_tokens=AGREEMENT_TOKENS,
             ignore_eos=True,
-            logprobs=dtype is torch.float32,
-            top_logprobs=2 if dtype is torch.float32 else 0,
-        )
-        runner = Runner(model, tok, 256)
-        runner.add(
-            [Request(p, tok.encode(p, bos=True, eos=False), params) for p in AGREEMENT_PROMPTS]
+            logprobs=first_run,
+            top_logprobs=2 if first_run else 0,
         )
         out: dict[str, list[int]] = {p: [] for p in AGREEMENT_PROMPTS}
-        while runner.has_work:
-            for e in runner.step():
-                out[e.id] += e.token_ids
-                if e.top_logprobs:
-                    tops.setdefault(e.id, []).extend(e.top_logprobs)
+        for i in range(0, len(AGREEMENT_PROMPTS), AGREEMENT_BATCH):
+            runner = Runner(model, tok, 256)
+            batch = AGREEMENT_PROMPTS[i : i + AGREEMENT_BATCH]
+            runner.add([Request(p, tok.encode(p, bos=True, eos=False), params) for p in batch])
+            while runner.has_work:
+                for e in runner.step():
+                    out[e.id] += e.token_ids
+                    if e.top_logprobs:
+                        tops.setdefault(e.id, []).extend(e.top_logprobs)
         runs.append(out)
-    agreed, ties = 0, []
-    for p in AGREEMENT_PROMPTS:
-        pairs = list(zip(runs[0][p], runs[1][p], strict=True))
-        first = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
-        agreed += first
-        if first < len(pairs):
-            # float32's own log-probs of its choice and of bf16's there (same normaliser,
-            # so their difference is the logits' difference).
-            top = tops[p][first]
-            bf16_token = pairs[first][1]
-            assert bf16_token in top, (p, first, top, bf16_token)
-            ties.append(top[pairs[first][0]] - top[bf16_token])
-    share = agreed / (len(AGREEMENT_PROMPTS) * AGREEMENT_TOKENS)
-    print(f"bf16 greedy agreement with float32: {share:.1%}; gaps where they part: {ties}")
-    least, near_tie = (0.95, NEAR_TIE) if cpu_kernels.unavailable() is None else TORCH_BF16_BOUNDS
+
+    def agreement(other: dict[str, list[int]]) -> tuple[float, list[float]]:
+        agreed, ties = 0, []
+        for p in AGREEMENT_PROMPTS:
+            pairs = list(zip(runs[0][p], other[p], strict=True))
+            first = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
+            agreed += first
+            if first < len(pairs):
+                # float32's own log-probs of its choice and of the other's there (same
+                # normaliser, so their difference is the logits' difference).
+                top = tops[p][first]
+                theirs = pairs[first][1]
+                assert theirs in top, (p, first, top, theirs)
+                ties.append(top[pairs[first][0]] - top[theirs])
+        return agreed / (len(AGREEMENT_PROMPTS) * AGREEMENT_TOKENS), ties
+
+    bound, _ = agreement(runs[1])
+    share, ties = agreement(runs[2])
+    print(
+        f"bf16 greedy agreement with float32: {share:.1%} (float32 on bf16-rounded weights: "
+        f"{bound:.1%}); gaps where they part: {ties}"
+    )
+    if cpu_kernels.unavailable() is None:
+        least, near_tie = bound - 0.025, NEAR_TIE
+    else:
+        least, near_tie = TORCH_BF16_BOUNDS
     assert max(ties, default=0.0) < near_tie, ties
-    assert share >= least, share
+    assert share >= least, (share, bound)
