@@ -567,6 +567,68 @@ void gemv_int8(const int8_t *const *w, const float *scales, const void *x, int x
     }
 }
 
+#if defined(__AMX_INT8__) && defined(__AMX_BF16__)
+/* gemm_int8 on AMX tiles, for groups of a multiple of 64 inputs: for each block of 64
+ * outputs and run of up to 16 rows, each group's integer sums 32 outputs at a time (two
+ * column tiles, qlinear_prepack's layout read 16 input quads by 16 outputs a tile), then
+ * gemm_int8's float steps on them in the same order. The integer sums are exact on
+ * either path, so each row's result is the same bits as on AVX-512 VNNI, alone or in any
+ * batch. The first run asks for the weight's every line INT8_AHEAD into L2. */
+static void amx_int8_product(const int8_t *const *w, const float *scales, const float *xs,
+                             const uint8_t *u8, void *y, int64_t M, int64_t N, int64_t K,
+                             int64_t G, const int x_bf16) {
+    const int64_t Kg = K / G;
+#pragma omp parallel
+    {
+        int configured = 0;
+        int32_t sums[16 * NB];
+        __m512 out[16][4];
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < N / NB; b++) {
+            for (int64_t m0 = 0; m0 < M; m0 += 16) {
+                const int rows = M - m0 < 16 ? (int)(M - m0) : 16;
+                if (rows != configured) amx_config(configured = rows);
+                for (int64_t g = 0; g < G; g++) {
+                    const char *block = (const char *)(w[g] + b * NB * Kg);
+                    for (int64_t j = 0; j < 4; j += 2) {
+                        _tile_zero(0);
+                        _tile_zero(1);
+                        /* 16 quads of inputs (64) by 64 outputs: 4 KB a step */
+                        for (int64_t k = 0; k < Kg; k += 64) {
+                            const char *p = block + k * NB + 64 * j;
+                            if (m0 == 0 && j == 0)
+                                for (int64_t l = 0; l < 64 * NB; l += 64)
+                                    _mm_prefetch(p + INT8_AHEAD + l, _MM_HINT_T1);
+                            _tile_loadd(2, u8 + m0 * K + g * Kg + k, K);
+                            _tile_loadd(3, p, 4 * NB);
+                            _tile_loadd(4, p + 64, 4 * NB);
+                            _tile_dpbusd(0, 2, 3);
+                            _tile_dpbusd(1, 2, 4);
+                        }
+                        _tile_stored(0, sums + 16 * j, 4 * NB);
+                        _tile_stored(1, sums + 16 * j + 16, 4 * NB);
+                    }
+                    const int32_t *minus_sums = (const int32_t *)(w[g] + N * Kg) + b * NB;
+                    const float *ws = scales + g * N + b * NB;
+                    for (int r = 0; r < rows; r++)
+                        for (int c = 0; c < 4; c++)
+                            out[r][c] = int8_part(out[r][c], g, _mm512_loadu_si512(sums + r * NB + 16 * c),
+                                                  minus_sums + 16 * c, ws + 16 * c, xs[(m0 + r) * G + g]);
+                }
+                for (int r = 0; r < rows; r++)
+                    for (int c = 0; c < 4; c++)
+                        store_act(y, (m0 + r) * N + b * NB + 16 * c, out[r][c], 0xFFFF, x_bf16);
+            }
+        }
+        if (configured) _tile_release();
+    }
+}
+#else
+static void amx_int8_product(const int8_t *const *w, const float *scales, const float *xs,
+                             const uint8_t *u8, void *y, int64_t M, int64_t N, int64_t K,
+                             int64_t G, const int x_bf16) {}
+#endif
+
 /* The same for M rows of x (2 <= M <= 64): each row quantized on its own, four rows at a
  * time sharing each weight load, so a block (in L2 by then) is read M/4 times, and from
  * three passes on the later passes fetch the next block meanwhile, as gemm_bf16 does.
@@ -579,6 +641,10 @@ void gemm_int8(const int8_t *const *w, const float *scales, const void *x, int x
     float xs[64 * 64]; /* [M][G] */
     for (int64_t m = 0; m < M; m++)
         quantize_row(offset(x, m * K, x_bf16), x_bf16, K, G, u8 + m * K, xs + m * G);
+    if (amx && Kg % 64 == 0) { /* as int8_one_row takes them: qlinear_prepack packs no other */
+        amx_int8_product(w, scales, xs, u8, y, M, N, K, G, x_bf16);
+        return;
+    }
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
