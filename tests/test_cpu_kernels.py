@@ -168,6 +168,32 @@ def test_int8_one_row_is_onednns_row_bit_for_bit(
         assert torch.equal(weight(x[i : i + 1]), onednn[i : i + 1])
 
 
+@pytest.mark.parametrize(
+    ("rows", "inner", "group"), [(100, 256, 32), (256, 1024, 128), (70, 192, 64)]
+)
+def test_int4_on_amx_gives_each_row_its_own_result(rows: int, inner: int, group: int) -> None:
+    """mpllama's int4 kernel (bf16 models on CPUs with AMX) takes any number of rows, and
+    each row's result is bit for bit what it gives alone (prefill, decode steps and one
+    row alike), within bf16's rounding of the float64 product with the dequantized
+    weight; rows padded to a whole block are never written."""
+    if not cpu_kernels.amx_on():
+        pytest.skip("int4 weights have mpllama's kernel only on CPUs with AMX")
+    packed, scales = quant.quantize_int4(randn(rows, inner), group)
+    product = cpu_kernels.int4_product(packed, scales)
+    assert product is not None and product.padded == -(-rows // 32) * 32
+    x = randn(40, inner, seed=1).bfloat16()
+    got = product(x)
+    assert got.shape == (40, rows) and got.dtype == torch.bfloat16
+    want = x.double() @ quant.Int4Weight(packed, scales).dequantize().double().t()
+    torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-3 * float(want.abs().max()))
+    for m in (1, 3, 17):  # a run of 16 rows and one of 1
+        assert torch.equal(product(x[:m]), got[:m])
+    for i in range(40):
+        assert torch.equal(product(x[i : i + 1]), got[i : i + 1])
+    # an int4 weight without whole steps of 32 inputs keeps torch's kernel
+    assert cpu_kernels.int4_product(*quant.quantize_int4(randn(64, 48), 16)) is None
+
+
 def test_one_row_product_refuses_what_it_cannot_read() -> None:
     assert cpu_kernels.one_row_product(pack(randn(64, 48))) is None  # inputs not 32-aligned
     assert cpu_kernels.one_row_product(randn(64, 64).half()) is None  # no fp16 kernel
@@ -389,16 +415,21 @@ def with_and_without_row_decoder(
         (torch.bfloat16, None, THREE_ROWS),
         (torch.bfloat16, "int8", ONE_ROW),
         (torch.bfloat16, "int8", THREE_ROWS),
+        (torch.bfloat16, "int4", ONE_ROW),
+        (torch.bfloat16, "int4", THREE_ROWS),
         (torch.float32, None, ONE_ROW),
     ],
 )
 def test_a_decode_step_in_two_c_calls_a_layer_is_the_layer_path_bit_for_bit(
     single_rank: None, dtype: torch.dtype, method: str | None, rows: list, products_on: str
 ) -> None:
-    """row_decode: a bf16 model and one with int8 weights (one row, and three at different
-    lengths) and a float32 one decode through two C calls a layer, with the logits of the
-    layer-by-layer path exactly. Batched steps run it where every product batches (bf16
-    and int8 weights; float32 keeps oneDNN)."""
+    """row_decode: a bf16 model and one with int8 weights, and on a CPU with AMX one with
+    int4 weights (one row, and three at different lengths), and a float32 one decode
+    through two C calls a layer, with the logits of the layer-by-layer path exactly.
+    Batched steps run it where every product batches (bf16, int8 and int4 weights;
+    float32 keeps oneDNN)."""
+    if method == "int4" and not cpu_kernels.amx_on():
+        pytest.skip("int4 weights have mpllama's kernel only on CPUs with AMX")
     demo = Path(__file__).parent.parent / "demo" / "model"
     args = checkpoint.read_params(demo)
     shards = checkpoint.find_shards(demo)

@@ -21,6 +21,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define NB 64 /* output rows per packed block: oneDNN's blocking for one-row products */
@@ -198,7 +199,139 @@ static void amx_product(const uint16_t *w, const uint16_t *x, void *y, int64_t M
         if (configured) _tile_release();
     }
 }
+
+/* int4 weights (quant.Int4Weight: w = (q - 8) * scale + zero, q 0..15, a bf16 scale and
+ * zero per group of gs inputs) times bf16 rows, for any number of rows M: y [M, N] (row
+ * stride N), bf16 (out_bf16) or float32.
+ *   w   Np/32 blocks of 32 outputs, each 16 K bytes: the block's values (q - 8) in the
+ *       bf16 layout amx_product reads ([K/2][32][2]), 64 at a time in 32 bytes, value j
+ *       of each 64 in byte j's low half and value 32 + j in its high half
+ *       (cpu_kernels.Int4Product packs it);
+ *   sz  [Np/32][K/gs][2][32] bf16: each block's scales, then zeros, per group.
+ * For each block and pass of up to 32 rows (two runs of up to 16), group by group: each
+ * step of 32 inputs is unpacked (a table lookup, vpermw, per 32 values) into one of two
+ * small buffers in L1, the next step's while the tiles take this one; the tiles sum
+ * (q - 8) x exactly per product, in float32; then y += sums * scale + zero * sum(x over
+ * the group), in group order. A row's result depends only on its own values, so it is
+ * the same alone as in any batch. Unpacking into L1 step by step, not a whole block into
+ * L2 first, measured 1.5x faster at one row (48 of the bench model's 2816x1024 weights:
+ * 2.8 -> 1.8 ms; benchmarks/RESULTS.md).
+ * Tiles: 0, 1 the first run's two sets of 16 outputs (r0 rows), 2, 3 the second run's (r1
+ * rows, none where 0); 4, 7 the runs' inputs; 5, 6 the weight's 16 pairs x 16 outputs. */
+static void int4_config(int r0, int r1) {
+    tile_config_t c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    const int rows[8] = {r0, r0, r1, r1, r0, 16, 16, r1};
+    for (int t = 0; t < 8; t++) c.rows[t] = rows[t], c.colsb[t] = rows[t] ? 64 : 0;
+    _tile_loadconfig(&c);
+}
+
+/* One step's 512 bytes of int4 values s into u: 1024 bf16 values (q - 8), in the tiles'
+ * layout; ask: for the bytes INT8_AHEAD on into L2 too (the first pass over a block). */
+static inline void expand4(const uint8_t *s, uint16_t *u, __m512i table, int ask) {
+    if (ask)
+        for (int l = 0; l < 512; l += 64) _mm_prefetch((const char *)s + INT8_AHEAD + l, _MM_HINT_T1);
+    for (int c = 0; c < 16; c++) {
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_load_si256((const __m256i *)(s + 32 * c)));
+        _mm512_store_si512(u + 64 * c, _mm512_permutexvar_epi16(v, table));
+        _mm512_store_si512(u + 64 * c + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table));
+    }
+}
+
+void int4_product(const uint8_t *w, const uint16_t *sz, const uint16_t *x, void *y, int64_t M,
+                  int64_t N, int64_t Np, int64_t K, int64_t gs, int out_bf16) {
+    const int64_t G = K / gs;
+    float *xsum = malloc(M * G * sizeof(float));
+#pragma omp parallel for schedule(static) if (M > 1)
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < G; g++) {
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t k = g * gs; k < (g + 1) * gs; k += 16)
+                a = _mm512_add_ps(a, load_bf16(x + m * K + k, 0xFFFF));
+            xsum[m * G + g] = _mm512_reduce_add_ps(a);
+        }
+    __m512i table; /* word i: bf16 of (i & 15) - 8 */
+    {
+        uint16_t t[32];
+        for (int i = 0; i < 32; i++) {
+            const float v = (float)((i & 15) - 8);
+            uint32_t u;
+            memcpy(&u, &v, 4);
+            t[i] = (uint16_t)(u >> 16);
+        }
+        table = _mm512_loadu_si512(t);
+    }
+#pragma omp parallel
+    {
+        uint16_t buffer[2][1024] __attribute__((aligned(64)));
+        int configured = -1;
+        float sums[32 * 32];
+        __m512 out[32][2];
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < Np / 32; b++) {
+            const uint8_t *src = w + b * 16 * K;
+            const int64_t n0 = b * 32, valid = N - n0 < 32 ? N - n0 : 32;
+            for (int64_t m0 = 0; m0 < M; m0 += 32) {
+                const int r0 = M - m0 < 16 ? (int)(M - m0) : 16;
+                const int r1 = M - m0 - 16 <= 0 ? 0 : M - m0 - 16 < 16 ? (int)(M - m0 - 16) : 16;
+                if (r0 * 32 + r1 != configured) {
+                    int4_config(r0, r1);
+                    configured = r0 * 32 + r1;
+                }
+                for (int64_t g = 0; g < G; g++) {
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    if (r1) {
+                        _tile_zero(2);
+                        _tile_zero(3);
+                    }
+                    if (g == 0) expand4(src, buffer[0], table, m0 == 0);
+                    for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+                        const uint16_t *u = buffer[(k / 32) & 1];
+                        _tile_loadd(5, u, 128);
+                        _tile_loadd(6, u + 32, 128);
+                        _tile_loadd(4, x + m0 * K + k, K * 2);
+                        _tile_dpbf16ps(0, 4, 5);
+                        _tile_dpbf16ps(1, 4, 6);
+                        if (r1) {
+                            _tile_loadd(7, x + (m0 + 16) * K + k, K * 2);
+                            _tile_dpbf16ps(2, 7, 5);
+                            _tile_dpbf16ps(3, 7, 6);
+                        }
+                        if (k + 32 < K) /* the next step's, the group's or the next group's */
+                            expand4(src + 16 * (k + 32), buffer[(k / 32 + 1) & 1], table, m0 == 0);
+                    }
+                    _tile_stored(0, sums, 128);
+                    _tile_stored(1, sums + 16, 128);
+                    if (r1) {
+                        _tile_stored(2, sums + 16 * 32, 128);
+                        _tile_stored(3, sums + 16 * 32 + 16, 128);
+                    }
+                    const uint16_t *q = sz + (b * G + g) * 64;
+                    const __m512 scale[2] = {load_bf16(q, 0xFFFF), load_bf16(q + 16, 0xFFFF)};
+                    const __m512 zero[2] = {load_bf16(q + 32, 0xFFFF), load_bf16(q + 48, 0xFFFF)};
+                    for (int r = 0; r < r0 + r1; r++) {
+                        const __m512 xs = _mm512_set1_ps(xsum[(m0 + r) * G + g]);
+                        for (int c = 0; c < 2; c++) {
+                            const __m512 part = _mm512_fmadd_ps(_mm512_loadu_ps(sums + r * 32 + 16 * c),
+                                                                scale[c], _mm512_mul_ps(zero[c], xs));
+                            out[r][c] = g == 0 ? part : _mm512_add_ps(out[r][c], part);
+                        }
+                    }
+                }
+                for (int64_t r = 0; r < r0 + r1; r++)
+                    for (int c = 0; c < 2 && 16 * c < valid; c++)
+                        store_act(y, (m0 + r) * N + n0 + 16 * c, out[r][c], tail(valid - 16 * c), out_bf16);
+            }
+        }
+        if (configured >= 0) _tile_release();
+    }
+    free(xsum);
+}
 #else
+void int4_product(const uint8_t *w, const uint16_t *sz, const uint16_t *x, void *y, int64_t M,
+                  int64_t N, int64_t Np, int64_t K, int64_t gs, int out_bf16) {}
 int amx_request(void) { return 0; }
 int set_amx(int on) {
     (void)on;
@@ -860,10 +993,12 @@ void lookup_int8(const int8_t *q, const float *scales, const int64_t *ids, int64
  * row_decode.py's structs. */
 
 typedef struct {
-    int64_t kind;            /* 0: bf16 (gemv_bf16); 1: int8 (gemv_int8); 2: float32 (gemv_f32) */
+    int64_t kind;            /* 0: bf16 (gemv_bf16); 1: int8 (gemv_int8); 2: float32 (gemv_f32);
+                                3: int4 (int4_product) */
     const void *w;           /* bf16, float32: the packed weight; int8: its groups' tensors */
-    const float *scales;     /* int8: [groups, N] */
-    int64_t N, K, groups;    /* N: output rows, padded to whole blocks for bf16 and float32 */
+    const void *scales;      /* int8: [groups, N] float32; int4: its bf16 scales and zeros */
+    int64_t N, K, groups;    /* N: output rows, padded to whole blocks but for int8; groups:
+                                int8's input groups, int4's inputs a group */
     int64_t rows;            /* the real output rows: an output row's stride for M > 1 */
     int64_t nb;              /* bf16, float32: rows a packed block (64, or 32 for AMX) */
 } product_t;
@@ -886,7 +1021,10 @@ typedef struct {
 /* y = x @ w.T for M rows of x: M == 1 the one-row kernels (y padded to p->N); M > 1 bf16
  * or int8 in a bf16 model (row_decode.py builds no other), y [M, p->rows]. */
 static void product(const product_t *p, const void *x, void *y, int64_t M, uint8_t *u8, int bf16) {
-    if (M > 1 && p->kind == 1)
+    if (p->kind == 3) /* int4 on AMX: any M, bf16 (row_decode.py builds no other) */
+        int4_product((const uint8_t *)p->w, (const uint16_t *)p->scales, (const uint16_t *)x, y, M,
+                     p->rows, p->N, p->K, p->groups, 1);
+    else if (M > 1 && p->kind == 1)
         gemm_int8((const int8_t *const *)p->w, p->scales, x, bf16, y, M, p->N, p->K, p->groups, u8);
     else if (M > 1)
         gemm_bf16((const uint16_t *)p->w, (const uint16_t *)x, y, M, p->rows, p->N, p->K, 1, p->nb);

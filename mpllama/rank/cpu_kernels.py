@@ -62,6 +62,7 @@ _SIGNATURES = {
     "gemm_bf16_bf16": [_P, _P, _P, _I, _I, _I, _I, _I],
     "stream_sum": [_P, _I],
     "lookup_int8": [_P, _P, _P, _I, _I, _I, _P],
+    "int4_product": [_P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int],
     # a decode step's layer (row_decode.py's structs, then the step's arguments)
     "row_attention_step": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _P],
     "row_feed_forward_step": [_P, _P, _P, _P, _I, _P],
@@ -367,6 +368,67 @@ def int8_one_row(packed: list[torch.Tensor], scales: list[torch.Tensor]) -> Int8
     pointers = (ctypes.c_void_p * len(packed))(*(torch.ops.mkldnn.data_ptr(p) for p in packed))
     table = torch.stack(scales).float().contiguous()
     return Int8OneRow(packed, table, pointers, rows, inner_g * len(packed))
+
+
+@dataclass
+class Int4Product:
+    """x @ w.T for bf16 rows x [..., in] (any number) and a group-wise int4 weight
+    (``quant.Int4Weight``'s), on AMX tiles (``int4_product`` in the C file): each row's
+    result the same alone as in any batch, bf16 out. Holds the weight in the kernel's
+    layout (see ``int4_product``): its 4-bit values, then per block of 32 output rows and
+    group, 32 scales and 32 zeros in bf16."""
+
+    packed: torch.Tensor = field(repr=False)  # uint8 [padded / 32, 16 * inner]
+    sz: torch.Tensor = field(repr=False)  # bf16 [padded / 32, groups, 2, 32]
+    rows: int
+    padded: int
+    inner: int
+    group_size: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.inner).contiguous()
+        y = torch.empty(x.shape[0], self.rows, dtype=torch.bfloat16)
+        library().int4_product(  # type: ignore[union-attr]
+            self.packed.data_ptr(),
+            self.sz.data_ptr(),
+            x.data_ptr(),
+            y.data_ptr(),
+            x.shape[0],
+            self.rows,
+            self.padded,
+            self.inner,
+            self.group_size,
+            1,
+        )
+        return y.view(*lead, self.rows)
+
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.sz.numel() * 2
+
+
+def int4_product(packed: torch.Tensor, scales: torch.Tensor) -> Int4Product | None:
+    """``Int4Product`` for an int4 weight as ``quant.quantize_int4`` stores it (packed
+    uint8 [out, in/2], the even input low; bf16 scales [out, in/group, 2], scale and
+    zero), where the bf16 products run on AMX tiles (``amx_on``) and the inputs come in
+    whole steps of 32 (the tiles') and whole groups of them. None otherwise: torch's
+    int4 kernel runs."""
+    rows, inner = packed.shape[0], packed.shape[1] * 2
+    groups = scales.shape[1]
+    group_size = inner // groups
+    if not amx_on() or inner % 32 or group_size % 32:
+        return None
+    pad = -rows % 32
+    q = torch.stack([packed & 0xF, packed >> 4], -1).reshape(rows, inner)
+    q = torch.cat([q, q.new_full((pad, inner), 8)])  # q - 8 = 0: zero rows
+    blocks = (rows + pad) // 32
+    # Each block's values in the tiles' order ([in/2][32 rows][2]), in runs of 64: value j
+    # of a run in byte j's low half, value 32 + j in its high half.
+    runs = q.reshape(blocks, 32, inner // 2, 2).permute(0, 2, 1, 3).reshape(blocks, -1, 2, 32)
+    ours = (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(blocks, 16 * inner).contiguous()
+    sz = torch.cat([scales, scales.new_zeros(pad, groups, 2)])
+    sz = sz.reshape(blocks, 32, groups, 2).permute(0, 2, 3, 1).contiguous()
+    return Int4Product(ours, sz, rows, rows + pad, inner, group_size)
 
 
 # ------------------------------------------------------------------------ decode attention

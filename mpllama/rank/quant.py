@@ -40,7 +40,7 @@ from ..checkpoint import Quantization, int4_group_size, scales_key
 from ..errors import CheckpointError
 from ..hardware import cpu_flags
 from ..model_args import ModelArgs
-from .cpu_kernels import BLOCK, Int8OneRow, int8_one_row, library
+from .cpu_kernels import BLOCK, Int4Product, Int8OneRow, int4_product, int8_one_row, library
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +255,7 @@ class Int4Weight:
         self.group_size = self.shape[1] // scales.shape[1]
         self.kernel = "torch"
         self._sz: torch.Tensor | None = None
+        self.amx: Int4Product | None = None  # mpllama's kernel, where ``pack`` made it
 
     @property
     def device(self) -> torch.device:
@@ -267,6 +268,17 @@ class Int4Weight:
         )
 
     def pack(self, dtype: torch.dtype) -> None:
+        """Lay the weight out for the fastest kernel that runs it here: in a bf16 model on
+        a CPU with AMX, mpllama's (``cpu_kernels.Int4Product``: a 32-row decode step of
+        the bench model 57 -> 4 ms, benchmarks/RESULTS.md); else torch's CPU kernel in
+        bf16 and float32 models; else none (dequantized at each product)."""
+        if self.device.type == "cpu" and dtype == torch.bfloat16:
+            self.amx = int4_product(self.packed, self.scales)
+            if self.amx is not None:
+                self.packed = torch.empty(0, dtype=torch.uint8)  # the kernel's copy replaces it
+                self.scales = torch.empty(0, dtype=torch.bfloat16)
+                self.kernel = "amx"
+                return
         if self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 unpack_int4(self.packed), 1
@@ -276,6 +288,8 @@ class Int4Weight:
             self.kernel = "int4pack"
 
     def nbytes(self) -> int:
+        if self.amx is not None:
+            return self.amx.nbytes()
         scales = self.scales if self._sz is None else self._sz
         return self.shape[0] * self.shape[1] // 2 + scales.numel() * scales.element_size()
 
@@ -286,6 +300,8 @@ class Int4Weight:
         return ((q - 8) * scale[..., None] + zero[..., None]).reshape(self.shape)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.amx is not None:
+            return self.amx(x)
         if self.kernel == "int4pack":
             lead = x.shape[:-1]
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(

@@ -28,25 +28,25 @@ import torch
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 
 from . import cpu_kernels
-from .cpu_kernels import BATCH_ROWS, BLOCK, Int8OneRow, OneRowProduct, Segments
+from .cpu_kernels import BATCH_ROWS, BLOCK, Int4Product, Int8OneRow, OneRowProduct, Segments
 from .dist import all_reduce
 
 if TYPE_CHECKING:
     from .model import RMSNorm, Transformer
 
 _P = ctypes.c_void_p
-BF16, INT8, F32 = 0, 1, 2  # product_t's kinds
+BF16, INT8, F32, INT4 = 0, 1, 2, 3  # product_t's kinds
 MAX_GROUPS = 64  # int8 input groups gemv_int8 takes
 
 
 class Product(ctypes.Structure):
     _fields_ = [
-        ("kind", ctypes.c_int64),  # BF16, INT8 or F32
+        ("kind", ctypes.c_int64),  # BF16, INT8, F32 or INT4
         ("w", _P),
         ("scales", _P),
         ("N", ctypes.c_int64),
         ("K", ctypes.c_int64),
-        ("groups", ctypes.c_int64),
+        ("groups", ctypes.c_int64),  # int8: input groups; int4: inputs a group
         ("rows", ctypes.c_int64),
         ("nb", ctypes.c_int64),  # bf16, float32: rows a packed block (64, or 32: AMX)
     ]
@@ -93,6 +93,19 @@ def _product(module: torch.nn.Module) -> tuple[Product, int] | None:
         groups = len(int8.packed)
         product = Product(INT8, address, scales, int8.rows, int8.inner, groups, int8.rows, BLOCK)
         return product, int8.most_rows
+    int4 = getattr(weight, "amx", None)
+    if isinstance(int4, Int4Product):
+        product = Product(
+            INT4,
+            int4.packed.data_ptr(),
+            int4.sz.data_ptr(),
+            int4.padded,
+            int4.inner,
+            int4.group_size,
+            int4.rows,
+            32,
+        )
+        return product, BATCH_ROWS
     return None
 
 
@@ -151,7 +164,8 @@ class RowDecoder:
             if any(n.dtype != dtype or not n.is_contiguous() for n in norms):
                 return None
             if any(
-                p.kind != INT8 and (p.kind == BF16) != (dtype == torch.bfloat16) for p in products
+                p.kind in (BF16, F32) and (p.kind == BF16) != (dtype == torch.bfloat16)
+                for p in products
             ):
                 return None
             layers.append(
