@@ -11,6 +11,9 @@ the figures are in benchmarks/RESULTS.md, "Figures behind the code".
 
 A packed weight is read in oneDNN's own blocked layout; ``one_row_product`` checks that
 layout on each weight, against oneDNN's product of that same weight, before using it.
+
+On a CPU with AMX (Intel Sapphire Rapids on) the bf16 products, int8's batched ones and
+int4's (``Int4Product``) run on its tiles (``amx_on``, ``set_amx``); elsewhere on AVX-512.
 """
 
 from __future__ import annotations

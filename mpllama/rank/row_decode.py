@@ -12,11 +12,12 @@ the model's caches are set up. Between the two calls, and after the second, the 
 sums the row-parallel product over the ranks (the one collective each half needs).
 
 One row applies where every product of every layer has a one-row kernel (bf16 or float32
-weights packed by oneDNN, or int8 weights with ``Int8OneRow``); several rows, up to
-``BATCH_ROWS``, where every product batches them (``OneRowProduct.batched`` for bf16,
-``Int8OneRow.batched`` for int8 weights); attention runs ``attend_decode`` (bf16 or
-float32 on a CPU). The model keeps its layer-by-layer path otherwise (int4 weights,
-batched float32 steps, prefill, GPUs).
+weights packed by oneDNN, int8 weights with ``Int8OneRow``, or int4 weights with
+``Int4Product`` on a CPU with AMX); several rows, up to ``BATCH_ROWS``, where every
+product batches them (``OneRowProduct.batched`` for bf16, ``Int8OneRow.batched`` for
+int8 weights, ``Int4Product`` for int4); attention runs ``attend_decode`` (bf16 or
+float32 on a CPU). The model keeps its layer-by-layer path otherwise (int4 weights on
+torch's kernel, batched float32 steps, prefill, GPUs).
 """
 
 from __future__ import annotations
