@@ -214,7 +214,7 @@ static void amx_product(const uint16_t *w, const uint16_t *x, void *y, int64_t M
  * (q - 8) x exactly per product, in float32; then y += sums * scale + zero * sum(x over
  * the group), in group order. A row's result depends only on its own values, so it is
  * the same alone as in any batch. Unpacking into L1 step by step, not a whole block into
- * L2 first, measured 1.5x faster at one row (48 of the bench model's 2816x1024 weights:
+ * L2 first, measured 1.5x faster at one row (24 of the bench model's 2816x1024 weights:
  * 2.8 -> 1.8 ms; benchmarks/RESULTS.md).
  * Tiles: 0, 1 the first run's two sets of 16 outputs (r0 rows), 2, 3 the second run's (r1
  * rows, none where 0); 4, 7 the runs' inputs; 5, 6 the weight's 16 pairs x 16 outputs. */
