@@ -597,9 +597,13 @@ def part_decode(b: Bench) -> None:
     if not b.with_mpllama:
         return
     figures = bench_decode.steps(b.checkpoint(1), b.sizes is QUICK)
-    for label in ("fp32", "bf16", "int8"):
-        share = figures[f"{label} mpllama"]["share"]
-        b.target(f"decode: batch 1 {label}, weight bytes read / machine bound", share, 0.8)
+    llama3 = bench_decode.llama3_steps(b.root, b.sizes is QUICK)
+    for model, got in (("", figures), (" (Llama-3-shaped)", llama3)):
+        for label in ("fp32", "bf16", "int8"):
+            share = got[f"{label} mpllama"]["share"]
+            b.target(
+                f"decode{model}: batch 1 {label}, weight bytes read / machine bound", share, 0.8
+            )
 
 
 PART_RUNNERS = {

@@ -5,8 +5,10 @@ speed is bounded by how fast the CPU reads memory. This part measures that bound
 the bench model's batch-1 step in-process (the lead's forward, no engine) at each
 precision, with mpllama's CPU kernels (mpllama/rank/cpu_kernels.c) and, in the same run,
 with torch's (oneDNN products, SDPA or two matmuls for attention), and says where the
-step's time goes: the products alone, run back to back on one row, and the rest
-(attention, norms, RoPE, cache writes, Python).
+step's time goes: the products alone, run back to back on one row (of them the output
+layer's), and the rest (attention, norms, RoPE, cache writes, Python). Then the same for a
+Llama-3-shaped model of the bench model's layers (GQA, Llama 3's 128256-entry vocabulary,
+its scaled RoPE, random weights), where the output layer is a third of the bytes.
 
   stream    GB/s of a pass of plain AVX-512 loads over 256 MiB (on huge pages, as the
             ranks allocate), measured in each round just before its steps: the bound,
@@ -15,16 +17,16 @@ step's time goes: the products alone, run back to back on one row, and the rest
             bytes per token; achieved GB/s = bytes / step; share = achieved / stream,
             the median of the rounds' ratios
 
-    python benchmarks/bench_decode.py [--quick]
+    python benchmarks/bench_decode.py [--quick] [--llama3]   (--llama3: that model only)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import statistics
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,12 +38,26 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
 from bench_quant import load_demo  # noqa: E402
+from bench_workloads import BENCH_MODEL, QUICK_MODEL, make_checkpoint  # noqa: E402
 from torch import nn  # noqa: E402
 
+from mpllama.model_args import LLAMA3_VOCAB_SIZE  # noqa: E402
 from mpllama.rank import cpu_kernels, dist, quant  # noqa: E402
 from mpllama.rank import model as model_module  # noqa: E402
 from mpllama.rank.layers import ColumnLinear, Fused, RowLinear, linear  # noqa: E402
 from mpllama.rank.model import Transformer  # noqa: E402
+
+# The bench model's layers with Llama 3's vocabulary, grouped-query attention and scaled
+# RoPE: 351M parameters, 262M of them the embedding and the output layer (as in Llama 3.2
+# 1B, a fifth of whose parameters the output layer is).
+LLAMA3_SHAPE = {
+    "n_kv_heads": 4,
+    "rope_theta": 500000.0,
+    "use_scaled_rope": True,
+    "vocab_size": LLAMA3_VOCAB_SIZE,
+}
+LLAMA3_DECODE_MODEL = dataclasses.replace(BENCH_MODEL, **LLAMA3_SHAPE)
+QUICK_LLAMA3_DECODE_MODEL = dataclasses.replace(QUICK_MODEL, **{**LLAMA3_SHAPE, "n_kv_heads": 2})
 
 PRECISIONS = {  # label: (dtype, runtime.quantization)
     "fp32": (torch.float32, None),
@@ -136,27 +152,35 @@ class Decoder:
         return (time.perf_counter() - start) / steps * 1e3
 
 
-def products_ms(model: Transformer, repeats: int) -> float:
-    """ms for one row through every product of a step, back to back (median of
-    ``repeats`` passes after a first)."""
+def products_ms(model: Transformer, repeats: int) -> tuple[float, float]:
+    """ms for one row through every product of a step, back to back, and of that the
+    output layer's (medians of ``repeats`` passes after a first)."""
     dtype = model.dtype
     rows = [torch.randn(1, m.weight.shape[1]).to(dtype) for m in products(model)]
     pairs = list(zip(products(model), rows, strict=True))
 
-    def once() -> None:
+    def once() -> float:
+        """The pass's seconds in the output layer."""
+        output = 0.0
         for m, x in pairs:
+            start = time.perf_counter()
             linear(x, m.weight, m.one_row)
+            if m is model.output:
+                output = time.perf_counter() - start
+        return output
 
     once()
-    times = []
+    times, outputs = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        once()
+        outputs.append(once() * 1e3)
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(times), statistics.median(outputs)
 
 
-def steps(ckpt: Path, quick: bool = False, threads: int = 2) -> dict[str, dict[str, float]]:
+def steps(
+    ckpt: Path, quick: bool = False, threads: int = 2, name: str = "the bench model"
+) -> dict[str, dict[str, float]]:
     """Per precision and kernel set: ms per step, products ms, bytes per token, and the
     step's achieved bandwidth as a share of what the memory gave a plain stream of
     reads in the same round (this machine's rate moves by half between minutes, with
@@ -167,16 +191,18 @@ def steps(ckpt: Path, quick: bool = False, threads: int = 2) -> dict[str, dict[s
     rounds, n = (3, 16) if quick else (7, 64)
     buffer = torch.ones((64 if quick else 256) << 18)  # MiB of float32
     print(
-        f"\n== decode: one request on the bench model, in-process (the lead's forward, no "
+        f"\n== decode: one request on {name}, in-process (the lead's forward, no "
         f"engine), {threads} threads, {rounds} interleaved rounds of {n} steps from "
         f"position 32\n"
         f"  stream = GB/s of a pass of reads over {buffer.nbytes >> 20} MiB in the same round "
         "(the bound); achieved = weight bytes per token / step; share = achieved / stream, "
-        "median of the rounds; products = the step's products alone, back to back"
+        "median of the rounds; products = the step's products alone, back to back (output: "
+        "of them the output layer's)"
     )
     print(
         f"  {'precision':<9} {'kernels':<8} {'ms/step':>15} {'tok/s':>7} {'MB/token':>9} "
-        f"{'GB/s':>6} {'stream':>7} {'share':>6}   {'products ms (GB/s)':>19} {'rest ms':>8}"
+        f"{'GB/s':>6} {'stream':>7} {'share':>6}   {'products ms (GB/s)':>19} {'output':>7} "
+        f"{'rest ms':>8}"
     )
     out: dict[str, dict[str, float]] = {}
     for label, (dtype, method) in PRECISIONS.items():
@@ -193,7 +219,7 @@ def steps(ckpt: Path, quick: bool = False, threads: int = 2) -> dict[str, dict[s
         decoders = {k: Decoder(m, seed=0) for k, m in models.items()}
         nbytes = weight_bytes(model)
         runs: dict[str, dict[str, list[float]]] = {
-            k: {"ms": [], "stream": [], "products": []} for k in ("mpllama", "torch")
+            k: {"ms": [], "stream": [], "products": [], "output": []} for k in ("mpllama", "torch")
         }
         for _ in range(rounds):
             for kernels, run in runs.items():
@@ -202,18 +228,20 @@ def steps(ckpt: Path, quick: bool = False, threads: int = 2) -> dict[str, dict[s
                         stack.enter_context(torch_kernels(models[kernels]))
                     run["stream"].append(read_rate(buffer))
                     run["ms"].append(decoders[kernels].round(n))
-                    run["products"].append(products_ms(models[kernels], 1))
+                    prod, output = products_ms(models[kernels], 1)
+                    run["products"].append(prod)
+                    run["output"].append(output)
         for kernels, run in runs.items():
             med = statistics.median(run["ms"])
             shares = [
                 nbytes / ms / 1e6 / bw for ms, bw in zip(run["ms"], run["stream"], strict=True)
             ]
             share, bw = statistics.median(shares), statistics.median(run["stream"])
-            prod = statistics.median(run["products"])
+            prod, output = statistics.median(run["products"]), statistics.median(run["output"])
             print(
                 f"  {label:<9} {kernels:<8} {med:7.2f} ({min(run['ms']):5.2f}) {1e3 / med:7.1f} "
                 f"{nbytes / 1e6:9.1f} {nbytes / med / 1e6:6.1f} {bw:7.1f} {share:6.0%}   "
-                f"{prod:7.2f} ({nbytes / prod / 1e6:5.1f} GB/s) {med - prod:8.2f}"
+                f"{prod:7.2f} ({nbytes / prod / 1e6:5.1f} GB/s) {output:7.2f} {med - prod:8.2f}"
             )
             out[f"{label} {kernels}"] = {"ms": med, "bytes": nbytes, "share": share}
         del model, models, decoders
@@ -223,14 +251,26 @@ def steps(ckpt: Path, quick: bool = False, threads: int = 2) -> dict[str, dict[s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--llama3", action="store_true", help="the Llama-3-shaped model only")
     opts = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_workloads import BENCH_MODEL, QUICK_MODEL, make_checkpoint
-
     root = Path("/tmp/mpllama-bench")
-    ckpt = make_checkpoint(root, "bench", QUICK_MODEL if opts.quick else BENCH_MODEL, 1)
-    steps(ckpt, opts.quick)
+    if not opts.llama3:
+        ckpt = make_checkpoint(root, "bench", QUICK_MODEL if opts.quick else BENCH_MODEL, 1)
+        steps(ckpt, opts.quick)
+    llama3_steps(root, opts.quick)
     return 0
+
+
+def llama3_steps(root: Path, quick: bool = False) -> dict[str, dict[str, float]]:
+    """``steps`` on the Llama-3-shaped model (``LLAMA3_DECODE_MODEL``), its checkpoint
+    made under ``root`` once (Meta's tokenizer, random weights)."""
+    args = QUICK_LLAMA3_DECODE_MODEL if quick else LLAMA3_DECODE_MODEL
+    ckpt = make_checkpoint(root, "llama3-decode", args, 1)
+    name = (
+        f"a Llama-3-shaped model (dim={args.dim} n_layers={args.n_layers} n_heads={args.n_heads} "
+        f"n_kv_heads={args.n_kv_heads}, vocab {args.vocab_size}, random weights)"
+    )
+    return steps(ckpt, quick, name=name)
 
 
 if __name__ == "__main__":
