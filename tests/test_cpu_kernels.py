@@ -263,6 +263,22 @@ def test_kernels_off_without_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None
     assert "compiler" in (cpu_kernels.unavailable() or "")
 
 
+def test_a_compiler_without_amx_builds_the_kernels_without_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Where the compiler rejects AMX's flags, the library is built without them: its
+    products stay on AVX-512 whatever the CPU has, and the log says why."""
+    monkeypatch.setattr(cpu_kernels.Path, "home", lambda: tmp_path)  # a cache of its own
+    monkeypatch.setattr(cpu_kernels, "AMX_FLAGS", ["-mno-such-flag"])
+    lib = cpu_kernels._load(cpu_kernels._build())
+    assert lib.amx_request() == 0 and lib.set_amx(1) == 0 and lib.amx_on() == 0
+    w, x = randn(64, 64).bfloat16(), randn(1, 64, seed=1).bfloat16()
+    packed = blocked(w, 64)
+    y = torch.empty(1, 64, dtype=torch.bfloat16)
+    lib.gemv_bf16(packed.data_ptr(), x.data_ptr(), y.data_ptr(), 64, 64, 64)
+    torch.testing.assert_close(y.float(), x.float() @ w.float().t(), atol=0.05, rtol=1e-2)
+
+
 def demo_model(dtype: torch.dtype) -> Transformer:
     demo = Path(__file__).parent.parent / "demo" / "model"
     args = checkpoint.read_params(demo)
