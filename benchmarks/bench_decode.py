@@ -3,7 +3,7 @@
 One request's decode step reads every weight once (the embedding aside: one row), so its
 speed is bounded by how fast the CPU reads memory. This part measures that bound, then
 the bench model's batch-1 step in-process (the lead's forward, no engine) at each
-precision, with mpllama's CPU kernels (mpllama/rank/cpu_kernels.c) and, in the same run,
+precision, with mpllama's CPU kernels (mpllama/rank/cpu_kernels*.c) and, in the same run,
 with torch's (oneDNN products, SDPA or two matmuls for attention), and says where the
 step's time goes: the products alone, run back to back on one row (of them the output
 layer's), and the rest (attention, norms, RoPE, cache writes, Python). Then the same for a

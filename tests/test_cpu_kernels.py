@@ -1,4 +1,4 @@
-"""mpllama's CPU kernels (mpllama/rank/cpu_kernels.c) against torch's float32 results: the
+"""mpllama's CPU kernels (mpllama/rank/cpu_kernels*.c) against torch's float32 results: the
 one-row products and the float32 logits on oneDNN-packed weights, and one-query attention
 over scattered segments of the block pool; then a bf16 model whose decode steps run them
 against the same model on torch's kernels."""

@@ -1,4 +1,4 @@
-"""mpllama's own CPU kernels (``cpu_kernels.c``): one-row products on oneDNN-packed weights
+"""mpllama's own CPU kernels (``cpu_kernels*.c``): one-row products on oneDNN-packed weights
 and one-query attention over the block pool, for the decode steps a CPU rank runs one
 row or one token at a time.
 
@@ -35,20 +35,25 @@ from ..hardware import cpu_flags, cpu_vendor
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# The C files built into one library, and the header they share.
+SOURCES = tuple(
+    Path(__file__).with_name(f"cpu_kernels{part}.c")
+    for part in ("", "_amx", "_attention", "_layer")
+)
+HEADER = Path(__file__).with_name("cpu_kernels.h")
 FLAGS = (
     "-O3 -ffp-contract=off -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mavx512vnni -mfma "
     "-fopenmp -shared -fPIC"
 ).split()
 # AMX's tiles, where the compiler knows them: the bf16 products and int8's batched ones
-# run on them on a CPU that has them (cpu_kernels.c, "bf16 products on AMX"). A compiler
+# run on them on a CPU that has them (cpu_kernels_amx.c). A compiler
 # that does not builds the rest without them.
 AMX_FLAGS = "-mamx-tile -mamx-bf16 -mamx-int8".split()
 AMX_CPU_FLAGS = frozenset({"amx_tile", "amx_bf16", "amx_int8"})
 CPU_FLAGS = frozenset(
     {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni", "fma"}
 )
-BLOCK = 64  # output rows per block of oneDNN's packed layout (cpu_kernels.c's NB)
+BLOCK = 64  # output rows per block of oneDNN's packed layout (cpu_kernels.h's NB)
 # oneDNN's bf16 blocks on a CPU with AMX (its default packing there): 32 rows. The bf16
 # and float32 kernels read either (``OneRowProduct.block``); int8 is in blocks of 64.
 BLOCKS = (BLOCK, 32)
@@ -112,7 +117,7 @@ def library() -> ctypes.CDLL | None:
         try:
             return _load(_build())
         except (OSError, subprocess.SubprocessError) as e:
-            why = f"building {SOURCE.name} failed: {e}"
+            why = f"building {SOURCES[0].name} and the files beside it failed: {e}"
     log.info("mpllama's CPU kernels are off (%s); torch's kernels run instead", why)
     return None
 
@@ -120,7 +125,7 @@ def library() -> ctypes.CDLL | None:
 def _build() -> Path:
     cc = compiler()
     assert cc is not None
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in (HEADER, *SOURCES))
     digest = hashlib.sha256(source + " ".join([cc, *FLAGS, *AMX_FLAGS]).encode()).hexdigest()[:16]
     out = Path.home() / ".cache" / "mpllama" / f"cpu_kernels-{digest}.so"
     if out.exists():
@@ -133,7 +138,9 @@ def _build() -> Path:
         try:
             _compile(cc, [*FLAGS, *AMX_FLAGS], tmp)
         except subprocess.SubprocessError as e:
-            log.info("building %s with AMX failed (%s); building it without", SOURCE.name, e)
+            log.info(
+                "building mpllama's CPU kernels with AMX failed (%s); building them without", e
+            )
             _compile(cc, FLAGS, tmp)
         os.replace(tmp, out)
     finally:
@@ -145,7 +152,7 @@ def _build() -> Path:
 def _compile(cc: str, flags: list[str], out: str) -> None:
     try:
         subprocess.run(
-            [cc, *flags, "-o", out, str(SOURCE), "-lm"],
+            [cc, *flags, "-o", out, *map(str, SOURCES), "-lm"],
             check=True,
             capture_output=True,
             text=True,

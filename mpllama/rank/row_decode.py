@@ -5,11 +5,12 @@ arithmetic (a batch); what it spends beyond that is mostly Python: a layer on to
 path with mpllama's kernels makes about a dozen calls (norms, the products, RoPE with the
 cache writes, attention, the FFN's activation), each with its module call, tensor
 allocations and ctypes conversion, about 1.3 ms of a 32-row bf16 step on the bench model.
-Here each layer is ``row_attention_step`` then ``row_feed_forward_step`` (cpu_kernels.c):
-the same kernels in the same order, so the same roundings and the same logits bit for bit,
-with the layer's weights, norms, caches and workspace described once, in C structs, when
-the model's caches are set up. Between the two calls, and after the second, the caller
-sums the row-parallel product over the ranks (the one collective each half needs).
+Here each layer is ``row_attention_step`` then ``row_feed_forward_step``
+(cpu_kernels_layer.c): the same kernels in the same order, so the same roundings and the
+same logits bit for bit, with the layer's weights, norms, caches and workspace described
+once, in C structs, when the model's caches are set up. Between the two calls, and after
+the second, the caller sums the row-parallel product over the ranks (the one collective
+each half needs).
 
 One row applies where every product of every layer has a one-row kernel (bf16 or float32
 weights packed by oneDNN, int8 weights with ``Int8OneRow``, or int4 weights with

@@ -1,0 +1,133 @@
+/* What mpllama's CPU kernels share, across the files cpu_kernels.py builds into one
+ * library (cpu_kernels.c, cpu_kernels_amx.c, cpu_kernels_attention.c,
+ * cpu_kernels_layer.c): the packed layouts' block, how far ahead products ask for their
+ * bytes, bf16 and activation loads and stores, e^x, int8's float steps, and the
+ * functions one file calls in another. */
+#pragma once
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NB 64 /* output rows per packed block: oneDNN's blocking for one-row products */
+
+/* The bf16 one-row product asks for its weight's bytes this far ahead, into L2. On huge
+ * pages (as ranks allocate), a bf16 decode step of the bench model ran 2-7% faster with
+ * it, interleaved, at every memory speed this machine showed (32 or 48 KB: the same);
+ * with it, float32 products ran slower and the plain pass of reads up to 9%, so they
+ * leave their reads to the CPU's prefetchers, as do batched products (10-20% slower at
+ * 2-8 rows with it, on 4 KiB pages). The L1 hint made bf16 slower. The int8 one-row
+ * product asks further ahead, INT8_AHEAD: two of every four lines 48 KB on made an int8
+ * decode step 5-16% faster at every memory speed (16 KB: 0-8%; the L1 hint: 40% slower).
+ * (benchmarks/RESULTS.md, "Figures behind the code".) */
+#define AHEAD 16384
+#define INT8_AHEAD 49152
+static inline void ahead(const void *p) { _mm_prefetch((const char *)p + AHEAD, _MM_HINT_T1); }
+
+static inline float bf16_to_f32(uint16_t v) {
+    union { uint32_t u; float f; } bits = {(uint32_t)v << 16};
+    return bits.f;
+}
+
+/* v rounded to bf16 (nearest even) and back */
+static inline __m512 bf16x16_round(__m512 v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+static inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static inline void store_bf16(uint16_t *p, __m512 v, __mmask16 m) {
+    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+static inline __mmask16 tail(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
+
+/* Activations of either type: bf16 (uint16_t) or float32, chosen by a flag that each
+ * exported function passes as a constant, so the compiler makes one copy per type. */
+static inline __m512 load_act(const void *p, int64_t i, __mmask16 m, int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)p + i, m) : _mm512_maskz_loadu_ps(m, (const float *)p + i);
+}
+
+static inline void store_act(void *p, int64_t i, __m512 v, __mmask16 m, int bf16) {
+    if (bf16)
+        store_bf16((uint16_t *)p + i, v, m);
+    else
+        _mm512_mask_storeu_ps((float *)p + i, m, v);
+}
+
+/* v as the activation type holds it: rounded to bf16, or float32 as it is */
+static inline __m512 round_act(__m512 v, int bf16) { return bf16 ? bf16x16_round(v) : v; }
+
+static inline const void *offset(const void *p, int64_t i, int bf16) {
+    return (const char *)p + i * (bf16 ? 2 : 4);
+}
+
+/* e^x for 16 floats: Cephes' expf (a degree-6 polynomial on x - n ln2, scaled by 2^n),
+ * within 2 ulp over float's range. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.3762626647949f)),
+                      _mm512_set1_ps(88.3762626647949f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* The 16 outputs c of a row from its integer sums for group g: float(sums - 128 x the
+ * weight row's sum) * w_scale * x_scale, added to what the groups before gave. */
+static inline __m512 int8_part(__m512 out, int64_t g, __m512i sums, const int32_t *minus_sums,
+                               const float *ws, float x_scale) {
+    const __m512i exact =
+        _mm512_add_epi32(sums, _mm512_slli_epi32(_mm512_loadu_si512(minus_sums), 7));
+    const __m512 part = _mm512_mul_ps(
+        _mm512_mul_ps(_mm512_cvtepi32_ps(exact), _mm512_loadu_ps(ws)), _mm512_set1_ps(x_scale));
+    return g == 0 ? part : _mm512_add_ps(out, part);
+}
+
+/* Whether the bf16 products and int8's batched ones run on AMX tiles (cpu_kernels_amx.c:
+ * set only where Linux let this process use them). */
+extern int use_amx;
+
+/* cpu_kernels_amx.c */
+void amx_product(const uint16_t *w, const uint16_t *x, void *y, int64_t M, int64_t N, int64_t Np,
+                 int64_t K, int64_t nb, int out_bf16);
+void amx_int8_product(const int8_t *const *w, const float *scales, const float *xs,
+                      const uint8_t *u8, void *y, int64_t M, int64_t N, int64_t K, int64_t G,
+                      int x_bf16);
+void int4_product(const uint8_t *w, const uint16_t *sz, const uint16_t *x, void *y, int64_t M,
+                  int64_t N, int64_t Np, int64_t K, int64_t gs, int out_bf16);
+
+/* cpu_kernels.c */
+void gemv_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t Np, int64_t K,
+               int64_t nb);
+void gemv_f32(const float *w, const float *x, float *y, int64_t Np, int64_t K, int64_t nb);
+void gemm_bf16_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t M, int64_t N,
+                    int64_t Np, int64_t K, int64_t nb);
+void gemv_int8(const int8_t *const *w, const float *scales, const void *x, int x_bf16,
+               void *y, int64_t N, int64_t K, int64_t G, uint8_t *u8);
+void gemm_int8(const int8_t *const *w, const float *scales, const void *x, int x_bf16,
+               void *y, int64_t M, int64_t N, int64_t K, int64_t G, uint8_t *u8);
+
+/* cpu_kernels_attention.c */
+void attend_decode_bf16(const uint16_t *q, const uint16_t *kc, const uint16_t *vc,
+                        const int64_t *firsts, const int64_t *counts, const int64_t *offsets,
+                        uint16_t *out, int64_t B, int64_t KV, int64_t G, int64_t D, float scale);
+void attend_decode_f32(const float *q, const float *kc, const float *vc,
+                       const int64_t *firsts, const int64_t *counts, const int64_t *offsets,
+                       float *out, int64_t B, int64_t KV, int64_t G, int64_t D, float scale);
