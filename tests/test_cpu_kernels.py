@@ -463,7 +463,7 @@ def test_a_decode_step_in_two_c_calls_a_layer_is_the_layer_path_bit_for_bit(
         assert torch.equal(a, b)
 
 
-def two_rank_decode(port: int, rank: int, world: int, out: object) -> None:
+def two_rank_decode(port: int, rank: int, world: int, method: str | None, out: object) -> None:
     from mpllama.rank import dist
 
     torch.set_num_threads(1)
@@ -473,10 +473,19 @@ def two_rank_decode(port: int, rank: int, world: int, out: object) -> None:
         )
         demo = Path(__file__).parent.parent / "demo" / "model"
         args = checkpoint.read_params(demo)
-        state = weights.load_rank_state(checkpoint.find_shards(demo), args, rank, world)
-        model = materialize(Transformer(args), state, torch.device("cpu"), torch.bfloat16)
+        shards = checkpoint.find_shards(demo)
+        # int4 in groups of 32: each rank's wo and w2 shards take 96 and 256 inputs
+        on_load = None if method is None else checkpoint.Quantization(method, 32, len(shards))
+        state = weights.load_rank_state(shards, args, rank, world, None, on_load)
+        build = quant.materialize_quantized if on_load else materialize
+        model = build(Transformer(args), state, torch.device("cpu"), torch.bfloat16)
         model.pack_linears()
-        built, same = True, True
+        int4 = [
+            w
+            for m in model.modules()
+            if isinstance(w := m.__dict__.get("weight"), quant.Int4Weight)
+        ]
+        built, same = all(w.kernel == "amx" for w in int4), True
         for runs in (ONE_ROW, THREE_ROWS):
             most_rows, with_c, without = with_and_without_row_decoder(model, runs)
             built = built and most_rows >= len(runs)
@@ -490,17 +499,25 @@ def two_rank_decode(port: int, rank: int, world: int, out: object) -> None:
         raise
 
 
-def test_two_ranks_decode_steps_in_c_as_layer_by_layer() -> None:
+@pytest.mark.parametrize("method", [None, "int4"])
+def test_two_ranks_decode_steps_in_c_as_layer_by_layer(method: str | None) -> None:
     """At MP=2 (shared-memory collectives between the calls), the same for one row and
-    for three: the lead's logits are the layer-by-layer path's exactly."""
+    for three: the lead's logits are the layer-by-layer path's exactly, in bf16, and with
+    int4 weights on AMX (each rank's row-parallel shards on mpllama's int4 kernel)."""
     import multiprocessing as mp
 
     from mpllama.rank import dist
 
+    if method == "int4" and not cpu_kernels.amx_on():
+        pytest.skip("int4 weights have mpllama's kernel only on CPUs with AMX")
+
     store = dist.open_store("127.0.0.1", 2, 60.0)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=two_rank_decode, args=(store.port, r, 2, queue)) for r in range(2)]
+    procs = [
+        ctx.Process(target=two_rank_decode, args=(store.port, r, 2, method, queue))
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     results = sorted(queue.get(timeout=120) for _ in procs)
