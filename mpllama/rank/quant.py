@@ -270,7 +270,7 @@ class Int4Weight:
     def pack(self, dtype: torch.dtype) -> None:
         """Lay the weight out for the fastest kernel that runs it here: in a bf16 model on
         a CPU with AMX, mpllama's (``cpu_kernels.Int4Product``: a 32-row decode step of
-        the bench model 57 -> 4 ms, benchmarks/RESULTS.md); else torch's CPU kernel in
+        the bench model 57 -> 14 ms, benchmarks/RESULTS.md); else torch's CPU kernel in
         bf16 and float32 models; else none (dequantized at each product)."""
         if self.device.type == "cpu" and dtype == torch.bfloat16:
             self.amx = int4_product(self.packed, self.scales)
