@@ -17,7 +17,7 @@ int use_amx = 0;
  * the AVX-512 kernel's 20-23; 16 / 32 rows 470 / 710 GFLOP/s against its 100.
  * Off until amx_request() gets the kernel's leave to use the tiles (Linux asks each
  * process to request it: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)). */
-#ifdef __AMX_BF16__
+#if defined(__AMX_BF16__) && defined(__AMX_INT8__) /* cpu_kernels.py passes all or none */
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -40,13 +40,17 @@ typedef struct {
     uint8_t rows[16];
 } __attribute__((packed)) tile_config_t;
 
-/* Tiles 0, 1: two sets of 16 outputs for `rows` rows (float32); 2: those rows' 32 inputs
- * (bf16); 3, 4: 16 input pairs x 16 outputs of the weight, one for each of 0 and 1. */
-static void amx_config(int rows) {
+/* The tiles every kernel here uses, for a run of r0 rows and a second run of r1 (0: none;
+ * only int4_product has two): 0, 1 the first run's two sets of 16 outputs (32-bit sums);
+ * 2, 3 the second run's; 4, 7 the runs' inputs (64 bytes a row: 32 bf16 or 64 int8
+ * values); 5, 6 the weight's 16 rows of input pairs (bf16) or quads (int8) x 16 outputs,
+ * one for each output set. */
+static void tile_config(int r0, int r1) {
     tile_config_t c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
-    for (int t = 0; t < 5; t++) c.rows[t] = t < 3 ? rows : 16, c.colsb[t] = 64;
+    const int rows[8] = {r0, r0, r1, r1, r0, 16, 16, r1};
+    for (int t = 0; t < 8; t++) c.rows[t] = rows[t], c.colsb[t] = rows[t] ? 64 : 0;
     _tile_loadconfig(&c);
 }
 
@@ -54,10 +58,11 @@ static void amx_config(int rows) {
  * y [M, N] (row stride N; N <= Np the real rows) bf16 rounded to nearest even from the
  * float32 sums (out_bf16), or float32. Each block of nb outputs, for each run of up to
  * 16 rows: 32 outputs at a time (two column tiles), over the inputs 32 at a time. The
- * first run asks for the weight's every line AHEAD (16 KB) into L2 as it reads (31 GB/s
- * one row against 26 without; the later runs find the block in L2). */
-void amx_product(const uint16_t *w, const uint16_t *x, void *y, int64_t M, int64_t N,
-                        int64_t Np, int64_t K, int64_t nb, const int out_bf16) {
+ * first run asks for the weight's every line AHEAD (16 KB) into L2 as it reads (one row
+ * 31 GB/s against 30 without, 4-8 rows 33-34 against 20; the later runs find the block
+ * in L2). */
+void amx_product(const uint16_t *w, const uint16_t *x, void *y, int64_t M, int64_t N, int64_t Np,
+                 int64_t K, int64_t nb, const int out_bf16) {
     const int64_t stride = nb * 4, step = 16 * stride; /* bytes: a pair of inputs, 32 inputs */
 #pragma omp parallel
     {
@@ -69,7 +74,7 @@ void amx_product(const uint16_t *w, const uint16_t *x, void *y, int64_t M, int64
             const int64_t n0 = b * nb, valid = N - n0 < nb ? N - n0 : nb;
             for (int64_t m0 = 0; m0 < M; m0 += 16) {
                 const int rows = M - m0 < 16 ? (int)(M - m0) : 16;
-                if (rows != configured) amx_config(configured = rows);
+                if (rows != configured) tile_config(configured = rows, 0);
                 for (int64_t j = 0; j < nb / 16; j += 2) {
                     _tile_zero(0);
                     _tile_zero(1);
@@ -78,11 +83,11 @@ void amx_product(const uint16_t *w, const uint16_t *x, void *y, int64_t M, int64
                         if (m0 == 0 && j == 0)
                             for (int64_t l = 0; l < step; l += 64)
                                 _mm_prefetch(p + AHEAD + l, _MM_HINT_T1);
-                        _tile_loadd(2, x + m0 * K + k, K * 2);
-                        _tile_loadd(3, p, stride);
-                        _tile_loadd(4, p + 64, stride);
-                        _tile_dpbf16ps(0, 2, 3);
-                        _tile_dpbf16ps(1, 2, 4);
+                        _tile_loadd(4, x + m0 * K + k, K * 2);
+                        _tile_loadd(5, p, stride);
+                        _tile_loadd(6, p + 64, stride);
+                        _tile_dpbf16ps(0, 4, 5);
+                        _tile_dpbf16ps(1, 4, 6);
                     }
                     _tile_stored(0, sums + 16 * j, nb * 4);
                     _tile_stored(1, sums + 16 * j + 16, nb * 4);
@@ -94,6 +99,18 @@ void amx_product(const uint16_t *w, const uint16_t *x, void *y, int64_t M, int64
             }
         }
         if (configured) _tile_release();
+    }
+}
+
+/* One step's 512 bytes of int4 values s into u: 1024 bf16 values (q - 8), in the tiles'
+ * layout; ask: for the bytes INT8_AHEAD on into L2 too (the first pass over a block). */
+static inline void expand4(const uint8_t *s, uint16_t *u, __m512i table, int ask) {
+    if (ask)
+        for (int l = 0; l < 512; l += 64) _mm_prefetch((const char *)s + INT8_AHEAD + l, _MM_HINT_T1);
+    for (int c = 0; c < 16; c++) {
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_load_si256((const __m256i *)(s + 32 * c)));
+        _mm512_store_si512(u + 64 * c, _mm512_permutexvar_epi16(v, table));
+        _mm512_store_si512(u + 64 * c + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table));
     }
 }
 
@@ -112,30 +129,7 @@ void amx_product(const uint16_t *w, const uint16_t *x, void *y, int64_t M, int64
  * the group), in group order. A row's result depends only on its own values, so it is
  * the same alone as in any batch. Unpacking into L1 step by step, not a whole block into
  * L2 first, measured 1.5x faster at one row (24 of the bench model's 2816x1024 weights:
- * 2.8 -> 1.8 ms; benchmarks/RESULTS.md).
- * Tiles: 0, 1 the first run's two sets of 16 outputs (r0 rows), 2, 3 the second run's (r1
- * rows, none where 0); 4, 7 the runs' inputs; 5, 6 the weight's 16 pairs x 16 outputs. */
-static void int4_config(int r0, int r1) {
-    tile_config_t c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    const int rows[8] = {r0, r0, r1, r1, r0, 16, 16, r1};
-    for (int t = 0; t < 8; t++) c.rows[t] = rows[t], c.colsb[t] = rows[t] ? 64 : 0;
-    _tile_loadconfig(&c);
-}
-
-/* One step's 512 bytes of int4 values s into u: 1024 bf16 values (q - 8), in the tiles'
- * layout; ask: for the bytes INT8_AHEAD on into L2 too (the first pass over a block). */
-static inline void expand4(const uint8_t *s, uint16_t *u, __m512i table, int ask) {
-    if (ask)
-        for (int l = 0; l < 512; l += 64) _mm_prefetch((const char *)s + INT8_AHEAD + l, _MM_HINT_T1);
-    for (int c = 0; c < 16; c++) {
-        const __m512i v = _mm512_cvtepu8_epi16(_mm256_load_si256((const __m256i *)(s + 32 * c)));
-        _mm512_store_si512(u + 64 * c, _mm512_permutexvar_epi16(v, table));
-        _mm512_store_si512(u + 64 * c + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table));
-    }
-}
-
+ * 2.8 -> 1.8 ms; benchmarks/RESULTS.md). Its passes use both runs' tiles (tile_config). */
 void int4_product(const uint8_t *w, const uint16_t *sz, const uint16_t *x, void *y, int64_t M,
                   int64_t N, int64_t Np, int64_t K, int64_t gs, int out_bf16) {
     const int64_t G = K / gs;
@@ -173,7 +167,7 @@ void int4_product(const uint8_t *w, const uint16_t *sz, const uint16_t *x, void 
                 const int r0 = M - m0 < 16 ? (int)(M - m0) : 16;
                 const int r1 = M - m0 - 16 <= 0 ? 0 : M - m0 - 16 < 16 ? (int)(M - m0 - 16) : 16;
                 if (r0 * 32 + r1 != configured) {
-                    int4_config(r0, r1);
+                    tile_config(r0, r1);
                     configured = r0 * 32 + r1;
                 }
                 for (int64_t g = 0; g < G; g++) {
@@ -226,20 +220,7 @@ void int4_product(const uint8_t *w, const uint16_t *sz, const uint16_t *x, void 
     }
     free(xsum);
 }
-#else
-void int4_product(const uint8_t *w, const uint16_t *sz, const uint16_t *x, void *y, int64_t M,
-                  int64_t N, int64_t Np, int64_t K, int64_t gs, int out_bf16) {}
-int amx_request(void) { return 0; }
-int set_amx(int on) {
-    (void)on;
-    return 0;
-}
-int amx_on(void) { return 0; }
-void amx_product(const uint16_t *w, const uint16_t *x, void *y, int64_t M, int64_t N,
-                        int64_t Np, int64_t K, int64_t nb, const int out_bf16) {}
-#endif
 
-#if defined(__AMX_INT8__) && defined(__AMX_BF16__)
 /* gemm_int8 on AMX tiles, for groups of a multiple of 64 inputs: for each block of 64
  * outputs and run of up to 16 rows, each group's integer sums 32 outputs at a time (two
  * column tiles, qlinear_prepack's layout read 16 input quads by 16 outputs a tile), then
@@ -247,8 +228,8 @@ void amx_product(const uint16_t *w, const uint16_t *x, void *y, int64_t M, int64
  * either path, so each row's result is the same bits as on AVX-512 VNNI, alone or in any
  * batch. The first run asks for the weight's every line INT8_AHEAD into L2. */
 void amx_int8_product(const int8_t *const *w, const float *scales, const float *xs,
-                             const uint8_t *u8, void *y, int64_t M, int64_t N, int64_t K,
-                             int64_t G, const int x_bf16) {
+                      const uint8_t *u8, void *y, int64_t M, int64_t N, int64_t K, int64_t G,
+                      const int x_bf16) {
     const int64_t Kg = K / G;
 #pragma omp parallel
     {
@@ -259,7 +240,7 @@ void amx_int8_product(const int8_t *const *w, const float *scales, const float *
         for (int64_t b = 0; b < N / NB; b++) {
             for (int64_t m0 = 0; m0 < M; m0 += 16) {
                 const int rows = M - m0 < 16 ? (int)(M - m0) : 16;
-                if (rows != configured) amx_config(configured = rows);
+                if (rows != configured) tile_config(configured = rows, 0);
                 for (int64_t g = 0; g < G; g++) {
                     const char *block = (const char *)(w[g] + b * NB * Kg);
                     for (int64_t j = 0; j < 4; j += 2) {
@@ -271,11 +252,11 @@ void amx_int8_product(const int8_t *const *w, const float *scales, const float *
                             if (m0 == 0 && j == 0)
                                 for (int64_t l = 0; l < 64 * NB; l += 64)
                                     _mm_prefetch(p + INT8_AHEAD + l, _MM_HINT_T1);
-                            _tile_loadd(2, u8 + m0 * K + g * Kg + k, K);
-                            _tile_loadd(3, p, 4 * NB);
-                            _tile_loadd(4, p + 64, 4 * NB);
-                            _tile_dpbusd(0, 2, 3);
-                            _tile_dpbusd(1, 2, 4);
+                            _tile_loadd(4, u8 + m0 * K + g * Kg + k, K);
+                            _tile_loadd(5, p, 4 * NB);
+                            _tile_loadd(6, p + 64, 4 * NB);
+                            _tile_dpbusd(0, 4, 5);
+                            _tile_dpbusd(1, 4, 6);
                         }
                         _tile_stored(0, sums + 16 * j, 4 * NB);
                         _tile_stored(1, sums + 16 * j + 16, 4 * NB);
@@ -296,7 +277,17 @@ void amx_int8_product(const int8_t *const *w, const float *scales, const float *
     }
 }
 #else
+void int4_product(const uint8_t *w, const uint16_t *sz, const uint16_t *x, void *y, int64_t M,
+                  int64_t N, int64_t Np, int64_t K, int64_t gs, int out_bf16) {}
+int amx_request(void) { return 0; }
+int set_amx(int on) {
+    (void)on;
+    return 0;
+}
+int amx_on(void) { return 0; }
+void amx_product(const uint16_t *w, const uint16_t *x, void *y, int64_t M, int64_t N, int64_t Np,
+                 int64_t K, int64_t nb, const int out_bf16) {}
 void amx_int8_product(const int8_t *const *w, const float *scales, const float *xs,
-                             const uint8_t *u8, void *y, int64_t M, int64_t N, int64_t K,
-                             int64_t G, const int x_bf16) {}
+                      const uint8_t *u8, void *y, int64_t M, int64_t N, int64_t K, int64_t G,
+                      const int x_bf16) {}
 #endif
