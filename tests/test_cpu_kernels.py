@@ -179,7 +179,7 @@ def test_int4_on_amx_gives_each_row_its_own_result(rows: int, inner: int, group:
     if not cpu_kernels.amx_on():
         pytest.skip("int4 weights have mpllama's kernel only on CPUs with AMX")
     packed, scales = quant.quantize_int4(randn(rows, inner), group)
-    product = cpu_kernels.int4_product(packed, scales)
+    product = cpu_kernels.int4_product(quant.unpack_int4(packed), scales)
     assert product is not None and product.padded == -(-rows // 32) * 32
     x = randn(40, inner, seed=1).bfloat16()
     got = product(x)
@@ -191,7 +191,8 @@ def test_int4_on_amx_gives_each_row_its_own_result(rows: int, inner: int, group:
     for i in range(40):
         assert torch.equal(product(x[i : i + 1]), got[i : i + 1])
     # an int4 weight without whole steps of 32 inputs keeps torch's kernel
-    assert cpu_kernels.int4_product(*quant.quantize_int4(randn(64, 48), 16)) is None
+    packed, scales = quant.quantize_int4(randn(64, 48), 16)
+    assert cpu_kernels.int4_product(quant.unpack_int4(packed), scales) is None
 
 
 def test_one_row_product_refuses_what_it_cannot_read() -> None:

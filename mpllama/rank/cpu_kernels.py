@@ -417,25 +417,24 @@ class Int4Product:
         return self.packed.numel() + self.sz.numel() * 2
 
 
-def int4_product(packed: torch.Tensor, scales: torch.Tensor) -> Int4Product | None:
-    """``Int4Product`` for an int4 weight as ``quant.quantize_int4`` stores it (packed
-    uint8 [out, in/2], the even input low; bf16 scales [out, in/group, 2], scale and
-    zero), where the bf16 products run on AMX tiles (``amx_on``) and the inputs come in
-    whole steps of 32 (the tiles') and whole groups of them. None otherwise: torch's
-    int4 kernel runs."""
-    rows, inner = packed.shape[0], packed.shape[1] * 2
+def int4_product(q: torch.Tensor, scales: torch.Tensor) -> Int4Product | None:
+    """``Int4Product`` for an int4 weight: its values q [out, in], 0..15
+    (``quant.unpack_int4``'s), and bf16 scales [out, in/group, 2], scale and zero
+    (``quant.quantize_int4``'s), where the bf16 products run on AMX tiles (``amx_on``) and
+    the inputs come in whole steps of 32 (the tiles') and whole groups of them. None
+    otherwise: torch's int4 kernel runs."""
+    rows, inner = q.shape
     groups = scales.shape[1]
     group_size = inner // groups
     if not amx_on() or inner % 32 or group_size % 32:
         return None
     pad = -rows % 32
-    q = torch.stack([packed & 0xF, packed >> 4], -1).reshape(rows, inner)
     q = torch.cat([q, q.new_full((pad, inner), 8)])  # q - 8 = 0: zero rows
     blocks = (rows + pad) // 32
     # Each block's values in the tiles' order ([in/2][32 rows][2]), in runs of 64: value j
     # of a run in byte j's low half, value 32 + j in its high half.
     runs = q.reshape(blocks, 32, inner // 2, 2).permute(0, 2, 1, 3).reshape(blocks, -1, 2, 32)
-    ours = (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(blocks, 16 * inner).contiguous()
+    ours = (runs[:, :, 0] | (runs[:, :, 1] << 4)).to(torch.uint8).reshape(blocks, -1).contiguous()
     sz = torch.cat([scales, scales.new_zeros(pad, groups, 2)])
     sz = sz.reshape(blocks, 32, groups, 2).permute(0, 2, 3, 1).contiguous()
     return Int4Product(ours, sz, rows, rows + pad, inner, group_size)

@@ -272,20 +272,20 @@ class Int4Weight:
         a CPU with AMX, mpllama's (``cpu_kernels.Int4Product``: a 32-row decode step of
         the bench model 57 -> 14 ms, benchmarks/RESULTS.md); else torch's CPU kernel in
         bf16 and float32 models; else none (dequantized at each product)."""
-        if self.device.type == "cpu" and dtype == torch.bfloat16:
-            self.amx = int4_product(self.packed, self.scales)
+        if self.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+            return
+        q = unpack_int4(self.packed)
+        if dtype == torch.bfloat16:
+            self.amx = int4_product(q, self.scales)
             if self.amx is not None:
                 self.packed = torch.empty(0, dtype=torch.uint8)  # the kernel's copy replaces it
                 self.scales = torch.empty(0, dtype=torch.bfloat16)
                 self.kernel = "amx"
                 return
-        if self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                unpack_int4(self.packed), 1
-            )
-            self._sz = self.scales.to(dtype).transpose(0, 1).contiguous()  # [in/g, out, 2]
-            self.scales = torch.empty(0, dtype=torch.bfloat16)  # the kernel's copy replaces it
-            self.kernel = "int4pack"
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        self._sz = self.scales.to(dtype).transpose(0, 1).contiguous()  # [in/g, out, 2]
+        self.scales = torch.empty(0, dtype=torch.bfloat16)  # the kernel's copy replaces it
+        self.kernel = "int4pack"
 
     def nbytes(self) -> int:
         if self.amx is not None:
