@@ -17,8 +17,7 @@ import torch
 from mpllama import checkpoint
 from mpllama.config import SamplingParams
 from mpllama.protocol import Event, RankSpec, Request
-from mpllama.rank import dist
-from mpllama.rank import worker as worker_module
+from mpllama.rank import control_order, dist
 from mpllama.rank.worker import RankWorker, configure_rank_logging
 from mpllama.tokenizer import Tokenizer
 
@@ -176,7 +175,7 @@ def test_a_control_call_that_never_comes_stops_the_gang_only_for_a_while(
 ) -> None:
     """A numbered call Ray lost (or cancelled) must not hold the later ones for good: past
     CONTROL_GAP_S they are taken, and the lost one when it comes after all."""
-    monkeypatch.setattr(worker_module, "CONTROL_GAP_S", 0.5)
+    monkeypatch.setattr(control_order, "CONTROL_GAP_S", 0.5)
     worker = RankWorker(0, spec_for(tiny_ckpts[1]))
     worker.setup("127.0.0.1", 0, "127.0.0.1")
     with looping(worker):
@@ -190,7 +189,7 @@ def test_a_control_call_that_never_comes_stops_the_gang_only_for_a_while(
             for step in worker.poll(1.0).steps:
                 finished |= {e.id: e for e in step if e.finish_reason}
         assert finished["y"].finish_reason == "length"
-        monkeypatch.setattr(worker_module, "CONTROL_GAP_S", 60.0)  # no more passing over
+        monkeypatch.setattr(control_order, "CONTROL_GAP_S", 60.0)  # no more passing over
         worker.submit([Request("x", ids, short)], order=0)  # late: taken at once
         worker.submit([Request("z", ids, short)], order=2)  # the order goes on
         deadline = time.monotonic() + 20

@@ -33,6 +33,7 @@ from ..errors import ConfigError
 from ..protocol import Event, Polled, RankSpec, Request
 from ..tokenizer import Tokenizer
 from . import dist, quant, weights
+from .control_order import ControlOrder
 from .layers import onednn_unsupported
 from .model import Transformer, materialize
 from .process_memory import peak_rss_mb, release_freed_memory, resident_mb
@@ -54,12 +55,6 @@ LINGER_S = 0.025
 # ``LLM.generate``, which returns finished outputs only): one reply every so often
 # instead of one every few steps. A finish or an error is still answered at once.
 FINAL_HOLD_S = 0.5
-# How long the lead waits for a numbered control call that has not come while later ones
-# have (``_control``). The engine sends them in order from a thread of its own, so a gap
-# means Ray lost or cancelled one (Ray Serve's cancellation once did, before the engine
-# sent them so: every later request on the gang hung). Past this, the lead takes the
-# later calls, and the missing one whenever it comes, and says so in the log.
-CONTROL_GAP_S = 5.0
 
 
 class TorchThread:
@@ -100,11 +95,9 @@ class RankWorker:
         self._submitted: list[Request] = []
         self._aborted: list[str] = []
         self._events: list[list[Event]] = []  # one list per step
-        self._next_order = 0  # the next control call to take (see _control)
         self._unstreamed: set[str] = set()  # running requests nobody streams
         self._due = math.inf  # when the events held for poll must be answered (_hold)
-        self._early: dict[int, tuple[list[Request], list[str]]] = {}
-        self._gap_since: float | None = None  # since when _early waits on a missing call
+        self._orders: ControlOrder[tuple[list[Request], list[str]]] = ControlOrder()
         self._counts = (0, 0)  # running, waiting after the last step
         self._cache: dict[str, int] = {}  # the lead's KV pool and prefix cache stats
         self._failed: BaseException | None = None
@@ -234,12 +227,9 @@ class RankWorker:
         while True:
             with self._cond:
                 if not (runner.has_work or self._submitted or self._aborted or self._stopping):
-                    wait = keepalive
-                    if self._gap_since is not None:
-                        left = self._gap_since + CONTROL_GAP_S - time.monotonic()
-                        wait = min(keepalive, max(left, 0.01))
-                    self._cond.wait(wait)
-                self._skip_gap()
+                    self._cond.wait(self._orders.wait(keepalive))
+                for call in self._orders.overdue():
+                    self._take(*call)
                 submitted, self._submitted = self._submitted, []
                 aborted, self._aborted = self._aborted, []
                 stopping = self._stopping
@@ -289,45 +279,12 @@ class RankWorker:
         self._control(order, [], ids)
 
     def _control(self, order: int | None, requests: list[Request], ids: list[str]) -> None:
-        """Take a submit or an abort in the order its caller made them: ``order`` numbers
-        the engine's control calls to this gang from 0, and one that arrives early waits
-        here for those before it (None: take it now). The rank actor lets Ray run calls
-        as they arrive (gang.py), so an abort can never be taken before the submit it
-        aborts. A call still missing after ``CONTROL_GAP_S`` is passed over
-        (``_skip_gap``), and taken at once if it comes later."""
+        """Take a submit or an abort in the order its caller made them (``order``: the
+        engine's number for it; None: take it now), as ``ControlOrder`` hands them out."""
         with self._cond:
-            if order is None or order < self._next_order:
-                self._take(requests, ids)
-            else:
-                self._early[order] = (requests, ids)
-                self._take_early()
+            for call in self._orders.arrive(order, (requests, ids)):
+                self._take(*call)
             self._cond.notify_all()
-
-    def _take_early(self) -> None:
-        """Take the calls that were waiting for the one just taken (lock held)."""
-        while self._next_order in self._early:
-            self._take(*self._early.pop(self._next_order))
-            self._next_order += 1
-        if not self._early:
-            self._gap_since = None
-        elif self._gap_since is None:
-            self._gap_since = time.monotonic()
-
-    def _skip_gap(self) -> None:
-        """Pass over control calls missing for ``CONTROL_GAP_S`` (lock held)."""
-        if self._gap_since is None or time.monotonic() - self._gap_since < CONTROL_GAP_S:
-            return
-        first = min(self._early)
-        log.warning(
-            "control call(s) %d-%d never came in %.0f s; taking the %d after them (a late "
-            "one is taken when it comes)",
-            self._next_order,
-            first - 1,
-            CONTROL_GAP_S,
-            len(self._early),
-        )
-        self._next_order, self._gap_since = first, None
-        self._take_early()
 
     def _take(self, requests: list[Request], ids: list[str]) -> None:
         self._submitted.extend(requests)
