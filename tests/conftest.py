@@ -4,6 +4,7 @@ runtime for the whole session, and a one-rank process group for in-process model
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,20 @@ def ray_runtime():
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING")
     return ray
+
+
+@pytest.fixture(params=["avx512", "amx"])
+def products_on(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A product test on each path the bf16 and int8 kernels have: AVX-512's dot products,
+    and AMX's tiles where the CPU has them (``library()`` runs them on the tiles there)."""
+    from mpllama.rank import cpu_kernels
+
+    default = cpu_kernels.amx_on()
+    on = request.param == "amx"
+    if cpu_kernels.set_amx(on) != on:
+        cpu_kernels.set_amx(default)
+        pytest.skip("this CPU has no AMX tiles mpllama can use")
+    try:
+        yield request.param
+    finally:
+        cpu_kernels.set_amx(default)

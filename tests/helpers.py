@@ -199,3 +199,16 @@ def openai_client(ckpt: Path, runtime: dict[str, Any], max_tokens: int) -> Itera
     )
     with Server(config) as server:
         yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def blocked(w: torch.Tensor, block: int) -> torch.Tensor:
+    """w [rows, in] in oneDNN's one-row layout, built by hand: blocks of ``block`` rows
+    (zero rows pad the last), each [in / pair][block][pair], pair 2 for bf16, 1 float32."""
+    pair = 2 if w.dtype == torch.bfloat16 else 1
+    rows, inner = w.shape
+    padded = torch.cat([w, w.new_zeros(-rows % block, inner)])
+    return padded.reshape(-1, block, inner // pair, pair).permute(0, 2, 1, 3).contiguous()

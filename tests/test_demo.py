@@ -109,7 +109,7 @@ def test_checkpoint_stays_small() -> None:
 AGREEMENT_PROMPTS = json.loads((DEMO.parent / "agreement_prompts.json").read_text())
 AGREEMENT_TOKENS = 32
 # Prompts run this many at a time, so a decode step's rows run mpllama's kernels (oneDNN
-# takes more than cpu_kernels.BATCH_ROWS), as a rank's few dozen requests do.
+# takes more than cpu_products.BATCH_ROWS), as a rank's few dozen requests do.
 AGREEMENT_BATCH = 60
 # bf16's logits differ from float32's by about 0.03 on this model (its weights rounded to
 # bf16), and bf16 logits would come in steps of 1/16 near 10: a greedy choice between two

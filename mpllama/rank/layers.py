@@ -20,7 +20,7 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
-from .cpu_kernels import OneRowProduct
+from .cpu_products import OneRowProduct
 from .dist import all_gather, all_reduce
 from .quant import Int4Weight, Int8Table, Int8Weight
 

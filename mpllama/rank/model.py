@@ -18,16 +18,14 @@ from torch import nn
 from ..model_args import ModelArgs
 from . import cpu_kernels
 from .cpu_kernels import (
-    Float32Product,
     Segments,
     add_rmsnorm,
     attend_decode,
     decode_attention_fits,
-    float32_product,
-    one_row_product,
     rope_write,
     silu_mul,
 )
+from .cpu_products import Float32Product, float32_product, one_row_product
 from .dist import gather_to_lead
 from .kv_layout import CacheIndex, decode_positions
 from .layers import (

@@ -40,7 +40,8 @@ from ..checkpoint import Quantization, int4_group_size, scales_key
 from ..errors import CheckpointError
 from ..hardware import cpu_flags
 from ..model_args import ModelArgs
-from .cpu_kernels import BLOCK, Int4Product, Int8OneRow, int4_product, int8_one_row, library
+from .cpu_kernels import library
+from .cpu_products import BLOCK, Int4Product, Int8OneRow, int4_product, int8_one_row
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +270,7 @@ class Int4Weight:
 
     def pack(self, dtype: torch.dtype) -> None:
         """Lay the weight out for the fastest kernel that runs it here: in a bf16 model on
-        a CPU with AMX, mpllama's (``cpu_kernels.Int4Product``: a 32-row decode step of
+        a CPU with AMX, mpllama's (``cpu_products.Int4Product``: a 32-row decode step of
         the bench model 57 -> 14 ms, benchmarks/RESULTS.md); else torch's CPU kernel in
         bf16 and float32 models; else none (dequantized at each product)."""
         if self.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):

@@ -30,7 +30,8 @@ import torch
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 
 from . import cpu_kernels
-from .cpu_kernels import BATCH_ROWS, BLOCK, Int4Product, Int8OneRow, OneRowProduct, Segments
+from .cpu_kernels import Segments
+from .cpu_products import BATCH_ROWS, BLOCK, Int4Product, Int8OneRow, OneRowProduct
 from .dist import all_reduce
 
 if TYPE_CHECKING:
