@@ -99,7 +99,7 @@ from bench_workloads import (  # noqa: E402
     uniform_workload,
 )
 
-from mpllama import checkpoint  # noqa: E402
+from mpllama import checkpoint, shard_axes  # noqa: E402
 from mpllama.model_args import ModelArgs  # noqa: E402
 
 PARTS = (
@@ -588,7 +588,7 @@ def part_quant(b: Bench) -> None:
 
 
 def param_count(args: ModelArgs) -> int:
-    return sum(math.prod(shape) for shape in checkpoint.full_shapes(args).values())
+    return sum(math.prod(shape) for shape in shard_axes.full_shapes(args).values())
 
 
 def part_decode(b: Bench) -> None:

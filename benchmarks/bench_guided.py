@@ -53,7 +53,7 @@ import torch
 from bench_vocab import LLAMA3_MODEL, QUICK_LLAMA3_MODEL, random_model, tokenizer_path
 from bench_workloads import random_prompt
 
-from mpllama import checkpoint
+from mpllama import checkpoint, shard_axes
 from mpllama.config import SamplingParams
 from mpllama.guided import Guided
 from mpllama.model_args import ModelArgs
@@ -159,7 +159,7 @@ def llama3_subject(args: ModelArgs, seed: int) -> Subject:
 
 
 def param_millions(args: ModelArgs) -> float:
-    return sum(math.prod(shape) for shape in checkpoint.full_shapes(args).values()) / 1e6
+    return sum(math.prod(shape) for shape in shard_axes.full_shapes(args).values()) / 1e6
 
 
 # ------------------------------------------------------------------------ decoding

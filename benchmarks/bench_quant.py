@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mpllama import checkpoint  # noqa: E402
-from mpllama.checkpoint import Quantization  # noqa: E402
+from mpllama.quantization import Quantization  # noqa: E402
 from mpllama.rank import cpu_kernels, quant, weights  # noqa: E402
 from mpllama.rank.model import Transformer, materialize  # noqa: E402
 from mpllama.tokenizer import Tokenizer  # noqa: E402

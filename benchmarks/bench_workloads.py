@@ -10,11 +10,7 @@ from pathlib import Path
 
 from mpllama.checkpoint import read_params
 from mpllama.model_args import ModelArgs
-
-try:  # the random-checkpoint writer is moving from checkpoint.py to fixtures.py
-    from mpllama.offline.fixtures import init_checkpoint
-except ImportError:
-    from mpllama.checkpoint import init_checkpoint
+from mpllama.offline.fixtures import init_checkpoint
 
 # About 110M parameters: 8 layers of 12.8M (FFN width 2816) plus two 4000 x 1024 tables.
 BENCH_MODEL = ModelArgs(dim=1024, n_layers=8, n_heads=16, norm_eps=1e-5)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpllama import checkpoint
+from mpllama import checkpoint, shard_axes
 from mpllama.config import SamplingParams
 from mpllama.model_args import ModelArgs
 from mpllama.offline.fixtures import train_tokenizer
@@ -335,7 +335,7 @@ def save(model: nn.Module, args: ModelArgs, out: Path, dtype: torch.dtype) -> No
     """Write two Meta shards + params.json beside tokenizer.model, and load the saved
     (rounded) weights back into ``model`` so that what is scored is what is shipped."""
     trained = model.state_dict()
-    shapes = checkpoint.full_shapes(args)
+    shapes = shard_axes.full_shapes(args)
     if set(trained) != set(shapes):
         raise RuntimeError(f"key mismatch with Meta's layout: {sorted(set(trained) ^ set(shapes))}")
     state = {k: trained[k].detach().to(dtype).contiguous() for k in shapes}

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, memory, ray_session
+from . import checkpoint, memory, ray_session, shard_axes
 from .config import (
     ParallelConfig,
     RunConfig,
@@ -100,8 +100,8 @@ class LLM:
             model.checkpoint_dir, model.tokenizer_path, model.rope_scale_factor
         )
         world = parallel.model_parallel_size or len(shards)
-        checkpoint.check_model_parallel(self.args, world)
-        checkpoint.shard_plan(len(shards), world)
+        shard_axes.check_model_parallel(self.args, world)
+        shard_axes.shard_plan(len(shards), world)
         checkpoint.check_shards(shards, self.args)
         memory.check_kv_cache(self.args, world, runtime, parallel.gpus_per_rank)
         self.world_size = world

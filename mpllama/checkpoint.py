@@ -1,9 +1,11 @@
-"""Meta-format checkpoints without their tensors: finding shards, params.json, the
-shard-axis table, resharding N shards onto M ranks, and the strict key/shape checks.
+"""Meta-format checkpoints without their tensors: finding shards, params.json and the
+tokenizer, which axis the shards split the embedding on, and the strict key/shape checks
+of each shard against the model.
 
 No torch here: the driver checks a checkpoint before any actor starts by reading each
-shard's pickled index (names and shapes), never its weights. Reading and writing the
-tensors themselves is ``weights.py``'s, on the ranks and in the converters.
+shard's pickled index (names and shapes), never its weights. The shapes it checks against
+are ``shard_axes.py``'s (and ``quantization.py``'s for a quantized checkpoint). Reading and
+writing the tensors themselves is ``weights.py``'s, on the ranks and in the converters.
 """
 
 from __future__ import annotations
@@ -11,165 +13,23 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from .config import AUTO_GROUP_SIZES, QUANT_GROUP_SIZES
 from .errors import CheckpointError, ConfigError
 from .model_args import LLAMA3_VOCAB_SIZE, ModelArgs
+from .quantization import (
+    QUANTIZATION_KEY,
+    quantized_shapes,
+    read_quantization,
+)
+from .shard_axes import EMBEDDING, shard_shapes
 from .shard_index import index_shapes
 from .tokenizer import Tokenizer, load_tokenizer
 
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
 # Keys Meta's files carry that the model does not use (rope.freqs is recomputed).
 IGNORED_KEYS = frozenset({"rope.freqs"})
-
-# The one table of shard axes: column-parallel weights split their output rows (dim 0),
-# row-parallel weights split their input columns (dim 1), norms are replicated (None).
-# Per-layer keys are listed without their "layers.N." prefix. The embedding is the one
-# weight whose axis depends on the checkpoint: Llama 1/2 split it by model dimension
-# (dim 1, fairscale's ParallelEmbedding), Llama 3 by vocabulary (dim 0,
-# VocabParallelEmbedding); ``embedding_axis`` reads which from the shards' shapes.
-SHARD_AXES: dict[str, int | None] = {
-    "tok_embeddings.weight": 1,
-    "norm.weight": None,
-    "output.weight": 0,
-    "attention.wq.weight": 0,
-    "attention.wk.weight": 0,
-    "attention.wv.weight": 0,
-    "attention.wo.weight": 1,
-    "feed_forward.w1.weight": 0,
-    "feed_forward.w2.weight": 1,
-    "feed_forward.w3.weight": 0,
-    "attention_norm.weight": None,
-    "ffn_norm.weight": None,
-}
-_LAYER_KEY = re.compile(r"^layers\.\d+\.")
-# Quantized checkpoints (``mpllama quantize``): the linear weights that are quantized, and
-# their scales, which split on their weight's axis (a row-parallel weight's scales by
-# input group: see ``scales_piece``).
-QUANTIZED_LINEARS = tuple(k for k in SHARD_AXES if k.startswith(("attention.w", "feed_forward.w")))
-SCALE_AXES = {k.removesuffix("weight") + "scales": SHARD_AXES[k] for k in QUANTIZED_LINEARS}
-EMBEDDING = "tok_embeddings.weight"
-# The vocabulary's two tables, int8 per row in a quantized model (``Quantization.vocab``).
-VOCAB_TABLES = (EMBEDDING, "output.weight")
-SCALE_AXES["output.scales"] = 0
-# Keys holding key/value heads: with more ranks (or shards) than KV heads, each rank holds
-# a copy of one head instead of a slice of one (Meta's reshard_mp repeats them so).
-_KV_KEY = re.compile(r"^layers\.\d+\.attention\.w[kv]\.(weight|scales)$")
-
-
-def shard_axis(key: str, embed_axis: int = 1) -> int | None:
-    """The dimension ``key`` is split on across ranks, or None when it is replicated;
-    ``embed_axis`` is the embedding's (1: Llama 1/2 layout, 0: vocabulary parallel)."""
-    if key in (EMBEDDING, scales_key(EMBEDDING)):
-        return embed_axis
-    if _LAYER_KEY.sub("", key) in SCALE_AXES:
-        return SCALE_AXES[_LAYER_KEY.sub("", key)]
-    try:
-        return SHARD_AXES[_LAYER_KEY.sub("", key)]
-    except KeyError:
-        raise KeyError(f"{key!r} is not a LLaMA weight") from None
-
-
-def is_kv_key(key: str) -> bool:
-    return _KV_KEY.match(key) is not None
-
-
-def kv_heads_of(part: int, parts: int, kv_heads: int) -> list[int]:
-    """The KV heads part ``part`` of ``parts`` holds: a contiguous run of
-    kv_heads / parts heads, or, with more parts than heads, one head repeated on
-    parts / kv_heads consecutive parts (part p holds head p // (parts / kv_heads))."""
-    if parts <= kv_heads:
-        per = kv_heads // parts
-        return list(range(part * per, (part + 1) * per))
-    return [part // (parts // kv_heads)]
-
-
-def full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every weight's unsharded shape, in state-dict order."""
-    d, hd, f = args.dim, args.head_dim, args.ffn_dim
-    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, d)}
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        shapes.update(
-            {
-                p + "attention.wq.weight": (args.n_heads * hd, d),
-                p + "attention.wk.weight": (args.kv_heads * hd, d),
-                p + "attention.wv.weight": (args.kv_heads * hd, d),
-                p + "attention.wo.weight": (d, args.n_heads * hd),
-                p + "feed_forward.w1.weight": (f, d),
-                p + "feed_forward.w2.weight": (d, f),
-                p + "feed_forward.w3.weight": (f, d),
-                p + "attention_norm.weight": (d,),
-                p + "ffn_norm.weight": (d,),
-            }
-        )
-    shapes["norm.weight"] = (d,)
-    shapes["output.weight"] = (args.vocab_size, d)
-    return shapes
-
-
-def shard_shapes(args: ModelArgs, parts: int, embed_axis: int = 1) -> dict[str, tuple[int, ...]]:
-    """Each weight's shape in one of ``parts`` equal shards (with more parts than KV
-    heads, wk and wv hold one head each)."""
-    kv_rows = len(kv_heads_of(0, parts, args.kv_heads)) * args.head_dim
-    out = {}
-    for key, shape in full_shapes(args).items():
-        axis = shard_axis(key, embed_axis)
-        if is_kv_key(key):
-            shape = (kv_rows, shape[1])
-        elif axis is not None:
-            shape = shape[:axis] + (shape[axis] // parts,) + shape[axis + 1 :]
-        out[key] = shape
-    return out
-
-
-def check_model_parallel(args: ModelArgs, size: int) -> None:
-    """Raise ConfigError unless ``size`` ranks can split every sharded dimension evenly.
-
-    KV heads may also be fewer than the ranks, when the ranks are a multiple of them:
-    each rank then holds a copy of one KV head (405B's 8 KV heads on 16 ranks)."""
-    if size < 1:
-        raise ConfigError(f"model_parallel_size={size}: it must be >= 1")
-    dims = {"n_heads": args.n_heads, "FFN width": args.ffn_dim, "dim": args.dim}
-    if args.vocab_size > 0:
-        dims["vocab_size"] = args.vocab_size
-
-    def problems(n: int) -> list[str]:
-        bad = [f"{name}={value}" for name, value in dims.items() if value % n]
-        if args.kv_heads % n and n % args.kv_heads:
-            bad.append(f"n_kv_heads={args.kv_heads} (nor is it a multiple of it)")
-        return bad
-
-    bad = problems(size)
-    if bad:
-        fits = [n for n in range(1, args.n_heads + 1) if not problems(n)]
-        raise ConfigError(
-            f"model_parallel_size={size} does not divide {', '.join(bad)}; "
-            f"sizes that fit this model: {fits}"
-        )
-
-
-def shard_plan(n_shards: int, world: int) -> list[tuple[list[int], int, int]]:
-    """For each rank: (shard files it reads, which piece of them, how many pieces).
-
-    world = k * shards: rank r slices piece r % k of shard r // k.
-    shards = k * world: rank r concatenates shards r*k .. r*k+k-1 whole.
-    """
-    if world % n_shards == 0:
-        k = world // n_shards
-        return [([r // k], r % k, k) for r in range(world)]
-    if n_shards % world == 0:
-        k = n_shards // world
-        return [(list(range(r * k, (r + 1) * k)), 0, 1) for r in range(world)]
-    raise ConfigError(
-        f"cannot reshard a checkpoint of {n_shards} shard(s) onto {world} rank(s): one must "
-        f"be a multiple of the other. Use model_parallel_size in "
-        f"{sorted({d for d in range(1, 4 * n_shards + 1) if d % n_shards == 0 or n_shards % d == 0})[:8]}"
-        f" or `mpllama reshard DIR --mp N OUT` first"
-    )
 
 
 # ------------------------------------------------------------------------ reading
@@ -383,198 +243,3 @@ def check_shards(shards: list[Path], args: ModelArgs) -> int:
             ) from None
         values += count_values(shapes)
     return values
-
-
-# ------------------------------------------------------------------ quantized checkpoints
-
-QUANTIZATION_KEY = "mpllama_quantization"  # params.json of a quantized checkpoint
-QUANT_METHODS = ("int8", "int4")
-
-
-@dataclass(frozen=True)
-class Quantization:
-    """How a checkpoint's (or a rank's) linear weights are quantized; see rank/quant.py.
-
-    ``row_groups`` (int8): scale groups along the input of each row-parallel weight in
-    the whole (unsharded) model, the number of shards it was quantized from, so each
-    shard's scales stand on their own and resharding never re-quantizes.
-
-    ``vocab``: the embedding and the output layer are int8 too, one scale per row (and
-    ``embed_groups`` along the embedding's rows: the shards it was quantized from if they
-    split it by model dimension, else 1), whatever ``method`` the layers take: int8 is
-    what llama.cpp's q8_0 keeps them in, and int4 logits would cost more quality than the
-    bytes are worth. Checkpoints quantized before mpllama did so have no ``vocab`` entry:
-    theirs stay in full precision."""
-
-    method: str
-    group_size: int = 32  # int4: weights per scale and zero along the input
-    row_groups: int = 1
-    vocab: bool = True
-    embed_groups: int = 1
-
-    def __post_init__(self) -> None:
-        if self.method not in QUANT_METHODS:
-            raise ConfigError(
-                f"quantization method must be one of {QUANT_METHODS}, got {self.method!r}"
-            )
-        if self.group_size not in QUANT_GROUP_SIZES:
-            raise ConfigError(
-                f"quantization group size must be one of {QUANT_GROUP_SIZES}, got {self.group_size}"
-            )
-        if self.row_groups < 1 or self.embed_groups < 1:
-            raise ConfigError(
-                "quantization row_groups and embed_groups must be >= 1, got "
-                f"{self.row_groups} and {self.embed_groups}"
-            )
-
-    def to_params(self) -> dict[str, Any]:
-        entry: dict[str, Any] = {"method": self.method}
-        if self.method == "int4":
-            entry["group_size"] = self.group_size
-        else:
-            entry["row_groups"] = self.row_groups
-        if self.vocab:
-            entry["embed_groups"] = self.embed_groups
-        return {**entry, "vocab": self.vocab}
-
-    def scale_groups(self, key: str, parts: int, embed_axis: int) -> int:
-        """How many int8 scales a row of int8 weight ``key`` has in each of ``parts``:
-        weights split along their input (row-parallel, or an embedding split by model
-        dimension) keep one per group they were quantized in, and a part cut finer than
-        the groups holds its group's one; an embedding split by vocabulary holds whole
-        rows, all their groups."""
-        if key == EMBEDDING:
-            return max(1, self.embed_groups // parts) if embed_axis == 1 else self.embed_groups
-        if shard_axis(key, embed_axis) != 1:
-            return 1
-        return max(1, self.row_groups // parts)
-
-    def split_as(self, n_shards: int, embed_axis: int) -> Quantization:
-        """This quantization for ``n_shards`` shards splitting the embedding on
-        ``embed_axis``, each quantized alone: its embedding's scale groups, one a shard
-        where they split its rows by model dimension, else 1 (each holds whole rows)."""
-        return replace(self, embed_groups=n_shards if embed_axis == 1 else 1)
-
-    def method_of(self, key: str) -> str | None:
-        """How ``key`` is quantized: ``method`` for the layers' linear weights, int8 for
-        the vocabulary's tables (``vocab``), None for a tensor kept as it is."""
-        if is_quantized_key(key):
-            return self.method
-        return "int8" if self.vocab and key in VOCAB_TABLES else None
-
-
-def read_quantization(checkpoint_dir: str | Path) -> Quantization | None:
-    """The ``mpllama_quantization`` entry of a checkpoint's params.json, or None."""
-    path = Path(checkpoint_dir) / "params.json"
-    try:
-        entry = json.loads(path.read_text()).get(QUANTIZATION_KEY)
-    except (OSError, ValueError, AttributeError):
-        return None  # read_params reports a missing or broken params.json
-    if entry is None:
-        return None
-    try:
-        return Quantization(**{"vocab": False, **entry})  # older entries: see ``vocab``
-    except (TypeError, ConfigError) as exc:
-        raise CheckpointError(
-            f"{path}: {QUANTIZATION_KEY} {entry!r} is not one mpllama wrote ({exc}); "
-            "re-run mpllama quantize on the full-precision checkpoint"
-        ) from None
-
-
-def is_quantized_key(key: str) -> bool:
-    """Whether ``key`` is one of the layers' linear weights quantization replaces (the
-    vocabulary's tables: ``Quantization.method_of``)."""
-    return key.startswith("layers.") and _LAYER_KEY.sub("", key) in QUANTIZED_LINEARS
-
-
-def scales_key(key: str) -> str:
-    return key.removesuffix("weight") + "scales"
-
-
-def _int4_inputs(args: ModelArgs, parts: int) -> dict[str, int]:
-    """The inputs of the int4 weights of a model split over ``parts``, by name."""
-    return {
-        "dim": args.dim,
-        "the FFN width per part": args.ffn_dim // parts,
-        "the attention width per part": args.n_heads * args.head_dim // parts,
-    }
-
-
-def _int4_fits(args: ModelArgs, parts: int) -> list[int]:
-    """The int4 group sizes that divide every int4 weight's input split over ``parts``."""
-    inputs = _int4_inputs(args, parts).values()
-    return [g for g in QUANT_GROUP_SIZES if all(v % g == 0 for v in inputs)]
-
-
-def int4_group_size(args: ModelArgs, requested: int | str, *parts: int) -> int:
-    """The int4 group size for ``requested`` (runtime.quant_group_size): itself, or for
-    ``auto`` the largest of ``AUTO_GROUP_SIZES`` that divides every int4 weight's input
-    split over each of ``parts`` (the shards quantized, the ranks that load them).
-    ``check_quantization`` reports a size that fits no split."""
-    if requested != "auto":
-        return int(requested)
-    fits = set.intersection(*(set(_int4_fits(args, n)) for n in parts))
-    return next((g for g in AUTO_GROUP_SIZES if g in fits), AUTO_GROUP_SIZES[-1])
-
-
-def check_quantization(args: ModelArgs, quant: Quantization, parts: int) -> None:
-    """Raise ConfigError unless every quantized weight's input, as split over ``parts``
-    ranks or shards, holds whole groups (int4) and whole scale groups (int8)."""
-    if quant.method == "int4":
-        inputs = _int4_inputs(args, parts)
-        bad = [f"{name}={value}" for name, value in inputs.items() if value % quant.group_size]
-        if bad:
-            fits = _int4_fits(args, parts)
-            fix = (
-                f"group sizes that fit: {fits}"
-                if fits
-                else "no group size fits; use int8, or fewer parts (mpllama reshard)"
-            )
-            raise ConfigError(
-                f"int4 group size {quant.group_size} does not divide {', '.join(bad)} "
-                f"({parts} part(s)); {fix}"
-            )
-    groups = [quant.row_groups] if quant.method == "int8" else []
-    groups += [quant.embed_groups] if quant.vocab else []
-    if any(n % parts and parts % n for n in groups):
-        raise ConfigError(
-            f"the int8 scales of a checkpoint quantized from {max(groups)} shard(s) cannot "
-            f"be split into {parts}: one must be a multiple of the other"
-        )
-
-
-def quantized_shapes(
-    shapes: dict[str, tuple[int, ...]],
-    quant: Quantization,
-    parts: int,
-    args: ModelArgs,
-    embed_axis: int = 1,
-) -> dict[str, tuple[int, ...]]:
-    """``shard_shapes`` of a checkpoint in ``parts`` shards, as ``quant`` stores it:
-    quantized weights (int4: two values a byte) and their scales after each weight."""
-    check_quantization(args, quant, parts)
-    out: dict[str, tuple[int, ...]] = {}
-    for key, shape in shapes.items():
-        method = quant.method_of(key)
-        if method is None:
-            out[key] = shape
-            continue
-        rows, inputs = shape
-        if method == "int8":
-            groups = quant.scale_groups(key, parts, embed_axis)
-            out[key], out[scales_key(key)] = shape, (rows, groups)
-        else:
-            out[key] = (rows, inputs // 2)
-            out[scales_key(key)] = (rows, inputs // quant.group_size, 2)
-    return out
-
-
-def scales_piece(n: int, pieces: int, piece: int) -> tuple[int, int]:
-    """(start, length) along the split axis of piece ``piece`` of ``pieces`` of a scales
-    tensor holding ``n`` groups there: its share of the groups, or, with more pieces than
-    groups, the one group the piece lies in."""
-    if n % pieces == 0:
-        return piece * (n // pieces), n // pieces
-    if pieces % n:
-        raise ConfigError(f"cannot split {n} scale group(s) into {pieces} pieces")
-    return piece // (pieces // n), 1

@@ -59,14 +59,13 @@ def cmd_convert(ns: argparse.Namespace) -> int:
 
 def cmd_reshard(ns: argparse.Namespace) -> int:
     from .checkpoint import (
-        check_quantization,
         detect_embedding_axis,
         find_shards,
         find_tokenizer,
         generation_axis,
         read_params,
-        read_quantization,
     )
+    from .quantization import check_quantization, read_quantization
     from .rank.weights import load_rank_state, write_checkpoint
     from .tokenizer import load_tokenizer
 
@@ -108,19 +107,16 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
 
     import torch
 
-    from .checkpoint import (
+    from .checkpoint import detect_embedding_axis, find_shards, find_tokenizer, read_params
+    from .config import RuntimeConfig
+    from .errors import ConfigError
+    from .quantization import (
         QUANTIZATION_KEY,
         Quantization,
         check_quantization,
-        detect_embedding_axis,
-        find_shards,
-        find_tokenizer,
         int4_group_size,
-        read_params,
         read_quantization,
     )
-    from .config import RuntimeConfig
-    from .errors import ConfigError
     from .rank.quant import quantize_state
     from .rank.weights import load_shard
 
@@ -164,18 +160,16 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
 
 def cmd_check(ns: argparse.Namespace) -> int:
     from .checkpoint import (
-        check_model_parallel,
         check_shards,
         detect_embedding_axis,
         find_shards,
         find_tokenizer,
         read_params,
-        read_quantization,
         resolve_vocab,
-        shard_plan,
-        shard_shapes,
     )
     from .hf_config import generation
+    from .quantization import read_quantization
+    from .shard_axes import check_model_parallel, shard_plan, shard_shapes
     from .tokenizer import load_tokenizer
 
     folder = Path(ns.dir)

@@ -26,7 +26,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from . import checkpoint
+from . import checkpoint, shard_axes
 from .config import RunConfig, api_key_from_env, ray_address_from_env
 from .errors import ConfigError, MpllamaError, PlacementError
 from .server import OpenAIServer
@@ -206,8 +206,8 @@ class Server:
         model = self.config.model
         _, args, shards = checkpoint.inspect(model.checkpoint_dir, model.tokenizer_path)
         world = self.config.parallel.model_parallel_size or len(shards)
-        checkpoint.check_model_parallel(args, world)
-        checkpoint.shard_plan(len(shards), world)
+        shard_axes.check_model_parallel(args, world)
+        shard_axes.shard_plan(len(shards), world)
         return world
 
     def _start_ray(self, world: int) -> bool:

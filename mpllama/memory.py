@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import psutil
 
-from .checkpoint import kv_heads_of
 from .config import RuntimeConfig
 from .errors import ConfigError
 from .hardware import cpu_native_bf16
 from .model_args import ModelArgs
+from .shard_axes import kv_heads_of
 
 # The share of available memory a KV pool sized by default may take (vLLM's
 # gpu_memory_utilization, on CPU ranks too); runtime.kv_cache_memory_gb sets it exactly.

@@ -14,7 +14,7 @@ import torch
 
 from mpllama import checkpoint
 from mpllama.model_args import ModelArgs
-from mpllama.offline.fixtures import random_state
+from mpllama.offline.fixtures import PRESETS, random_state
 from mpllama.rank import weights
 
 # Llama 2 70B's released params.json (GQA, ffn_dim_multiplier), vocab resolved.
@@ -212,3 +212,8 @@ def blocked(w: torch.Tensor, block: int) -> torch.Tensor:
     rows, inner = w.shape
     padded = torch.cat([w, w.new_zeros(-rows % block, inner)])
     return padded.reshape(-1, block, inner // pair, pair).permute(0, 2, 1, 3).contiguous()
+
+
+def tiny_args() -> ModelArgs:
+    """The tiny preset with a vocabulary of 512, resolved."""
+    return replace(PRESETS["tiny"], vocab_size=512)

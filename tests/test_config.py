@@ -635,7 +635,7 @@ def test_every_model_template_loads() -> None:
 
 @pytest.mark.parametrize("name", sorted(set(LLAMA3_RELEASES) - {"llama3-70b"}))
 def test_llama3_templates_fit_their_release(name: str) -> None:
-    from mpllama.checkpoint import check_model_parallel
+    from mpllama.shard_axes import check_model_parallel
 
     cfg = load_run_config(TEMPLATES / f"{name}.yaml")
     args = ModelArgs.from_params(LLAMA3_RELEASES[name].to_params())

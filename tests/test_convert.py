@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from helpers import LLAMA2_70B
 
-from mpllama.checkpoint import find_shards, full_shapes, read_params
+from mpllama.checkpoint import find_shards, read_params
 from mpllama.errors import CheckpointError
 from mpllama.model_args import ModelArgs
 from mpllama.offline.convert import (
@@ -28,6 +28,7 @@ from mpllama.offline.convert import (
 )
 from mpllama.offline.fixtures import random_state
 from mpllama.rank.weights import load_rank_state, write_checkpoint
+from mpllama.shard_axes import full_shapes
 
 transformers = pytest.importorskip("transformers", reason="HF parity needs transformers")
 pytest.importorskip("safetensors", reason="HF folders are safetensors files")

@@ -221,7 +221,7 @@ def load_hf(folder: Path):
 def merged_vocab_parallel(folder: Path) -> dict[str, torch.Tensor]:
     """A Llama 3 folder's shards merged by hand: the embedding on dim 0 (Meta's
     VocabParallelEmbedding), the rest by Meta's Llama 2 axes."""
-    from mpllama.checkpoint import shard_axis
+    from mpllama.shard_axes import shard_axis
 
     shards = [load_shard(p) for p in find_shards(folder)]
     out = {}

@@ -186,8 +186,8 @@ def test_each_rank_holds_about_half_the_model_at_mp2(
     that packing replaced the weights rather than adding to them."""
     from helpers import make_checkpoint
 
-    from mpllama.checkpoint import full_shapes
     from mpllama.offline.fixtures import PRESETS
+    from mpllama.shard_axes import full_shapes
 
     args = PRESETS["small"].__class__(**{**PRESETS["small"].__dict__, "vocab_size": 512})
     ckpt = make_checkpoint(ckpt_root / "small2", args, tiny_ckpt, parts=2)

@@ -18,13 +18,7 @@ import torch
 from helpers import LLAMA3_RELEASES, pretend_model_parallel
 
 from mpllama import LLM, SamplingParams, checkpoint, memory
-from mpllama.checkpoint import (
-    check_model_parallel,
-    detect_embedding_axis,
-    embedding_axis,
-    kv_heads_of,
-    shard_shapes,
-)
+from mpllama.checkpoint import detect_embedding_axis, embedding_axis
 from mpllama.config import RuntimeConfig
 from mpllama.errors import CheckpointError, ConfigError
 from mpllama.model_args import PRESETS, ModelArgs
@@ -34,6 +28,7 @@ from mpllama.rank import weights
 from mpllama.rank.model import Transformer, materialize
 from mpllama.rank.rope import rope_table
 from mpllama.rank.runner import Runner
+from mpllama.shard_axes import check_model_parallel, kv_heads_of, shard_shapes
 from mpllama.tokenizer import Tokenizer
 
 CPU = torch.device("cpu")

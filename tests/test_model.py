@@ -15,11 +15,11 @@ import torch
 from helpers import LLAMA2_70B, pretend_model_parallel
 
 from mpllama import checkpoint
-from mpllama.checkpoint import shard_shapes
 from mpllama.offline.fixtures import PRESETS, random_state
 from mpllama.rank import layers, weights
 from mpllama.rank import model as model_module
 from mpllama.rank.model import Transformer, apply_rope, materialize, rope_table
+from mpllama.shard_axes import shard_shapes
 
 CPU = torch.device("cpu")
 

@@ -14,11 +14,16 @@ import torch
 from helpers import PROMPTS
 
 from mpllama import checkpoint
-from mpllama.checkpoint import Quantization
 from mpllama.cli import main
 from mpllama.config import RuntimeConfig
 from mpllama.errors import CheckpointError, ConfigError
 from mpllama.model_args import PRESETS, ModelArgs
+from mpllama.quantization import (
+    Quantization,
+    check_quantization,
+    int4_group_size,
+    read_quantization,
+)
 from mpllama.rank import cpu_kernels, quant, weights
 from mpllama.rank.model import Transformer, materialize
 from mpllama.rank.quant import Int4Weight, Int8Weight, quantize_int4, quantize_int8
@@ -173,7 +178,7 @@ def load(
         checkpoint.load_tokenizer(checkpoint.find_tokenizer(folder)).n_words,
     )
     shards = checkpoint.find_shards(folder)
-    stored = checkpoint.read_quantization(folder)
+    stored = read_quantization(folder)
     on_load = quant.on_load(method or "none", "auto", stored, args, len(shards), world)
     state = weights.load_rank_state(shards, args, rank, world, stored, on_load)
     build = quant.materialize_quantized if stored or on_load else materialize
@@ -306,7 +311,7 @@ def test_a_checkpoint_quantized_before_the_vocabulary_was_keeps_it_in_full_preci
     params["mpllama_quantization"] = {"method": "int8", "row_groups": 2}
     (old / "params.json").write_text(json.dumps(params))
     shutil.copyfile(tiny_q / "tokenizer.model", old / "tokenizer.model")
-    assert checkpoint.read_quantization(old) == written
+    assert read_quantization(old) == written
     assert main(["check", str(old)]) == 0
     model, new = load(old), load(now)
     assert isinstance(model.tok_embeddings.weight, torch.Tensor)
@@ -377,15 +382,15 @@ def test_int4_groups_are_the_largest_every_split_takes() -> None:
     check_quantization refuses it where it does not fit."""
     demo = checkpoint.read_params(DEMO)
     for parts in (1, 2, 8):
-        assert checkpoint.int4_group_size(LLAMA32_1B, "auto", parts, parts) == 128
-    assert checkpoint.int4_group_size(demo, "auto", 2) == 32
-    assert checkpoint.int4_group_size(demo, "auto", 1) == 64
-    assert checkpoint.int4_group_size(demo, "auto", 1, 2) == 32  # one shard, two ranks
-    assert checkpoint.int4_group_size(demo, 128, 1) == 128
+        assert int4_group_size(LLAMA32_1B, "auto", parts, parts) == 128
+    assert int4_group_size(demo, "auto", 2) == 32
+    assert int4_group_size(demo, "auto", 1) == 64
+    assert int4_group_size(demo, "auto", 1, 2) == 32  # one shard, two ranks
+    assert int4_group_size(demo, 128, 1) == 128
     with pytest.raises(
         ConfigError, match=r"does not divide dim=192.*group sizes that fit: \[32, 64\]"
     ):
-        checkpoint.check_quantization(demo, Quantization("int4", 128), 1)
+        check_quantization(demo, Quantization("int4", 128), 1)
     assert RuntimeConfig().quant_group_size == "auto"
 
 
@@ -398,7 +403,7 @@ def test_quantize_writes_auto_groups(tiny_q: Path, tmp_path: Path, single_rank: 
             src = tmp_path / "one"
             assert main(["reshard", str(tiny_q), str(src), "--mp", "1"]) == 0
         out = quantize_ckpt(src, tmp_path / f"q{shards}", "int4")
-        stored = checkpoint.read_quantization(out)
+        stored = read_quantization(out)
         assert stored is not None and stored.group_size == want
         args = checkpoint.read_params(src)
         made = quant.on_load("int4", "auto", None, args, shards, shards)
@@ -410,7 +415,7 @@ def test_quantize_writes_auto_groups(tiny_q: Path, tmp_path: Path, single_rank: 
             if isinstance(m.__dict__.get("weight"), Int4Weight)
         } == {want}
     explicit = quantize_ckpt(tiny_q, tmp_path / "q32", "int4", "--group-size", "32")
-    assert checkpoint.read_quantization(explicit).group_size == 32
+    assert read_quantization(explicit).group_size == 32
 
 
 def test_quantize_errors(

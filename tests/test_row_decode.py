@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mpllama import checkpoint
+from mpllama.quantization import Quantization
 from mpllama.rank import cpu_kernels, cpu_products, quant, weights
 from mpllama.rank import model as model_module
 from mpllama.rank.model import Transformer, materialize
@@ -149,7 +150,7 @@ def test_a_decode_step_in_two_c_calls_a_layer_is_the_layer_path_bit_for_bit(
     shards = checkpoint.find_shards(demo)
     # int8 scales as for one shard: the kernel reads input groups of a multiple of 64, and
     # the demo's two shards would cut its 192 inputs in groups of 96.
-    on_load = None if method is None else checkpoint.Quantization(method, 32, 1)
+    on_load = None if method is None else Quantization(method, 32, 1)
     state = weights.load_rank_state(shards, args, 0, 1, None, on_load)
     build = quant.materialize_quantized if on_load else materialize
     model = build(Transformer(args), state, torch.device("cpu"), dtype)
@@ -173,7 +174,7 @@ def two_rank_decode(port: int, rank: int, world: int, method: str | None, out: o
         args = checkpoint.read_params(demo)
         shards = checkpoint.find_shards(demo)
         # int4 in groups of 32: each rank's wo and w2 shards take 96 and 256 inputs
-        on_load = None if method is None else checkpoint.Quantization(method, 32, len(shards))
+        on_load = None if method is None else Quantization(method, 32, len(shards))
         state = weights.load_rank_state(shards, args, rank, world, None, on_load)
         build = quant.materialize_quantized if on_load else materialize
         model = build(Transformer(args), state, torch.device("cpu"), torch.bfloat16)

@@ -21,18 +21,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (
-    IGNORED_KEYS,
-    check_state,
-    find_shards,
-    full_shapes,
-    generation_axis,
-    read_params,
-)
+from ..checkpoint import IGNORED_KEYS, check_state, find_shards, generation_axis, read_params
 from ..errors import CheckpointError
 from ..hf_config import args_from_hf_config, context_length, generation, hf_config
 from ..model_args import LLAMA3_VOCAB_SIZE, ModelArgs
 from ..rank.weights import load_rank_state, load_shard, tensor_shapes, write_checkpoint
+from ..shard_axes import full_shapes
 from ..tokenizer import load_tokenizer
 
 __all__ = [

@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from sentencepiece import SentencePieceTrainer
 
-from ..checkpoint import full_shapes, resolve_vocab
+from ..checkpoint import resolve_vocab
 from ..errors import ConfigError
 from ..model_args import LLAMA3_VOCAB_SIZE, PRESETS, ModelArgs
 from ..rank.weights import write_checkpoint
+from ..shard_axes import full_shapes
 from ..tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

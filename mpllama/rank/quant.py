@@ -18,7 +18,7 @@ session 7).
   (the same integers), or a float product of the same integers on GPUs.
 * int4: weight-only, asymmetric, group-wise along the input (``group_size`` weights per
   bf16 scale and zero; by default 128 where the shards and ranks take it,
-  ``checkpoint.int4_group_size``); activations stay in the model's dtype. On the CPU: torch's
+  ``quantization.int4_group_size``); activations stay in the model's dtype. On the CPU: torch's
   ``_weight_int4pack_mm_for_cpu``; elsewhere the weight is dequantized at each product.
 
 Measured on a 2-core AMD EPYC (AVX-512 bf16 + VNNI), 2048x8192 layer: benchmarks/RESULTS.md.
@@ -36,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import Quantization, int4_group_size, scales_key
 from ..errors import CheckpointError
 from ..hardware import cpu_flags
 from ..model_args import ModelArgs
+from ..quantization import Quantization, int4_group_size
+from ..shard_axes import scales_key
 from .cpu_kernels import library
 from .cpu_products import BLOCK, Int4Product, Int8OneRow, int4_product, int8_one_row
 

@@ -13,24 +13,18 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (
-    IGNORED_KEYS,
-    QUANTIZATION_KEY,
-    Quantization,
-    Shapes,
+from ..checkpoint import IGNORED_KEYS, Shapes, check_state, embedding_axis
+from ..errors import CheckpointError
+from ..model_args import ModelArgs
+from ..quantization import QUANTIZATION_KEY, Quantization, quantized_shapes, scales_piece
+from ..shard_axes import (
     check_model_parallel,
-    check_state,
-    embedding_axis,
     is_kv_key,
     kv_heads_of,
-    quantized_shapes,
-    scales_piece,
     shard_axis,
     shard_plan,
     shard_shapes,
 )
-from ..errors import CheckpointError
-from ..model_args import ModelArgs
 
 # ------------------------------------------------------------------------ reading
 
@@ -86,7 +80,7 @@ def load_rank_state(
 ) -> dict[str, torch.Tensor]:
     """The weights rank ``rank`` of ``world`` needs, read from its shard(s) only.
 
-    ``stored``: the checkpoint is quantized so (``checkpoint.read_quantization``).
+    ``stored``: the checkpoint is quantized so (``quantization.read_quantization``).
     ``quantize``: quantize each shard's weights as read (``quant.quantize_state``; the
     embedding's scale groups are the shards' own, whatever ``quantize`` says),
     one at a time, before resharding: the rank gets what loading the checkpoint
@@ -153,7 +147,7 @@ def load_rank_state(
 
 def _piece(key: str, value: torch.Tensor, axis: int, pieces: int, piece: int) -> torch.Tensor:
     """Piece ``piece`` of ``pieces`` of ``value`` along ``axis``; a quantized weight's
-    scales may hold fewer groups there than the pieces (``checkpoint.scales_piece``)."""
+    scales may hold fewer groups there than the pieces (``quantization.scales_piece``)."""
     if not key.endswith(".scales"):
         return value.chunk(pieces, dim=axis)[piece]
     start, length = scales_piece(value.shape[axis], pieces, piece)

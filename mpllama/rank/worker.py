@@ -31,6 +31,7 @@ from .. import checkpoint, memory
 from ..config import RuntimeConfig
 from ..errors import ConfigError
 from ..protocol import Event, Polled, RankSpec, Request
+from ..quantization import check_quantization, read_quantization
 from ..tokenizer import Tokenizer
 from . import dist, quant, weights
 from .control_order import ControlOrder
@@ -145,7 +146,7 @@ class RankWorker:
         shards = checkpoint.find_shards(spec.checkpoint_dir)
         embed_axis = checkpoint.detect_embedding_axis(shards, spec.args)
         # Quantized weights: as a quantized checkpoint stores them, or made while loading.
-        stored = checkpoint.read_quantization(spec.checkpoint_dir)
+        stored = read_quantization(spec.checkpoint_dir)
         on_load = quant.on_load(
             spec.quantization,
             spec.quant_group_size,
@@ -156,7 +157,7 @@ class RankWorker:
         )
         quantization = stored or on_load
         if quantization:
-            checkpoint.check_quantization(spec.args, quantization, spec.world_size)
+            check_quantization(spec.args, quantization, spec.world_size)
         state = weights.load_rank_state(
             shards, spec.args, self.rank, spec.world_size, stored, on_load
         )
