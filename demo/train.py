@@ -44,7 +44,8 @@ from mpllama.model_args import ModelArgs
 from mpllama.offline.fixtures import train_tokenizer
 from mpllama.protocol import Request
 from mpllama.rank import dist, weights
-from mpllama.rank.model import Transformer, apply_rope, materialize, rope_table
+from mpllama.rank.model import Transformer, materialize
+from mpllama.rank.rope import apply_rope, rope_table
 from mpllama.rank.runner import Runner
 from mpllama.tokenizer import Tokenizer
 

@@ -163,9 +163,9 @@ def completable(start: bytes) -> bool:
 def pretend_model_parallel(monkeypatch: Any, world: int, rank: int = 0) -> None:
     """Make the model and its layers build rank ``rank`` of ``world`` in a one-rank
     process (shape maths on the meta device, no collectives)."""
-    from mpllama.rank import layers, model
+    from mpllama.rank import attention, layers
 
-    for module in (model, layers):
+    for module in (attention, layers):
         monkeypatch.setattr(module, "get_model_parallel_world_size", lambda: world)
         if hasattr(module, "get_model_parallel_rank"):
             monkeypatch.setattr(module, "get_model_parallel_rank", lambda: rank)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers import blocked, randn
 
-from mpllama.rank import cpu_kernels
+from mpllama.rank import cpu_kernels, rope
 from mpllama.rank import model as model_module
 
 pytestmark = pytest.mark.skipif(
@@ -109,12 +109,12 @@ def test_a_decode_layers_small_steps_match_torchs(dtype: torch.dtype) -> None:
 
     qkv = randn(B, (H + 2 * K) * D, seed=3).to(dtype)
     positions = torch.tensor([5, 0, 63])
-    cis = model_module.rope_table(D, 64, 10000.0, torch.device("cpu"))[positions]  # [B,D/2]
+    cis = rope.rope_table(D, 64, 10000.0, torch.device("cpu"))[positions]  # [B,D/2]
     cache_k, cache_v = torch.zeros(64, K, D).to(dtype), torch.zeros(64, K, D).to(dtype)
     q = cpu_kernels.rope_write(qkv, cis, positions, cache_k, cache_v, H)
     xq, xk, xv = qkv.view(B, 1, H + 2 * K, D).split([H, K, K], dim=2)
-    want_q = model_module.apply_rope(xq, cis[:, None])[:, 0]
-    want_k = model_module.apply_rope(xk, cis[:, None])[:, 0]
+    want_q = rope.apply_rope(xq, cis[:, None])[:, 0]
+    want_k = rope.apply_rope(xk, cis[:, None])[:, 0]
     torch.testing.assert_close(q.float(), want_q.float(), **close)
     torch.testing.assert_close(cache_k[positions].float(), want_k.float(), **close)
     assert torch.equal(cache_v[positions], xv[:, 0])

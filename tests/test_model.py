@@ -16,9 +16,10 @@ from helpers import LLAMA2_70B, pretend_model_parallel
 
 from mpllama import checkpoint
 from mpllama.offline.fixtures import PRESETS, random_state
-from mpllama.rank import layers, weights
+from mpllama.rank import attention, layers, weights
 from mpllama.rank import model as model_module
-from mpllama.rank.model import Transformer, apply_rope, materialize, rope_table
+from mpllama.rank.model import Transformer, materialize
+from mpllama.rank.rope import apply_rope, rope_table
 from mpllama.shard_axes import shard_shapes
 
 CPU = torch.device("cpu")
@@ -112,13 +113,13 @@ MEMORY_PROBE = textwrap.dedent("""
     import json, sys
     import torch
     from mpllama import checkpoint
-    from mpllama.rank import dist, layers, weights, model as M
+    from mpllama.rank import attention, dist, layers, weights
     from mpllama.rank.model import Transformer, materialize
 
     folder, world = sys.argv[1], int(sys.argv[2])
     dist.init_single("gloo")
     # Build rank 0's model at this world size (the layers read the size from here).
-    M.get_model_parallel_world_size = layers.get_model_parallel_world_size = lambda: world
+    attention.get_model_parallel_world_size = layers.get_model_parallel_world_size = lambda: world
 
     def status_kb(field):
         for line in open("/proc/self/status"):
@@ -474,13 +475,13 @@ def test_reduced_precision_decode_attention_matches_float32_sdpa(heads: int, kv_
         q, k, v, attn_mask=mask, enable_gqa=gqa
     )
     half = [t.bfloat16() for t in (q, k, v)]
-    got = model_module.attend(*half, mask, gqa).float()
+    got = attention.attend(*half, mask, gqa).float()
     sdpa = torch.nn.functional.scaled_dot_product_attention(*half, attn_mask=mask, enable_gqa=gqa)
     assert got.shape == exact.shape
     torch.testing.assert_close(got, exact, atol=2e-2, rtol=0)
     assert (got - exact).abs().max() <= 2 * (sdpa.float() - exact).abs().max() + 1e-3
     # A masked position changes nothing: row 0 without its masked tail gives the same.
-    alone = model_module.attend(half[0][:1], half[1][:1, :, :11], half[2][:1, :, :11], None, gqa)
+    alone = attention.attend(half[0][:1], half[1][:1, :, :11], half[2][:1, :, :11], None, gqa)
     torch.testing.assert_close(alone.float(), got[:1], atol=1e-2, rtol=0)
     # Float32 keeps SDPA, bit for bit.
-    assert torch.equal(model_module.attend(q, k, v, mask, gqa), exact)
+    assert torch.equal(attention.attend(q, k, v, mask, gqa), exact)
