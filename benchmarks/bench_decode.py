@@ -208,14 +208,10 @@ def steps(
     for label, (dtype, method) in PRECISIONS.items():
         model = load_demo(ckpt, dtype, method)
         models = {"mpllama": model, "torch": model}
-        if method == "int4" and cpu_kernels.amx_on():
-            # int4 on AMX is laid out for mpllama's kernel when packed: torch's row gets
+        if method == "int4" and cpu_kernels.library() is not None:
+            # int4 in bf16 is laid out for mpllama's kernel when packed: torch's row gets
             # its own copy, packed for torch's int4 kernel.
-            cpu_kernels.set_amx(False)
-            try:
-                models["torch"] = load_demo(ckpt, dtype, method)
-            finally:
-                cpu_kernels.set_amx(True)
+            models["torch"] = load_demo(ckpt, dtype, method, torch_int4=True)
         decoders = {k: Decoder(m, seed=0) for k, m in models.items()}
         nbytes = weight_bytes(model)
         runs: dict[str, dict[str, list[float]]] = {

@@ -9,8 +9,9 @@
   demo/train.py set aside (same split: its ``documents`` and ``split``, seed 0; the
   text comes from this Python's standard library, so it matches the model's own split
   only on the Python it was trained with, which train.py prints): perplexity per
-  precision and its ratio to float32, and greedy agreement with float32 (12 prompts x 32
-  tokens: tokens before each prompt's first divergence).
+  precision and its ratio to float32, and greedy agreement with float32 (the 299 prompts
+  of demo/agreement_prompts.json x 32 tokens: tokens before each prompt's first
+  divergence).
 * steps: ms per decode step of the bench model in-process, bf16, int8 and int4
   interleaved in rounds (the ratios the engine's figures blur on a busy machine).
 * speed: the bench model through the engine (MP=1, batches of 1, 16 and 32 requests of
@@ -23,6 +24,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -32,6 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -83,6 +86,9 @@ def kernels(quick: bool = False, threads: int = 2) -> None:
     for g in (32, 128):
         int4[g] = quant.Int4Weight(*quant.quantize_int4(w, g))
         int4[g].pack(torch.bfloat16)
+    int4_torch = quant.Int4Weight(*quant.quantize_int4(w, 32))
+    with mock.patch.object(quant, "int4_product", lambda *a: None):
+        int4_torch.pack(torch.bfloat16)  # torch's int4 kernel, where mpllama's was chosen
     int4_deq = quant.Int4Weight(*quant.quantize_int4(w, 32))  # unpacked: dequantize + F.linear
     candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "fp32 oneDNN (packed)": lambda x: lin(x.float(), w32, None, "none", [], ""),
@@ -94,6 +100,7 @@ def kernels(quick: bool = False, threads: int = 2) -> None:
         ),
         f"int4 g32, {int4[32].kernel} (chosen)": int4[32],
         f"int4 g128, {int4[128].kernel}": int4[128],
+        f"int4 g32, {int4_torch.kernel}": int4_torch,
         "int4 g32, dequantize + F.linear (fallback)": int4_deq,
     }
     rounds, budget = (3, 0.05) if quick else (7, 0.15)
@@ -152,15 +159,25 @@ def held_out_stream(tok: Tokenizer) -> torch.Tensor:
 
 
 def load_demo(
-    folder: Path, dtype: torch.dtype, method: str | None, group_size: int = 32
+    folder: Path,
+    dtype: torch.dtype,
+    method: str | None,
+    group_size: int = 32,
+    torch_int4: bool = False,
 ) -> Transformer:
+    """The checkpoint at ``folder`` in ``dtype``, quantized by ``method`` on load and
+    packed as a rank packs it; ``torch_int4``: int4 weights packed for torch's kernel even
+    where mpllama's runs (for a row that compares the two)."""
     args = checkpoint.read_params(folder)
     shards = checkpoint.find_shards(folder)
     on_load = None if method is None else Quantization(method, group_size, len(shards))
     state = weights.load_rank_state(shards, args, 0, 1, None, on_load)
     build = quant.materialize_quantized if on_load else materialize
     model = build(Transformer(args), state, CPU, dtype)
-    model.pack_linears()
+    with contextlib.ExitStack() as stack:
+        if torch_int4:
+            stack.enter_context(mock.patch.object(quant, "int4_product", lambda *a: None))
+        model.pack_linears()
     return model
 
 
@@ -275,11 +292,12 @@ def decode_steps(
         label: load_demo(ckpt, torch.bfloat16, method)
         for label, method in (("bf16", None), ("int8", "int8"), ("int4", "int4"))
     }
-    # On a CPU with AMX the bf16 products run on its tiles; the same model on AVX-512's
-    # dot products beside it, for what the tiles give.
+    # On a CPU with AMX the bf16 and int4 products run on its tiles; the same models on
+    # AVX-512's dot products beside them, for what the tiles give.
     amx = cpu_kernels.amx_on()
     if amx:
         models["bf16 avx512"] = load_demo(ckpt, torch.bfloat16, None)
+        models["int4 avx512"] = load_demo(ckpt, torch.bfloat16, "int4")
     rounds, steps = (3, 4) if quick else (7, 8)
     print(
         f"\n== quant decode step, in-process: the bench model in bf16, {rounds} interleaved rounds "
@@ -300,7 +318,7 @@ def decode_steps(
         for _ in range(rounds):
             for label, model in models.items():
                 runs, tok, pos = state[label]
-                cpu_kernels.set_amx(amx and label != "bf16 avx512")
+                cpu_kernels.set_amx(amx and not label.endswith("avx512"))
                 start = time.perf_counter()
                 for _ in range(steps):
                     tok = model(tok[:, None], pos, runs)[:, -1].argmax(-1)

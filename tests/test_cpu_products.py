@@ -139,13 +139,14 @@ def test_int8_one_row_is_onednns_row_bit_for_bit(
 @pytest.mark.parametrize(
     ("rows", "inner", "group"), [(100, 256, 32), (256, 1024, 128), (70, 192, 64)]
 )
-def test_int4_on_amx_gives_each_row_its_own_result(rows: int, inner: int, group: int) -> None:
-    """mpllama's int4 kernel (bf16 models on CPUs with AMX) takes any number of rows, and
-    each row's result is bit for bit what it gives alone (prefill, decode steps and one
-    row alike), within bf16's rounding of the float64 product with the dequantized
-    weight; rows padded to a whole block are never written."""
-    if not cpu_kernels.amx_on():
-        pytest.skip("int4 weights have mpllama's kernel only on CPUs with AMX")
+def test_int4_gives_each_row_its_own_result(
+    rows: int, inner: int, group: int, products_on: str
+) -> None:
+    """mpllama's int4 kernel (bf16 models), on AMX tiles and on AVX-512, takes any number
+    of rows, and each row's result is bit for bit what it gives alone (prefill, decode
+    steps and one row alike: AVX-512 takes rows in fours, then the last one to three),
+    within bf16's rounding of the float64 product with the dequantized weight; rows
+    padded to a whole block are never written."""
     packed, scales = quant.quantize_int4(randn(rows, inner), group)
     product = cpu_products.int4_product(quant.unpack_int4(packed), scales)
     assert product is not None and product.padded == -(-rows // 32) * 32
@@ -154,7 +155,7 @@ def test_int4_on_amx_gives_each_row_its_own_result(rows: int, inner: int, group:
     assert got.shape == (40, rows) and got.dtype == torch.bfloat16
     want = x.double() @ quant.Int4Weight(packed, scales).dequantize().double().t()
     torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-3 * float(want.abs().max()))
-    for m in (1, 3, 17):  # a run of 16 rows and one of 1
+    for m in (1, 2, 3, 6, 17):  # AMX: runs of 16 and the rest; AVX-512: fours and the rest
         assert torch.equal(product(x[:m]), got[:m])
     for i in range(40):
         assert torch.equal(product(x[i : i + 1]), got[i : i + 1])
@@ -172,7 +173,8 @@ def test_one_row_product_refuses_what_it_cannot_read() -> None:
 
 @pytest.mark.parametrize("m", [1, 3, 4, 9])
 def test_float32_logits_of_bf16_rows(m: int, products_on: str) -> None:
-    """Any number of rows, four at a time and the rest; the padded rows never written."""
+    """Any number of rows, four at a time and the rest; the padded rows never written;
+    each row's logits the same alone as in the batch."""
     rows, inner = 4000, 128
     w, x = randn(rows, inner).bfloat16(), randn(m, inner, seed=1).bfloat16()
     product = cpu_products.float32_product(cpu_products.one_row_product(pack(w)))
@@ -181,3 +183,5 @@ def test_float32_logits_of_bf16_rows(m: int, products_on: str) -> None:
     assert got.shape == (m, rows) and got.dtype == torch.float32
     # Products of bf16 values summed in float32: only the order of the sums differs.
     torch.testing.assert_close(got, x.float() @ w.float().t(), atol=1e-4, rtol=1e-5)
+    for i in range(m):  # a row alone (the one-row loop) gets its bits in the batch
+        assert torch.equal(product(x[i : i + 1]), got[i : i + 1])

@@ -138,13 +138,11 @@ def with_and_without_row_decoder(
 def test_a_decode_step_in_two_c_calls_a_layer_is_the_layer_path_bit_for_bit(
     single_rank: None, dtype: torch.dtype, method: str | None, rows: list, products_on: str
 ) -> None:
-    """row_decode: a bf16 model and one with int8 weights, and on a CPU with AMX one with
-    int4 weights (one row, and three at different lengths), and a float32 one decode
+    """row_decode: a bf16 model, one with int8 weights and one with int4 weights (one row,
+    and three at different lengths), and a float32 one decode
     through two C calls a layer, with the logits of the layer-by-layer path exactly.
     Batched steps run it where every product batches (bf16, int8 and int4 weights;
     float32 keeps oneDNN)."""
-    if method == "int4" and not cpu_kernels.amx_on():
-        pytest.skip("int4 weights have mpllama's kernel only on CPUs with AMX")
     demo = Path(__file__).parent.parent / "demo" / "model"
     args = checkpoint.read_params(demo)
     shards = checkpoint.find_shards(demo)
@@ -184,7 +182,7 @@ def two_rank_decode(port: int, rank: int, world: int, method: str | None, out: o
             for m in model.modules()
             if isinstance(w := m.__dict__.get("weight"), quant.Int4Weight)
         ]
-        built, same = all(w.kernel == "amx" for w in int4), True
+        built, same = all(w.kernel == "mpllama" for w in int4), True
         for runs in (ONE_ROW, THREE_ROWS):
             most_rows, with_c, without = with_and_without_row_decoder(model, runs)
             built = built and most_rows >= len(runs)
@@ -202,13 +200,10 @@ def two_rank_decode(port: int, rank: int, world: int, method: str | None, out: o
 def test_two_ranks_decode_steps_in_c_as_layer_by_layer(method: str | None) -> None:
     """At MP=2 (shared-memory collectives between the calls), the same for one row and
     for three: the lead's logits are the layer-by-layer path's exactly, in bf16, and with
-    int4 weights on AMX (each rank's row-parallel shards on mpllama's int4 kernel)."""
+    int4 weights (each rank's row-parallel shards on mpllama's int4 kernel)."""
     import multiprocessing as mp
 
     from mpllama.rank import dist
-
-    if method == "int4" and not cpu_kernels.amx_on():
-        pytest.skip("int4 weights have mpllama's kernel only on CPUs with AMX")
 
     store = dist.open_store("127.0.0.1", 2, 60.0)
     ctx = mp.get_context("spawn")

@@ -6,8 +6,9 @@
  * beside it (cpu_kernels.h says what they share), and called through ctypes on torch
  * tensors' memory. This file: the products on AVX-512 (one row, a decode step's few rows,
  * int8), and two small helpers; cpu_kernels_amx.c: the products on AMX tiles, where the
- * CPU has them; cpu_kernels_attention.c: one-query attention; cpu_kernels_layer.c: a
- * decode layer's small steps and the whole layer as two calls.
+ * CPU has them; cpu_kernels_int4.c: int4 weights' product, on either;
+ * cpu_kernels_attention.c: one-query attention; cpu_kernels_layer.c: a decode layer's
+ * small steps and the whole layer as two calls.
  *
  * Needs AVX-512 with bf16 and VNNI dot products (cpu_kernels.CPU_FLAGS).
  *
@@ -26,9 +27,11 @@
 /* y[n] = sum_k w[n,k] x[k] for n < Np (rows padded to whole blocks).
  * w: bf16 in oneDNN's blocked layout [Np/nb][K/2][nb][2], nb = 64 rows a block, or 32
  * where oneDNN packs for AMX; x: K bf16; y: Np bf16, rounded to nearest even from float32
- * sums (as oneDNN rounds). One block, nb a constant where it is inlined. */
-static inline void gemv_bf16_block(const uint16_t *p, const uint32_t *pairs, uint16_t *out,
-                                   int64_t K, const int nb, const int every) {
+ * sums (as oneDNN rounds), or the float32 sums of the first ``valid`` rows (out_bf16 0:
+ * a row's logits). One block, nb a constant where it is inlined. */
+static inline void gemv_bf16_block(const uint16_t *p, const uint32_t *pairs, void *y, int64_t n0,
+                                   int64_t valid, int64_t K, const int nb, const int every,
+                                   const int out_bf16) {
     __m512 a[4];
     for (int c = 0; c < nb / 16; c++) a[c] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K / 2; k++, p += 2 * nb) {
@@ -37,8 +40,8 @@ static inline void gemv_bf16_block(const uint16_t *p, const uint32_t *pairs, uin
         for (int c = 0; c < nb / 16; c++)
             a[c] = _mm512_dpbf16_ps(a[c], (__m512bh)_mm512_loadu_si512(p + 32 * c), xk);
     }
-    for (int c = 0; c < nb / 16; c++)
-        _mm256_storeu_si256((__m256i *)(out + 16 * c), (__m256i)_mm512_cvtneps_pbh(a[c]));
+    for (int c = 0; c < nb / 16 && 16 * c < valid; c++)
+        store_act(y, n0 + 16 * c, a[c], tail(valid - 16 * c), out_bf16);
 }
 
 /* Which of the weight's lines gemv_bf16 asks for ahead: two in four (0: as measured best
@@ -48,25 +51,33 @@ static inline void gemv_bf16_block(const uint16_t *p, const uint32_t *pairs, uin
 static int bf16_every_line = 0;
 void set_bf16_every_line(int every) { bf16_every_line = every; }
 
-void gemv_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t Np, int64_t K,
-               int64_t nb) {
-    if (use_amx) {
-        amx_product(w, x, y, 1, Np, Np, K, nb, 1);
-        return;
-    }
+/* One row on AVX-512: y [N] (bf16, or float32 with out_bf16 0) of the weight's N real
+ * rows of Np. Also gemm_bf16's one-row case: its sums are a pass's, in the same order, and
+ * it asks for the weight ahead as a pass does not. */
+static void gemv_bf16_rows(const uint16_t *w, const uint16_t *x, void *y, int64_t N, int64_t Np,
+                           int64_t K, int64_t nb, const int out_bf16) {
     const uint32_t *pairs = (const uint32_t *)x;
     const int every = bf16_every_line;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < Np / nb; b++) {
+        const int64_t n0 = b * nb, valid = N - n0 < nb ? N - n0 : nb;
         if (nb == 32 && every)
-            gemv_bf16_block(w + b * 32 * K, pairs, y + b * 32, K, 32, 1);
+            gemv_bf16_block(w + n0 * K, pairs, y, n0, valid, K, 32, 1, out_bf16);
         else if (nb == 32)
-            gemv_bf16_block(w + b * 32 * K, pairs, y + b * 32, K, 32, 0);
+            gemv_bf16_block(w + n0 * K, pairs, y, n0, valid, K, 32, 0, out_bf16);
         else if (every)
-            gemv_bf16_block(w + b * NB * K, pairs, y + b * NB, K, NB, 1);
+            gemv_bf16_block(w + n0 * K, pairs, y, n0, valid, K, NB, 1, out_bf16);
         else
-            gemv_bf16_block(w + b * NB * K, pairs, y + b * NB, K, NB, 0);
+            gemv_bf16_block(w + n0 * K, pairs, y, n0, valid, K, NB, 0, out_bf16);
     }
+}
+
+void gemv_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t Np, int64_t K,
+               int64_t nb) {
+    if (use_amx)
+        amx_product(w, x, y, 1, Np, Np, K, nb, 1);
+    else
+        gemv_bf16_rows(w, x, y, Np, Np, K, nb, 1);
 }
 
 /* The same for float32: w in oneDNN's blocked layout [Np/nb][K][nb], x: K, y: Np. */
@@ -97,6 +108,40 @@ void gemv_f32(const float *w, const float *x, float *y, int64_t Np, int64_t K, i
  * them to steps of 1/16 around 10 and leave near-ties to the rounding. Four rows at a
  * time share each weight load, so a block (in L2 by then) is read M/4 times. One block
  * b of blocks, nb a constant where it is inlined. */
+static inline __attribute__((always_inline)) void gemm_bf16_pass(
+    const uint16_t *p, const uint16_t *x, void *y, int64_t m0, int64_t n0, int64_t valid,
+    int64_t N, int64_t K, const char *next, int64_t pass, int64_t share, const int out_bf16,
+    const int nb, const int R) {
+    /* R rows (a constant: a pass of fewer than four rows makes only its own dot products,
+     * each row's in the same order as in a pass of four) */
+    __m512 a[4][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < nb / 16; c++) a[r][c] = _mm512_setzero_ps();
+    const uint32_t *xr[4];
+    for (int r = 0; r < R; r++) xr[r] = (const uint32_t *)(x + (m0 + r) * K);
+    /* the k this pass fetches for next: k % share == pass - 1, counted, not divided
+     * (a 64-bit division each k cost more than the dot products on an Intel Xeon) */
+    int64_t due = share ? pass - 1 : -1;
+    for (int64_t k = 0; k < K / 2; k++, p += 2 * nb) {
+        if (k == due) {
+            const char *line = next + k * 4 * nb; /* k's 4 * nb bytes there */
+            for (int l = 0; l < 4 * nb; l += 64) _mm_prefetch(line + l, _MM_HINT_T1);
+            due += share;
+        }
+        __m512bh wc[4];
+        for (int c = 0; c < nb / 16; c++) wc[c] = (__m512bh)_mm512_loadu_si512(p + 32 * c);
+        for (int r = 0; r < R; r++) {
+            const __m512bh xk = (__m512bh)_mm512_set1_epi32((int)xr[r][k]);
+            for (int c = 0; c < nb / 16; c++) a[r][c] = _mm512_dpbf16_ps(a[r][c], wc[c], xk);
+        }
+    }
+    for (int64_t r = 0; r < R; r++) {
+        const int64_t out = (m0 + r) * N + n0;
+        for (int c = 0; c < nb / 16 && 16 * c < valid; c++)
+            store_act(y, out + 16 * c, a[r][c], tail(valid - 16 * c), out_bf16);
+    }
+}
+
 static inline void gemm_bf16_block(const uint16_t *w, const uint16_t *x, void *y, int64_t b,
                                    int64_t blocks, int64_t M, int64_t N, int64_t K,
                                    const int out_bf16, const int nb) {
@@ -109,35 +154,14 @@ static inline void gemm_bf16_block(const uint16_t *w, const uint16_t *x, void *y
      * bounds the whole product, and the second pass fetching a whole block measured
      * slower (benchmarks/RESULTS.md, "Figures behind the code"). */
     const char *next = b + 1 < blocks ? (const char *)(w + (b + 1) * nb * K) : NULL;
+    const uint16_t *p = w + b * nb * K;
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int64_t rows = M - m0 < 4 ? M - m0 : 4;
         const int64_t pass = m0 / 4, share = pass > 0 && next && passes >= 3 ? passes - 1 : 0;
-        __m512 a[4][4];
-        for (int r = 0; r < 4; r++)
-            for (int c = 0; c < nb / 16; c++) a[r][c] = _mm512_setzero_ps();
-        const uint16_t *p = w + b * nb * K;
-        const uint32_t *xr[4];
-        for (int r = 0; r < 4; r++) xr[r] = (const uint32_t *)(x + (m0 + (r < rows ? r : 0)) * K);
-        /* the k this pass fetches for next: k % share == pass - 1, counted, not divided
-         * (a 64-bit division each k cost more than the dot products on an Intel Xeon) */
-        int64_t due = share ? pass - 1 : -1;
-        for (int64_t k = 0; k < K / 2; k++, p += 2 * nb) {
-            if (k == due) {
-                const char *line = next + k * 4 * nb; /* k's 4 * nb bytes there */
-                for (int l = 0; l < 4 * nb; l += 64) _mm_prefetch(line + l, _MM_HINT_T1);
-                due += share;
-            }
-            __m512bh wc[4];
-            for (int c = 0; c < nb / 16; c++) wc[c] = (__m512bh)_mm512_loadu_si512(p + 32 * c);
-            for (int r = 0; r < 4; r++) {
-                const __m512bh xk = (__m512bh)_mm512_set1_epi32((int)xr[r][k]);
-                for (int c = 0; c < nb / 16; c++) a[r][c] = _mm512_dpbf16_ps(a[r][c], wc[c], xk);
-            }
-        }
-        for (int64_t r = 0; r < rows; r++) {
-            const int64_t out = (m0 + r) * N + n0;
-            for (int c = 0; c < nb / 16 && 16 * c < valid; c++)
-                store_act(y, out + 16 * c, a[r][c], tail(valid - 16 * c), out_bf16);
+        switch (M - m0 < 4 ? M - m0 : 4) {
+        case 4: gemm_bf16_pass(p, x, y, m0, n0, valid, N, K, next, pass, share, out_bf16, nb, 4); break;
+        case 3: gemm_bf16_pass(p, x, y, m0, n0, valid, N, K, next, pass, share, out_bf16, nb, 3); break;
+        case 2: gemm_bf16_pass(p, x, y, m0, n0, valid, N, K, next, pass, share, out_bf16, nb, 2); break;
+        default: gemm_bf16_pass(p, x, y, m0, n0, valid, N, K, next, pass, share, out_bf16, nb, 1);
         }
     }
 }
@@ -146,6 +170,10 @@ static inline void gemm_bf16(const uint16_t *w, const uint16_t *x, void *y, int6
                              int64_t N, int64_t Np, int64_t K, const int out_bf16, int64_t nb) {
     if (use_amx) {
         amx_product(w, x, y, M, N, Np, K, nb, out_bf16);
+        return;
+    }
+    if (M == 1) {
+        gemv_bf16_rows(w, x, y, N, Np, K, nb, out_bf16);
         return;
     }
     const int64_t blocks = Np / nb;

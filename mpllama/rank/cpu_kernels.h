@@ -100,6 +100,19 @@ static inline __m512 int8_part(__m512 out, int64_t g, __m512i sums, const int32_
     return g == 0 ? part : _mm512_add_ps(out, part);
 }
 
+/* int4 weights' values q (0..15) to bf16 (q - 8) by a word lookup (vpermw): word i of the
+ * table holds (i & 15) - 8, so a byte's low half, or (shifted) its high half, indexes it. */
+static inline __m512i int4_table(void) {
+    uint16_t t[32];
+    for (int i = 0; i < 32; i++) {
+        const float v = (float)((i & 15) - 8);
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        t[i] = (uint16_t)(u >> 16);
+    }
+    return _mm512_loadu_si512(t);
+}
+
 /* Whether the bf16 products and int8's batched ones run on AMX tiles (cpu_kernels_amx.c:
  * set only where Linux let this process use them). */
 extern int use_amx;
@@ -110,6 +123,11 @@ void amx_product(const uint16_t *w, const uint16_t *x, void *y, int64_t M, int64
 void amx_int8_product(const int8_t *const *w, const float *scales, const float *xs,
                       const uint8_t *u8, void *y, int64_t M, int64_t N, int64_t K, int64_t G,
                       int x_bf16);
+void amx_int4_product(const uint8_t *w, const uint16_t *sz, const uint16_t *x, const float *xsum,
+                      void *y, int64_t M, int64_t N, int64_t Np, int64_t K, int64_t gs,
+                      int out_bf16);
+
+/* cpu_kernels_int4.c */
 void int4_product(const uint8_t *w, const uint16_t *sz, const uint16_t *x, void *y, int64_t M,
                   int64_t N, int64_t Np, int64_t K, int64_t gs, int out_bf16);
 

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # The C files built into one library, and the header they share.
 SOURCES = tuple(
     Path(__file__).with_name(f"cpu_kernels{part}.c")
-    for part in ("", "_amx", "_attention", "_layer")
+    for part in ("", "_amx", "_int4", "_attention", "_layer")
 )
 HEADER = Path(__file__).with_name("cpu_kernels.h")
 FLAGS = (

@@ -41,7 +41,7 @@ typedef struct {
 } __attribute__((packed)) tile_config_t;
 
 /* The tiles every kernel here uses, for a run of r0 rows and a second run of r1 (0: none;
- * only int4_product has two): 0, 1 the first run's two sets of 16 outputs (32-bit sums);
+ * only amx_int4_product has two): 0, 1 the first run's two sets of 16 outputs (32-bit sums);
  * 2, 3 the second run's; 4, 7 the runs' inputs (64 bytes a row: 32 bf16 or 64 int8
  * values); 5, 6 the weight's 16 rows of input pairs (bf16) or quads (int8) x 16 outputs,
  * one for each output set. */
@@ -114,45 +114,21 @@ static inline void expand4(const uint8_t *s, uint16_t *u, __m512i table, int ask
     }
 }
 
-/* int4 weights (quant.Int4Weight: w = (q - 8) * scale + zero, q 0..15, a bf16 scale and
- * zero per group of gs inputs) times bf16 rows, for any number of rows M: y [M, N] (row
- * stride N), bf16 (out_bf16) or float32.
- *   w   Np/32 blocks of 32 outputs, each 16 K bytes: the block's values (q - 8) in the
- *       bf16 layout amx_product reads ([K/2][32][2]), 64 at a time in 32 bytes, value j
- *       of each 64 in byte j's low half and value 32 + j in its high half
- *       (cpu_kernels.Int4Product packs it);
- *   sz  [Np/32][K/gs][2][32] bf16: each block's scales, then zeros, per group.
- * For each block and pass of up to 32 rows (two runs of up to 16), group by group: each
- * step of 32 inputs is unpacked (a table lookup, vpermw, per 32 values) into one of two
- * small buffers in L1, the next step's while the tiles take this one; the tiles sum
- * (q - 8) x exactly per product, in float32; then y += sums * scale + zero * sum(x over
- * the group), in group order. A row's result depends only on its own values, so it is
- * the same alone as in any batch. Unpacking into L1 step by step, not a whole block into
- * L2 first, measured 1.5x faster at one row (24 of the bench model's 2816x1024 weights:
- * 2.8 -> 1.8 ms; benchmarks/RESULTS.md). Its passes use both runs' tiles (tile_config). */
-void int4_product(const uint8_t *w, const uint16_t *sz, const uint16_t *x, void *y, int64_t M,
-                  int64_t N, int64_t Np, int64_t K, int64_t gs, int out_bf16) {
+/* int4_product (cpu_kernels_int4.c) on AMX tiles, for any number of rows M, given each
+ * row's sums of x per group (xsum [M, K/gs]). For each block and pass of up to 32 rows
+ * (two runs of up to 16), group by group: each step of 32 inputs is unpacked (a table
+ * lookup, vpermw, per 32 values) into one of two small buffers in L1, the next step's
+ * while the tiles take this one; the tiles sum (q - 8) x exactly per product, in float32;
+ * then y += sums * scale + zero * sum(x over the group), in group order. A row's result
+ * depends only on its own values, so it is the same alone as in any batch. Unpacking into
+ * L1 step by step, not a whole block into L2 first, measured 1.5x faster at one row (24 of
+ * the bench model's 2816x1024 weights: 2.8 -> 1.8 ms; benchmarks/RESULTS.md). Its passes
+ * use both runs' tiles (tile_config). */
+void amx_int4_product(const uint8_t *w, const uint16_t *sz, const uint16_t *x, const float *xsum,
+                      void *y, int64_t M, int64_t N, int64_t Np, int64_t K, int64_t gs,
+                      int out_bf16) {
     const int64_t G = K / gs;
-    float *xsum = malloc(M * G * sizeof(float));
-#pragma omp parallel for schedule(static) if (M > 1)
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < G; g++) {
-            __m512 a = _mm512_setzero_ps();
-            for (int64_t k = g * gs; k < (g + 1) * gs; k += 16)
-                a = _mm512_add_ps(a, load_bf16(x + m * K + k, 0xFFFF));
-            xsum[m * G + g] = _mm512_reduce_add_ps(a);
-        }
-    __m512i table; /* word i: bf16 of (i & 15) - 8 */
-    {
-        uint16_t t[32];
-        for (int i = 0; i < 32; i++) {
-            const float v = (float)((i & 15) - 8);
-            uint32_t u;
-            memcpy(&u, &v, 4);
-            t[i] = (uint16_t)(u >> 16);
-        }
-        table = _mm512_loadu_si512(t);
-    }
+    const __m512i table = int4_table();
 #pragma omp parallel
     {
         uint16_t buffer[2][1024] __attribute__((aligned(64)));
@@ -218,7 +194,6 @@ void int4_product(const uint8_t *w, const uint16_t *sz, const uint16_t *x, void 
         }
         if (configured >= 0) _tile_release();
     }
-    free(xsum);
 }
 
 /* gemm_int8 on AMX tiles, for groups of a multiple of 64 inputs: for each block of 64
@@ -277,8 +252,9 @@ void amx_int8_product(const int8_t *const *w, const float *scales, const float *
     }
 }
 #else
-void int4_product(const uint8_t *w, const uint16_t *sz, const uint16_t *x, void *y, int64_t M,
-                  int64_t N, int64_t Np, int64_t K, int64_t gs, int out_bf16) {}
+void amx_int4_product(const uint8_t *w, const uint16_t *sz, const uint16_t *x, const float *xsum,
+                      void *y, int64_t M, int64_t N, int64_t Np, int64_t K, int64_t gs,
+                      int out_bf16) {}
 int amx_request(void) { return 0; }
 int set_amx(int on) {
     (void)on;

@@ -152,7 +152,7 @@ typedef struct {
 /* y = x @ w.T for M rows of x: M == 1 the one-row kernels (y padded to p->N); M > 1 bf16
  * or int8 in a bf16 model (row_decode.py builds no other), y [M, p->rows]. */
 static void product(const product_t *p, const void *x, void *y, int64_t M, uint8_t *u8, int bf16) {
-    if (p->kind == 3) /* int4 on AMX: any M, bf16 (row_decode.py builds no other) */
+    if (p->kind == 3) /* int4: any M, bf16 (row_decode.py builds no other) */
         int4_product((const uint8_t *)p->w, (const uint16_t *)p->scales, (const uint16_t *)x, y, M,
                      p->rows, p->N, p->K, p->groups, 1);
     else if (M > 1 && p->kind == 1)

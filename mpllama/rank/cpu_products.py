@@ -7,7 +7,7 @@ decode step's few rows, each row's result the same alone as in any batch.
 - ``Float32Product``: bf16 rows and weights into float32 sums, for the logits;
 - ``Int8OneRow``: int8 weights as oneDNN's ``qlinear_prepack`` packs them, bit for bit
   oneDNN's dynamically quantized product;
-- ``Int4Product``: group-wise int4 weights, on AMX tiles, in a layout of its own.
+- ``Int4Product``: group-wise int4 weights, in a layout of its own.
 
 On a CPU with AMX the bf16 products, int8's batched ones and int4's run on its tiles
 (``cpu_kernels.amx_on``); elsewhere on AVX-512.
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cpu_kernels import amx_on, kernel, library
+from .cpu_kernels import kernel, library
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +216,9 @@ def int8_one_row(packed: list[torch.Tensor], scales: list[torch.Tensor]) -> Int8
 @dataclass
 class Int4Product:
     """x @ w.T for bf16 rows x [..., in] (any number) and a group-wise int4 weight
-    (``quant.Int4Weight``'s), on AMX tiles (``int4_product`` in the C file): each row's
-    result the same alone as in any batch, bf16 out. Holds the weight in the kernel's
+    (``quant.Int4Weight``'s), on AMX tiles where the bf16 products run on them, else on
+    AVX-512 (``int4_product``, cpu_kernels_int4.c): each row's result the same alone as in
+    any batch, bf16 out. Holds the weight in the kernel's
     layout (see ``int4_product``): its 4-bit values, then per block of 32 output rows and
     group, 32 scales and 32 zeros in bf16."""
 
@@ -253,13 +254,13 @@ class Int4Product:
 def int4_product(q: torch.Tensor, scales: torch.Tensor) -> Int4Product | None:
     """``Int4Product`` for an int4 weight: its values q [out, in], 0..15
     (``quant.unpack_int4``'s), and bf16 scales [out, in/group, 2], scale and zero
-    (``quant.quantize_int4``'s), where the bf16 products run on AMX tiles (``amx_on``) and
-    the inputs come in whole steps of 32 (the tiles') and whole groups of them. None
-    otherwise: torch's int4 kernel runs."""
+    (``quant.quantize_int4``'s), where mpllama's kernels run and the inputs come in whole
+    steps of 32 (the tiles') and whole groups of them. None otherwise: torch's int4 kernel
+    runs."""
     rows, inner = q.shape
     groups = scales.shape[1]
     group_size = inner // groups
-    if not amx_on() or inner % 32 or group_size % 32:
+    if library() is None or inner % 32 or group_size % 32:
         return None
     pad = -rows % 32
     q = torch.cat([q, q.new_full((pad, inner), 8)])  # q - 8 = 0: zero rows

@@ -18,8 +18,10 @@ session 7).
   (the same integers), or a float product of the same integers on GPUs.
 * int4: weight-only, asymmetric, group-wise along the input (``group_size`` weights per
   bf16 scale and zero; by default 128 where the shards and ranks take it,
-  ``quantization.int4_group_size``); activations stay in the model's dtype. On the CPU: torch's
-  ``_weight_int4pack_mm_for_cpu``; elsewhere the weight is dequantized at each product.
+  ``quantization.int4_group_size``); activations stay in the model's dtype. On the CPU:
+  mpllama's own kernel in bf16 models (``cpu_products.Int4Product``: AMX tiles or
+  AVX-512), torch's ``_weight_int4pack_mm_for_cpu`` in float32 ones and where mpllama's
+  kernels cannot run; elsewhere the weight is dequantized at each product.
 
 Measured on a 2-core AMD EPYC (AVX-512 bf16 + VNNI), 2048x8192 layer: benchmarks/RESULTS.md.
 A quantized checkpoint (``mpllama quantize``) holds each quantized ``X.weight`` (int8
@@ -257,7 +259,7 @@ class Int4Weight:
         self.group_size = self.shape[1] // scales.shape[1]
         self.kernel = "torch"
         self._sz: torch.Tensor | None = None
-        self.amx: Int4Product | None = None  # mpllama's kernel, where ``pack`` made it
+        self.product: Int4Product | None = None  # mpllama's kernel, where ``pack`` made it
 
     @property
     def device(self) -> torch.device:
@@ -270,19 +272,21 @@ class Int4Weight:
         )
 
     def pack(self, dtype: torch.dtype) -> None:
-        """Lay the weight out for the fastest kernel that runs it here: in a bf16 model on
-        a CPU with AMX, mpllama's (``cpu_products.Int4Product``: a 32-row decode step of
-        the bench model 57 -> 14 ms, benchmarks/RESULTS.md); else torch's CPU kernel in
-        bf16 and float32 models; else none (dequantized at each product)."""
+        """Lay the weight out for the fastest kernel that runs it here: in a bf16 model
+        where mpllama's CPU kernels run, mpllama's (``cpu_products.Int4Product``; on AMX a
+        32-row decode step of the bench model 57 -> 14 ms against torch's kernel, on
+        AVX-512 as fast as torch's batched and 1.3x at one row, and the row decoder takes
+        it: benchmarks/RESULTS.md); else torch's CPU kernel in bf16 and float32 models;
+        else none (dequantized at each product)."""
         if self.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
             return
         q = unpack_int4(self.packed)
         if dtype == torch.bfloat16:
-            self.amx = int4_product(q, self.scales)
-            if self.amx is not None:
+            self.product = int4_product(q, self.scales)
+            if self.product is not None:
                 self.packed = torch.empty(0, dtype=torch.uint8)  # the kernel's copy replaces it
                 self.scales = torch.empty(0, dtype=torch.bfloat16)
-                self.kernel = "amx"
+                self.kernel = "mpllama"
                 return
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         self._sz = self.scales.to(dtype).transpose(0, 1).contiguous()  # [in/g, out, 2]
@@ -290,8 +294,8 @@ class Int4Weight:
         self.kernel = "int4pack"
 
     def nbytes(self) -> int:
-        if self.amx is not None:
-            return self.amx.nbytes()
+        if self.product is not None:
+            return self.product.nbytes()
         scales = self.scales if self._sz is None else self._sz
         return self.shape[0] * self.shape[1] // 2 + scales.numel() * scales.element_size()
 
@@ -302,8 +306,8 @@ class Int4Weight:
         return ((q - 8) * scale[..., None] + zero[..., None]).reshape(self.shape)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.amx is not None:
-            return self.amx(x)
+        if self.product is not None:
+            return self.product(x)
         if self.kernel == "int4pack":
             lead = x.shape[:-1]
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(

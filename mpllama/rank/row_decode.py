@@ -13,12 +13,12 @@ the second, the caller sums the row-parallel product over the ranks (the one col
 each half needs).
 
 One row applies where every product of every layer has a one-row kernel (bf16 or float32
-weights packed by oneDNN, int8 weights with ``Int8OneRow``, or int4 weights with
-``Int4Product`` on a CPU with AMX); several rows, up to ``BATCH_ROWS``, where every
+weights packed by oneDNN, int8 weights with ``Int8OneRow``, or int4 weights in a bf16
+model with ``Int4Product``); several rows, up to ``BATCH_ROWS``, where every
 product batches them (``OneRowProduct.batched`` for bf16, ``Int8OneRow.batched`` for
 int8 weights, ``Int4Product`` for int4); attention runs ``attend_decode`` (bf16 or
 float32 on a CPU). The model keeps its layer-by-layer path otherwise (int4 weights on
-torch's kernel, batched float32 steps, prefill, GPUs).
+torch's kernel in a float32 model, batched float32 steps, prefill, GPUs).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _product(module: torch.nn.Module) -> tuple[Product, int] | None:
         groups = len(int8.packed)
         product = Product(INT8, address, scales, int8.rows, int8.inner, groups, int8.rows, BLOCK)
         return product, int8.most_rows
-    int4 = getattr(weight, "amx", None)
+    int4 = getattr(weight, "product", None)
     if isinstance(int4, Int4Product):
         product = Product(
             INT4,

@@ -1,0 +1,94 @@
+/* int4 weights (quant.Int4Weight: w = (q - 8) * scale + zero, q 0..15, a bf16 scale and
+ * zero per group of gs inputs) times bf16 rows, for any number of rows M: y [M, N] (row
+ * stride N), bf16 (out_bf16) or float32. One layout for both kernels:
+ *   w   Np/32 blocks of 32 outputs, each 16 K bytes: the block's values (q - 8) in the
+ *       bf16 layout the products read ([K/2][32][2]), 64 at a time in 32 bytes, value j
+ *       of each 64 in byte j's low half and value 32 + j in its high half
+ *       (cpu_products.int4_product packs it);
+ *   sz  [Np/32][K/gs][2][32] bf16: each block's scales, then zeros, per group.
+ * Where the bf16 products run on AMX tiles, int4's do too (amx_int4_product); elsewhere on
+ * AVX-512 (int4_avx512). Either way every row's sums are its own, in the same order
+ * whatever the row count, so a row's result is the same alone as in any batch. */
+#include "cpu_kernels.h"
+
+/* The AVX-512 kernel: each input pair's 32 bytes hold rows 0-15's two values (low halves)
+ * and rows 16-31's (high halves), as vdpbf16ps takes them against the pair broadcast, so
+ * two lookups unpack them straight into registers, with no buffer. For a block of 32
+ * outputs and R rows (a constant, so the sums stay in registers), group by group: each
+ * row's float32 sums of (q - 8) x over the group's pairs in order, then out += sums *
+ * scale + zero * sum(x over the group). */
+static inline __attribute__((always_inline)) void int4_rows(
+    const uint8_t *src, const uint16_t *sz, const uint32_t *pairs, const float *xsum, void *y,
+    int64_t b, int64_t m0, int64_t N, int64_t K, int64_t gs, int out_bf16, int ask, const int R) {
+    const int64_t G = K / gs, n0 = b * 32, valid = N - n0 < 32 ? N - n0 : 32;
+    const __m512i table = int4_table();
+    __m512 out[R][2];
+    for (int64_t g = 0; g < G; g++) {
+        __m512 a[R][2];
+        for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+        for (int64_t p = g * gs / 2; p < (g + 1) * gs / 2; p++) {
+            const uint8_t *s = src + 32 * p;
+            if (ask && (p & 1) == 0) ahead(s);
+            const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)s));
+            const __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(v, table);
+            const __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+            for (int r = 0; r < R; r++) {
+                const __m512bh xp = (__m512bh)_mm512_set1_epi32((int)pairs[(m0 + r) * K / 2 + p]);
+                a[r][0] = _mm512_dpbf16_ps(a[r][0], lo, xp);
+                a[r][1] = _mm512_dpbf16_ps(a[r][1], hi, xp);
+            }
+        }
+        const uint16_t *q = sz + (b * G + g) * 64;
+        const __m512 scale[2] = {load_bf16(q, 0xFFFF), load_bf16(q + 16, 0xFFFF)};
+        const __m512 zero[2] = {load_bf16(q + 32, 0xFFFF), load_bf16(q + 48, 0xFFFF)};
+        for (int r = 0; r < R; r++) {
+            const __m512 xs = _mm512_set1_ps(xsum[(m0 + r) * G + g]);
+            for (int c = 0; c < 2; c++) {
+                const __m512 part = _mm512_fmadd_ps(a[r][c], scale[c], _mm512_mul_ps(zero[c], xs));
+                out[r][c] = g == 0 ? part : _mm512_add_ps(out[r][c], part);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 2 && 16 * c < valid; c++)
+            store_act(y, (m0 + r) * N + n0 + 16 * c, out[r][c], tail(valid - 16 * c), out_bf16);
+}
+
+/* Rows in fours, then the last one to three together: each row's sums in the same order
+ * either way. */
+static void int4_avx512(const uint8_t *w, const uint16_t *sz, const uint16_t *x, const float *xsum,
+                        void *y, int64_t M, int64_t N, int64_t Np, int64_t K, int64_t gs,
+                        int out_bf16) {
+    const uint32_t *pairs = (const uint32_t *)x;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < Np / 32; b++) {
+        const uint8_t *src = w + b * 16 * K;
+        int64_t m0 = 0;
+        for (; m0 + 4 <= M; m0 += 4)
+            int4_rows(src, sz, pairs, xsum, y, b, m0, N, K, gs, out_bf16, m0 == 0, 4);
+        switch (M - m0) {
+        case 3: int4_rows(src, sz, pairs, xsum, y, b, m0, N, K, gs, out_bf16, m0 == 0, 3); break;
+        case 2: int4_rows(src, sz, pairs, xsum, y, b, m0, N, K, gs, out_bf16, m0 == 0, 2); break;
+        case 1: int4_rows(src, sz, pairs, xsum, y, b, m0, N, K, gs, out_bf16, m0 == 0, 1); break;
+        }
+    }
+}
+
+void int4_product(const uint8_t *w, const uint16_t *sz, const uint16_t *x, void *y, int64_t M,
+                  int64_t N, int64_t Np, int64_t K, int64_t gs, int out_bf16) {
+    const int64_t G = K / gs;
+    float *xsum = malloc(M * G * sizeof(float)); /* each row's sum of x per group */
+#pragma omp parallel for schedule(static) if (M > 1)
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < G; g++) {
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t k = g * gs; k < (g + 1) * gs; k += 16)
+                a = _mm512_add_ps(a, load_bf16(x + m * K + k, 0xFFFF));
+            xsum[m * G + g] = _mm512_reduce_add_ps(a);
+        }
+    if (use_amx)
+        amx_int4_product(w, sz, x, xsum, y, M, N, Np, K, gs, out_bf16);
+    else
+        int4_avx512(w, sz, x, xsum, y, M, N, Np, K, gs, out_bf16);
+    free(xsum);
+}
