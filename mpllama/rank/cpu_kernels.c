@@ -269,12 +269,57 @@ void gemv_int8(const int8_t *const *w, const float *scales, const void *x, int x
     }
 }
 
+/* One pass of gemm_int8 over block b: R rows (a constant, 1-4) from row m0, sharing each
+ * weight load; pass and share as gemm_bf16_block has them. */
+static inline __attribute__((always_inline)) void gemm_int8_pass(
+    const int8_t *const *w, const float *scales, const float *xs, const uint8_t *u8, void *y,
+    int64_t b, int64_t m0, int64_t N, int64_t K, int64_t G, int64_t pass, int64_t share,
+    int x_bf16, const int R) {
+    const int64_t Kg = K / G;
+    __m512 out[4][4];
+    for (int64_t g = 0; g < G; g++) {
+        const int8_t *p = w[g] + b * NB * Kg;
+        const char *next = (const char *)(w[g] + (b + 1) * NB * Kg);
+        const uint32_t *xr[4];
+        for (int r = 0; r < R; r++) xr[r] = (const uint32_t *)(u8 + (m0 + r) * K + g * Kg);
+        __m512i a[4][4];
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_si512();
+        int64_t due = share ? pass - 1 : -1; /* as gemm_bf16 counts it */
+        for (int64_t k = 0; k < Kg / 4; k++, p += 4 * NB) {
+            if (k == due) { /* k's 256 bytes of the next block */
+                for (int l = 0; l < 256; l += 64) _mm_prefetch(next + k * 4 * NB + l, _MM_HINT_T1);
+                due += share;
+            }
+            const __m512i w0 = _mm512_loadu_si512(p), w1 = _mm512_loadu_si512(p + 64);
+            const __m512i w2 = _mm512_loadu_si512(p + 128);
+            const __m512i w3 = _mm512_loadu_si512(p + 192);
+            for (int r = 0; r < R; r++) {
+                const __m512i xk = _mm512_set1_epi32((int)xr[r][k]);
+                a[r][0] = _mm512_dpbusd_epi32(a[r][0], xk, w0);
+                a[r][1] = _mm512_dpbusd_epi32(a[r][1], xk, w1);
+                a[r][2] = _mm512_dpbusd_epi32(a[r][2], xk, w2);
+                a[r][3] = _mm512_dpbusd_epi32(a[r][3], xk, w3);
+            }
+        }
+        const int32_t *minus_sums = (const int32_t *)(w[g] + N * Kg) + b * NB;
+        const float *ws = scales + g * N + b * NB;
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < 4; c++)
+                out[r][c] = int8_part(out[r][c], g, a[r][c], minus_sums + 16 * c, ws + 16 * c,
+                                      xs[(m0 + r) * G + g]);
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++)
+            store_act(y, (m0 + r) * N + b * NB + 16 * c, out[r][c], 0xFFFF, x_bf16);
+}
+
 /* The same for M rows of x (2 <= M <= 64): each row quantized on its own, four rows at a
- * time sharing each weight load, so a block (in L2 by then) is read M/4 times, and from
- * three passes on the later passes fetch the next block meanwhile, as gemm_bf16 does.
- * Each row's integer sums are exact and its float steps gemv_int8's, in the same order,
- * so a row's result is bit for bit what it gives alone. u8: a workspace of M x K bytes;
- * y [M, N]. */
+ * time sharing each weight load (the last pass only its own one to three), so a block (in
+ * L2 by then) is read M/4 times, and from three passes on the later passes fetch the next
+ * block meanwhile, as gemm_bf16 does. Each row's integer sums are exact and its float
+ * steps gemv_int8's, in the same order, so a row's result is bit for bit what it gives
+ * alone. u8: a workspace of M x K bytes; y [M, N]. */
 void gemm_int8(const int8_t *const *w, const float *scales, const void *x, int x_bf16,
                void *y, int64_t M, int64_t N, int64_t K, int64_t G, uint8_t *u8) {
     const int64_t Kg = K / G, blocks = N / NB, passes = (M + 3) / 4;
@@ -288,47 +333,14 @@ void gemm_int8(const int8_t *const *w, const float *scales, const void *x, int x
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const int64_t rows = M - m0 < 4 ? M - m0 : 4;
             const int64_t pass = m0 / 4;
             const int64_t share = pass > 0 && b + 1 < blocks && passes >= 3 ? passes - 1 : 0;
-            __m512 out[4][4];
-            for (int64_t g = 0; g < G; g++) {
-                const int8_t *p = w[g] + b * NB * Kg;
-                const char *next = (const char *)(w[g] + (b + 1) * NB * Kg);
-                const uint32_t *xr[4];
-                for (int r = 0; r < 4; r++)
-                    xr[r] = (const uint32_t *)(u8 + (m0 + (r < rows ? r : 0)) * K + g * Kg);
-                __m512i a[4][4];
-                for (int r = 0; r < 4; r++)
-                    for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_si512();
-                int64_t due = share ? pass - 1 : -1; /* as gemm_bf16 counts it */
-                for (int64_t k = 0; k < Kg / 4; k++, p += 4 * NB) {
-                    if (k == due) { /* k's 256 bytes of the next block */
-                        for (int l = 0; l < 256; l += 64)
-                            _mm_prefetch(next + k * 4 * NB + l, _MM_HINT_T1);
-                        due += share;
-                    }
-                    const __m512i w0 = _mm512_loadu_si512(p), w1 = _mm512_loadu_si512(p + 64);
-                    const __m512i w2 = _mm512_loadu_si512(p + 128);
-                    const __m512i w3 = _mm512_loadu_si512(p + 192);
-                    for (int r = 0; r < 4; r++) {
-                        const __m512i xk = _mm512_set1_epi32((int)xr[r][k]);
-                        a[r][0] = _mm512_dpbusd_epi32(a[r][0], xk, w0);
-                        a[r][1] = _mm512_dpbusd_epi32(a[r][1], xk, w1);
-                        a[r][2] = _mm512_dpbusd_epi32(a[r][2], xk, w2);
-                        a[r][3] = _mm512_dpbusd_epi32(a[r][3], xk, w3);
-                    }
-                }
-                const int32_t *minus_sums = (const int32_t *)(w[g] + N * Kg) + b * NB;
-                const float *ws = scales + g * N + b * NB;
-                for (int64_t r = 0; r < rows; r++)
-                    for (int c = 0; c < 4; c++)
-                        out[r][c] = int8_part(out[r][c], g, a[r][c], minus_sums + 16 * c,
-                                              ws + 16 * c, xs[(m0 + r) * G + g]);
+            switch (M - m0 < 4 ? M - m0 : 4) {
+            case 4: gemm_int8_pass(w, scales, xs, u8, y, b, m0, N, K, G, pass, share, x_bf16, 4); break;
+            case 3: gemm_int8_pass(w, scales, xs, u8, y, b, m0, N, K, G, pass, share, x_bf16, 3); break;
+            case 2: gemm_int8_pass(w, scales, xs, u8, y, b, m0, N, K, G, pass, share, x_bf16, 2); break;
+            default: gemm_int8_pass(w, scales, xs, u8, y, b, m0, N, K, G, pass, share, x_bf16, 1);
             }
-            for (int64_t r = 0; r < rows; r++)
-                for (int c = 0; c < 4; c++)
-                    store_act(y, (m0 + r) * N + b * NB + 16 * c, out[r][c], 0xFFFF, x_bf16);
         }
     }
 }
