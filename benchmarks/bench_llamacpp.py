@@ -3,7 +3,8 @@
 The weights take the path a user's would: mpllama's Hugging Face conversion of the bench
 checkpoint (``convert_meta_to_hf``: config.json, model.safetensors and the sentencepiece
 tokenizer.model), then llama.cpp's own converter (convert_hf_to_gguf.py) to GGUF at f32,
-bf16 and q8_0.
+bf16 and q8_0, and llama.cpp's own quantizer (``llama_model_quantize``, what its
+llama-quantize tool runs, with its defaults) from the f32 GGUF to q4_0.
 
 llama.cpp lives in an environment of its own, ``.bench-venv`` (``make bench-env``; see
 llamacpp_env.sh): llama-cpp-python built from source with native CPU flags, and the
@@ -36,6 +37,9 @@ BENCH_ENV = Path(os.environ.get("MPLLAMA_BENCH_ENV", REPO / ".bench-venv"))
 # own type is slower here: f32 weights with an f32 cache made 217 tok/s at batch 32 where
 # the f16 cache made 383, RESULTS.md; the faster of the two is the baseline.)
 GGUF_TYPES = ("f32", "bf16", "q8_0")
+# Types the converter does not write: llama.cpp's quantizer makes them from the f32 GGUF
+# (its ftype numbers, llama.h's LLAMA_FTYPE_MOSTLY_*).
+QUANTIZED_TYPES = {"q4_0": 2}
 RUN_TIMEOUT_S = 1800.0
 
 
@@ -73,6 +77,22 @@ def make_ggufs(
     ggufs = {}
     for kind in kinds:
         gguf = out / f"{ckpt.name}-{kind}.gguf"
+        if kind in QUANTIZED_TYPES and not gguf.is_file():
+            source = make_ggufs(ckpt, out, env, ("f32",))["f32"]
+            part = gguf.with_suffix(".part")
+            request = {"quantize": [str(source), str(part), QUANTIZED_TYPES[kind]]}
+            done = subprocess.run(
+                [str(env / "bin/python"), __file__],
+                input=json.dumps(request),
+                capture_output=True,
+                text=True,
+                timeout=RUN_TIMEOUT_S,
+                check=False,
+            )
+            if done.returncode != 0:
+                tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+                raise RuntimeError(f"llama.cpp's quantizer to {kind} failed: {tail}")
+            part.rename(gguf)
         if not gguf.is_file():
             # Written under another name first: an interrupted run leaves no half file.
             part = gguf.with_suffix(".part")
@@ -268,5 +288,21 @@ def _serve(request: dict[str, Any]) -> list[dict[str, Any]]:
     return results
 
 
+def _quantize(source: str, out: str, ftype: int) -> None:
+    """The child's other work: llama.cpp's quantizer, as llama-quantize runs it (its default
+    parameters: for q4_0 the output layer in q6_K, the rest q4_0)."""
+    import llama_cpp as llama
+
+    llama.llama_backend_init()
+    params = llama.llama_model_quantize_default_params()
+    params.ftype = ftype
+    if llama.llama_model_quantize(source.encode(), out.encode(), params) != 0:
+        raise RuntimeError(f"llama_model_quantize({source}, ftype {ftype}) failed")
+
+
 if __name__ == "__main__":
-    print(json.dumps(_serve(json.load(sys.stdin))))
+    request = json.load(sys.stdin)
+    if "quantize" in request:
+        _quantize(*request["quantize"])
+    else:
+        print(json.dumps(_serve(request)))

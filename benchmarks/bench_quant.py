@@ -334,7 +334,10 @@ def decode_steps(
 
 
 def speed(ckpt: Path, batches: tuple[int, ...], seed: int, root: Path) -> dict:
-    """tok/s through the engine at MP=1 per (label, batch), and llama.cpp q8_0's."""
+    """tok/s through the engine at MP=1 per (label, batch), and llama.cpp q8_0's and
+    q4_0's (int8's and int4's nearest: q4_0 is symmetric, groups of 32 with an fp16 scale,
+    its output layer q6_K; mpllama's int4 asymmetric in groups of 128, bf16 scale and
+    zero, its vocabulary tables int8)."""
     from bench_mpllama import open_llm, rank_memory, run_llm
     from bench_workloads import uniform_workload
 
@@ -364,30 +367,33 @@ def speed(ckpt: Path, batches: tuple[int, ...], seed: int, root: Path) -> dict:
                 if n == batches[0]:
                     reports = rank_memory(llm)
                     memory[label] = reports if isinstance(reports, str) else reports[0]
-    try:
-        import bench_llamacpp as cpp
+    for kind in ("q8_0", "q4_0"):
+        try:
+            import bench_llamacpp as cpp
 
-        cpp.installed_version()
-        gguf = cpp.make_ggufs(ckpt, root / "gguf", kinds=("q8_0",))["q8_0"]
-        threads = os.cpu_count() or 1
-        for _ in range(2):  # its better of two passes too
-            runs = cpp.run(gguf, [(w.prompts, 64) for w in works.values()], threads)
-            for n, (seconds, tokens) in zip(batches, runs, strict=True):
-                rate = sum(map(len, tokens)) / seconds
-                rates["llama.cpp q8_0", n] = max(rate, rates.get(("llama.cpp q8_0", n), 0.0))
-    except Exception as exc:  # noqa: BLE001  (llama.cpp is optional: say why and go on)
-        print(f"  (llama.cpp q8_0 skipped: {str(exc).splitlines()[0]})")
+            cpp.installed_version()
+            gguf = cpp.make_ggufs(ckpt, root / "gguf", kinds=(kind,))[kind]
+            threads = os.cpu_count() or 1
+            for _ in range(2):  # its better of two passes too
+                runs = cpp.run(gguf, [(w.prompts, 64) for w in works.values()], threads)
+                for n, (seconds, tokens) in zip(batches, runs, strict=True):
+                    rate = sum(map(len, tokens)) / seconds
+                    key = (f"llama.cpp {kind}", n)
+                    rates[key] = max(rate, rates.get(key, 0.0))
+        except Exception as exc:  # noqa: BLE001  (llama.cpp is optional: say why and go on)
+            print(f"  (llama.cpp {kind} skipped: {str(exc).splitlines()[0]})")
     head = f"  {'batch':>5} " + "".join(f"{name:>10}" for name in ("bf16", "int8", "int4"))
-    have_cpp = any(k[0] == "llama.cpp q8_0" for k in rates)
-    print(head + ("   q8_0  int8/bf16  int8/q8_0" if have_cpp else "  int8/bf16"))
+    cpp_kinds = [k for k in ("q8_0", "q4_0") if ("llama.cpp " + k, batches[0]) in rates]
+    head += "".join(f"{k:>8}" for k in cpp_kinds) + "  int8/bf16"
+    head += "".join(f"  {m}/{k}" for m, k in (("int8", "q8_0"), ("int4", "q4_0")) if k in cpp_kinds)
+    print(head)
     for n in batches:
         line = f"  {n:>5} " + "".join(f"{rates[k, n]:10.1f}" for k in ("bf16", "int8", "int4"))
-        if have_cpp:
-            q8 = rates["llama.cpp q8_0", n]
-            line += f" {q8:6.1f} {rates['int8', n] / rates['bf16', n]:9.2f}x"
-            line += f" {rates['int8', n] / q8:9.2f}x"
-        else:
-            line += f" {rates['int8', n] / rates['bf16', n]:9.2f}x"
+        line += "".join(f"{rates['llama.cpp ' + k, n]:8.1f}" for k in cpp_kinds)
+        line += f" {rates['int8', n] / rates['bf16', n]:9.2f}x"
+        for m, k in (("int8", "q8_0"), ("int4", "q4_0")):
+            if k in cpp_kinds:
+                line += f" {rates[m, n] / rates['llama.cpp ' + k, n]:9.2f}x"
         print(line)
     print_memory(memory, ckpt, batches[0])
     return rates
