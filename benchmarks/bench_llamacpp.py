@@ -80,18 +80,7 @@ def make_ggufs(
         if kind in QUANTIZED_TYPES and not gguf.is_file():
             source = make_ggufs(ckpt, out, env, ("f32",))["f32"]
             part = gguf.with_suffix(".part")
-            request = {"quantize": [str(source), str(part), QUANTIZED_TYPES[kind]]}
-            done = subprocess.run(
-                [str(env / "bin/python"), __file__],
-                input=json.dumps(request),
-                capture_output=True,
-                text=True,
-                timeout=RUN_TIMEOUT_S,
-                check=False,
-            )
-            if done.returncode != 0:
-                tail = " | ".join(done.stderr.strip().splitlines()[-3:])
-                raise RuntimeError(f"llama.cpp's quantizer to {kind} failed: {tail}")
+            _child(env, {"quantize": [str(source), str(part), QUANTIZED_TYPES[kind]]})
             part.rename(gguf)
         if not gguf.is_file():
             # Written under another name first: an interrupted run leaves no half file.
@@ -122,6 +111,14 @@ def run(
     ``slots``, continuous batching over that many sequences (as llama.cpp's server runs
     its parallel slots): a finished sequence's slot takes the next prompt."""
     request = {"gguf": str(gguf), "threads": threads, "works": works, "slots": slots}
+    out = _child(env, request)
+    return [(r["seconds"], r["tokens"]) for r in json.loads(out.splitlines()[-1])]
+
+
+def _child(env: Path, request: dict[str, Any]) -> str:
+    """This file run as a script on the bench env's interpreter with ``request``; its
+    output. A failure (a crash in llama.cpp, e.g. an env built for another CPU) raises
+    with the last lines it wrote."""
     done = subprocess.run(
         [str(env / "bin/python"), __file__],
         input=json.dumps(request),
@@ -130,10 +127,11 @@ def run(
         timeout=RUN_TIMEOUT_S,
         check=False,
     )
-    if done.returncode != 0:  # a crash in llama.cpp (e.g. an env built for another CPU)
+    if done.returncode != 0:
         tail = " | ".join(done.stderr.strip().splitlines()[-3:])
-        raise RuntimeError(f"llama.cpp on {gguf.name} exited {done.returncode}: {tail}")
-    return [(r["seconds"], r["tokens"]) for r in json.loads(done.stdout.splitlines()[-1])]
+        what = f"on {Path(request['gguf']).name}" if "gguf" in request else "quantizing"
+        raise RuntimeError(f"llama.cpp {what} exited {done.returncode}: {tail}")
+    return done.stdout
 
 
 # ------------------------------------------------------------------------ in the bench env
