@@ -144,7 +144,7 @@ def test_int4_gives_each_row_its_own_result(
 ) -> None:
     """mpllama's int4 kernel (bf16 models), on AMX tiles and on AVX-512, takes any number
     of rows, and each row's result is bit for bit what it gives alone (prefill, decode
-    steps and one row alike: AVX-512 takes rows in fours, then the last one to three),
+    steps and one row alike: AVX-512 takes rows in eights, a four, then the last one to three),
     within bf16's rounding of the float64 product with the dequantized weight; rows
     padded to a whole block are never written."""
     packed, scales = quant.quantize_int4(randn(rows, inner), group)
@@ -155,7 +155,7 @@ def test_int4_gives_each_row_its_own_result(
     assert got.shape == (40, rows) and got.dtype == torch.bfloat16
     want = x.double() @ quant.Int4Weight(packed, scales).dequantize().double().t()
     torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-3 * float(want.abs().max()))
-    for m in (1, 2, 3, 6, 17):  # AMX: runs of 16 and the rest; AVX-512: fours and the rest
+    for m in (1, 2, 3, 6, 13, 17):  # AMX: runs of 16 and the rest; AVX-512: 8s, a 4, the rest
         assert torch.equal(product(x[:m]), got[:m])
     for i in range(40):
         assert torch.equal(product(x[i : i + 1]), got[i : i + 1])

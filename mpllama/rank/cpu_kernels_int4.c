@@ -54,8 +54,10 @@ static inline __attribute__((always_inline)) void int4_rows(
             store_act(y, (m0 + r) * N + n0 + 16 * c, out[r][c], tail(valid - 16 * c), out_bf16);
 }
 
-/* Rows in fours, then the last one to three together: each row's sums in the same order
- * either way. */
+/* Rows in eights, then a four, then the last one to three together: each row's sums in
+ * the same order either way. Eights against fours only: 16 / 32 rows 8% faster (24 of the
+ * bench model's int4 weights, tiles off: 17.2 -> 15.7 ms, 33.0 -> 30.4), bound by vdpbf16ps
+ * as the bf16 product is. */
 static void int4_avx512(const uint8_t *w, const uint16_t *sz, const uint16_t *x, const float *xsum,
                         void *y, int64_t M, int64_t N, int64_t Np, int64_t K, int64_t gs,
                         int out_bf16) {
@@ -64,6 +66,8 @@ static void int4_avx512(const uint8_t *w, const uint16_t *sz, const uint16_t *x,
     for (int64_t b = 0; b < Np / 32; b++) {
         const uint8_t *src = w + b * 16 * K;
         int64_t m0 = 0;
+        for (; m0 + 8 <= M; m0 += 8)
+            int4_rows(src, sz, pairs, xsum, y, b, m0, N, K, gs, out_bf16, m0 == 0, 8);
         for (; m0 + 4 <= M; m0 += 4)
             int4_rows(src, sz, pairs, xsum, y, b, m0, N, K, gs, out_bf16, m0 == 0, 4);
         switch (M - m0) {
