@@ -17,10 +17,10 @@ from mpllama.errors import CheckpointError, PromptError
 from mpllama.tokenizer import (
     IncrementalDecoder,
     SentencePieceTokenizer,
-    TiktokenTokenizer,
     Tokenizer,
     load_tokenizer,
 )
+from mpllama.tokenizer_llama3 import TiktokenTokenizer
 
 llama3_tokenizer = pytest.importorskip("llama_models.llama3.tokenizer")
 LLAMA3_MODEL = Path(llama3_tokenizer.__file__).parent / "tokenizer.model"
