@@ -68,6 +68,19 @@ def test_decode_attention_refuses_what_it_cannot_run() -> None:
 def test_kernels_off_without_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
     assert "compiler" in (cpu_kernels.unavailable() or "")
+    assert cpu_kernels.path() == "off: no C compiler (cc or gcc) on PATH"
+
+
+def test_the_path_a_rank_reports_follows_the_tiles() -> None:
+    """A rank reports which kernels it runs (``rank_info``'s "cpu_kernels"): "amx" while
+    the products run on the tiles, "avx512" once they do not."""
+    default = cpu_kernels.amx_on()
+    try:
+        assert cpu_kernels.path() == ("amx" if default else "avx512")
+        cpu_kernels.set_amx(False)
+        assert cpu_kernels.path() == "avx512"
+    finally:
+        cpu_kernels.set_amx(default)
 
 
 def test_a_compiler_without_amx_builds_the_kernels_without_it(

@@ -14,7 +14,7 @@ from helpers import PROMPTS, hf_greedy, hf_model
 from mpllama import LLM, SamplingParams
 from mpllama.errors import PromptError
 from mpllama.protocol import Event, Request
-from mpllama.rank import shm
+from mpllama.rank import cpu_kernels, shm
 from mpllama.rank.layers import onednn_unsupported
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, logprobs=True, ignore_eos=True)
@@ -80,6 +80,8 @@ def agree_with_transformers(
         assert len(info) == world
         assert {i["backend"] for i in info} == {"gloo"}
         assert {i["linear"] for i in info} == {expect_linear}
+        # which of mpllama's kernels each rank runs: this machine's, as this process finds
+        assert {i["cpu_kernels"] for i in info} == {cpu_kernels.path()}
         assert {i["collectives"] for i in info} == {expect_collectives}
         outputs = llm.generate(prompts, params)
     assert [o.index for o in outputs] == list(range(len(prompts)))

@@ -174,6 +174,19 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def path() -> str:
+    """Which of mpllama's CPU kernels run in this process, for a rank's report: "amx" (the
+    bf16 and int4 products and int8's batched ones on AMX tiles, the rest AVX-512),
+    "avx512", or "off: " and why (torch's kernels run). A row's bf16 sums differ in the
+    last bits between "amx" and "avx512" ranks (cpu_kernels_amx.c)."""
+    why = unavailable()
+    if why is None and library() is None:
+        why = "the build failed (the log says why)"
+    if why is not None:
+        return f"off: {why}"
+    return "amx" if amx_on() else "avx512"
+
+
 def amx_on() -> bool:
     """Whether the bf16 products run on AMX tiles (see ``set_amx``)."""
     lib = library()

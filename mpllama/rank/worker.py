@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from ..protocol import Event, Polled, RankSpec, Request
 from ..quantization import check_quantization, read_quantization
 from ..tokenizer import Tokenizer
-from . import dist, quant, weights
+from . import cpu_kernels, dist, quant, weights
 from .control_order import ControlOrder
 from .layers import onednn_unsupported
 from .model import Transformer, materialize
@@ -180,6 +180,7 @@ class RankWorker:
             "dtype": str(dtype).split(".")[-1],
             "backend": backend,
             "linear": linear,
+            "cpu_kernels": cpu_kernels.path() if device.type == "cpu" else "none",
             "quantization": quantization.method if quantization else "none",
             "collectives": collectives,
             "load_s": round(time.perf_counter() - started, 3),
