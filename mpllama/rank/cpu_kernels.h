@@ -89,6 +89,15 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* The 16 outputs c of a row of an int4 weight after group g: its float32 sums of (q - 8) x
+ * over the group times the group's scales, plus the zeros times the row's sum of x over
+ * the group (xs), added to what the groups before gave. Both int4 kernels' last step. */
+static inline __m512 int4_part(__m512 out, int64_t g, __m512 sums, __m512 scale, __m512 zero,
+                               float xs) {
+    const __m512 part = _mm512_fmadd_ps(sums, scale, _mm512_mul_ps(zero, _mm512_set1_ps(xs)));
+    return g == 0 ? part : _mm512_add_ps(out, part);
+}
+
 /* The 16 outputs c of a row from its integer sums for group g: float(sums - 128 x the
  * weight row's sum) * w_scale * x_scale, added to what the groups before gave. */
 static inline __m512 int8_part(__m512 out, int64_t g, __m512i sums, const int32_t *minus_sums,

@@ -178,14 +178,10 @@ void amx_int4_product(const uint8_t *w, const uint16_t *sz, const uint16_t *x, c
                     const uint16_t *q = sz + (b * G + g) * 64;
                     const __m512 scale[2] = {load_bf16(q, 0xFFFF), load_bf16(q + 16, 0xFFFF)};
                     const __m512 zero[2] = {load_bf16(q + 32, 0xFFFF), load_bf16(q + 48, 0xFFFF)};
-                    for (int r = 0; r < r0 + r1; r++) {
-                        const __m512 xs = _mm512_set1_ps(xsum[(m0 + r) * G + g]);
-                        for (int c = 0; c < 2; c++) {
-                            const __m512 part = _mm512_fmadd_ps(_mm512_loadu_ps(sums + r * 32 + 16 * c),
-                                                                scale[c], _mm512_mul_ps(zero[c], xs));
-                            out[r][c] = g == 0 ? part : _mm512_add_ps(out[r][c], part);
-                        }
-                    }
+                    for (int r = 0; r < r0 + r1; r++)
+                        for (int c = 0; c < 2; c++)
+                            out[r][c] = int4_part(out[r][c], g, _mm512_loadu_ps(sums + r * 32 + 16 * c),
+                                                  scale[c], zero[c], xsum[(m0 + r) * G + g]);
                 }
                 for (int64_t r = 0; r < r0 + r1; r++)
                     for (int c = 0; c < 2 && 16 * c < valid; c++)

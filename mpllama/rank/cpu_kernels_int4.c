@@ -19,9 +19,9 @@
  * scale + zero * sum(x over the group). */
 static inline __attribute__((always_inline)) void int4_rows(
     const uint8_t *src, const uint16_t *sz, const uint32_t *pairs, const float *xsum, void *y,
-    int64_t b, int64_t m0, int64_t N, int64_t K, int64_t gs, int out_bf16, int ask, const int R) {
+    __m512i table, int64_t b, int64_t m0, int64_t N, int64_t K, int64_t gs, int out_bf16, int ask,
+    const int R) {
     const int64_t G = K / gs, n0 = b * 32, valid = N - n0 < 32 ? N - n0 : 32;
-    const __m512i table = int4_table();
     __m512 out[R][2];
     for (int64_t g = 0; g < G; g++) {
         __m512 a[R][2];
@@ -41,13 +41,9 @@ static inline __attribute__((always_inline)) void int4_rows(
         const uint16_t *q = sz + (b * G + g) * 64;
         const __m512 scale[2] = {load_bf16(q, 0xFFFF), load_bf16(q + 16, 0xFFFF)};
         const __m512 zero[2] = {load_bf16(q + 32, 0xFFFF), load_bf16(q + 48, 0xFFFF)};
-        for (int r = 0; r < R; r++) {
-            const __m512 xs = _mm512_set1_ps(xsum[(m0 + r) * G + g]);
-            for (int c = 0; c < 2; c++) {
-                const __m512 part = _mm512_fmadd_ps(a[r][c], scale[c], _mm512_mul_ps(zero[c], xs));
-                out[r][c] = g == 0 ? part : _mm512_add_ps(out[r][c], part);
-            }
-        }
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < 2; c++)
+                out[r][c] = int4_part(out[r][c], g, a[r][c], scale[c], zero[c], xsum[(m0 + r) * G + g]);
     }
     for (int r = 0; r < R; r++)
         for (int c = 0; c < 2 && 16 * c < valid; c++)
@@ -62,18 +58,19 @@ static void int4_avx512(const uint8_t *w, const uint16_t *sz, const uint16_t *x,
                         void *y, int64_t M, int64_t N, int64_t Np, int64_t K, int64_t gs,
                         int out_bf16) {
     const uint32_t *pairs = (const uint32_t *)x;
+    const __m512i table = int4_table();
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < Np / 32; b++) {
         const uint8_t *src = w + b * 16 * K;
         int64_t m0 = 0;
         for (; m0 + 8 <= M; m0 += 8)
-            int4_rows(src, sz, pairs, xsum, y, b, m0, N, K, gs, out_bf16, m0 == 0, 8);
+            int4_rows(src, sz, pairs, xsum, y, table, b, m0, N, K, gs, out_bf16, m0 == 0, 8);
         for (; m0 + 4 <= M; m0 += 4)
-            int4_rows(src, sz, pairs, xsum, y, b, m0, N, K, gs, out_bf16, m0 == 0, 4);
+            int4_rows(src, sz, pairs, xsum, y, table, b, m0, N, K, gs, out_bf16, m0 == 0, 4);
         switch (M - m0) {
-        case 3: int4_rows(src, sz, pairs, xsum, y, b, m0, N, K, gs, out_bf16, m0 == 0, 3); break;
-        case 2: int4_rows(src, sz, pairs, xsum, y, b, m0, N, K, gs, out_bf16, m0 == 0, 2); break;
-        case 1: int4_rows(src, sz, pairs, xsum, y, b, m0, N, K, gs, out_bf16, m0 == 0, 1); break;
+        case 3: int4_rows(src, sz, pairs, xsum, y, table, b, m0, N, K, gs, out_bf16, m0 == 0, 3); break;
+        case 2: int4_rows(src, sz, pairs, xsum, y, table, b, m0, N, K, gs, out_bf16, m0 == 0, 2); break;
+        case 1: int4_rows(src, sz, pairs, xsum, y, table, b, m0, N, K, gs, out_bf16, m0 == 0, 1); break;
         }
     }
 }
