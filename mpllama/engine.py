@@ -11,9 +11,7 @@ drops what a consumer has already seen: each consumer gets every token exactly o
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +22,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from .config import ParallelConfig
+from .control_sender import ControlSender
 from .errors import MpllamaError, PlacementError, WorkerError
 from .gang import Gang, Heartbeats, worker_error
 from .protocol import Event, RankSpec, Request
@@ -90,13 +89,7 @@ class Engine:
         self._wake = threading.Event()
         self._poll: Any = None
         self._loops: list[Any] = []
-        self._orders = 0  # submits and aborts sent to this gang's lead (_control)
-        # Submits and aborts on their way to the lead (_control), sent by _send_loop.
-        self._outbox: queue.SimpleQueue[tuple[Any, str, Any, int] | None] = queue.SimpleQueue()
-        self._sender = threading.Thread(
-            target=self._send_loop, name="mpllama-engine-control", daemon=True
-        )
-        self._sender.start()
+        self._control = ControlSender()  # submits and aborts to the lead, in order
         self._failures = 0  # failures since the last step that made progress
         self._last_error: MpllamaError = WorkerError("no failure yet")
         self.restarts = 0
@@ -134,7 +127,7 @@ class Engine:
         for live in lives:
             self._live[live.request.id] = live
         if self._up:
-            self._control("submit", [live.request for live in lives])
+            self._control.send(self.gang.lead, "submit", [live.request for live in lives])
         else:
             self._wake.set()  # the pump rebuilds the gang and replays them
 
@@ -148,7 +141,7 @@ class Engine:
                 if live is not None:
                     gone.append(live)
             if gone and self._up:
-                self._control("abort", [g.request.id for g in gone])
+                self._control.send(self.gang.lead, "abort", [g.request.id for g in gone])
         for g in gone:
             g.sink(Event(g.request.id, [], None, "", g.tokens, g.text, "abort"))
 
@@ -221,12 +214,7 @@ class Engine:
             if gone is not None:
                 self._gone = gone
             live, self._live = list(self._live.values()), {}
-            # The gang goes: what it was owed does not matter. (The sender may take an item
-            # between an empty() and a get_nowait(): get until the queue says it is empty.)
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    self._outbox.get_nowait()
-            self._outbox.put(None)  # ends _send_loop
+            self._control.close()
         self._wake.set()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5 * POLL_WAIT_S + 5)
@@ -241,33 +229,10 @@ class Engine:
         live. Called with the lock held."""
         self._loops = [a.run.remote() for a in self.gang.actors]
         self._poll = self.gang.lead.poll.remote(POLL_WAIT_S)
-        self._orders = 0  # a new lead counts from 0
+        self._control.new_lead()
         if self._live:
-            self._control("submit", [e.request for e in self._live.values()])
+            self._control.send(self.gang.lead, "submit", [e.request for e in self._live.values()])
         self._up = True
-
-    def _control(self, method: str, payload: Any) -> None:
-        """Send the lead a submit or an abort, numbered: it takes them in this order
-        whatever order Ray delivers them in (RankWorker._control). Lock held.
-
-        The call leaves from the engine's own thread (``_send_loop``), never the caller's:
-        a Ray call made inside a Ray task is that task's child, and Ray Serve cancels a
-        request's task with its children when its client leaves (``ray.cancel``,
-        recursive). An abort made as the client left was cancelled before it ran (the
-        replica's log: "Cancelling an actor task ... function_name=abort"), its number
-        never reached the lead, and the lead waited for it for good: every later request
-        on the gang hung."""
-        order, self._orders = self._orders, self._orders + 1
-        self._outbox.put((self.gang.lead, method, payload, order))
-
-    def _send_loop(self) -> None:
-        """Make the calls ``_control`` queued, in its order, until ``_end``."""
-        while (item := self._outbox.get()) is not None:
-            lead, method, payload, order = item
-            try:
-                getattr(lead, method).remote(payload, order)
-            except Exception as exc:  # noqa: BLE001  (a dead lead: the pump rebuilds the gang)
-                log.warning("the %s call to the lead failed: %s", method, exc)
 
     def _pump(self) -> None:
         try:

@@ -124,7 +124,7 @@ def test_the_leads_submits_and_aborts_leave_from_the_engines_own_thread(
     """Never from the caller's thread: a Ray call made inside a Ray task is its child, and
     Ray Serve cancels a request's task with its children when the client leaves. A
     numbered abort cancelled so never reached the lead, which waited for its number for
-    good: every later request on the gang hung (Engine._control)."""
+    good: every later request on the gang hung (control_sender.py)."""
     engine = llm2.engine
     lead, calls = engine.gang.lead, []
 

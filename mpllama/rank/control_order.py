@@ -1,7 +1,7 @@
 """The lead rank's control calls (submits and aborts) taken in the order the engine made
 them, whatever order Ray delivers them in.
 
-The engine numbers its control calls to a gang's lead from 0 (``Engine._control``) and
+The engine numbers its control calls to a gang's lead from 0 (``ControlSender``) and
 sends them from one thread, in order. The rank actor lets Ray run calls as they arrive
 (gang.py), so one can still arrive before an earlier one: it waits here until those
 before it came, so an abort is never taken before the submit it aborts. A gap means Ray

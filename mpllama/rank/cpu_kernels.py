@@ -43,9 +43,9 @@ FLAGS = (
     "-O3 -ffp-contract=off -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mavx512vnni -mfma "
     "-fopenmp -shared -fPIC"
 ).split()
-# AMX's tiles, where the compiler knows them: the bf16 products and int8's batched ones
-# run on them on a CPU that has them (cpu_kernels_amx.c). A compiler
-# that does not builds the rest without them.
+# AMX's tiles, where the compiler knows them: the bf16 and int4 products and int8's
+# batched ones run on them on a CPU that has them (cpu_kernels_amx.c). A compiler that
+# does not builds the rest without them.
 AMX_FLAGS = "-mamx-tile -mamx-bf16 -mamx-int8".split()
 AMX_CPU_FLAGS = frozenset({"amx_tile", "amx_bf16", "amx_int8"})
 CPU_FLAGS = frozenset(
