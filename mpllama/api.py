@@ -1,15 +1,15 @@
-"""The public client. ``LLM`` validates everything it can before any actor starts, hands
-requests to the engine (which schedules them step by step on the gang) and shapes what
-comes back: whole results in input order (``generate``, ``chat``) or a stream of
-``RequestOutput`` deltas as tokens are made (``stream``). ``AsyncLLM`` (async_llm.py) is
-the same for asyncio programs.
+"""The public client. ``LLM`` validates everything it can before any actor starts, makes
+the caller's inputs into requests (``Prompts``, prompts.py), hands them to the engine
+(which schedules them step by step on the gang) and shapes what comes back: whole
+results in input order (``generate``, ``chat``) or a stream of ``RequestOutput`` deltas
+as tokens are made (``stream``). ``AsyncLLM`` (async_llm.py) is the same for asyncio
+programs.
 """
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
-import itertools
 import logging
 import os
 import queue
@@ -27,15 +27,13 @@ from .config import (
     load_run_config,
     ray_address_from_env,
 )
-from .errors import ConfigError, MpllamaError, PromptError, WorkerError
+from .errors import ConfigError, MpllamaError, WorkerError
 from .outputs import (
     PartialOutput,
     RequestOutput,
-    check_errors_mode,
-    per_request,
-    token_list,
 )
-from .protocol import Event, RankSpec, Request, check_request, derive_seed
+from .prompts import Prompts
+from .protocol import Event, RankSpec
 from .tokenizer import Dialog
 
 __all__ = ["LLM", "RequestOutput"]
@@ -93,7 +91,6 @@ class LLM:
         self.router: Any = None
         self._ray: ray_session.Hold | None = None  # set once Ray is joined
         self._closed = False
-        self._calls = itertools.count()
 
         # Everything that can be checked on the driver is checked before Ray starts.
         self.tokenizer, self.args, shards = checkpoint.inspect(
@@ -104,6 +101,10 @@ class LLM:
         shard_axes.shard_plan(len(shards), world)
         checkpoint.check_shards(shards, self.args)
         memory.check_kv_cache(self.args, world, runtime, parallel.gpus_per_rank)
+        # Callers' inputs to requests, checked as the ranks will (every API shares it).
+        self.prompts = Prompts(
+            self.tokenizer, runtime.max_seq_len, self.args.vocab_size, runtime.seed
+        )
         self.world_size = world
         self.spec = RankSpec(
             checkpoint_dir=str(Path(model.checkpoint_dir).resolve()),
@@ -215,7 +216,7 @@ class LLM:
         ids outside the vocabulary) gets an output with finish_reason "error" and an
         ``error`` message instead of failing the call; the others run as usual.
         """
-        entries = self._requests(prompts, prompt_token_ids, sampling_params, errors)
+        entries = self.prompts.requests(prompts, prompt_token_ids, sampling_params, errors)
         return _finals(self._run(entries, stream=False), len(entries))
 
     def chat(
@@ -229,7 +230,7 @@ class LLM:
         says): each dialog is a list of {"role", "content"} messages, roles system, user,
         assistant and (Llama 3) tool. ``errors="return"`` also turns a malformed dialog,
         or one using a reserved Llama 2 chat tag, into an error output."""
-        entries = self._dialog_requests(dialogs, sampling_params, errors)
+        entries = self.prompts.dialog_requests(dialogs, sampling_params, errors)
         return _finals(self._run(entries, stream=False), len(entries))
 
     def stream(
@@ -245,7 +246,7 @@ class LLM:
         cumulative result and the new piece (``delta_text``, ``delta_token_ids``). A
         request's last output (``finished``) equals what ``generate`` returns for it.
         Closing the iterator early aborts the requests still running."""
-        entries = self._requests(prompts, prompt_token_ids, sampling_params, errors)
+        entries = self.prompts.requests(prompts, prompt_token_ids, sampling_params, errors)
         return (p.output() for p in self._run(entries))
 
     def as_completed(
@@ -261,116 +262,8 @@ class LLM:
         result (a batch job writing records) without reading tokens as they come: the
         lead then sends tokens in fewer, larger batches, as for ``generate``. Closing
         the iterator early aborts the requests still running."""
-        entries = self._requests(prompts, prompt_token_ids, sampling_params, errors)
+        entries = self.prompts.requests(prompts, prompt_token_ids, sampling_params, errors)
         return (p.output() for p in self._run(entries, stream=False) if p.finish_reason)
-
-    def _encode_dialogs(self, dialogs: Dialog | Sequence[Dialog]) -> list[list[int] | Exception]:
-        if dialogs and isinstance(dialogs[0], dict):
-            dialogs = [dialogs]  # type: ignore[list-item]
-        out: list[list[int] | Exception] = []
-        for i, dialog in enumerate(dialogs):
-            try:
-                out.append(self.tokenizer.encode_dialog(dialog))  # type: ignore[arg-type]
-            except PromptError as exc:
-                out.append(PromptError(f"dialog {i}: {exc}"))
-        return out
-
-    def _requests(
-        self,
-        prompts: str | Sequence[str] | None,
-        prompt_token_ids: Sequence[Sequence[int]] | None,
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
-        errors: str,
-    ) -> list[PartialOutput]:
-        check_errors_mode(errors)
-        if (prompts is None) == (prompt_token_ids is None):
-            raise ValueError("pass either prompts or prompt_token_ids (exactly one)")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        texts: list[Any]
-        ids: list[list[int] | Exception] = []
-        if prompts is not None:
-            if not isinstance(prompts, Sequence):
-                raise TypeError(
-                    f"prompts must be a string or a list of strings, got {type(prompts).__name__}"
-                )
-            texts = list(prompts)
-            for i, p in enumerate(texts):
-                ids.append(_attempt(self.encode_prompt, p, i))
-        else:
-            if isinstance(prompt_token_ids, (str, bytes)) or not isinstance(
-                prompt_token_ids, Sequence
-            ):
-                raise TypeError("prompt_token_ids must be a list of lists of ints")
-            texts = [None] * len(prompt_token_ids)
-            ids = [_attempt(token_list, t, i) for i, t in enumerate(prompt_token_ids)]
-        return self._entries(texts, ids, per_request(sampling_params, len(ids)), errors)
-
-    def _dialog_requests(
-        self,
-        dialogs: Dialog | Sequence[Dialog],
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
-        errors: str,
-    ) -> list[PartialOutput]:
-        check_errors_mode(errors)
-        ids = self._encode_dialogs(dialogs)
-        texts = [None] * len(ids)
-        return self._entries(texts, ids, per_request(sampling_params, len(ids)), errors)
-
-    def _entries(
-        self,
-        texts: list[Any],
-        ids: list[list[int] | Exception],
-        params: list[SamplingParams],
-        errors: str,
-    ) -> list[PartialOutput]:
-        """One PartialOutput per input: a request to run, or (errors="return") a refusal.
-        With errors="raise", the first bad input fails the call before anything runs."""
-        call = next(self._calls)
-        seed = self.config.runtime.seed
-        out = []
-        for i, (text, t, p) in enumerate(zip(texts, ids, params, strict=True)):
-            if not isinstance(t, Exception):
-                request = Request(
-                    f"{call}-{i}", t, p, p.seed if p.seed is not None else derive_seed(seed, i)
-                )
-                problem = self._problem(request)
-                if problem is None:
-                    out.append(
-                        PartialOutput(i, text, request, self.echo_text(text, request), errors)
-                    )
-                    continue
-                t = PromptError(f"prompt #{i}: {problem}")
-            if errors == "raise":
-                raise t
-            out.append(
-                PartialOutput.failed(i, text, ids[i] if isinstance(ids[i], list) else [], str(t))
-            )
-        return out
-
-    def check_requests(self, requests: list[Request], what: str = "prompt #{}") -> None:
-        """Refuse the call, before anything runs, if any request could not run."""
-        for i, r in enumerate(requests):
-            problem = self._problem(r)
-            if problem is not None:
-                raise PromptError(f"{what.format(i)}: {problem}")
-
-    def _problem(self, request: Request) -> str | None:
-        """Why ``request`` cannot run on this model (the ranks' own check), or None."""
-        return check_request(request, self.config.runtime.max_seq_len, self.args.vocab_size)
-
-    def echo_text(self, prompt: str | None, request: Request) -> str:
-        """What an echoing request's text starts with: its prompt."""
-        if not request.params.echo:
-            return ""
-        return prompt if prompt is not None else self.tokenizer.decode(request.prompt_token_ids)
-
-    def encode_prompt(self, prompt: Any, index: int = 0) -> list[int]:
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt #{index} must be a string, got {type(prompt).__name__}")
-        if not prompt:
-            raise PromptError(f"prompt #{index} is empty; give at least one character")
-        return self.tokenizer.encode(prompt, bos=True, eos=False)
 
     def _run(self, entries: list[PartialOutput], stream: bool = True) -> Iterator[PartialOutput]:
         """Submit every request; yield each one's progress as its events arrive (the
@@ -431,14 +324,6 @@ class LLM:
             self.close()
         except Exception:
             pass
-
-
-def _attempt(build: Any, value: Any, index: int) -> list[int] | Exception:
-    """``build(value, index)``, or the input error it raised (kept for errors="return")."""
-    try:
-        return build(value, index)
-    except (PromptError, TypeError) as exc:
-        return exc
 
 
 def _finals(progress: Iterator[PartialOutput], n: int) -> list[RequestOutput]:

@@ -105,7 +105,7 @@ class AsyncLLM:
             raise TypeError(f"sampling_params is {type(params).__name__}, not SamplingParams")
         text = prompt if isinstance(prompt, str) else None
         if isinstance(prompt, str):
-            ids = self.llm.encode_prompt(prompt)
+            ids = self.llm.prompts.encode(prompt)
         else:
             ids = token_list(prompt, 0)
         rid = request_id if request_id is not None else uuid.uuid4().hex
@@ -113,8 +113,8 @@ class AsyncLLM:
             params.seed if params.seed is not None else derive_seed(self.config.runtime.seed, rid)
         )
         request = Request(rid, ids, params, seed)
-        self.llm.check_requests([request], f"request {rid!r}")
-        return request, PartialOutput(0, text, request, self.llm.echo_text(text, request))
+        self.llm.prompts.check([request], f"request {rid!r}")
+        return request, PartialOutput(0, text, request, self.llm.prompts.echo_text(text, request))
 
     def close(self) -> None:
         self.llm.close()

@@ -109,7 +109,7 @@ class Completer:
         prompt = row.get(self.prompt_column)
         if prompt is None:
             raise ValueError(f"the row has neither {self.prompt_column!r} nor a dialog")
-        return self.llm.encode_prompt(prompt)
+        return self.llm.prompts.encode(prompt)
 
     def _params(self, row: dict[str, Any]) -> SamplingParams:
         if self.params.seed is not None:

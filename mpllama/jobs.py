@@ -303,7 +303,7 @@ def _run_pending(
             if request.messages is not None:
                 ids = llm.tokenizer.encode_dialog(request.messages)
             else:
-                ids = llm.encode_prompt(request.prompt, request.line)
+                ids = llm.prompts.encode(request.prompt, request.line)
         except PromptError as exc:
             errors.append(_error(request, str(exc)))
             continue

@@ -93,7 +93,7 @@ class OpenAIServer:
             config.sampling,
             config.runtime.max_seq_len,
             self.llm.llm.args.vocab_size,
-            self.llm.llm.encode_prompt,
+            self.llm.llm.prompts.encode,
         )
         self.created = int(time.time())
         self.metrics = Metrics()
