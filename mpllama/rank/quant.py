@@ -15,13 +15,15 @@ session 7).
   quantized per token (and group) at each product, the product runs in integers (exact,
   whatever the batch: a row's result never depends on the rows beside it) and is scaled
   back to float. On the CPU: oneDNN's int8 kernel (VNNI); elsewhere ``torch._int_mm``
-  (the same integers), or a float product of the same integers on GPUs.
+  (the same integers); on CUDA GPUs cuBLASLt's through it (``cuda_products``), or a
+  float product of the same integers where the weight's shape does not fit it.
 * int4: weight-only, asymmetric, group-wise along the input (``group_size`` weights per
   bf16 scale and zero; by default 128 where the shards and ranks take it,
   ``quantization.int4_group_size``); activations stay in the model's dtype. On the CPU:
   mpllama's own kernel in bf16 models (``cpu_products.Int4Product``: AMX tiles or
   AVX-512), torch's ``_weight_int4pack_mm_for_cpu`` in float32 ones and where mpllama's
-  kernels cannot run; elsewhere the weight is dequantized at each product.
+  kernels cannot run; on CUDA GPUs torch's tinygemm in bf16 models (``cuda_products``);
+  elsewhere the weight is dequantized at each product.
 
 Measured on a 2-core AMD EPYC (AVX-512 bf16 + VNNI), 2048x8192 layer: benchmarks/RESULTS.md.
 A quantized checkpoint (``mpllama quantize``) holds each quantized ``X.weight`` (int8
@@ -43,6 +45,7 @@ from ..hardware import cpu_flags
 from ..model_args import ModelArgs
 from ..quantization import Quantization, int4_group_size
 from ..shard_axes import scales_key
+from . import cuda_products
 from .cpu_kernels import library
 from .cpu_products import BLOCK, Int4Product, Int8OneRow, int4_product, int8_one_row
 
@@ -145,10 +148,12 @@ class Int8Weight:
         groups = self.scales.shape[1]
         q, scales = self.q, self.scales
         onednn = self.device.type == "cpu" and onednn_int8_supported()
-        pad = -self.shape[0] % BLOCK if onednn else 0
+        cuda = self.device.type == "cuda" and cuda_products.int_mm_fits(self.shape[1] // groups)
+        pad = -self.shape[0] % (BLOCK if onednn else cuda_products.INT_MM_ROWS if cuda else 1)
         if pad:
-            # mpllama's kernel reads whole blocks of 64 rows (an output layer's vocabulary
-            # slice may not be): zero rows fill the last, and products drop them.
+            # mpllama's kernel reads whole blocks of 64 rows, cuBLASLt's rows in 8s (an
+            # output layer's vocabulary slice may not be): zero rows fill the last, and
+            # products drop them.
             q = torch.cat([q, q.new_zeros(pad, self.shape[1])])
             scales = torch.cat([scales, scales.new_ones(pad, groups)])
         chunks = q.chunk(groups, dim=1)
@@ -162,6 +167,10 @@ class Int8Weight:
         elif self.device.type == "cpu":
             self._packed = [c.t().contiguous() for c in chunks]  # [in/G, out], as _int_mm takes
             self.kernel = "int_mm"
+        elif cuda:
+            # [in/G, out] column-major, as cuBLASLt takes it (cuda_products.int_mm)
+            self._packed = [c.contiguous().t() for c in chunks]
+            self.kernel = "int_mm_cuda"
         else:
             return
         self.q = torch.empty(0, dtype=torch.int8)  # the packed copies replace it
@@ -238,19 +247,21 @@ class Int8Weight:
             )
         if self.kernel == "int_mm":
             return torch._int_mm(xq, self._packed[g]).float() * self._scales[g]
+        if self.kernel == "int_mm_cuda":
+            return cuda_products.int_mm(xq, self._packed[g]).float() * self._scales[g]
         qg = self.q.chunk(self.scales.shape[1], dim=1)[g]
         ws = self.scales[:, g]
         if xq.device.type == "cpu":
             return torch._int_mm(xq, qg.t().contiguous()).float() * ws
-        # GPUs: _int_mm wants shapes the decode step does not have; float32 holds the
-        # integer sums exactly up to 2^24.
+        # Weights cuBLASLt cannot take (inputs not in 8s), before ``pack``: float32 holds
+        # the integer sums exactly up to 2^24.
         return (xq.float() @ qg.float().t()) * ws
 
 
 class Int4Weight:
     """A group-wise int4 weight (see ``quantize_int4``); called on x [..., in] in the
-    model's dtype. ``pack`` lays it out for torch's CPU kernel; elsewhere (and before)
-    the weight is dequantized at each product."""
+    model's dtype. ``pack`` lays it out for its device's kernel; where none takes it (and
+    before) the weight is dequantized at each product."""
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor) -> None:
         assert packed.dtype == torch.uint8
@@ -259,7 +270,8 @@ class Int4Weight:
         self.group_size = self.shape[1] // scales.shape[1]
         self.kernel = "torch"
         self._sz: torch.Tensor | None = None
-        self.product: Int4Product | None = None  # mpllama's kernel, where ``pack`` made it
+        # mpllama's CPU kernel or tinygemm on a GPU, where ``pack`` made it
+        self.product: Int4Product | cuda_products.Int4TinyGemm | None = None
 
     @property
     def device(self) -> torch.device:
@@ -277,7 +289,17 @@ class Int4Weight:
         32-row decode step of the bench model 57 -> 14 ms against torch's kernel, on
         AVX-512 as fast as torch's batched and 1.3x at one row, and the row decoder takes
         it: benchmarks/RESULTS.md); else torch's CPU kernel in bf16 and float32 models;
+        on CUDA GPUs torch's tinygemm in bf16 models (``cuda_products.Int4TinyGemm``);
         else none (dequantized at each product)."""
+        if self.device.type == "cuda":
+            self.product = cuda_products.int4_tinygemm(
+                self.packed, self.scales, dtype, self.dequantize
+            )
+            if self.product is not None:
+                self.packed = torch.empty(0, dtype=torch.uint8)  # the kernel's copy replaces it
+                self.scales = torch.empty(0, dtype=torch.bfloat16)
+                self.kernel = "tinygemm"
+            return
         if self.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
             return
         q = unpack_int4(self.packed)
