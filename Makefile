@@ -11,7 +11,7 @@ TEST_ENV := RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 # huge-page malloc, as mpllama's local runtime starts its ranks (ray_session.py).
 BENCH_MALLOC := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
-.PHONY: install test run bench bench-env bench-serve lint soak clean
+.PHONY: install test run bench bench-env bench-serve gpu-check gpu-wheels lint soak clean
 
 # Create .venv in the repo and install mpllama editable with its test and cluster extras.
 install: $(STAMP)
@@ -49,6 +49,16 @@ $(BENCH_VENV)/.built: benchmarks/llamacpp_env.sh
 # Poisson arrivals): throughput, TTFT and ITL at three load levels (about 5 minutes).
 bench-serve: $(STAMP)
 	$(TEST_ENV) $(PY) benchmarks/bench_serve.py
+
+# On a machine with a CUDA GPU: the GPU-marked tests (parity with cuda ranks among them)
+# and the bench's gpu part, in one go (benchmarks/gpu_check.sh). It uses that machine's
+# Python and torch; WHEELS=folder installs mpllama's other packages from wheels first.
+gpu-check:
+	benchmarks/gpu_check.sh
+
+# Those wheels, for an offline GPU machine's Python 3.12, into .gpu-wheels (about 46 MiB).
+gpu-wheels: $(STAMP)
+	$(PY) benchmarks/gpu_wheels.py .gpu-wheels --python 3.12
 
 # Lint and format check with ruff.
 lint: $(STAMP)

@@ -52,6 +52,9 @@ Parts (all by default; pick with --only mixed,uniform,...):
             fp32, bf16, int8 and int4, with mpllama's CPU kernels and with torch's, the
             weight bytes read per token and the bandwidth achieved; the products alone
             against the rest of the step (bench_decode.py)
+  gpu       on a CUDA GPU (one line elsewhere): the mixed workload through transformers
+            generate and continuous batching and mpllama MP=1, in bf16 and float32, and
+            mpllama's int8 and int4 weights in bf16 (bench_gpu.py)
 
 Nothing here asserts a timing; targets are printed as met or not met, and the exit
 status is 0 unless a runner crashes.
@@ -117,6 +120,7 @@ PARTS = (
     "kvmem",
     "quant",
     "decode",
+    "gpu",
 )
 MP_SIZES = (1, 2)
 TINY_VOCAB = 512
@@ -386,6 +390,12 @@ def part_llama3(b: Bench) -> None:
     part(b.sizes is QUICK, b.seed, b.sizes.slots)
 
 
+def part_gpu(b: Bench) -> None:
+    from bench_gpu import part
+
+    part(b)
+
+
 def part_guided(b: Bench) -> None:
     if not b.with_mpllama:
         print("\n== guided: mpllama only: skipped with --baselines-only")
@@ -621,6 +631,7 @@ PART_RUNNERS = {
     "kvmem": part_kvmem,
     "quant": part_quant,
     "decode": part_decode,
+    "gpu": part_gpu,
 }
 
 

@@ -52,7 +52,11 @@ def generate_batch(
         do_sample=False, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=PAD_ID
     )
     with torch.inference_mode():
-        out = model.generate(input_ids, attention_mask=mask, generation_config=config)
+        out = model.generate(
+            input_ids.to(model.device),
+            attention_mask=mask.to(model.device),
+            generation_config=config,
+        )
     return out[:, width:].tolist()
 
 

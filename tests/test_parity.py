@@ -1,6 +1,7 @@
 """mpllama against transformers' LlamaForCausalLM on the same random weights: identical
 greedy tokens and log-probs within 1e-4, for prompts of different lengths prefilled
-together in one step, across MHA, GQA, ffn_dim_multiplier and rope_theta variants."""
+together in one step, across MHA, GQA, ffn_dim_multiplier and rope_theta variants, on the
+CPU and (marked gpu) on a CUDA GPU."""
 
 from __future__ import annotations
 
@@ -45,15 +46,31 @@ VARIANTS = {
 MAX_NEW = 8
 
 
+# The CPU always; a CUDA GPU where there is one (float32 products: torch leaves TF32 off).
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none"
+            ),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_greedy_matches_transformers(
-    variant: str, tiny_ckpt: Path, ckpt_root: Path, single_rank: None
+    variant: str, device: str, tiny_ckpt: Path, ckpt_root: Path, single_rank: None
 ) -> None:
     ckpt = make_checkpoint(ckpt_root / f"parity-{variant}", VARIANTS[variant], tiny_ckpt)
     tok = Tokenizer(ckpt / "tokenizer.model")
     args = checkpoint.read_params(ckpt)
     state = weights.load_rank_state(checkpoint.find_shards(ckpt), args, 0, 1)
-    model = materialize(Transformer(args), state, torch.device("cpu"), torch.float32)
+    model = materialize(Transformer(args), state, torch.device(device), torch.float32)
     model.setup_slots(len(PROMPTS), 64)
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=True, ignore_eos=True)
     ids = [tok.encode(p, bos=True, eos=False) for p in PROMPTS]
