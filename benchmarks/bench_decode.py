@@ -18,6 +18,7 @@ its scaled RoPE, random weights), where the output layer is a third of the bytes
             the median of the rounds' ratios
 
     python benchmarks/bench_decode.py [--quick] [--llama3]   (--llama3: that model only)
+    python benchmarks/bench_decode.py --llama32-1b   (Llama 3.2 1B's shape, from memory)
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from bench_quant import load_demo  # noqa: E402
 from bench_workloads import BENCH_MODEL, QUICK_MODEL, make_checkpoint  # noqa: E402
 from torch import nn  # noqa: E402
 
-from mpllama.model_args import LLAMA3_VOCAB_SIZE  # noqa: E402
+from mpllama.model_args import LLAMA3_VOCAB_SIZE, ModelArgs  # noqa: E402
 from mpllama.rank import cpu_kernels, dist, quant  # noqa: E402
 from mpllama.rank import model as model_module  # noqa: E402
 from mpllama.rank.layers import ColumnLinear, Fused, RowLinear, linear  # noqa: E402
@@ -58,6 +59,20 @@ LLAMA3_SHAPE = {
 }
 LLAMA3_DECODE_MODEL = dataclasses.replace(BENCH_MODEL, **LLAMA3_SHAPE)
 QUICK_LLAMA3_DECODE_MODEL = dataclasses.replace(QUICK_MODEL, **{**LLAMA3_SHAPE, "n_kv_heads": 2})
+# Llama 3.2 1B's shape (its output layer untied): 1.5B parameters, 3 GB in bf16, 1.5 GB in
+# int8; far past any L3, so every step reads the memory (``--llama32-1b``, not in make bench).
+LLAMA32_1B_MODEL = ModelArgs(
+    dim=2048,
+    n_layers=16,
+    n_heads=32,
+    n_kv_heads=8,
+    multiple_of=256,
+    ffn_dim_multiplier=1.5,
+    norm_eps=1e-5,
+    rope_theta=500000.0,
+    use_scaled_rope=True,
+    vocab_size=LLAMA3_VOCAB_SIZE,
+)
 
 PRECISIONS = {  # label: (dtype, runtime.quantization)
     "fp32": (torch.float32, None),
@@ -179,7 +194,12 @@ def products_ms(model: Transformer, repeats: int) -> tuple[float, float]:
 
 
 def steps(
-    ckpt: Path, quick: bool = False, threads: int = 2, name: str = "the bench model"
+    ckpt: Path,
+    quick: bool = False,
+    threads: int = 2,
+    name: str = "the bench model",
+    precisions: tuple[str, ...] = tuple(PRECISIONS),
+    rounds_steps: tuple[int, int] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per precision and kernel set: ms per step, products ms, bytes per token, and the
     step's achieved bandwidth as a share of what the memory gave a plain stream of
@@ -188,7 +208,7 @@ def steps(
     torch.set_num_threads(threads)
     if not torch.distributed.is_initialized():
         dist.init_single("gloo")
-    rounds, n = (3, 16) if quick else (7, 64)
+    rounds, n = rounds_steps or ((3, 16) if quick else (7, 64))
     buffer = torch.ones((64 if quick else 256) << 18)  # MiB of float32
     print(
         f"\n== decode: one request on {name}, in-process (the lead's forward, no "
@@ -205,7 +225,8 @@ def steps(
         f"{'rest ms':>8}"
     )
     out: dict[str, dict[str, float]] = {}
-    for label, (dtype, method) in PRECISIONS.items():
+    for label in precisions:
+        dtype, method = PRECISIONS[label]
         model = load_demo(ckpt, dtype, method)
         models = {"mpllama": model, "torch": model}
         if method == "int4" and cpu_kernels.library() is not None:
@@ -248,8 +269,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--llama3", action="store_true", help="the Llama-3-shaped model only")
+    parser.add_argument(
+        "--llama32-1b",
+        action="store_true",
+        help="a model of Llama 3.2 1B's shape only (bf16, int8, int4; 3 rounds of 16 steps)",
+    )
     opts = parser.parse_args(argv)
     root = Path("/tmp/mpllama-bench")
+    if opts.llama32_1b:
+        args = LLAMA32_1B_MODEL
+        ckpt = make_checkpoint(root, "llama32-1b", args, 1)
+        name = (
+            f"a model of Llama 3.2 1B's shape (dim={args.dim} n_layers={args.n_layers} "
+            f"n_heads={args.n_heads} n_kv_heads={args.n_kv_heads}, vocab {args.vocab_size}, "
+            "output layer untied, random weights)"
+        )
+        steps(ckpt, name=name, precisions=("bf16", "int8", "int4"), rounds_steps=(3, 16))
+        return 0
     if not opts.llama3:
         ckpt = make_checkpoint(root, "bench", QUICK_MODEL if opts.quick else BENCH_MODEL, 1)
         steps(ckpt, opts.quick)

@@ -44,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from mpllama import checkpoint  # noqa: E402
 from mpllama.quantization import Quantization  # noqa: E402
-from mpllama.rank import cpu_kernels, quant, weights  # noqa: E402
+from mpllama.rank import cpu_kernels, quant, quantize, weights  # noqa: E402
 from mpllama.rank.model import Transformer, materialize  # noqa: E402
 from mpllama.tokenizer import Tokenizer  # noqa: E402
 
@@ -74,22 +74,22 @@ def kernels(quick: bool = False, threads: int = 2) -> None:
     lin = torch.ops.mkldnn._linear_pointwise
     w32 = torch.ops.mkldnn._reorder_linear_weight(w)
     wbf = torch.ops.mkldnn._reorder_linear_weight(w.bfloat16())
-    int8 = quant.Int8Weight(*quant.quantize_int8(w))
+    int8 = quant.Int8Weight(*quantize.quantize_int8(w))
     int8.pack(torch.bfloat16)
-    int8_mm = quant.Int8Weight(*quant.quantize_int8(w))
+    int8_mm = quant.Int8Weight(*quantize.quantize_int8(w))
     chosen, quant.onednn_int8_supported = quant.onednn_int8_supported, lambda: False
     int8_mm.pack(torch.bfloat16)  # the fallback: torch._int_mm
     quant.onednn_int8_supported = chosen
-    q8, s8 = quant.quantize_int8(w)
+    q8, s8 = quantize.quantize_int8(w)
     s8b = s8[:, 0].bfloat16()
     int4 = {}
     for g in (32, 128):
-        int4[g] = quant.Int4Weight(*quant.quantize_int4(w, g))
+        int4[g] = quant.Int4Weight(*quantize.quantize_int4(w, g))
         int4[g].pack(torch.bfloat16)
-    int4_torch = quant.Int4Weight(*quant.quantize_int4(w, 32))
+    int4_torch = quant.Int4Weight(*quantize.quantize_int4(w, 32))
     with mock.patch.object(quant, "int4_product", lambda *a: None):
         int4_torch.pack(torch.bfloat16)  # torch's int4 kernel, where mpllama's was chosen
-    int4_deq = quant.Int4Weight(*quant.quantize_int4(w, 32))  # unpacked: dequantize + F.linear
+    int4_deq = quant.Int4Weight(*quantize.quantize_int4(w, 32))  # unpacked: dequantize + F.linear
     candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "fp32 oneDNN (packed)": lambda x: lin(x.float(), w32, None, "none", [], ""),
         "bf16 oneDNN (packed)": lambda x: lin(x, wbf, None, "none", [], ""),

@@ -117,7 +117,7 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
         int4_group_size,
         read_quantization,
     )
-    from .rank.quant import quantize_state
+    from .rank.quantize import quantize_state
     from .rank.weights import load_shard
 
     src, out = Path(ns.src), Path(ns.out)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from helpers import blocked, randn
 
 from mpllama import hardware
-from mpllama.rank import cpu_kernels, cpu_products, layers, quant
+from mpllama.rank import cpu_kernels, cpu_products, layers, quant, quantize
 
 pytestmark = pytest.mark.skipif(
     cpu_kernels.unavailable() is not None,
@@ -120,7 +120,7 @@ def test_int8_one_row_is_onednns_row_bit_for_bit(
     refused here), and each row, alone or in mpllama's batch, equals its row of oneDNN's
     batched product exactly, input groups (one per shard of a row-parallel weight) summed
     in the same order."""
-    q, scales = quant.quantize_int8(randn(256, 512), groups=groups)
+    q, scales = quantize.quantize_int8(randn(256, 512), groups=groups)
     weight = quant.Int8Weight(q, scales)
     weight.pack(dtype)
     assert weight.kernel == "onednn" and weight.one_row is not None
@@ -147,8 +147,8 @@ def test_int4_gives_each_row_its_own_result(
     steps and one row alike: AVX-512 takes rows in eights, a four, then the last one to three),
     within bf16's rounding of the float64 product with the dequantized weight; rows
     padded to a whole block are never written."""
-    packed, scales = quant.quantize_int4(randn(rows, inner), group)
-    product = cpu_products.int4_product(quant.unpack_int4(packed), scales)
+    packed, scales = quantize.quantize_int4(randn(rows, inner), group)
+    product = cpu_products.int4_product(quantize.unpack_int4(packed), scales)
     assert product is not None and product.padded == -(-rows // 32) * 32
     x = randn(40, inner, seed=1).bfloat16()
     got = product(x)
@@ -160,8 +160,8 @@ def test_int4_gives_each_row_its_own_result(
     for i in range(40):
         assert torch.equal(product(x[i : i + 1]), got[i : i + 1])
     # an int4 weight without whole steps of 32 inputs keeps torch's kernel
-    packed, scales = quant.quantize_int4(randn(64, 48), 16)
-    assert cpu_products.int4_product(quant.unpack_int4(packed), scales) is None
+    packed, scales = quantize.quantize_int4(randn(64, 48), 16)
+    assert cpu_products.int4_product(quantize.unpack_int4(packed), scales) is None
 
 
 def test_one_row_product_refuses_what_it_cannot_read() -> None:

@@ -15,9 +15,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from mpllama.model_args import PRESETS
 from mpllama.offline.fixtures import random_state
 from mpllama.quantization import Quantization
-from mpllama.rank import cuda_products, quant
+from mpllama.rank import cuda_products, quant, quantize
 from mpllama.rank.model import Transformer
-from mpllama.rank.quant import Int4Weight, Int8Weight, quantize_int4, quantize_int8
+from mpllama.rank.quant import Int4Weight, Int8Weight
+from mpllama.rank.quantize import quantize_int4, quantize_int8
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none"
@@ -148,7 +149,7 @@ def test_a_quantized_model_on_a_gpu_answers_as_on_the_cpu(
     """A small random model quantized, on a GPU and on the CPU: the GPU kernels chosen
     for every weight, the last logits near the CPU's."""
     args = replace(PRESETS["tiny"], multiple_of=64, vocab_size=512)  # FFN 384: groups of 128
-    state = quant.quantize_state(random_state(args, 0, torch.float32), Quantization(method, 128))
+    state = quantize.quantize_state(random_state(args, 0, torch.float32), Quantization(method, 128))
     ids = torch.tensor([[5, 9, 200, 17, 3, 44, 8]])
     logits = []
     for device in (torch.device("cpu"), GPU):

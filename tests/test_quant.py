@@ -24,9 +24,10 @@ from mpllama.quantization import (
     int4_group_size,
     read_quantization,
 )
-from mpllama.rank import cpu_kernels, quant, weights
+from mpllama.rank import cpu_kernels, quant, quantize, weights
 from mpllama.rank.model import Transformer, materialize
-from mpllama.rank.quant import Int4Weight, Int8Weight, quantize_int4, quantize_int8
+from mpllama.rank.quant import Int4Weight, Int8Weight
+from mpllama.rank.quantize import quantize_int4, quantize_int8
 
 CPU = torch.device("cpu")
 DEMO = Path(__file__).parent.parent / "demo" / "model"
@@ -113,9 +114,9 @@ def test_int4_values_round_trip_through_their_packing() -> None:
     w = randn(4, 8, 64)
     packed, scales = quantize_int4(w, 32)
     assert packed.shape == (8, 32) and scales.shape == (8, 2, 2) and scales.dtype == torch.bfloat16
-    q = quant.unpack_int4(packed)
+    q = quantize.unpack_int4(packed)
     assert int(q.min()) >= 0 and int(q.max()) <= 15
-    assert torch.equal(quant.unpack_int4(q[:, 0::2].to(torch.uint8) | (q[:, 1::2] << 4)), q)
+    assert torch.equal(quantize.unpack_int4(q[:, 0::2].to(torch.uint8) | (q[:, 1::2] << 4)), q)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -179,7 +180,7 @@ def load(
     )
     shards = checkpoint.find_shards(folder)
     stored = read_quantization(folder)
-    on_load = quant.on_load(method or "none", "auto", stored, args, len(shards), world)
+    on_load = quantize.on_load(method or "none", "auto", stored, args, len(shards), world)
     state = weights.load_rank_state(shards, args, rank, world, stored, on_load)
     build = quant.materialize_quantized if stored or on_load else materialize
     model = build(Transformer(args), state, CPU, dtype)
@@ -306,7 +307,7 @@ def test_a_checkpoint_quantized_before_the_vocabulary_was_keeps_it_in_full_preci
     old.mkdir()
     written = Quantization("int8", row_groups=2, vocab=False)
     for path in checkpoint.find_shards(tiny_q):
-        torch.save(quant.quantize_state(weights.load_shard(path), written), old / path.name)
+        torch.save(quantize.quantize_state(weights.load_shard(path), written), old / path.name)
     params = json.loads((tiny_q / "params.json").read_text())
     params["mpllama_quantization"] = {"method": "int8", "row_groups": 2}
     (old / "params.json").write_text(json.dumps(params))
@@ -406,7 +407,7 @@ def test_quantize_writes_auto_groups(tiny_q: Path, tmp_path: Path, single_rank: 
         stored = read_quantization(out)
         assert stored is not None and stored.group_size == want
         args = checkpoint.read_params(src)
-        made = quant.on_load("int4", "auto", None, args, shards, shards)
+        made = quantize.on_load("int4", "auto", None, args, shards, shards)
         assert made is not None and made.group_size == want
         model = load(out)
         assert {
@@ -443,7 +444,7 @@ def test_quantize_errors(
     assert "already quantized (int8)" in error(str(done), str(tmp_path / "y"), "--to", "int4")
     with pytest.raises(CheckpointError, match="would quantize it twice"):
         args = checkpoint.read_params(tiny_ckpt)
-        quant.on_load("int4", 32, Quantization("int8", row_groups=2), args, 2, 2)
+        quantize.on_load("int4", 32, Quantization("int8", row_groups=2), args, 2, 2)
 
 
 def test_a_quantized_shard_needs_its_params_entry(tiny_ckpt: Path, tmp_path: Path) -> None:

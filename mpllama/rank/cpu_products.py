@@ -253,8 +253,8 @@ class Int4Product:
 
 def int4_product(q: torch.Tensor, scales: torch.Tensor) -> Int4Product | None:
     """``Int4Product`` for an int4 weight: its values q [out, in], 0..15
-    (``quant.unpack_int4``'s), and bf16 scales [out, in/group, 2], scale and zero
-    (``quant.quantize_int4``'s), where mpllama's kernels run and the inputs come in whole
+    (``quantize.unpack_int4``'s), and bf16 scales [out, in/group, 2], scale and zero
+    (``quantize.quantize_int4``'s), where mpllama's kernels run and the inputs come in whole
     steps of 32 (the tiles') and whole groups of them. None otherwise: torch's int4 kernel
     runs."""
     rows, inner = q.shape

@@ -101,7 +101,7 @@ def inner_k_tiles(inputs: int) -> int:
 def tinygemm_layout(
     packed: torch.Tensor, scales: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """An int4 weight in ``quant.quantize_int4``'s form (uint8 [out, in/2], the even input
+    """An int4 weight in ``quantize.quantize_int4``'s form (uint8 [out, in/2], the even input
     in the low nibble; bf16 scales and zeros [out, in/group, 2]) in tinygemm's: the packed
     weight, the scales and zeros [in/group, padded, 2], and the rows. tinygemm reads the
     even input from a byte's high nibble (gpt-fast and torchao pack it so); the rows are

@@ -1,6 +1,7 @@
-"""Quantized linear weights (``runtime.quantization: int8 | int4``): how a weight is
-quantized, stored and multiplied, and the load-time swap of a model's linear weights for
+"""Quantized linear weights (``runtime.quantization: int8 | int4``) at run time: how a
+weight is stored and multiplied, and the load-time swap of a model's linear weights for
 their quantized twins (gpt-fast's shape: build, then replace each weight while loading).
+How full-precision weights are quantized is rank/quantize.py's.
 
 The seven linear weights of every layer (wq, wk, wv, wo, w1, w2, w3) are quantized to
 the method's type; the vocabulary's tables, the embedding and the output layer, to int8
@@ -40,14 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError
 from ..hardware import cpu_flags
-from ..model_args import ModelArgs
-from ..quantization import Quantization, int4_group_size
 from ..shard_axes import scales_key
 from . import cuda_products
 from .cpu_kernels import library
 from .cpu_products import BLOCK, Int4Product, Int8OneRow, int4_product, int8_one_row
+from .quantize import unpack_int4
 
 log = logging.getLogger(__name__)
 
@@ -55,54 +54,7 @@ log = logging.getLogger(__name__)
 _VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-# ------------------------------------------------------------------------ quantizing
-
-
-def quantize_int8(w: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [out, in] -> (int8 [out, in], float32 scales [out, groups]): symmetric, one scale
-    per output row and each of ``groups`` equal runs of the input."""
-    out, inp = w.shape
-    wg = w.float().reshape(out, groups, inp // groups)
-    scales = wg.abs().amax(-1).clamp(min=1e-12) / 127
-    q = torch.round(wg / scales[..., None]).clamp(-127, 127).to(torch.int8)
-    return q.reshape(out, inp), scales
-
-
-def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [out, in] -> (uint8 [out, in/2], two 4-bit values a byte, the even column low;
-    bf16 [out, in/group_size, 2], scale and zero): w ~ (q - 8) * scale + zero, q in 0..15."""
-    out, inp = w.shape
-    wg = w.float().reshape(out, inp // group_size, group_size)
-    lo, hi = wg.amin(-1), wg.amax(-1)
-    # Rounded to bf16 before use, so the stored scale is the one the values were made for.
-    scale = ((hi - lo) / 15).clamp(min=1e-6).bfloat16().float()
-    zero = (lo + 8 * scale).bfloat16().float()
-    q = torch.round((wg - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.uint8)
-    q = q.reshape(out, inp)
-    packed = q[:, 0::2] | (q[:, 1::2] << 4)
-    return packed, torch.stack([scale, zero], -1).bfloat16()
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [out, in/2] -> int32 [out, in], values 0..15."""
-    low, high = packed & 0xF, packed >> 4
-    return torch.stack([low, high], -1).reshape(packed.shape[0], -1).to(torch.int32)
-
-
-def quantize_state(state: dict[str, torch.Tensor], quant: Quantization) -> dict[str, torch.Tensor]:
-    """One shard's state dict with its linear weights quantized (``X.weight`` replaced,
-    ``X.scales`` added) and every other tensor as it is. One full-precision tensor at a
-    time: a float32 copy of the weight being quantized, never more."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        method = quant.method_of(key)
-        if method is None:
-            out[key] = value
-        elif method == "int8":
-            out[key], out[scales_key(key)] = quantize_int8(value)
-        else:
-            out[key], out[scales_key(key)] = quantize_int4(value, quant.group_size)
-    return out
+# ------------------------------------------------------------------------ activations
 
 
 def quantize_rows(x: torch.Tensor, unsigned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -393,35 +345,6 @@ def onednn_int8_supported() -> bool:
 
 
 # ------------------------------------------------------------------------ the model swap
-
-
-def on_load(
-    setting: str,
-    group_size: int | str,
-    stored: Quantization | None,
-    args: ModelArgs,
-    n_shards: int,
-    world_size: int,
-) -> Quantization | None:
-    """What a rank quantizes while loading, for ``runtime.quantization`` = ``setting``:
-    nothing for ``none``, nor for a checkpoint already quantized (``stored``), which runs
-    as it was written; quantizing it again to another method is refused. Each of the
-    ``n_shards`` shards is quantized as it is read, then split over ``world_size`` ranks:
-    an ``auto`` group size fits both."""
-    if stored is not None:
-        if setting not in ("none", stored.method):
-            raise CheckpointError(
-                f"the checkpoint is already quantized to {stored.method} (mpllama quantize); "
-                f"runtime.quantization={setting} would quantize it twice. Set "
-                f"runtime.quantization to none or {stored.method}, or point at the "
-                "full-precision checkpoint"
-            )
-        return None
-    if setting == "none":
-        return None
-    group_size = int4_group_size(args, group_size, n_shards, world_size)
-    # The embedding's scale groups: ``weights.load_rank_state`` reads them off the shards.
-    return Quantization(setting, group_size, row_groups=n_shards)
 
 
 def materialize_quantized(

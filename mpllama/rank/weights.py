@@ -81,7 +81,7 @@ def load_rank_state(
     """The weights rank ``rank`` of ``world`` needs, read from its shard(s) only.
 
     ``stored``: the checkpoint is quantized so (``quantization.read_quantization``).
-    ``quantize``: quantize each shard's weights as read (``quant.quantize_state``; the
+    ``quantize``: quantize each shard's weights as read (``quantize.quantize_state``; the
     embedding's scale groups are the shards' own, whatever ``quantize`` says),
     one at a time, before resharding: the rank gets what loading the checkpoint
     ``mpllama quantize`` makes of these shards would give it.
@@ -104,7 +104,7 @@ def load_rank_state(
         quantize = quantize.split_as(len(shards), embed_axis)
     quant = stored or quantize
     if quantize is not None:
-        from .quant import quantize_state
+        from .quantize import quantize_state
 
         per_file = quantized_shapes(per_file, quantize, len(shards), args, embed_axis)
         loaded = [quantize_state(state, quantize) for state in loaded]

@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from ..protocol import Event, Polled, RankSpec, Request
 from ..quantization import check_quantization, read_quantization
 from ..tokenizer import Tokenizer
-from . import cpu_kernels, dist, quant, weights
+from . import cpu_kernels, dist, quant, quantize, weights
 from .control_order import ControlOrder
 from .layers import onednn_unsupported
 from .model import Transformer, materialize
@@ -147,7 +147,7 @@ class RankWorker:
         embed_axis = checkpoint.detect_embedding_axis(shards, spec.args)
         # Quantized weights: as a quantized checkpoint stores them, or made while loading.
         stored = read_quantization(spec.checkpoint_dir)
-        on_load = quant.on_load(
+        on_load = quantize.on_load(
             spec.quantization,
             spec.quant_group_size,
             stored,
