@@ -20,7 +20,8 @@
  * leave their reads to the CPU's prefetchers, as do batched products (10-20% slower at
  * 2-8 rows with it, on 4 KiB pages). The L1 hint made bf16 slower. The int8 one-row
  * product asks further ahead, INT8_AHEAD: two of every four lines 48 KB on made an int8
- * decode step 5-16% faster at every memory speed (16 KB: 0-8%; the L1 hint: 40% slower).
+ * decode step 5-16% faster at every memory speed (16 KB: 0-8%; the L1 hint: 40% slower);
+ * int4's products ask as far (1.7x at one row from memory on AVX-512, cpu_kernels_int4.c).
  * (benchmarks/RESULTS.md, "Figures behind the code".) */
 #define AHEAD 16384
 #define INT8_AHEAD 49152

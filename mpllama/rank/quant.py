@@ -75,8 +75,9 @@ def quantize_rows(x: torch.Tensor, unsigned: bool = False) -> tuple[torch.Tensor
 
 class Int8Weight:
     """An int8 weight [out, in] with scales [out, G]; called on x [..., in]. ``pack``
-    prepares the device's kernel; before it, and where oneDNN's cannot run, the same
-    integer product runs through ``torch._int_mm`` (CPU) or in float (GPUs)."""
+    prepares the device's kernel (oneDNN's on the CPU, cuBLASLt's on CUDA GPUs); before
+    it, and where neither runs, the same integer product runs through ``torch._int_mm``
+    (CPU) or in float (GPUs)."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor) -> None:
         assert q.dtype == torch.int8 and q.shape[1] % scales.shape[1] == 0
