@@ -90,6 +90,27 @@ def test_tinygemm_layout_shapes(rows: int, inputs: int, group: int) -> None:
         assert tuple(y.shape) == (2, 3, rows)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_int8s_gpu_layout_gives_the_cpus_integer_product_here(
+    groups: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The int8 weight packed as for a GPU (its rows padded to 8s, each group's weight a
+    column-major view, few rows padded past 16), run by the CPU's ``torch._int_mm``: the
+    CPU's own ``int_mm`` kernel's results bit for bit, the padding dropped."""
+    w, x = randn(100, 128), randn(40, 128)
+    monkeypatch.setattr(quant, "onednn_int8_supported", lambda: False)
+    cpu = Int8Weight(*quantize_int8(w, groups))
+    cpu.pack(torch.float32)
+    as_gpu = Int8Weight(*quantize_int8(w, groups))
+    monkeypatch.setattr(Int8Weight, "device", property(lambda self: torch.device("cuda")))
+    as_gpu.pack(torch.float32)
+    assert as_gpu.kernel == "int_mm_cuda" and len(as_gpu._packed) == groups
+    assert all(p.shape == (128 // groups, 104) and p.stride(0) == 1 for p in as_gpu._packed)
+    assert all(s.shape == (104,) for s in as_gpu._scales)
+    for rows in (slice(0, 1), slice(2, 7), slice(None)):
+        assert torch.equal(as_gpu(x[rows]), cpu(x[rows]))
+
+
 # ---------------------------------------------------------------- on a GPU
 
 GPU = torch.device("cuda")
