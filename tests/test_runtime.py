@@ -120,12 +120,12 @@ print("EXITING without close()", flush=True)
 
 
 def test_starts_happen_on_a_thread_that_lasts() -> None:
-    from mpllama import ray_session
+    from mpllama import ray_thread
 
-    assert ray_session.on_lasting_thread(threading.current_thread) is threading.main_thread()
+    assert ray_thread.on_lasting_thread(threading.current_thread) is threading.main_thread()
     seen = []
     worker = threading.Thread(
-        target=lambda: seen.append(ray_session.on_lasting_thread(threading.current_thread))
+        target=lambda: seen.append(ray_thread.on_lasting_thread(threading.current_thread))
     )
     worker.start()
     worker.join(30)
