@@ -17,7 +17,8 @@ import yaml
 
 from mpllama.config import RunConfig, load_run_config
 from mpllama.errors import ConfigError
-from mpllama.jobs import read_done_ids, run_job
+from mpllama.job_files import read_done_ids
+from mpllama.jobs import run_job
 
 SETTINGS = {
     "max_batch_size": 4,
@@ -273,7 +274,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(
 def test_a_rows_sampling_may_set_or_replace_the_jobs_guided(tmp_path: Path) -> None:
     from mpllama.config import SamplingParams
     from mpllama.guided import Guided
-    from mpllama.jobs import read_requests
+    from mpllama.job_files import read_requests
 
     rows = [
         {"id": "own", "prompt": "x", "sampling": {"guided": {"choice": ["yes", "no"]}}},
