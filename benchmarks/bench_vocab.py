@@ -68,7 +68,7 @@ SETTINGS = {
 }
 PROMPT_LEN = 16
 ROUNDS = 2  # of each way of moving the logits, at MP=2
-SHM_SLOT_CAP = 8 << 20  # as the worker sizes its shared-memory slots
+SHM_SLOT_CAP = 8 << 20  # as a rank sizes its shared-memory slots (rank_setup.py)
 
 
 @dataclass(frozen=True)

@@ -389,22 +389,22 @@ def test_a_rank_sizes_its_pool_from_its_own_memory(
     from types import SimpleNamespace
 
     from mpllama.protocol import RankSpec
-    from mpllama.rank import worker
+    from mpllama.rank import rank_setup
 
     model = load(ckpts[1], slots=1, seq=8)
     spec = RankSpec(str(ckpts[1]), TINY3, b"", 1, max_batch_size=3, max_seq_len=100)
     per_block = memory.kv_position_bytes(TINY3, 1, 4) * 16
     memory_of = SimpleNamespace(available=per_block * 100)
-    monkeypatch.setattr(worker.psutil, "virtual_memory", lambda: memory_of)
-    worker._setup_caches(model, spec, CPU, torch.float32)
+    monkeypatch.setattr(rank_setup.psutil, "virtual_memory", lambda: memory_of)
+    rank_setup.setup_caches(model, spec, CPU, torch.float32)
     assert model.num_blocks == 3 * 7  # 3 requests of 7 blocks (and the spare)
     memory_of.available = per_block * 5  # 90% of it: 4 blocks, under the 7 one needs
     with pytest.raises(ConfigError, match="needs .* one sequence of max_seq_len=100"):
-        worker._setup_caches(model, spec, CPU, torch.float32)
+        rank_setup.setup_caches(model, spec, CPU, torch.float32)
     # Four ranks on this machine (they met in shared memory) share its RAM.
     memory_of.available = per_block * 30
     with pytest.raises(ConfigError, match="4 ranks share it"):
-        worker._setup_caches(model, spec, CPU, torch.float32, ranks=4)
+        rank_setup.setup_caches(model, spec, CPU, torch.float32, ranks=4)
 
     def out_of_memory(blocks: int, block_size: int, seq: int) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3 GiB")
@@ -412,4 +412,4 @@ def test_a_rank_sizes_its_pool_from_its_own_memory(
     memory_of.available = per_block * 100
     monkeypatch.setattr(model, "setup_caches", out_of_memory)
     with pytest.raises(ConfigError, match="allocating the KV cache .* failed"):
-        worker._setup_caches(model, spec, CPU, torch.float32)
+        rank_setup.setup_caches(model, spec, CPU, torch.float32)

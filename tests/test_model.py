@@ -423,7 +423,7 @@ def test_onednn_refusals_say_why() -> None:
 
 
 def test_a_rank_chooses_its_linear_kernel() -> None:
-    from mpllama.rank.worker import _linear_kernel
+    from mpllama.rank.rank_setup import linear_kernel as _linear_kernel
 
     cuda = torch.device("cuda")
     assert _linear_kernel("auto", cuda, torch.float16) == "torch"

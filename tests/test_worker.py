@@ -89,8 +89,7 @@ def test_a_ranks_torch_work_all_runs_on_one_thread(
     """Set-up and the loop are called on different threads (as Ray's concurrency groups
     do), yet loading, placing and every forward run on the rank's own torch thread: a
     second OpenMP team would cost a fifth of the step rate (see worker.py)."""
-    from mpllama.rank import model
-    from mpllama.rank import worker as worker_module
+    from mpllama.rank import model, rank_setup
 
     seen: list[str] = []
 
@@ -102,9 +101,9 @@ def test_a_ranks_torch_work_all_runs_on_one_thread(
         return wrapped
 
     monkeypatch.setattr(
-        worker_module.weights, "load_rank_state", on_thread(worker_module.weights.load_rank_state)
+        rank_setup.weights, "load_rank_state", on_thread(rank_setup.weights.load_rank_state)
     )
-    monkeypatch.setattr(worker_module, "materialize", on_thread(worker_module.materialize))
+    monkeypatch.setattr(rank_setup, "materialize", on_thread(rank_setup.materialize))
     monkeypatch.setattr(
         model.Transformer, "setup_caches", on_thread(model.Transformer.setup_caches)
     )

@@ -1,6 +1,6 @@
-"""One model-parallel rank: join the group, load this rank's slice of the checkpoint,
-then run the step loop: the lead (rank 0) schedules and publishes each step, the others
-follow. A plain class, so it runs (and is tested) without Ray; the engine wraps it in a
+"""One model-parallel rank: join the group and load this rank's slice of the checkpoint
+(rank_setup.py), then run the step loop: the lead (rank 0) schedules and publishes each
+step, the others follow. A plain class, so it runs (and is tested) without Ray; the engine wraps it in a
 Ray actor whose ``run`` sits on one thread while ``submit``/``abort``/``poll`` are
 answered on another.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import queue
 import threading
 import time
@@ -24,20 +23,12 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-import psutil
-import torch
-
-from .. import checkpoint, memory
-from ..config import RuntimeConfig
-from ..errors import ConfigError
 from ..protocol import Event, Polled, RankSpec, Request
-from ..quantization import check_quantization, read_quantization
 from ..tokenizer import Tokenizer
-from . import cpu_kernels, dist, quant, quantize, weights
+from . import dist, rank_setup
 from .control_order import ControlOrder
-from .layers import onednn_unsupported
-from .model import Transformer, materialize
-from .process_memory import peak_rss_mb, release_freed_memory, resident_mb
+from .model import Transformer
+from .process_memory import peak_rss_mb, resident_mb
 from .runner import Runner
 from .step_plan import follow
 
@@ -117,79 +108,11 @@ class RankWorker:
         return self._torch.call(self._setup, host, port, node_ip)
 
     def _setup(self, host: str, port: int, node_ip: str) -> dict[str, Any]:
-        spec = self.spec
-        started = time.perf_counter()
-        device = dist.resolve_device(spec.device)
-        dtype = dist.resolve_dtype(spec.dtype, device)
-        backend = dist.resolve_backend(spec.backend, device)
-        dist.set_threads(spec.threads)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        collectives = "none"
-        use_shm = spec.shm_collectives and backend == "gloo" and device.type == "cpu"
-        if spec.world_size == 1:
-            dist.init_single(backend)
-        else:
-            collectives = dist.init_ranks(
-                self.rank,
-                spec.world_size,
-                host,
-                port,
-                backend,
-                node_ip,
-                spec.collective_timeout_s,
-                store=self._store,
-                shm_bytes=_shm_slot_bytes(spec, dtype) if use_shm else 0,
-            )
-        self._rss_before_load = peak_rss_mb()
-        self._anon_before_load = resident_mb().get("anon_rss_mb", 0.0)
-        shards = checkpoint.find_shards(spec.checkpoint_dir)
-        embed_axis = checkpoint.detect_embedding_axis(shards, spec.args)
-        # Quantized weights: as a quantized checkpoint stores them, or made while loading.
-        stored = read_quantization(spec.checkpoint_dir)
-        on_load = quantize.on_load(
-            spec.quantization,
-            spec.quant_group_size,
-            stored,
-            spec.args,
-            len(shards),
-            spec.world_size,
-        )
-        quantization = stored or on_load
-        if quantization:
-            check_quantization(spec.args, quantization, spec.world_size)
-        state = weights.load_rank_state(
-            shards, spec.args, self.rank, spec.world_size, stored, on_load
-        )
-        build = quant.materialize_quantized if quantization else materialize
-        self.model = build(Transformer(spec.args, embed_axis), state, device, dtype)
-        del state
-        linear = _linear_kernel(spec.cpu_linear, device, dtype)
-        if linear == "onednn":
-            self.model.pack_linears()
-        elif quantization:
-            self.model.pack_linears(onednn=False)
-        release_freed_memory()
-        # Gloo ranks that met in shared memory are all on this machine and share its RAM.
-        _setup_caches(
-            self.model, spec, device, dtype, spec.world_size if collectives == "shm" else 1
-        )
-        info = {
-            "rank": self.rank,
-            "device": str(device),
-            "dtype": str(dtype).split(".")[-1],
-            "backend": backend,
-            "linear": linear,
-            "cpu_kernels": cpu_kernels.path() if device.type == "cpu" else "none",
-            "quantization": quantization.method if quantization else "none",
-            "collectives": collectives,
-            "load_s": round(time.perf_counter() - started, 3),
-            "rss_before_load_mb": self._rss_before_load,
-            "peak_rss_mb": peak_rss_mb(),
-            "pid": os.getpid(),
-        }
-        log.info("ready: %s", info)
-        return info
+        loaded = rank_setup.set_up(self.rank, self.spec, host, port, node_ip, self._store)
+        self.model = loaded.model
+        self._rss_before_load, self._anon_before_load = loaded.rss_before, loaded.anon_before
+        log.info("ready: %s", loaded.info)
+        return loaded.info
 
     # --------------------------------------------------------------- the loop
 
@@ -368,64 +291,3 @@ def configure_rank_logging(rank: int, level: int = logging.INFO) -> None:
         if getattr(handler, "_mpllama_rank", False):
             handler.setFormatter(logging.Formatter(fmt))
     root.setLevel(level)
-
-
-SHM_SLOT_CAP = 8 << 20  # bytes; bigger messages (long prefills) go through Gloo
-
-
-def _shm_slot_bytes(spec: RankSpec, dtype: torch.dtype) -> int:
-    """A shared-memory slot big enough for a step's messages: a prefill chunk's or a
-    decode batch's hidden states (all-reduce) and a batch's slice of the logits
-    (all-gather; float32 where a bf16 CPU rank computes them with mpllama's kernels, so
-    counted at 4 bytes), capped at SHM_SLOT_CAP."""
-    args, rows = spec.args, max(spec.max_batch_size, spec.prefill_chunk_tokens)
-    vocab_slice = -(-args.vocab_size // spec.world_size)
-    logits = spec.max_batch_size * vocab_slice * max(dtype.itemsize, 4)
-    return min(SHM_SLOT_CAP, max(rows * args.dim * dtype.itemsize, logits))
-
-
-def _setup_caches(
-    model: Transformer, spec: RankSpec, device: torch.device, dtype: torch.dtype, ranks: int = 1
-) -> None:
-    """Allocate the KV block pool, sized from this rank's budget and free memory (RAM on
-    a CPU rank, shared by ``ranks`` ranks; the GPU's on a GPU rank), refusing first one
-    that cannot work (``memory.kv_pool_blocks``): a CPU allocation would otherwise
-    succeed lazily and the rank be killed later, when the pages are touched. An
-    allocation that fails anyway says so with its bytes."""
-    runtime = RuntimeConfig(
-        max_batch_size=spec.max_batch_size,
-        max_seq_len=spec.max_seq_len,
-        kv_cache_memory_gb=spec.kv_cache_memory_gb,
-        kv_block_size=spec.kv_block_size,
-    )
-    if device.type == "cuda":
-        available, where, ranks = torch.cuda.mem_get_info(device)[0], f"{device}", 1
-    else:
-        available, where = psutil.virtual_memory().available, "this rank's machine"
-    blocks = memory.kv_pool_blocks(
-        spec.args, spec.world_size, runtime, dtype.itemsize, available, where, ranks
-    )
-    try:
-        model.setup_caches(blocks, spec.kv_block_size, spec.max_seq_len)
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and "alloc" not in str(exc).lower():
-            raise
-        per_position = memory.kv_position_bytes(spec.args, spec.world_size, dtype.itemsize)
-        need = (blocks + 1) * spec.kv_block_size * per_position
-        raise ConfigError(
-            f"allocating the KV cache ({blocks} blocks, {need:,} bytes) failed on {where}: "
-            f"{exc}; set runtime.kv_cache_memory_gb lower"
-        ) from exc
-
-
-def _linear_kernel(choice: str, device: torch.device, dtype: torch.dtype) -> str:
-    """What runs this rank's linear layers: ``onednn`` (prepacked) or ``torch``."""
-    if device.type != "cpu" or choice == "torch":
-        return "torch"
-    why = onednn_unsupported(device, dtype)
-    if why is None:
-        return "onednn"
-    if choice == "onednn":
-        raise RuntimeError(f"runtime.cpu_linear is onednn, but {why}; use auto or torch")
-    log.info("linear layers on torch's kernel: %s", why)
-    return "torch"
