@@ -103,8 +103,9 @@ print("TEXT async", repr(texts[0]), flush=True)
 print(f"CLOSE async {closed_in(allm.close):.1f}s ray_up={ray.is_initialized()}", flush=True)
 last_close = time.monotonic()
 
-# Ray kills a process 60 s after its runtime died under it: outwait that.
-time.sleep(max(68 - (time.monotonic() - last_close), 92 - (time.monotonic() - first_close)))
+# Ray kills a process its reconnect timeout (here 20 s, as the test sets it; 60 by
+# default) after its runtime died under it: outwait that.
+time.sleep(max(28 - (time.monotonic() - last_close), 52 - (time.monotonic() - first_close)))
 print(f"ALIVE {time.monotonic() - first_close:.0f}s after the first close", flush=True)
 
 # 4. One more engine, made in a thread, left open: the interpreter's exit closes it.
@@ -168,6 +169,10 @@ def test_engines_survive_threads_loops_and_exit(tmp_path: Path, tiny_ckpt: Path)
     script.write_text(CHILD)
     # a local runtime; glibc's tunables as a fresh shell has them (none)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "GLIBC_TUNABLES")}
+    # Ray's kill of a process whose GCS it lost ("Failed to connect to GCS within 60
+    # seconds ... The program will terminate") comes after 20 s instead of 60, so the
+    # child outwaits it in less time; the same mechanism either way.
+    env["RAY_gcs_rpc_server_reconnect_timeout_s"] = "20"
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, str(script), str(tiny_ckpt)],
@@ -195,7 +200,7 @@ def test_engines_survive_threads_loops_and_exit(tmp_path: Path, tiny_ckpt: Path)
         seconds, ray_up = value(prefix).split()
         assert float(seconds.rstrip("s")) < 20, output  # promptly: no 60 s hang
         assert ray_up == "ray_up=False", output  # the last client stopped the runtime
-    assert int(value("ALIVE").split()[0].rstrip("s")) >= 90, output
+    assert int(value("ALIVE").split()[0].rstrip("s")) >= 50, output
     assert lines[-1] == "EXITING without close()", output
     # ray_session._huge_page_malloc: in the ranks' environment, not left in the driver's
     assert value("TUNABLES rank") == "['GLIBC_TUNABLES=glibc.malloc.hugetlb=1']", output
