@@ -277,12 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     root = Path("/tmp/mpllama-bench")
     if opts.llama32_1b:
-        args = LLAMA32_1B_MODEL
-        ckpt = make_checkpoint(root, "llama32-1b", args, 1)
-        name = (
-            f"a model of Llama 3.2 1B's shape (dim={args.dim} n_layers={args.n_layers} "
-            f"n_heads={args.n_heads} n_kv_heads={args.n_kv_heads}, vocab {args.vocab_size}, "
-            "output layer untied, random weights)"
+        ckpt = make_checkpoint(root, "llama32-1b", LLAMA32_1B_MODEL, 1)
+        name = shape_name(
+            "a model of Llama 3.2 1B's shape", LLAMA32_1B_MODEL, "output layer untied"
         )
         steps(ckpt, name=name, precisions=("bf16", "int8", "int4"), rounds_steps=(3, 16))
         return 0
@@ -298,11 +295,16 @@ def llama3_steps(root: Path, quick: bool = False) -> dict[str, dict[str, float]]
     made under ``root`` once (Meta's tokenizer, random weights)."""
     args = QUICK_LLAMA3_DECODE_MODEL if quick else LLAMA3_DECODE_MODEL
     ckpt = make_checkpoint(root, "llama3-decode", args, 1)
-    name = (
-        f"a Llama-3-shaped model (dim={args.dim} n_layers={args.n_layers} n_heads={args.n_heads} "
-        f"n_kv_heads={args.n_kv_heads}, vocab {args.vocab_size}, random weights)"
+    return steps(ckpt, quick, name=shape_name("a Llama-3-shaped model", args))
+
+
+def shape_name(what: str, args: ModelArgs, *notes: str) -> str:
+    """``what`` with the model's shape, as the steps' heading names it."""
+    shape = (
+        f"dim={args.dim} n_layers={args.n_layers} n_heads={args.n_heads} "
+        f"n_kv_heads={args.n_kv_heads}, vocab {args.vocab_size}"
     )
-    return steps(ckpt, quick, name=name)
+    return f"{what} ({', '.join([shape, *notes, 'random weights'])})"
 
 
 if __name__ == "__main__":

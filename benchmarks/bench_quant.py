@@ -87,7 +87,7 @@ def kernels(quick: bool = False, threads: int = 2) -> None:
         int4[g] = quant.Int4Weight(*quantize.quantize_int4(w, g))
         int4[g].pack(torch.bfloat16)
     int4_torch = quant.Int4Weight(*quantize.quantize_int4(w, 32))
-    with mock.patch.object(quant, "int4_product", lambda *a: None):
+    with torch_int4_kernel():
         int4_torch.pack(torch.bfloat16)  # torch's int4 kernel, where mpllama's was chosen
     int4_deq = quant.Int4Weight(*quantize.quantize_int4(w, 32))  # unpacked: dequantize + F.linear
     candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -174,11 +174,14 @@ def load_demo(
     state = weights.load_rank_state(shards, args, 0, 1, None, on_load)
     build = quant.materialize_quantized if on_load else materialize
     model = build(Transformer(args), state, CPU, dtype)
-    with contextlib.ExitStack() as stack:
-        if torch_int4:
-            stack.enter_context(mock.patch.object(quant, "int4_product", lambda *a: None))
+    with torch_int4_kernel() if torch_int4 else contextlib.nullcontext():
         model.pack_linears()
     return model
+
+
+def torch_int4_kernel() -> contextlib.AbstractContextManager[object]:
+    """Within it, int4 weights pack for torch's kernel even where mpllama's would run."""
+    return mock.patch.object(quant, "int4_product", lambda *a: None)
 
 
 def perplexity(model: Transformer, stream: torch.Tensor, seq_len: int, windows: int) -> float:

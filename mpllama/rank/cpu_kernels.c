@@ -102,12 +102,8 @@ void gemv_f32(const float *w, const float *x, float *y, int64_t Np, int64_t K, i
     }
 }
 
-/* y = x @ w.T in float32 for x [M, K] bf16 (rows contiguous) and w bf16 in oneDNN's
- * blocked layout [Np/nb][K/2][nb][2] (gemv_bf16's); y [M, N] float32, N <= Np the
- * weight's real rows. For the logits: kept in float32, where a bf16 result would round
- * them to steps of 1/16 around 10 and leave near-ties to the rounding. Four rows at a
- * time share each weight load, so a block (in L2 by then) is read M/4 times. One block
- * b of blocks, nb a constant where it is inlined. */
+/* One pass of gemm_bf16_block over a block p: R rows from row m0 sharing each weight load;
+ * pass and share as gemm_bf16_block has them. */
 static inline __attribute__((always_inline)) void gemm_bf16_pass(
     const uint16_t *p, const uint16_t *x, void *y, int64_t m0, int64_t n0, int64_t valid,
     int64_t N, int64_t K, const char *next, int64_t pass, int64_t share, const int out_bf16,
@@ -142,6 +138,12 @@ static inline __attribute__((always_inline)) void gemm_bf16_pass(
     }
 }
 
+/* y = x @ w.T in float32 for x [M, K] bf16 (rows contiguous) and w bf16 in oneDNN's
+ * blocked layout [Np/nb][K/2][nb][2] (gemv_bf16's); y [M, N] float32, N <= Np the
+ * weight's real rows. For the logits: kept in float32, where a bf16 result would round
+ * them to steps of 1/16 around 10 and leave near-ties to the rounding. Four rows at a
+ * time share each weight load, so a block (in L2 by then) is read M/4 times. One block
+ * b of blocks, nb a constant where it is inlined. */
 static inline void gemm_bf16_block(const uint16_t *w, const uint16_t *x, void *y, int64_t b,
                                    int64_t blocks, int64_t M, int64_t N, int64_t K,
                                    const int out_bf16, const int nb) {

@@ -245,28 +245,30 @@ class Int4Weight:
         on CUDA GPUs torch's tinygemm in bf16 models (``cuda_products.Int4TinyGemm``);
         else none (dequantized at each product)."""
         if self.device.type == "cuda":
-            self.product = cuda_products.int4_tinygemm(
-                self.packed, self.scales, dtype, self.dequantize
-            )
-            if self.product is not None:
-                self.packed = torch.empty(0, dtype=torch.uint8)  # the kernel's copy replaces it
-                self.scales = torch.empty(0, dtype=torch.bfloat16)
-                self.kernel = "tinygemm"
+            tinygemm = cuda_products.int4_tinygemm(self.packed, self.scales, dtype, self.dequantize)
+            self._run_on(tinygemm, "tinygemm")
             return
         if self.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
             return
         q = unpack_int4(self.packed)
-        if dtype == torch.bfloat16:
-            self.product = int4_product(q, self.scales)
-            if self.product is not None:
-                self.packed = torch.empty(0, dtype=torch.uint8)  # the kernel's copy replaces it
-                self.scales = torch.empty(0, dtype=torch.bfloat16)
-                self.kernel = "mpllama"
-                return
+        if dtype == torch.bfloat16 and self._run_on(int4_product(q, self.scales), "mpllama"):
+            return
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         self._sz = self.scales.to(dtype).transpose(0, 1).contiguous()  # [in/g, out, 2]
         self.scales = torch.empty(0, dtype=torch.bfloat16)  # the kernel's copy replaces it
         self.kernel = "int4pack"
+
+    def _run_on(
+        self, product: Int4Product | cuda_products.Int4TinyGemm | None, kernel: str
+    ) -> bool:
+        """Take ``product`` (None: no kernel of that kind took the weight) as this weight's
+        kernel: its copy of the weight replaces this one's."""
+        if product is None:
+            return False
+        self.product, self.kernel = product, kernel
+        self.packed = torch.empty(0, dtype=torch.uint8)
+        self.scales = torch.empty(0, dtype=torch.bfloat16)
+        return True
 
     def nbytes(self) -> int:
         if self.product is not None:
