@@ -123,6 +123,19 @@ static inline __m512i int4_table(void) {
     return _mm512_loadu_si512(t);
 }
 
+/* 64 bytes of int4 values (Int4Product's layout: 32 words, each holding value j of four
+ * runs of 32, run i in its bits 4i..4i+3) into the four runs v[0..3] as bf16 (q - 8): one
+ * load, three shifts, four lookups; a word's bits above the run's are the next run's, and
+ * the table repeats itself past 15. Unpacking 32 bytes a run pair (vpmovzxbw, then two
+ * lookups) took a shuffle more per 64 values, on the port the lookups and vdpbf16ps use. */
+static inline __attribute__((always_inline)) void unpack4(const uint8_t *s, __m512i table, __m512bh v[4]) {
+    const __m512i w = _mm512_loadu_si512(s);
+    v[0] = (__m512bh)_mm512_permutexvar_epi16(w, table);
+    v[1] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table);
+    v[2] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 8), table);
+    v[3] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 12), table);
+}
+
 /* Whether the bf16 products and int8's batched ones run on AMX tiles (cpu_kernels_amx.c:
  * set only where Linux let this process use them). */
 extern int use_amx;

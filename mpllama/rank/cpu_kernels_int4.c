@@ -2,18 +2,18 @@
  * zero per group of gs inputs) times bf16 rows, for any number of rows M: y [M, N] (row
  * stride N), bf16 (out_bf16) or float32. One layout for both kernels:
  *   w   Np/32 blocks of 32 outputs, each 16 K bytes: the block's values (q - 8) in the
- *       bf16 layout the products read ([K/2][32][2]), 64 at a time in 32 bytes, value j
- *       of each 64 in byte j's low half and value 32 + j in its high half
- *       (cpu_products.int4_product packs it);
+ *       bf16 layout the products read ([K/2][32][2]), 128 at a time in 64 bytes (two
+ *       input pairs: unpack4), value j of each run of 32 in 16-bit word j, run i in its
+ *       bits 4i..4i+3 (cpu_products.int4_product packs it);
  *   sz  [Np/32][K/gs][2][32] bf16: each block's scales, then zeros, per group.
  * Where the bf16 products run on AMX tiles, int4's do too (amx_int4_product); elsewhere on
  * AVX-512 (int4_avx512). Either way every row's sums are its own, in the same order
  * whatever the row count, so a row's result is the same alone as in any batch. */
 #include "cpu_kernels.h"
 
-/* The AVX-512 kernel: each input pair's 32 bytes hold rows 0-15's two values (low halves)
- * and rows 16-31's (high halves), as vdpbf16ps takes them against the pair broadcast, so
- * two lookups unpack them straight into registers, with no buffer. For a block of 32
+/* The AVX-512 kernel: each 64 bytes hold two input pairs' values for the block's 32
+ * outputs, in the runs vdpbf16ps takes against a pair broadcast (outputs 0-15, 16-31), so
+ * one unpack4 puts them straight into registers, with no buffer. For a block of 32
  * outputs and R rows (a constant, so the sums stay in registers), group by group: each
  * row's float32 sums of (q - 8) x over the group's pairs in order, then out += sums *
  * scale + zero * sum(x over the group). The first pass over a block asks for every line
@@ -29,16 +29,18 @@ static inline __attribute__((always_inline)) void int4_rows(
     for (int64_t g = 0; g < G; g++) {
         __m512 a[R][2];
         for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
-        for (int64_t p = g * gs / 2; p < (g + 1) * gs / 2; p++) {
+        for (int64_t p = g * gs / 2; p < (g + 1) * gs / 2; p += 2) {
             const uint8_t *s = src + 32 * p;
-            if (ask && (p & 1) == 0) _mm_prefetch((const char *)s + INT8_AHEAD, _MM_HINT_T1);
-            const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)s));
-            const __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(v, table);
-            const __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+            if (ask) _mm_prefetch((const char *)s + INT8_AHEAD, _MM_HINT_T1);
+            __m512bh v[4];
+            unpack4(s, table, v);
             for (int r = 0; r < R; r++) {
-                const __m512bh xp = (__m512bh)_mm512_set1_epi32((int)pairs[(m0 + r) * K / 2 + p]);
-                a[r][0] = _mm512_dpbf16_ps(a[r][0], lo, xp);
-                a[r][1] = _mm512_dpbf16_ps(a[r][1], hi, xp);
+                const __m512bh x0 = (__m512bh)_mm512_set1_epi32((int)pairs[(m0 + r) * K / 2 + p]);
+                const __m512bh x1 = (__m512bh)_mm512_set1_epi32((int)pairs[(m0 + r) * K / 2 + p + 1]);
+                a[r][0] = _mm512_dpbf16_ps(a[r][0], v[0], x0);
+                a[r][1] = _mm512_dpbf16_ps(a[r][1], v[1], x0);
+                a[r][0] = _mm512_dpbf16_ps(a[r][0], v[2], x1);
+                a[r][1] = _mm512_dpbf16_ps(a[r][1], v[3], x1);
             }
         }
         const uint16_t *q = sz + (b * G + g) * 64;

@@ -265,10 +265,13 @@ def int4_product(q: torch.Tensor, scales: torch.Tensor) -> Int4Product | None:
     pad = -rows % 32
     q = torch.cat([q, q.new_full((pad, inner), 8)])  # q - 8 = 0: zero rows
     blocks = (rows + pad) // 32
-    # Each block's values in the tiles' order ([in/2][32 rows][2]), in runs of 64: value j
-    # of a run in byte j's low half, value 32 + j in its high half.
-    runs = q.reshape(blocks, 32, inner // 2, 2).permute(0, 2, 1, 3).reshape(blocks, -1, 2, 32)
-    ours = (runs[:, :, 0] | (runs[:, :, 1] << 4)).to(torch.uint8).reshape(blocks, -1).contiguous()
+    # Each block's values in the tiles' order ([in/2][32 rows][2]), 128 (four runs of 32)
+    # in 64 bytes: value j of run i in bits 4i..4i+3 of little-endian 16-bit word j, so
+    # byte 2j holds runs 0 and 1, byte 2j + 1 runs 2 and 3 (the kernels' unpack4).
+    runs = q.reshape(blocks, 32, inner // 2, 2).permute(0, 2, 1, 3).reshape(blocks, -1, 4, 32)
+    low = runs[:, :, 0] | (runs[:, :, 1] << 4)
+    high = runs[:, :, 2] | (runs[:, :, 3] << 4)
+    ours = torch.stack([low, high], dim=-1).to(torch.uint8).reshape(blocks, -1).contiguous()
     sz = torch.cat([scales, scales.new_zeros(pad, groups, 2)])
     sz = sz.reshape(blocks, 32, groups, 2).permute(0, 2, 3, 1).contiguous()
     return Int4Product(ours, sz, rows, rows + pad, inner, group_size)
