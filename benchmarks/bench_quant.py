@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mpllama import checkpoint  # noqa: E402
-from mpllama.quantization import Quantization  # noqa: E402
+from mpllama.quantization import Quantization, int4_group_size  # noqa: E402
 from mpllama.rank import cpu_kernels, quant, quantize, weights  # noqa: E402
 from mpllama.rank.model import Transformer, materialize  # noqa: E402
 from mpllama.tokenizer import Tokenizer  # noqa: E402
@@ -162,15 +162,17 @@ def load_demo(
     folder: Path,
     dtype: torch.dtype,
     method: str | None,
-    group_size: int = 32,
+    group_size: int | str = "auto",
     torch_int4: bool = False,
 ) -> Transformer:
     """The checkpoint at ``folder`` in ``dtype``, quantized by ``method`` on load and
-    packed as a rank packs it; ``torch_int4``: int4 weights packed for torch's kernel even
-    where mpllama's runs (for a row that compares the two)."""
+    packed as a rank packs it; int4 in groups of ``group_size`` (``auto``: what a rank
+    takes by default, 128 for Llama's widths); ``torch_int4``: int4 weights packed for
+    torch's kernel even where mpllama's runs (for a row that compares the two)."""
     args = checkpoint.read_params(folder)
     shards = checkpoint.find_shards(folder)
-    on_load = None if method is None else Quantization(method, group_size, len(shards))
+    size = int4_group_size(args, group_size, len(shards))
+    on_load = None if method is None else Quantization(method, size, len(shards))
     state = weights.load_rank_state(shards, args, 0, 1, None, on_load)
     build = quant.materialize_quantized if on_load else materialize
     model = build(Transformer(args), state, CPU, dtype)
