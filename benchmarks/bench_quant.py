@@ -98,8 +98,8 @@ def kernels(quick: bool = False, threads: int = 2) -> None:
         "int8 weight-only, _weight_int8pack_mm": lambda x: torch.ops.aten._weight_int8pack_mm(
             x, q8, s8b
         ),
-        f"int4 g32, {int4[32].kernel} (chosen)": int4[32],
-        f"int4 g128, {int4[128].kernel}": int4[128],
+        f"int4 g32, {int4[32].kernel}": int4[32],
+        f"int4 g128, {int4[128].kernel} (chosen, auto's size)": int4[128],
         f"int4 g32, {int4_torch.kernel}": int4_torch,
         "int4 g32, dequantize + F.linear (fallback)": int4_deq,
     }

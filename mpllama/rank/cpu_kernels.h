@@ -110,8 +110,9 @@ static inline __m512 int8_part(__m512 out, int64_t g, __m512i sums, const int32_
     return g == 0 ? part : _mm512_add_ps(out, part);
 }
 
-/* int4 weights' values q (0..15) to bf16 (q - 8) by a word lookup (vpermw): word i of the
- * table holds (i & 15) - 8, so a byte's low half, or (shifted) its high half, indexes it. */
+/* int4 weights' values q (0..15) to bf16 (q - 8) by a word lookup (vpermw, which reads
+ * the low five bits of each index word): word i of the table holds (i & 15) - 8, so a
+ * value in a word's low four bits indexes it whatever the bit above. */
 static inline __m512i int4_table(void) {
     uint16_t t[32];
     for (int i = 0; i < 32; i++) {

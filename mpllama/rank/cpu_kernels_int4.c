@@ -3,8 +3,8 @@
  * stride N), bf16 (out_bf16) or float32. One layout for both kernels:
  *   w   Np/32 blocks of 32 outputs, each 16 K bytes: the block's values (q - 8) in the
  *       bf16 layout the products read ([K/2][32][2]), 128 at a time in 64 bytes (two
- *       input pairs: unpack4 in cpu_kernels.h), value j of each run of 32 in 16-bit word j, run i in its
- *       bits 4i..4i+3 (cpu_products.int4_product packs it);
+ *       input pairs, four runs of 32): value j of run i in bits 4i..4i+3 of 16-bit word
+ *       j (cpu_products.int4_product packs it; unpack4 in cpu_kernels.h reads it);
  *   sz  [Np/32][K/gs][2][32] bf16: each block's scales, then zeros, per group.
  * Where the bf16 products run on AMX tiles, int4's do too (amx_int4_product); elsewhere on
  * AVX-512 (int4_avx512). Either way every row's sums are its own, in the same order
