@@ -164,6 +164,20 @@ def test_int4_gives_each_row_its_own_result(
     assert cpu_products.int4_product(quantize.unpack_int4(packed), scales) is None
 
 
+def test_int4_packs_the_same_from_bytes() -> None:
+    """A rank unpacks int4 values to one byte each before laying them out (its
+    temporaries a quarter of int32's): the same layout, bit for bit."""
+    packed, scales = quantize.quantize_int4(randn(70, 256), 64)
+    q8 = quantize.unpack_int4(packed, torch.uint8)
+    assert q8.dtype == torch.uint8 and torch.equal(q8.int(), quantize.unpack_int4(packed))
+    ours, theirs = (
+        cpu_products.int4_product(q8, scales),
+        cpu_products.int4_product(quantize.unpack_int4(packed), scales),
+    )
+    assert ours is not None and theirs is not None
+    assert torch.equal(ours.packed, theirs.packed) and torch.equal(ours.sz, theirs.sz)
+
+
 def test_one_row_product_refuses_what_it_cannot_read() -> None:
     assert cpu_products.one_row_product(pack(randn(64, 48))) is None  # inputs not 32-aligned
     assert cpu_products.one_row_product(randn(64, 64).half()) is None  # no fp16 kernel

@@ -263,7 +263,9 @@ def int4_product(q: torch.Tensor, scales: torch.Tensor) -> Int4Product | None:
     if library() is None or inner % 32 or group_size % 32:
         return None
     pad = -rows % 32
-    q = torch.cat([q, q.new_full((pad, inner), 8)])  # q - 8 = 0: zero rows
+    q = q.to(torch.uint8)  # every step below in bytes (a no-op for quant.Int4Weight's)
+    if pad:
+        q = torch.cat([q, q.new_full((pad, inner), 8)])  # q - 8 = 0: zero rows
     blocks = (rows + pad) // 32
     # Each block's values in the tiles' order ([in/2][32 rows][2]), 128 (four runs of 32)
     # in 64 bytes: value j of run i in bits 4i..4i+3 of little-endian 16-bit word j, so

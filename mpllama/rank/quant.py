@@ -250,10 +250,12 @@ class Int4Weight:
             return
         if self.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
             return
-        q = unpack_int4(self.packed)
+        # The values one byte each: the packing's temporaries are a weight's size or two,
+        # not eight (int32), and glibc's heap keeps less of them once freed.
+        q = unpack_int4(self.packed, torch.uint8)
         if dtype == torch.bfloat16 and self._run_on(int4_product(q, self.scales), "mpllama"):
             return
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         self._sz = self.scales.to(dtype).transpose(0, 1).contiguous()  # [in/g, out, 2]
         self.scales = torch.empty(0, dtype=torch.bfloat16)  # the kernel's copy replaces it
         self.kernel = "int4pack"
