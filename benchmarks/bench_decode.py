@@ -38,13 +38,11 @@ from pathlib import Path
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
-from bench_quant import load_demo  # noqa: E402
+from bench_quant import demo_group_size, load_demo  # noqa: E402
 from bench_workloads import BENCH_MODEL, QUICK_MODEL, make_checkpoint  # noqa: E402
 from torch import nn  # noqa: E402
 
-from mpllama import checkpoint  # noqa: E402
 from mpllama.model_args import LLAMA3_VOCAB_SIZE, ModelArgs  # noqa: E402
-from mpllama.quantization import int4_group_size  # noqa: E402
 from mpllama.rank import cpu_kernels, dist, quant  # noqa: E402
 from mpllama.rank import model as model_module  # noqa: E402
 from mpllama.rank.layers import ColumnLinear, Fused, RowLinear, linear  # noqa: E402
@@ -219,9 +217,8 @@ def steps(
         f"  stream = GB/s of a pass of reads over {buffer.nbytes >> 20} MiB in the same round "
         "(the bound); achieved = weight bytes per token / step; share = achieved / stream, "
         "median of the rounds; products = the step's products alone, back to back (output: "
-        "of them the output layer's); int4 in groups of "
-        f"{int4_group_size(checkpoint.read_params(ckpt), 'auto', len(checkpoint.find_shards(ckpt)))}"
-        " (a rank's default)"
+        f"of them the output layer's); int4 in groups of {demo_group_size(ckpt)} (a rank's "
+        "default)"
     )
     print(
         f"  {'precision':<9} {'kernels':<8} {'ms/step':>15} {'tok/s':>7} {'MB/token':>9} "

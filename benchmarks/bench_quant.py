@@ -171,7 +171,7 @@ def load_demo(
     torch's kernel even where mpllama's runs (for a row that compares the two)."""
     args = checkpoint.read_params(folder)
     shards = checkpoint.find_shards(folder)
-    size = int4_group_size(args, group_size, len(shards))
+    size = demo_group_size(folder, group_size)
     on_load = None if method is None else Quantization(method, size, len(shards))
     state = weights.load_rank_state(shards, args, 0, 1, None, on_load)
     build = quant.materialize_quantized if on_load else materialize
@@ -179,6 +179,13 @@ def load_demo(
     with torch_int4_kernel() if torch_int4 else contextlib.nullcontext():
         model.pack_linears()
     return model
+
+
+def demo_group_size(folder: Path, requested: int | str = "auto") -> int:
+    """The int4 group size a rank loading the checkpoint at ``folder`` whole takes for
+    ``requested`` (``auto``: its default)."""
+    shards = checkpoint.find_shards(folder)
+    return int4_group_size(checkpoint.read_params(folder), requested, len(shards))
 
 
 def torch_int4_kernel() -> contextlib.AbstractContextManager[object]:

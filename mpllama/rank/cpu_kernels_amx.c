@@ -127,8 +127,8 @@ static inline void expand4(const uint8_t *s, uint16_t *u, __m512i table, int ask
  * the bench model's 2816x1024 weights: 2.8 -> 1.8 ms; benchmarks/RESULTS.md). Two steps
  * ahead, not one: a tile load reads what the unpacking just stored, and at one step's
  * distance it waited (our reading: stores leave the core only after the tile work before
- * them, which has long latency); one row of a 1024x4096 weight in
- * groups of 128, hot in L2, one thread: 13.6 -> 20.7 GB/s (groups of 32: 13.3 -> 14.0).
+ * them, which has long latency); one row of a 1024x4096 weight in groups of 128, hot in
+ * L2, one thread: 13.6 -> 20.7 GB/s (groups of 32: 13.3 -> 14.0).
  * unpack4_biased's shifts and selects in place of the lookups measured slower here (18.1).
  * Its passes use both runs' tiles (tile_config). */
 void amx_int4_product(const uint8_t *w, const uint16_t *sz, const uint16_t *x, const float *xsum,

@@ -273,7 +273,7 @@ def int4_product(q: torch.Tensor, scales: torch.Tensor) -> Int4Product | None:
     runs = q.reshape(blocks, 32, inner // 2, 2).permute(0, 2, 1, 3).reshape(blocks, -1, 4, 32)
     low = runs[:, :, 0] | (runs[:, :, 1] << 4)
     high = runs[:, :, 2] | (runs[:, :, 3] << 4)
-    ours = torch.stack([low, high], dim=-1).to(torch.uint8).reshape(blocks, -1).contiguous()
+    ours = torch.stack([low, high], dim=-1).reshape(blocks, -1)
     sz = torch.cat([scales, scales.new_zeros(pad, groups, 2)])
     sz = sz.reshape(blocks, 32, groups, 2).permute(0, 2, 3, 1).contiguous()
     return Int4Product(ours, sz, rows, rows + pad, inner, group_size)

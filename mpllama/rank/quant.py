@@ -250,9 +250,7 @@ class Int4Weight:
             return
         if self.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
             return
-        # The values one byte each: the packing's temporaries are a weight's size or two,
-        # not eight (int32), and glibc's heap keeps less of them once freed.
-        q = unpack_int4(self.packed, torch.uint8)
+        q = unpack_int4(self.packed)
         if dtype == torch.bfloat16 and self._run_on(int4_product(q, self.scales), "mpllama"):
             return
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)

@@ -38,11 +38,12 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return packed, torch.stack([scale, zero], -1).bfloat16()
 
 
-def unpack_int4(packed: torch.Tensor, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """uint8 [out, in/2] -> [out, in], values 0..15, in ``dtype`` (int32: what torch's int4
-    kernels take; uint8: a quarter of the bytes, for mpllama's own packing)."""
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out, in/2] -> uint8 [out, in], values 0..15. One byte a value, so unpacking a
+    weight makes temporaries of its size, not four times it (int32, which torch's int4
+    kernel takes, is the caller's to make); glibc's heap keeps less of them once freed."""
     low, high = packed & 0xF, packed >> 4
-    return torch.stack([low, high], -1).reshape(packed.shape[0], -1).to(dtype)
+    return torch.stack([low, high], -1).reshape(packed.shape[0], -1)
 
 
 def quantize_state(state: dict[str, torch.Tensor], quant: Quantization) -> dict[str, torch.Tensor]:
