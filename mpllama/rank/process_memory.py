@@ -1,11 +1,22 @@
 """A process's own memory: its peak and current resident memory as the OS counts it, and
-handing its heap's freed pages back. What a rank reports and does after loading."""
+handing its heap's freed pages back. What a rank reports, and does while and after
+loading."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import resource
 import sys
+from collections.abc import Iterator
+
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+# While loading: blocks this large or larger get mappings of their own (``loading``).
+LOADING_MMAP_THRESHOLD = 256 * 1024
+# After: the values glibc's own adjustment stops at on 64-bit systems (blocks up to 32 MiB
+# from the heap, a heap's top given back past 64 MiB).
+MMAP_THRESHOLD_MAX, TRIM_THRESHOLD_MAX = 32 << 20, 64 << 20
 
 
 def peak_rss_mb() -> float:
@@ -25,6 +36,34 @@ def release_freed_memory() -> None:
     except (OSError, AttributeError):  # not glibc
         return
     trim(0)
+
+
+@contextlib.contextmanager
+def loading() -> Iterator[None]:
+    """While a rank loads: glibc gives every block of 256 KiB or more a mapping of its
+    own, so each weight's temporaries (its float32 copy while quantizing, its unpacked
+    values while packing) go back to the OS as they are freed.
+
+    Why: a rank loads on its torch thread, whose blocks come from one of glibc's thread
+    arenas. After a mapped block is freed, glibc serves blocks up to its size from the
+    heap and lets the heap keep twice that at its top; ``malloc_trim`` gives back a
+    thread arena's free pages but never its top. Ranks of the bench model (MP=1, bf16)
+    kept 13 MiB of freed temporaries after loading int4 and 6-33 MiB after loading int8,
+    and 33-34 and 25-53 after a short run; with this, 2 and 6 after loading, 5-13 and
+    8-16 after the run (benchmarks/RESULTS.md, session 13). Setting either threshold ends
+    glibc's adjustment for good, so after the load they are set to where the adjustment
+    stops. Nothing where the C library is not glibc."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        yield
+        return
+    mallopt(M_MMAP_THRESHOLD, LOADING_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_MAX)
 
 
 def resident_mb() -> dict[str, float]:

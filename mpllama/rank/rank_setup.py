@@ -22,7 +22,7 @@ from ..quantization import check_quantization, read_quantization
 from . import cpu_kernels, dist, quant, quantize, weights
 from .layers import onednn_unsupported
 from .model import Transformer, materialize
-from .process_memory import peak_rss_mb, release_freed_memory, resident_mb
+from .process_memory import loading, peak_rss_mb, release_freed_memory, resident_mb
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +83,16 @@ def set_up(
     quantization = stored or on_load
     if quantization:
         check_quantization(spec.args, quantization, spec.world_size)
-    state = weights.load_rank_state(shards, spec.args, rank, spec.world_size, stored, on_load)
-    build = quant.materialize_quantized if quantization else materialize
-    model = build(Transformer(spec.args, embed_axis), state, device, dtype)
-    del state
-    linear = linear_kernel(spec.cpu_linear, device, dtype)
-    if linear == "onednn":
-        model.pack_linears()
-    elif quantization:
-        model.pack_linears(onednn=False)
+    with loading():
+        state = weights.load_rank_state(shards, spec.args, rank, spec.world_size, stored, on_load)
+        build = quant.materialize_quantized if quantization else materialize
+        model = build(Transformer(spec.args, embed_axis), state, device, dtype)
+        del state
+        linear = linear_kernel(spec.cpu_linear, device, dtype)
+        if linear == "onednn":
+            model.pack_linears()
+        elif quantization:
+            model.pack_linears(onednn=False)
     release_freed_memory()
     # Gloo ranks that met in shared memory are all on this machine and share its RAM.
     setup_caches(model, spec, device, dtype, spec.world_size if collectives == "shm" else 1)
