@@ -589,12 +589,23 @@ def part_quant(b: Bench) -> None:
     if not b.with_mpllama:
         return
     bench_quant.decode_steps(b.checkpoint(1), b.sizes.llamacpp_batches, quick)
-    rates = bench_quant.speed(b.checkpoint(1), b.sizes.llamacpp_batches, b.seed, b.root)
-    for n in b.sizes.llamacpp_batches:
+    batches = b.sizes.llamacpp_batches
+    rates, held = bench_quant.speed(b.checkpoint(1), batches, b.seed, b.root)
+    for n in batches:
         if ("llama.cpp q8_0", n) in rates:
             ratio = rates["int8", n] / rates["llama.cpp q8_0", n]
             goal = 1.0 if n == 1 else 1.5
             b.target(f"quant: batch {n}, mpllama int8 / llama.cpp q8_0", ratio, goal)
+    if ("llama.cpp q4_0", batches[0]) in rates:  # matching precision at one request
+        ratio = rates["int4", batches[0]] / rates["llama.cpp q4_0", batches[0]]
+        b.target(f"quant: batch {batches[0]}, mpllama int4 / llama.cpp q4_0", ratio, 1.0)
+    # Memory per rank: bf16 about 1/2 of float32's weights, int8 1/4, int4 1/8, plus the
+    # KV cache. "About" read as within a quarter: int4's scales and zeros (bf16, one pair
+    # per 128 weights) and its int8 vocabulary tables alone are 13% over an eighth here.
+    for label, share in (("bf16", 2), ("int8", 4), ("int4", 8)):
+        if label in held:
+            what = f"quant: rank memory {label}, (growth - KV) / (fp32 weights / {share})"
+            b.target(what, held[label] * share, 1.25, at_most=True)
 
 
 def param_count(args: ModelArgs) -> int:
@@ -609,7 +620,7 @@ def part_decode(b: Bench) -> None:
     figures = bench_decode.steps(b.checkpoint(1), b.sizes is QUICK)
     llama3 = bench_decode.llama3_steps(b.root, b.sizes is QUICK)
     for model, got in (("", figures), (" (Llama-3-shaped)", llama3)):
-        for label in ("fp32", "bf16", "int8"):
+        for label in ("fp32", "bf16", "int8", "int4"):
             share = got[f"{label} mpllama"]["share"]
             b.target(
                 f"decode{model}: batch 1 {label}, weight bytes read / machine bound", share, 0.8
@@ -672,7 +683,7 @@ def print_targets(targets: list[tuple[str, float, float, bool]]) -> None:
         met = measured <= goal if at_most else measured >= goal
         bound = "<=" if at_most else ">="
         verdict = "met" if met else "NOT met"
-        print(f"  {what:<54} {measured:5.2f}x  (goal {bound} {goal:.1f}x: {verdict})")
+        print(f"  {what:<54} {measured:5.2f}x  (goal {bound} {goal:g}x: {verdict})")
 
 
 # ------------------------------------------------------------------------ main

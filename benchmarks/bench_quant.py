@@ -345,11 +345,14 @@ def decode_steps(
         )
 
 
-def speed(ckpt: Path, batches: tuple[int, ...], seed: int, root: Path) -> dict:
+def speed(
+    ckpt: Path, batches: tuple[int, ...], seed: int, root: Path
+) -> tuple[dict[tuple[str, int], float], dict[str, float]]:
     """tok/s through the engine at MP=1 per (label, batch), and llama.cpp q8_0's and
     q4_0's (int8's and int4's nearest: q4_0 is symmetric, groups of 32 with an fp16 scale,
     its output layer q6_K; mpllama's int4 asymmetric in groups of 128, bf16 scale and
-    zero, its vocabulary tables int8)."""
+    zero, its vocabulary tables int8); and per precision, what its rank held after the
+    first batch's run less its KV cache, against float32's weights (``print_memory``)."""
     from bench_mpllama import open_llm, rank_memory, run_llm
     from bench_workloads import uniform_workload
 
@@ -407,30 +410,37 @@ def speed(ckpt: Path, batches: tuple[int, ...], seed: int, root: Path) -> dict:
             if k in cpp_kinds:
                 line += f" {rates[m, n] / rates['llama.cpp ' + k, n]:9.2f}x"
         print(line)
-    print_memory(memory, ckpt, batches[0])
-    return rates
+    return rates, print_memory(memory, ckpt, batches[0])
 
 
-def print_memory(memory: dict[str, dict[str, float] | str], ckpt: Path, batch: int) -> None:
+def print_memory(
+    memory: dict[str, dict[str, float] | str], ckpt: Path, batch: int
+) -> dict[str, float]:
     """The rank's memory per precision: its resident growth, what of it the weights and
     the KV cache are (counted tensor by tensor), the rest (activations, the heap, the
-    kernels' buffers), and the weights against float32's bytes of the same model."""
+    kernels' buffers), and the weights against float32's bytes of the same model.
+    Returns, per precision, the growth less the KV cache against float32's weights (the
+    issue's goal: bf16 about 1/2, int8 1/4, int4 1/8)."""
     shards = checkpoint.find_shards(ckpt)
     fp32_mb = checkpoint.check_shards(shards, checkpoint.read_params(ckpt)) * 4 / 2**20
     print(
         f"  rank memory at batch {batch}, MiB (float32's weights: {fp32_mb:.1f}):\n"
         f"  {'':>6} {'growth':>8} {'weights':>8} {'KV cache':>9} {'rest':>7}  weights/fp32"
+        "  (growth - KV cache)/fp32"
     )
+    held: dict[str, float] = {}
     for label, m in memory.items():
         if isinstance(m, str) or "weights_mb" not in m:
             print(f"  {label:>6} {m}")
             continue
         growth = m.get("anon_growth_mb", m["growth_mb"])
         rest = growth - m["weights_mb"] - m["kv_cache_mb"]
+        held[label] = (growth - m["kv_cache_mb"]) / fp32_mb
         print(
             f"  {label:>6} {growth:8.1f} {m['weights_mb']:8.1f} {m['kv_cache_mb']:9.1f} "
-            f"{rest:7.1f}  {m['weights_mb'] / fp32_mb:11.3f}"
+            f"{rest:7.1f}  {m['weights_mb'] / fp32_mb:11.3f}  {held[label]:24.3f}"
         )
+    return held
 
 
 def main(argv: list[str] | None = None) -> int:
