@@ -115,7 +115,11 @@ class Fault:
         self.llm, self.sig, self.delay = llm, sig, delay
         self.pid = llm.engine.rank_info[rank]["pid"]
         self.sent: float | None = None
+        self.seen: float | None = None  # when the requests were first seen running
         self.shutdowns: list[float] = []
+        # Set when the call returns: a fault too late for it is not sent (it would only
+        # break the gang under the next test).
+        self.returned = threading.Event()
 
     def generate(self, monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
         gang = self.llm.engine.gang
@@ -127,25 +131,35 @@ class Fault:
 
         monkeypatch.setattr(gang, "shutdown", timed_shutdown)
         thread = threading.Thread(target=self._inject)
+        started = time.monotonic()
         thread.start()
         try:
             outputs = self.call()
             returned = time.monotonic()
         finally:
+            self.returned.set()
             thread.join()
-            if not wait_for(lambda: pid_gone(self.pid), 10):
+            if self.sent is not None and not wait_for(lambda: pid_gone(self.pid), 10):
                 os.kill(self.pid, signal.SIGKILL)  # never leave a stopped process behind
                 pytest.fail(f"the faulty rank's process {self.pid} outlived its gang")
-        assert self.sent is not None and self.sent < returned, "the fault missed the requests"
+        # Seconds from the call, for a miss's message.
+        seen, sent, done = (
+            None if t is None else round(t - started, 3) for t in (self.seen, self.sent, returned)
+        )
+        missed = f"the fault missed the requests: seen running {seen}, sent {sent}, returned {done}"
+        assert self.sent is not None and self.sent < returned, missed
         return outputs
 
     def call(self) -> list[list[int]]:
         return [o.token_ids for o in self.llm.generate(WORK, PARAMS)]
 
     def _inject(self) -> None:
-        if not wait_for(lambda: self.llm.counts()[0] > 0, 30, every=0.005):
+        running = lambda: self.returned.is_set() or self.llm.counts()[0] > 0  # noqa: E731
+        if not wait_for(running, 30, every=0.005) or self.returned.is_set():
             return  # nothing ran: generate() then fails the "missed" check
-        time.sleep(self.delay)
+        self.seen = time.monotonic()
+        if self.returned.wait(self.delay):
+            return
         self.sent = time.monotonic()
         os.kill(self.pid, self.sig)
 
