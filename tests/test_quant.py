@@ -160,6 +160,19 @@ def tiny_q_by_vocab(tiny_q: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_q_tied(tiny_q: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_q with its output layer's matrix stored again as the embedding (Llama 3.2
+    1B and 3B's checkpoints), in 2 shards split by vocabulary."""
+    out = tmp_path_factory.mktemp("tiny-q-tied")
+    args = checkpoint.read_params(tiny_q)
+    state = weights.load_rank_state(checkpoint.find_shards(tiny_q), args, 0, 1)
+    state["tok_embeddings.weight"] = state["output.weight"].clone()
+    weights.write_checkpoint(out, args, state, 2, embed_axis=0)
+    shutil.copyfile(tiny_q / "tokenizer.model", out / "tokenizer.model")
+    return out
+
+
 def quantize_ckpt(src: Path, out: Path, method: str, *extra: str) -> Path:
     assert main(["quantize", str(src), str(out), "--to", method, *extra]) == 0
     return out
@@ -297,6 +310,33 @@ def test_a_quantized_rank_holds_a_quarter_or_less_of_float32s_bytes(
     assert int4.weight_bytes() - int4_layers == int8.weight_bytes() - int8_layers
 
 
+@pytest.mark.skipif(
+    not quant.onednn_int8_supported() or cpu_kernels.library() is None,
+    reason="the output layer is packed for oneDNN's int8 kernel only on CPUs with VNNI",
+)
+@pytest.mark.parametrize("method", METHODS)
+def test_a_tied_embedding_reads_its_rows_from_the_output_layer(
+    method: str, tiny_q_tied: Path, tiny_q: Path, monkeypatch: pytest.MonkeyPatch, single_rank: None
+) -> None:
+    """A tied checkpoint's int8 embedding holds no rows of its own: it reads them from
+    the output layer's packed weight, the same values, and the same logits as a rank that
+    keeps both; an untied one keeps its table."""
+    tied = load(tiny_q_tied, method)
+    table = tied.tok_embeddings.weight
+    assert isinstance(table, quant.SharedInt8Table) and table.nbytes() == 0
+    assert type(load(tiny_q, method).tok_embeddings.weight) is quant.Int8Table
+    monkeypatch.setattr(Transformer, "share_vocabulary", lambda self: None)
+    both = load(tiny_q_tied, method)
+    own = both.tok_embeddings.weight
+    assert type(own) is quant.Int8Table
+    assert tied.weight_bytes() == both.weight_bytes() - own.nbytes()
+    every = torch.arange(own.shape[0])
+    assert torch.equal(table.lookup(every), own.lookup(every))
+    ids = torch.tensor([[3, own.shape[0] - 1], [64, 0]])  # any shape, the last row
+    assert torch.equal(table.lookup(ids), own.lookup(ids))
+    assert torch.equal(last_logits(tied, ROWS), last_logits(both, ROWS))
+
+
 def test_a_checkpoint_quantized_before_the_vocabulary_was_keeps_it_in_full_precision(
     tiny_q: Path, tmp_path: Path, single_rank: None
 ) -> None:
@@ -326,12 +366,13 @@ def test_a_checkpoint_quantized_before_the_vocabulary_was_keeps_it_in_full_preci
 
 
 def test_two_ranks_run_a_quantized_checkpoint_as_one_does(
-    tiny_q: Path, tiny_q_by_vocab: Path, tmp_path: Path, ray_runtime
+    tiny_q: Path, tiny_q_by_vocab: Path, tiny_q_tied: Path, tmp_path: Path, ray_runtime
 ) -> None:
     """Through the engine: the int8 checkpoint of 2 shards on 1 rank and on 2 (its
     row-parallel scales are per shard, so the two compute the same sums), int4
-    quantized on load at 2 ranks against the same on 1, and int8 on load from shards
-    that split the embedding by vocabulary (each rank looks up its own rows' int8)."""
+    quantized on load at 2 ranks against the same on 1, int8 on load from shards
+    that split the embedding by vocabulary (each rank looks up its own rows' int8), and
+    a tied one so split (each rank reads its rows from its slice of the output layer)."""
     from mpllama import LLM, SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=5, logprobs=True, ignore_eos=True)
@@ -340,6 +381,7 @@ def test_two_ranks_run_a_quantized_checkpoint_as_one_does(
         ("int8", int8, "none"),
         ("int4", tiny_q, "int4"),
         ("int8 by vocabulary", tiny_q_by_vocab, "int8"),
+        ("int4 tied, by vocabulary", tiny_q_tied, "int4"),
     ]
     runs = {}
     for name, folder, setting in cases:

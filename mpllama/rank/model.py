@@ -35,7 +35,7 @@ from .layers import (
     parallel_embedding,
     row_parallel,
 )
-from .quant import Int4Weight, Int8Weight, quantized_bytes
+from .quant import Int4Weight, Int8Table, Int8Weight, quantized_bytes, shared_table
 from .rope import rope_table
 from .row_decode import RowDecoder
 
@@ -205,9 +205,20 @@ class Transformer(nn.Module):
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
                 module.register_buffer("weight", packed)
                 module.one_row = one_row_product(packed)
+        self.share_vocabulary()
         self.logits32 = float32_product(self.output.one_row)
         self.fused_layers = self._fused_layers()
         self.row_decoder = RowDecoder.build(self)
+
+    def share_vocabulary(self) -> None:
+        """A tied embedding (Llama 3.2 1B and 3B: the checkpoint stores the output
+        layer's matrix again as the embedding) in int8 reads its rows from the output
+        layer's packed weight instead of holding its own (``quant.shared_table``)."""
+        table, output = self.tok_embeddings.weight, self.output.weight
+        if isinstance(table, Int8Table) and isinstance(output, Int8Weight):
+            shared = shared_table(table, output)
+            if shared is not None:
+                self.tok_embeddings.weight = shared
 
     def _fused_layers(self) -> bool:
         """Whether every forward runs its layers through ``TransformerBlock.fused``:
