@@ -31,11 +31,9 @@ def release_freed_memory() -> None:
     quantizing, each weight's float32 copy. glibc keeps those pages for reuse, so a rank
     quantized to int8 held 240 MiB of anonymous memory for 106 MiB of weights, more than
     the same rank in bf16; after a trim it holds 117."""
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return
-    trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 @contextlib.contextmanager
@@ -53,17 +51,25 @@ def loading() -> Iterator[None]:
     8-16 after the run (benchmarks/RESULTS.md, session 13). Setting either threshold ends
     glibc's adjustment for good, so after the load they are set to where the adjustment
     stops. Nothing where the C library is not glibc."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
+    libc = _glibc()
+    if libc is None:
         yield
         return
-    mallopt(M_MMAP_THRESHOLD, LOADING_MMAP_THRESHOLD)
+    libc.mallopt(M_MMAP_THRESHOLD, LOADING_MMAP_THRESHOLD)
     try:
         yield
     finally:
-        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
-        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_MAX)
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_MAX)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, where this process runs on it (its malloc_trim and mallopt); else None."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
 
 
 def resident_mb() -> dict[str, float]:

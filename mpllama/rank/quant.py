@@ -338,33 +338,34 @@ class Int8Table:
 class SharedInt8Table(Int8Table):
     """A tied vocabulary table read from the output layer (``shared_table``): Llama 3.2
     1B and 3B store one matrix twice, as ``tok_embeddings`` and ``output``, and their int8
-    tables are the same bytes, so the embedding looks its rows up in the output layer's
-    weight as oneDNN packed it ([N/64][K/4][64][4] int8, ``cpu_kernels.c``'s
-    ``gemv_int8``) instead of holding its own copy: 263 MB less on each rank of Llama 3.2
-    1B, 394 on 3B. The same values as the table it replaces (checked row for row when
-    made)."""
+    tables are the same bytes, so the embedding looks its rows up in the weight the output
+    layer's one-row kernel reads (``Int8OneRow``: oneDNN's [N/64][K/4][64][4] int8,
+    ``cpu_kernels.c``'s ``gemv_int8``) instead of holding its own copy: 263 MB less on
+    each rank of Llama 3.2 1B, 394 on 3B. The same values as the table it replaces
+    (checked row for row when made)."""
 
-    def __init__(self, output: Int8Weight, rows: int) -> None:
-        packed = output._packed[0]
-        inner = output.shape[1]
-        padded = output._scales[0].shape[0]
-        buffer = (ctypes.c_int8 * (padded * inner)).from_address(torch.ops.mkldnn.data_ptr(packed))
-        self._output = output  # holds the packed weight the view reads
+    def __init__(self, one_row: Int8OneRow, rows: int) -> None:
+        padded, inner = one_row.rows, one_row.inner
+        buffer = (ctypes.c_int8 * (padded * inner)).from_address(one_row.pointers[0])
+        self._one_row = one_row  # holds the packed weight the view reads
         self._buffer = buffer
         self._blocks = torch.frombuffer(buffer, dtype=torch.int8).view(
             padded // BLOCK, inner // 4, BLOCK, 4
         )
-        self.scales = output._scales[0][:rows, None]  # a view: [rows, 1] float32
+        self.scales = one_row.scales[0, :rows, None]  # a view: [rows, 1] float32
         self.shape = (rows, inner)
 
     @property
     def device(self) -> torch.device:
-        return self._output.device
+        return torch.device("cpu")
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The int8 rows ``ids`` [n] name: [n, dim]."""
+        return self._blocks[ids // BLOCK, :, ids % BLOCK].reshape(len(ids), self.shape[1])
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        q = self._blocks[flat // BLOCK, :, flat % BLOCK].reshape(len(flat), self.shape[1])
-        return (q.float() * self.scales[flat]).reshape(*ids.shape, self.shape[1])
+        return (self.rows(flat).float() * self.scales[flat]).reshape(*ids.shape, self.shape[1])
 
     def nbytes(self) -> int:
         return 0  # the output layer's weight, counted there
@@ -373,19 +374,18 @@ class SharedInt8Table(Int8Table):
 def shared_table(table: Int8Table, output: Int8Weight) -> SharedInt8Table | None:
     """``table`` read from ``output``'s packed weight where the two hold the same int8
     rows and scales (a tied embedding, on a rank that holds the same vocabulary rows of
-    both) and ``output`` is packed for oneDNN in one input group in the layout
-    mpllama's kernel reads (``Int8Weight.one_row``); else None."""
-    if output.kernel != "onednn" or output.one_row is None or output.scales.shape[1] != 1:
+    both) and ``output``'s one-row kernel reads it in one input group; else None."""
+    one_row = output.one_row
+    if one_row is None or len(one_row.packed) != 1 or table.scales.shape[1] != 1:
         return None
-    if table.shape != output.shape or table.scales.shape[1] != 1:
+    if table.shape != output.shape:
         return None
-    if not torch.equal(table.scales[:, 0], output._scales[0][: table.shape[0]]):
+    if not torch.equal(table.scales[:, 0], one_row.scales[0, : table.shape[0]]):
         return None  # not tied (the cheap check first)
-    shared = SharedInt8Table(output, table.shape[0])
+    shared = SharedInt8Table(one_row, table.shape[0])
     for first in range(0, table.shape[0], 4096):  # row for row, a few MB at a time
         rows = torch.arange(first, min(first + 4096, table.shape[0]))
-        mine = shared._blocks[rows // BLOCK, :, rows % BLOCK].flatten(1)
-        if not torch.equal(mine, table.q[first : first + len(rows)]):
+        if not torch.equal(shared.rows(rows), table.q[first : first + len(rows)]):
             return None
     return shared
 
