@@ -23,7 +23,7 @@ from .quantization import (
     quantized_shapes,
     read_quantization,
 )
-from .shard_axes import EMBEDDING, shard_shapes
+from .shard_axes import EMBEDDING, scales_key, shard_shapes
 from .shard_index import index_shapes
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -192,9 +192,12 @@ def embedding_axis(shapes: Shapes, args: ModelArgs, parts: int) -> int:
     shard's shapes: 0 (vocabulary parallel, Llama 3) or 1 (model dimension, Llama 1/2).
     One shard holds the whole table, which either reading fits: 1 is taken. A shard
     holding full-width rows is read as split by vocabulary (the strict check then names
-    a wrong row count against that layout)."""
+    a wrong row count against that layout). An int4 embedding (its scales [rows, groups,
+    2]: ``quantization``) stores two values a byte, so its full rows are dim / 2 wide."""
     shape = shapes.get(EMBEDDING)
-    if parts > 1 and shape is not None and len(shape) == 2 and shape[1] == args.dim:
+    packed = len(shapes.get(scales_key(EMBEDDING), ())) == 3
+    width = args.dim // 2 if packed else args.dim
+    if parts > 1 and shape is not None and len(shape) == 2 and shape[1] == width:
         return 0
     return 1
 

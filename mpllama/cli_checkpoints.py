@@ -117,7 +117,7 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
         int4_group_size,
         read_quantization,
     )
-    from .rank.quantize import quantize_state
+    from .rank.quantize import for_checkpoint, quantize_state
     from .rank.weights import load_shard
 
     src, out = Path(ns.src), Path(ns.out)
@@ -142,6 +142,7 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
         check_quantization(args, quant, len(shards))
     except ConfigError as exc:
         raise MpllamaError(f"cannot quantize {src}: {exc}") from None
+    quant = for_checkpoint(quant, load_shard(shards[0]))  # a tied embedding stays int8
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("consolidated.*.pth"):
         stale.unlink()
@@ -154,7 +155,10 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
         shutil.copyfile(find_tokenizer(src), out / "tokenizer.model")
     except MpllamaError:
         pass  # none beside it: the user passes one when running
-    print(f"wrote {out}: {len(shards)} shard(s), linear weights {ns.to}")
+    print(
+        f"wrote {out}: {len(shards)} shard(s), linear weights {ns.to}, "
+        f"embedding {quant.embedding}, output layer int8"
+    )
     return 0
 
 
@@ -203,7 +207,12 @@ def cmd_check(ns: argparse.Namespace) -> int:
     quant = read_quantization(folder)
     if quant is not None:
         how = f"groups of {quant.group_size}" if quant.method == "int4" else "scale per row"
-        print(f"  quantized: {quant.method} linear weights ({how}; mpllama quantize)")
+        vocab = (
+            f"; embedding {quant.embedding}, output layer int8"
+            if quant.vocab
+            else "; embedding and output layer as stored"
+        )
+        print(f"  quantized: {quant.method} linear weights ({how}{vocab}; mpllama quantize)")
     if ns.mp is not None:
         check_model_parallel(args, ns.mp)
         shard_plan(len(shards), ns.mp)

@@ -31,18 +31,31 @@ class Quantization:
     the whole (unsharded) model, the number of shards it was quantized from, so each
     shard's scales stand on their own and resharding never re-quantizes.
 
-    ``vocab``: the embedding and the output layer are int8 too, one scale per row (and
-    ``embed_groups`` along the embedding's rows: the shards it was quantized from if they
-    split it by model dimension, else 1), whatever ``method`` the layers take: int8 is
-    what llama.cpp's q8_0 keeps them in, and int4 logits would cost more quality than the
-    bytes are worth. Checkpoints quantized before mpllama did so have no ``vocab`` entry:
-    theirs stay in full precision."""
+    ``vocab``: the vocabulary's tables are quantized too. The output layer is int8, one
+    scale per row, whatever ``method`` the layers take: int8 is what llama.cpp's q8_0
+    keeps it in, and int4 logits would cost more quality than the bytes are worth.
+    Checkpoints quantized before mpllama did so have no ``vocab`` entry: theirs stay in
+    full precision.
+
+    ``embedding``: the embedding's type, ``method``'s by default. int8 has one scale per
+    row (and ``embed_groups`` along it: the shards it was quantized from if they split it
+    by model dimension, else 1). int4 is group-wise as the layers' weights, as llama.cpp's
+    q4_0 keeps its token embedding: it is looked up, never multiplied, and cost the demo
+    model 0.4% of perplexity. A tied vocabulary's embedding stays int8
+    (``quantize.for_checkpoint``), its rows read from the output layer. Entries written
+    before mpllama had int4 embeddings have no ``embedding``: theirs is int8."""
 
     method: str
     group_size: int = 32  # int4: weights per scale and zero along the input
     row_groups: int = 1
     vocab: bool = True
     embed_groups: int = 1
+    embedding: str = ""  # "": ``method``'s
+
+    @property
+    def int8_embedding(self) -> bool:
+        """Whether the embedding is an int8 table (one scale per row and group)."""
+        return self.vocab and self.embedding == "int8"
 
     def __post_init__(self) -> None:
         if self.method not in QUANT_METHODS:
@@ -58,6 +71,14 @@ class Quantization:
                 "quantization row_groups and embed_groups must be >= 1, got "
                 f"{self.row_groups} and {self.embed_groups}"
             )
+        if not self.embedding:
+            object.__setattr__(self, "embedding", self.method)
+        allowed = sorted({"int8", self.method})
+        if self.embedding not in allowed:
+            raise ConfigError(
+                f"a {self.method} quantization's embedding is one of {allowed}, "
+                f"got {self.embedding!r}"
+            )
 
     def to_params(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"method": self.method}
@@ -65,8 +86,10 @@ class Quantization:
             entry["group_size"] = self.group_size
         else:
             entry["row_groups"] = self.row_groups
-        if self.vocab:
+        if self.int8_embedding:
             entry["embed_groups"] = self.embed_groups
+        if self.vocab:
+            entry["embedding"] = self.embedding
         return {**entry, "vocab": self.vocab}
 
     def scale_groups(self, key: str, parts: int, embed_axis: int) -> int:
@@ -89,10 +112,13 @@ class Quantization:
 
     def method_of(self, key: str) -> str | None:
         """How ``key`` is quantized: ``method`` for the layers' linear weights, int8 for
-        the vocabulary's tables (``vocab``), None for a tensor kept as it is."""
+        the output layer and ``embedding`` for the embedding (``vocab``), None for a tensor
+        kept as it is."""
         if is_quantized_key(key):
             return self.method
-        return "int8" if self.vocab and key in VOCAB_TABLES else None
+        if not self.vocab or key not in VOCAB_TABLES:
+            return None
+        return self.embedding if key == EMBEDDING else "int8"
 
 
 def read_quantization(checkpoint_dir: str | Path) -> Quantization | None:
@@ -105,7 +131,8 @@ def read_quantization(checkpoint_dir: str | Path) -> Quantization | None:
     if entry is None:
         return None
     try:
-        return Quantization(**{"vocab": False, **entry})  # older entries: see ``vocab``
+        # older entries: see ``vocab`` and ``embedding``
+        return Quantization(**{"vocab": False, "embedding": "int8", **entry})
     except (TypeError, ConfigError) as exc:
         raise CheckpointError(
             f"{path}: {QUANTIZATION_KEY} {entry!r} is not one mpllama wrote ({exc}); "
@@ -157,7 +184,7 @@ def check_quantization(args: ModelArgs, quant: Quantization, parts: int) -> None
                 f"({parts} part(s)); {fix}"
             )
     groups = [quant.row_groups] if quant.method == "int8" else []
-    groups += [quant.embed_groups] if quant.vocab else []
+    groups += [quant.embed_groups] if quant.int8_embedding else []
     if any(n % parts and parts % n for n in groups):
         raise ConfigError(
             f"the int8 scales of a checkpoint quantized from {max(groups)} shard(s) cannot "

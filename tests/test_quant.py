@@ -110,6 +110,27 @@ def test_an_int8_table_looks_up_each_row_times_its_scale(groups: int) -> None:
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("form", ["C", "torch"])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_an_int4_table_looks_up_the_rows_its_weight_dequantizes_to(
+    form: str, group_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Int4Table.lookup (one C call on the CPU, else torch's ops) gives, for ids of any
+    shape, repeats and the last row included, exactly the float32 rows
+    ``Int4Weight.dequantize`` makes of the same table."""
+    if form == "torch":
+        monkeypatch.setattr(quant, "library", lambda: None)
+    elif cpu_kernels.library() is None:
+        pytest.skip(f"mpllama's CPU kernels do not run here: {cpu_kernels.unavailable()}")
+    packed, scales = quantize_int4(randn(6, 50, 192), group_size)
+    table = quant.Int4Table(packed, scales)
+    assert table.shape == (50, 192) and table.group_size == group_size
+    ids = torch.tensor([[3, 0, 49], [7, 7, 12]])
+    got = table.lookup(ids)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, 192)
+    assert torch.equal(got, Int4Weight(packed, scales).dequantize()[ids])
+
+
 def test_int4_values_round_trip_through_their_packing() -> None:
     w = randn(4, 8, 64)
     packed, scales = quantize_int4(w, 32)
@@ -232,11 +253,21 @@ def test_quantizing_on_load_equals_loading_a_quantized_checkpoint(
     full = last_logits(float_model, ROWS)
     err = float((got - full).norm() / full.norm())
     assert err < {"int8": 0.03, "int4": 0.25}[method], err
-    # The int8 embedding's rows, each half (a shard's) on its own scale, as stored.
-    table = float_model.tok_embeddings.weight
+    # The embedding's rows: int8's each half (a shard's) on its own scale, as stored;
+    # int4's the layers' groups (which a split by model dimension never cuts), exactly
+    # the values the same table quantized whole holds.
+    table = float_model.tok_embeddings.weight.detach()
     for model in (on_load, stored):
-        rows = model.tok_embeddings.weight.lookup(torch.arange(table.shape[0]))
-        assert float((rows - table).norm() / table.norm()) < 0.01
+        looked_up = model.tok_embeddings.weight
+        assert type(looked_up) is {"int8": quant.Int8Table, "int4": quant.Int4Table}[method]
+        rows = looked_up.lookup(torch.arange(table.shape[0]))
+        assert rows.dtype == torch.float32
+        if method == "int8":
+            assert float((rows - table).norm() / table.norm()) < 0.01
+        else:
+            want = Int4Weight(*quantize_int4(table, looked_up.group_size)).dequantize()
+            assert torch.equal(rows, want)
+            assert float((rows - table).norm() / table.norm()) < 0.1
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -292,12 +323,11 @@ def test_a_quantized_rank_holds_a_quarter_or_less_of_float32s_bytes(
     """Every weight a rank holds, scales and norms included: int8 about 1/4 of float32's
     bytes, the vocabulary's tables too; int4's layers half a byte a weight and a scale
     and zero per group of 64 (auto's for tiny_q's 2 shards; in the model's dtype, here
-    float32), its vocabulary's tables int8 as int8's are."""
+    float32), its embedding so too (two bf16 a group), its output layer int8 as int8's."""
     full = load(tiny_q)
     int8, int4 = load(tiny_q, "int8"), load(tiny_q, "int4")
     assert isinstance(int8.output.weight, Int8Weight)
     assert isinstance(int4.output.weight, Int8Weight)
-    assert isinstance(int4.tok_embeddings.weight, quant.Int8Table)
     assert 0.25 <= int8.weight_bytes() / full.weight_bytes() < 0.26
     layers = [m.weight for m in int4.modules() if isinstance(m.__dict__.get("weight"), Int4Weight)]
     assert len(layers) == 4 * full.args.n_layers  # wqkv, wo, w13, w2
@@ -305,9 +335,13 @@ def test_a_quantized_rank_holds_a_quarter_or_less_of_float32s_bytes(
     linears = sum(w.shape[0] * w.shape[1] for w in layers)
     int4_layers = sum(w.nbytes() for w in layers)
     assert int4_layers == linears // 2 + linears // 64 * 2 * 4
-    int8_layers = quant.quantized_bytes(int8) - int8.output.weight.nbytes()
-    int8_layers -= int8.tok_embeddings.weight.nbytes()
-    assert int4.weight_bytes() - int4_layers == int8.weight_bytes() - int8_layers
+    table = int4.tok_embeddings.weight
+    assert isinstance(table, quant.Int4Table) and table.group_size == 64
+    rows, dim = full.tok_embeddings.weight.shape
+    assert table.nbytes() == rows * dim // 2 + rows * dim // 64 * 2 * 2
+    # the rest, the int8 output layer and the norms, as int8's
+    int8_rest = int8.weight_bytes() - quant.quantized_bytes(int8) + int8.output.weight.nbytes()
+    assert int4.weight_bytes() - int4_layers - table.nbytes() == int8_rest
 
 
 @pytest.mark.skipif(
@@ -318,13 +352,15 @@ def test_a_quantized_rank_holds_a_quarter_or_less_of_float32s_bytes(
 def test_a_tied_embedding_reads_its_rows_from_the_output_layer(
     method: str, tiny_q_tied: Path, tiny_q: Path, monkeypatch: pytest.MonkeyPatch, single_rank: None
 ) -> None:
-    """A tied checkpoint's int8 embedding holds no rows of its own: it reads them from
-    the output layer's packed weight, the same values, and the same logits as a rank that
-    keeps both; an untied one keeps its table."""
+    """A tied checkpoint's embedding, int8 even in int4 (``quantize.for_checkpoint``),
+    holds no rows of its own: it reads them from the output layer's packed weight, the
+    same values, and the same logits as a rank that keeps both; an untied one keeps its
+    table, int4's in int4."""
     tied = load(tiny_q_tied, method)
     table = tied.tok_embeddings.weight
     assert isinstance(table, quant.SharedInt8Table) and table.nbytes() == 0
-    assert type(load(tiny_q, method).tok_embeddings.weight) is quant.Int8Table
+    untied = {"int8": quant.Int8Table, "int4": quant.Int4Table}[method]
+    assert type(load(tiny_q, method).tok_embeddings.weight) is untied
     monkeypatch.setattr(Transformer, "share_vocabulary", lambda self: None)
     both = load(tiny_q_tied, method)
     own = both.tok_embeddings.weight
@@ -365,13 +401,53 @@ def test_a_checkpoint_quantized_before_the_vocabulary_was_keeps_it_in_full_preci
     assert err < 0.03, err
 
 
+def test_an_int4_checkpoint_quantized_before_int4_embeddings_keeps_its_int8_table(
+    tiny_q: Path, tmp_path: Path, single_rank: None
+) -> None:
+    """An int4 checkpoint written when every embedding was int8: its params entry has no
+    ``embedding``. It loads as written, its embedding an int8 table, its layers as a
+    checkpoint quantized now; what is written now says int4 and holds it."""
+    old, now = tmp_path / "old", quantize_ckpt(tiny_q, tmp_path / "now", "int4")
+    old.mkdir()
+    written = Quantization("int4", 64, embedding="int8").split_as(2, 1)
+    for path in checkpoint.find_shards(tiny_q):
+        torch.save(quantize.quantize_state(weights.load_shard(path), written), old / path.name)
+    params = json.loads((tiny_q / "params.json").read_text())
+    entry = {"method": "int4", "group_size": 64, "embed_groups": 2, "vocab": True}
+    params["mpllama_quantization"] = entry
+    (old / "params.json").write_text(json.dumps(params))
+    shutil.copyfile(tiny_q / "tokenizer.model", old / "tokenizer.model")
+    assert read_quantization(old) == written
+    assert json.loads((now / "params.json").read_text())["mpllama_quantization"] == {
+        "method": "int4",
+        "group_size": 64,
+        "embedding": "int4",
+        "vocab": True,
+    }
+    assert main(["check", str(old)]) == 0
+    model, new = load(old), load(now)
+    assert type(model.tok_embeddings.weight) is quant.Int8Table
+    assert type(new.tok_embeddings.weight) is quant.Int4Table
+    args = checkpoint.read_params(tiny_q)
+    states = [
+        weights.load_rank_state(checkpoint.find_shards(f), args, 0, 1, read_quantization(f))
+        for f in (old, now)
+    ]
+    layers = [k for k in states[1] if k.startswith("layers.")]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in layers)
+    assert states[0]["tok_embeddings.weight"].dtype == torch.int8
+    full = last_logits(load(tiny_q), ROWS)
+    err = float((last_logits(model, ROWS) - full).norm() / full.norm())
+    assert err < 0.25, err
+
+
 def test_two_ranks_run_a_quantized_checkpoint_as_one_does(
     tiny_q: Path, tiny_q_by_vocab: Path, tiny_q_tied: Path, tmp_path: Path, ray_runtime
 ) -> None:
     """Through the engine: the int8 checkpoint of 2 shards on 1 rank and on 2 (its
     row-parallel scales are per shard, so the two compute the same sums), int4
-    quantized on load at 2 ranks against the same on 1, int8 on load from shards
-    that split the embedding by vocabulary (each rank looks up its own rows' int8), and
+    quantized on load at 2 ranks against the same on 1, int8 and int4 on load from
+    shards that split the embedding by vocabulary (each rank looks up its own rows), and
     a tied one so split (each rank reads its rows from its slice of the output layer)."""
     from mpllama import LLM, SamplingParams
 
@@ -381,6 +457,7 @@ def test_two_ranks_run_a_quantized_checkpoint_as_one_does(
         ("int8", int8, "none"),
         ("int4", tiny_q, "int4"),
         ("int8 by vocabulary", tiny_q_by_vocab, "int8"),
+        ("int4 by vocabulary", tiny_q_by_vocab, "int4"),
         ("int4 tied, by vocabulary", tiny_q_tied, "int4"),
     ]
     runs = {}
@@ -412,6 +489,10 @@ def test_quantization_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="quant_group_size must be auto or one of"):
         RuntimeConfig(quant_group_size=48)
     assert RuntimeConfig().quantization == "none"
+    assert Quantization("int4").embedding == "int4"
+    assert Quantization("int8").embedding == "int8"
+    with pytest.raises(ConfigError, match=r"embedding is one of \['int8'\], got 'int4'"):
+        Quantization("int8", embedding="int4")
 
 
 LLAMA32_1B = ModelArgs(

@@ -370,6 +370,38 @@ float stream_sum(const float *x, int64_t n) {
     return total;
 }
 
+/* Rows ids[0..n-1] of an int4 embedding table (quantize_int4's layout: packed [rows,
+ * dim/2], the even value in the low nibble; bf16 scale and zero [rows, dim/gs, 2]), gs a
+ * multiple of 32: out[i] = float(q - 8) * scale + zero, float32, as quant.Int4Table's
+ * torch form computes it (the product is exact, a 4-bit value times a bf16 scale; one
+ * rounding at the sum). */
+void lookup_int4(const uint8_t *packed, const uint16_t *sz, const int64_t *ids, int64_t n,
+                 int64_t dim, int64_t gs, float *out) {
+    const int64_t G = dim / gs;
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    const __m512i eight = _mm512_set1_epi32(8);
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *row = packed + ids[i] * (dim / 2);
+        const uint16_t *row_sz = sz + ids[i] * G * 2;
+        float *o = out + i * dim;
+        for (int64_t g = 0; g < G; g++) {
+            const __m512 s = _mm512_set1_ps(bf16_to_f32(row_sz[2 * g]));
+            const __m512 z = _mm512_set1_ps(bf16_to_f32(row_sz[2 * g + 1]));
+            for (int64_t d = g * gs; d < (g + 1) * gs; d += 32) {
+                const __m128i b = _mm_loadu_si128((const __m128i *)(row + d / 2));
+                const __m128i lo = _mm_and_si128(b, nibble);
+                const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), nibble);
+                const __m128i halves[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};
+                for (int h = 0; h < 2; h++) {
+                    const __m512i q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(halves[h]), eight);
+                    _mm512_storeu_ps(o + d + 16 * h,
+                                     _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), s), z));
+                }
+            }
+        }
+    }
+}
+
 /* Rows ids[0..n-1] of an int8 embedding table q [rows, dim] with float32 scales
  * [rows, G] (one per G equal runs of a row): out[i] = float(q[id]) * its run's scale,
  * float32, as quant.Int8Table's torch form computes it (one rounding each). */

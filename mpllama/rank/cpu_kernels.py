@@ -61,6 +61,7 @@ _SIGNATURES = {
     "gemm_bf16_bf16": [_P, _P, _P, _I, _I, _I, _I, _I],
     "stream_sum": [_P, _I],
     "lookup_int8": [_P, _P, _P, _I, _I, _I, _P],
+    "lookup_int4": [_P, _P, _P, _I, _I, _I, _P],
     "int4_product": [_P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int],
     # a decode step's layer (row_decode.py's structs, then the step's arguments)
     "row_attention_step": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _P],

@@ -22,7 +22,7 @@ from torch import nn
 
 from .cpu_products import OneRowProduct
 from .dist import all_gather, all_reduce
-from .quant import Int4Weight, Int8Table, Int8Weight
+from .quant import Int4Table, Int4Weight, Int8Table, Int8Weight
 
 # fairscale 0.4.13 allocates each parallel layer's weight with the legacy torch.Tensor()
 # constructor (which ignores the meta device) and, with more than one rank, initialises
@@ -111,10 +111,10 @@ class Fused(nn.Module):
         return linear(x, self.weight, self.one_row)
 
 
-def lookup(tokens: torch.Tensor, table: torch.Tensor | Int8Table) -> torch.Tensor:
-    """An embedding's rows for ``tokens``: the table's own type, or float32 from an int8
-    table (``quant.Int8Table``)."""
-    if isinstance(table, Int8Table):
+def lookup(tokens: torch.Tensor, table: torch.Tensor | Int8Table | Int4Table) -> torch.Tensor:
+    """An embedding's rows for ``tokens``: the table's own type, or float32 from a
+    quantized table (``quant.Int8Table``, ``quant.Int4Table``)."""
+    if isinstance(table, (Int8Table, Int4Table)):
         return table.lookup(tokens)
     return F.embedding(tokens, table)
 

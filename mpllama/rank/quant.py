@@ -4,10 +4,12 @@ their quantized twins (gpt-fast's shape: build, then replace each weight while l
 How full-precision weights are quantized is rank/quantize.py's.
 
 The seven linear weights of every layer (wq, wk, wv, wo, w1, w2, w3) are quantized to
-the method's type; the vocabulary's tables, the embedding and the output layer, to int8
-per row whatever the method (``Quantization.vocab``; llama.cpp's q8_0 keeps them so).
-They are a fifth of Llama 3.2 1B's weights; in full precision they kept an int8 rank of
-the bench model at 0.27 of float32's weight bytes instead of a quarter (RESULTS.md,
+the method's type; the output layer to int8 per row whatever the method, and the
+embedding to the method's type (``Quantization.vocab`` and ``embedding``; llama.cpp's
+q8_0 keeps both int8, its q4_0 the embedding in 4 bits and the output layer in 6). A
+tied embedding stays int8, read from the output layer (``SharedInt8Table``). The two
+tables are a fifth of Llama 3.2 1B's weights; in full precision they kept an int8 rank
+of the bench model at 0.27 of float32's weight bytes instead of a quarter (RESULTS.md,
 session 7).
 
 * int8: symmetric int8 weights, one float32 scale per output row and input group (a
@@ -30,7 +32,7 @@ Measured on a 2-core AMD EPYC (AVX-512 bf16 + VNNI), 2048x8192 layer: benchmarks
 A quantized checkpoint (``mpllama quantize``) holds each quantized ``X.weight`` (int8
 [out, in]; int4 packed two to a byte, uint8 [out, in/2], the even column in the low
 nibble) and ``X.scales`` (int8: float32 [out, groups]; int4: bf16 [out, in/group_size, 2],
-scale then zero, w = (q - 8) * scale + zero).
+scale then zero, w = (q - 8) * scale + zero); the embedding's rows are its ``out``.
 """
 
 from __future__ import annotations
@@ -335,6 +337,51 @@ class Int8Table:
         return self.q.numel() + self.scales.numel() * 4
 
 
+class Int4Table:
+    """An embedding table in int4 (``Quantization.embedding``), stored as the layers'
+    weights are (``quantize_int4``): packed uint8 [rows, dim/2] and bf16 scale and zero
+    [rows, dim/group_size, 2]. Looked up row by row, in float32: the values
+    ``Int4Weight.dequantize`` gives those rows."""
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor) -> None:
+        assert packed.dtype == torch.uint8 and scales.dtype == torch.bfloat16
+        self.packed, self.scales = packed.contiguous(), scales.contiguous()
+        self.shape = (packed.shape[0], packed.shape[1] * 2)
+        self.group_size = self.shape[1] // scales.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows ``ids`` [...] name, dequantized: [..., dim] float32. On the CPU one C
+        call (``lookup_int4``): the torch form's ten ops took 36 us for one row of Llama
+        3's table, the C call 4 (RESULTS.md, session 14). The same values either way."""
+        lib = library() if self.device.type == "cpu" else None
+        if lib is not None:
+            ids = ids.contiguous()
+            out = torch.empty(*ids.shape, self.shape[1])
+            lib.lookup_int4(
+                self.packed.data_ptr(),
+                self.scales.data_ptr(),
+                ids.data_ptr(),
+                ids.numel(),
+                self.shape[1],
+                self.group_size,
+                out.data_ptr(),
+            )
+            return out
+        flat = ids.reshape(-1)
+        q = unpack_int4(F.embedding(flat, self.packed)).float()
+        q = q.view(len(flat), -1, self.group_size)
+        scale, zero = self.scales[flat].float().unbind(-1)
+        rows = (q - 8) * scale[..., None] + zero[..., None]
+        return rows.reshape(*ids.shape, self.shape[1])
+
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.scales.numel() * self.scales.element_size()
+
+
 class SharedInt8Table(Int8Table):
     """A tied vocabulary table read from the output layer (``shared_table``): Llama 3.2
     1B and 3B store one matrix twice, as ``tok_embeddings`` and ``output``, and their int8
@@ -422,7 +469,7 @@ def materialize_quantized(
         q, scales = state.pop(key).to(device), state.pop(scales_key(key)).to(device)
         module._parameters.pop("weight")
         if name == "tok_embeddings":
-            module.weight = Int8Table(q, scales)
+            module.weight = Int8Table(q, scales) if q.dtype == torch.int8 else Int4Table(q, scales)
         elif q.dtype == torch.int8:
             module.weight = Int8Weight(q, scales)
         else:
@@ -435,5 +482,5 @@ def quantized_bytes(model: nn.Module) -> int:
     return sum(
         m.weight.nbytes()
         for m in model.modules()
-        if isinstance(m.__dict__.get("weight"), (Int8Weight, Int4Weight, Int8Table))
+        if isinstance(m.__dict__.get("weight"), (Int8Weight, Int4Weight, Int8Table, Int4Table))
     )

@@ -101,11 +101,11 @@ def load_rank_state(
     for i, state in zip(files, loaded, strict=True):
         check_state(tensor_shapes(state), per_file, str(shards[i]))
     if quantize is not None:  # each shard quantizes its own slice of the embedding's rows
-        quantize = quantize.split_as(len(shards), embed_axis)
+        from .quantize import for_checkpoint, quantize_state
+
+        quantize = for_checkpoint(quantize.split_as(len(shards), embed_axis), loaded[0])
     quant = stored or quantize
     if quantize is not None:
-        from .quantize import quantize_state
-
         per_file = quantized_shapes(per_file, quantize, len(shards), args, embed_axis)
         loaded = [quantize_state(state, quantize) for state in loaded]
     if len(loaded) == 1 and pieces == 1:
@@ -240,6 +240,6 @@ def _written(quant: Quantization, state: dict[str, torch.Tensor]) -> Quantizatio
     than the groups each hold a copy of their group's)."""
     if quant.method == "int8":
         quant = replace(quant, row_groups=state["layers.0.attention.wo.scales"].shape[1])
-    if quant.vocab:
+    if quant.int8_embedding:
         quant = replace(quant, embed_groups=state["tok_embeddings.scales"].shape[1])
     return quant
