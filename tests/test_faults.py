@@ -39,8 +39,8 @@ SETTINGS = {
     "call_timeout_s": 120.0,
     "restart_backoff_s": 0.2,
 }
-# Three rounds of 200 tokens through the 4 slots. Faults are sent once the requests are
-# running (see Fault), so however fast the engine is they land mid-generation. The
+# Three rounds of 200 tokens through the 4 slots. Faults are sent once the lead holds the
+# requests (see Fault), so however fast the engine is they land mid-generation. The
 # penalties make each token depend on every one before it: a replay must rebuild that
 # history exactly to reproduce the reference.
 LONG = SamplingParams(
@@ -108,14 +108,14 @@ def reference(llm: LLM) -> list[list[int]]:
 
 class Fault:
     """Send ``sig`` to one rank's process ``delay`` s after a generate call's requests
-    are running, and time how long the engine takes to notice (its first gang shutdown
+    reach the lead, and time how long the engine takes to notice (its first gang shutdown
     after the signal)."""
 
     def __init__(self, llm: LLM, rank: int, sig: signal.Signals, delay: float = 0.2) -> None:
         self.llm, self.sig, self.delay = llm, sig, delay
         self.pid = llm.engine.rank_info[rank]["pid"]
         self.sent: float | None = None
-        self.seen: float | None = None  # when the requests were first seen running
+        self.seen: float | None = None  # when the lead was first seen holding the requests
         self.shutdowns: list[float] = []
         # Set when the call returns: a fault too late for it is not sent (it would only
         # break the gang under the next test).
@@ -146,7 +146,10 @@ class Fault:
         seen, sent, done = (
             None if t is None else round(t - started, 3) for t in (self.seen, self.sent, returned)
         )
-        missed = f"the fault missed the requests: seen running {seen}, sent {sent}, returned {done}"
+        missed = (
+            f"the fault missed the requests: seen at the lead {seen}, sent {sent}, returned {done}"
+        )
+        print(f"{self.sig.name}: seen at the lead {seen}, sent {sent}, returned {done}")  # -s
         assert self.sent is not None and self.sent < returned, missed
         return outputs
 
@@ -154,8 +157,12 @@ class Fault:
         return [o.token_ids for o in self.llm.generate(WORK, PARAMS)]
 
     def _inject(self) -> None:
-        running = lambda: self.returned.is_set() or self.llm.counts()[0] > 0  # noqa: E731
-        if not wait_for(running, 30, every=0.005) or self.returned.is_set():
+        # The lead's counts arrive with its poll answers, and an answer that carries a
+        # round's finishes comes before the next round is admitted (running 0, the rest
+        # waiting): one full run here showed running only 25 ms before the call returned.
+        # Requests running or waiting are the lead's either way.
+        taken = lambda: self.returned.is_set() or sum(self.llm.counts()) > 0  # noqa: E731
+        if not wait_for(taken, 30, every=0.005) or self.returned.is_set():
             return  # nothing ran: generate() then fails the "missed" check
         self.seen = time.monotonic()
         if self.returned.wait(self.delay):
