@@ -351,7 +351,7 @@ def speed(
     """tok/s through the engine at MP=1 per (label, batch), and llama.cpp q8_0's and
     q4_0's (int8's and int4's nearest: q4_0 is symmetric, groups of 32 with an fp16 scale,
     its output layer q6_K; mpllama's int4 asymmetric in groups of 128, bf16 scale and
-    zero, its vocabulary tables int8); and per precision, what its rank held after the
+    zero, its embedding so too and its output layer int8); and per precision, what its rank held after the
     first batch's run less its KV cache, against float32's weights (``print_memory``)."""
     from bench_mpllama import open_llm, rank_memory, run_llm
     from bench_workloads import uniform_workload

@@ -402,7 +402,7 @@ def test_a_checkpoint_quantized_before_the_vocabulary_was_keeps_it_in_full_preci
 
 
 def test_an_int4_checkpoint_quantized_before_int4_embeddings_keeps_its_int8_table(
-    tiny_q: Path, tmp_path: Path, single_rank: None
+    tiny_q: Path, tmp_path: Path, single_rank: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An int4 checkpoint written when every embedding was int8: its params entry has no
     ``embedding``. It loads as written, its embedding an int8 table, its layers as a
@@ -424,7 +424,11 @@ def test_an_int4_checkpoint_quantized_before_int4_embeddings_keeps_its_int8_tabl
         "embedding": "int4",
         "vocab": True,
     }
-    assert main(["check", str(old)]) == 0
+    capsys.readouterr()
+    for folder, embedding in ((old, "int8"), (now, "int4")):
+        assert main(["check", str(folder)]) == 0
+        out = capsys.readouterr().out
+        assert f"quantized: int4 linear weights (groups of 64; embedding {embedding}," in out
     model, new = load(old), load(now)
     assert type(model.tok_embeddings.weight) is quant.Int8Table
     assert type(new.tok_embeddings.weight) is quant.Int4Table

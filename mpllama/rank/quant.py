@@ -356,7 +356,7 @@ class Int4Table:
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """The rows ``ids`` [...] name, dequantized: [..., dim] float32. On the CPU one C
         call (``lookup_int4``): the torch form's ten ops took 36 us for one row of Llama
-        3's table, the C call 4 (RESULTS.md, session 14). The same values either way."""
+        3's table, the C call 3.5 (RESULTS.md, session 14). The same values either way."""
         lib = library() if self.device.type == "cpu" else None
         if lib is not None:
             ids = ids.contiguous()
