@@ -350,53 +350,79 @@ def speed(
 ) -> tuple[dict[tuple[str, int], float], dict[str, float]]:
     """tok/s through the engine at MP=1 per (label, batch), and llama.cpp q8_0's and
     q4_0's (int8's and int4's nearest: q4_0 is symmetric, groups of 32 with an fp16 scale,
-    its output layer q6_K; mpllama's int4 asymmetric in groups of 128, bf16 scale and
-    zero, its embedding so too and its output layer int8); and per precision, what its rank held after the
-    first batch's run less its KV cache, against float32's weights (``print_memory``)."""
+    its embedding so too and its output layer q6_K; mpllama's int4 asymmetric in groups
+    of 128, bf16 scale and zero, its embedding so too and its output layer int8); and per
+    precision, what its rank held after the first batch's runs less its KV cache, against
+    float32's weights (``print_memory``).
+
+    The two sides take turns, so a ratio compares the same minutes of this shared
+    machine, whose memory speed moves by half between minutes: the batched cells in two
+    rounds, each side once a round; one request, as the llamacpp part runs it, in three
+    rounds within each precision, llama.cpp twice and mpllama twice a round. Each cell
+    keeps its fastest pass."""
     from bench_mpllama import open_llm, rank_memory, run_llm
-    from bench_workloads import uniform_workload
+    from bench_workloads import Workload, uniform_workload
 
     vocab = checkpoint.read_params(ckpt).vocab_size
     works = {n: uniform_workload(n, 32, 64, vocab, seed + 5) for n in batches}
+    one, batched = works[batches[0]], {n: w for n, w in works.items() if n != batches[0]}
     rates: dict[tuple[str, int], float] = {}
     memory: dict[str, dict[str, float] | str] = {}
     runs = (
-        ("bf16", "bfloat16", "none"),
-        ("int8", "bfloat16", "int8"),
-        ("int4", "bfloat16", "int4"),
+        ("bf16", "bfloat16", "none", None),
+        ("int8", "bfloat16", "int8", "q8_0"),
+        ("int4", "bfloat16", "int4", "q4_0"),
     )
     print(
         f"\n== quant speed: the bench model, MP=1, batches of {', '.join(map(str, batches))} "
-        "requests of 32-token prompts x 64 new tokens (tok/s, prefill included; each cell "
-        "the better of two passes)"
+        "requests of 32-token prompts x 64 new tokens (tok/s, prefill included; mpllama and "
+        "llama.cpp in turns, each cell its fastest pass)"
     )
-    # Each cell the better of two passes, as the llamacpp part keeps its cells (this shared
-    # machine's memory speed moves by half between minutes); no prefix cache, which a
-    # repeat would hit.
-    for label, dtype, setting in runs:
-        for n, w in works.items():
-            with open_llm(
-                ckpt, 1, n, None, dtype=dtype, quantization=setting, prefix_caching=False
-            ) as llm:
-                rates[label, n] = run_llm(llm, w, f"mpllama {label}", repeats=2).tokens_per_s
-                if n == batches[0]:
-                    reports = rank_memory(llm)
-                    memory[label] = reports if isinstance(reports, str) else reports[0]
-    for kind in ("q8_0", "q4_0"):
-        try:
-            import bench_llamacpp as cpp
 
-            cpp.installed_version()
-            gguf = cpp.make_ggufs(ckpt, root / "gguf", kinds=(kind,))[kind]
-            threads = os.cpu_count() or 1
-            for _ in range(2):  # its better of two passes too
-                runs = cpp.run(gguf, [(w.prompts, 64) for w in works.values()], threads)
-                for n, (seconds, tokens) in zip(batches, runs, strict=True):
-                    rate = sum(map(len, tokens)) / seconds
-                    key = (f"llama.cpp {kind}", n)
-                    rates[key] = max(rate, rates.get(key, 0.0))
-        except Exception as exc:  # noqa: BLE001  (llama.cpp is optional: say why and go on)
-            print(f"  (llama.cpp {kind} skipped: {str(exc).splitlines()[0]})")
+    def keep(key: tuple[str, int], rate: float) -> None:
+        rates[key] = max(rate, rates.get(key, 0.0))
+
+    ggufs: dict[str, Path] = {}
+    threads = os.cpu_count() or 1
+    try:
+        import bench_llamacpp as cpp
+
+        cpp.installed_version()
+        ggufs = cpp.make_ggufs(ckpt, root / "gguf", kinds=("q8_0", "q4_0"))
+    except Exception as exc:  # noqa: BLE001  (llama.cpp is optional: say why and go on)
+        print(f"  (llama.cpp skipped: {str(exc).splitlines()[0]})")
+
+    def llamacpp(kind: str, cells: dict[int, Workload], copies: int = 1) -> None:
+        """llama.cpp ``kind`` on each of ``cells``' workloads, ``copies`` passes each."""
+        if kind not in ggufs:
+            return
+        for n, w in cells.items():
+            for seconds, tokens in cpp.run(ggufs[kind], [(w.prompts, 64)] * copies, threads):
+                keep((f"llama.cpp {kind}", n), sum(map(len, tokens)) / seconds)
+
+    # No prefix cache: a repeat would hit it, and llama.cpp's side has none across runs.
+    for _ in range(2):
+        for label, dtype, setting, _kind in runs:
+            for n, w in batched.items():
+                with open_llm(
+                    ckpt, 1, n, None, dtype=dtype, quantization=setting, prefix_caching=False
+                ) as llm:
+                    keep((label, n), run_llm(llm, w, f"mpllama {label}").tokens_per_s)
+        for kind in ("q8_0", "q4_0"):
+            llamacpp(kind, batched)
+    for label, dtype, setting, kind in runs:
+        with open_llm(
+            ckpt, 1, batches[0], None, dtype=dtype, quantization=setting, prefix_caching=False
+        ) as llm:
+            for _ in range(3):
+                if kind is not None:
+                    llamacpp(kind, {batches[0]: one}, copies=2)
+                keep(
+                    (label, batches[0]),
+                    run_llm(llm, one, f"mpllama {label}", repeats=2).tokens_per_s,
+                )
+            reports = rank_memory(llm)
+            memory[label] = reports if isinstance(reports, str) else reports[0]
     head = f"  {'batch':>5} " + "".join(f"{name:>10}" for name in ("bf16", "int8", "int4"))
     cpp_kinds = [k for k in ("q8_0", "q4_0") if ("llama.cpp " + k, batches[0]) in rates]
     head += "".join(f"{k:>8}" for k in cpp_kinds) + "  int8/bf16"
