@@ -297,6 +297,23 @@ class Int4Weight:
         return F.linear(x, self.dequantize().to(x.dtype))
 
 
+def _lookup_in_c(
+    kernel: str, table: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor, dim: int, group: int
+) -> torch.Tensor | None:
+    """Rows ``ids`` of a quantized table by mpllama's C ``kernel`` (``lookup_int8``: group
+    = scale groups a row; ``lookup_int4``: group = values a group): [..., dim] float32, or
+    None where the kernels cannot run."""
+    lib = library()
+    if lib is None:
+        return None
+    ids = ids.contiguous()
+    out = torch.empty(*ids.shape, dim)
+    getattr(lib, kernel)(
+        table.data_ptr(), scales.data_ptr(), ids.data_ptr(), ids.numel(), dim, group, out.data_ptr()
+    )
+    return out
+
+
 class Int8Table:
     """An embedding table in int8 (``Quantization.vocab``): q [rows, dim] with float32
     scales [rows, G], one per row and each of G equal runs of its dim (an embedding split
@@ -316,20 +333,10 @@ class Int8Table:
         call (``lookup_int8``): the torch form's five ops cost about 0.1 ms of a batch-1
         int8 step, cold after the weights' stream. The same values either way."""
         groups = self.scales.shape[1]
-        lib = library() if self.device.type == "cpu" else None
-        if lib is not None:
-            ids = ids.contiguous()
-            out = torch.empty(*ids.shape, self.shape[1])
-            lib.lookup_int8(
-                self.q.data_ptr(),
-                self.scales.data_ptr(),
-                ids.data_ptr(),
-                ids.numel(),
-                self.shape[1],
-                groups,
-                out.data_ptr(),
-            )
-            return out
+        if self.device.type == "cpu":
+            out = _lookup_in_c("lookup_int8", self.q, self.scales, ids, self.shape[1], groups)
+            if out is not None:
+                return out
         q = F.embedding(ids, self.q).float().unflatten(-1, (groups, -1))
         return (q * F.embedding(ids, self.scales)[..., None]).flatten(-2)
 
@@ -357,20 +364,12 @@ class Int4Table:
         """The rows ``ids`` [...] name, dequantized: [..., dim] float32. On the CPU one C
         call (``lookup_int4``): the torch form's ten ops took 36 us for one row of Llama
         3's table, the C call 3.5 (RESULTS.md, session 14). The same values either way."""
-        lib = library() if self.device.type == "cpu" else None
-        if lib is not None:
-            ids = ids.contiguous()
-            out = torch.empty(*ids.shape, self.shape[1])
-            lib.lookup_int4(
-                self.packed.data_ptr(),
-                self.scales.data_ptr(),
-                ids.data_ptr(),
-                ids.numel(),
-                self.shape[1],
-                self.group_size,
-                out.data_ptr(),
+        if self.device.type == "cpu":
+            out = _lookup_in_c(
+                "lookup_int4", self.packed, self.scales, ids, self.shape[1], self.group_size
             )
-            return out
+            if out is not None:
+                return out
         flat = ids.reshape(-1)
         q = unpack_int4(F.embedding(flat, self.packed)).float()
         q = q.view(len(flat), -1, self.group_size)
