@@ -373,6 +373,22 @@ def test_a_tied_embedding_reads_its_rows_from_the_output_layer(
     assert torch.equal(last_logits(tied, ROWS), last_logits(both, ROWS))
 
 
+def test_mpllama_quantize_keeps_a_tied_embedding_int8(
+    tiny_q_tied: Path, tmp_path: Path, single_rank: None
+) -> None:
+    """``mpllama quantize --to int4`` of a tied checkpoint writes its embedding int8, as
+    quantizing on load keeps it (``quantize.for_checkpoint``), and the two load alike."""
+    out = quantize_ckpt(tiny_q_tied, tmp_path / "q", "int4")
+    assert read_quantization(out).embedding == "int8"
+    shards = checkpoint.find_shards(out)
+    assert all(
+        weights.load_shard(p, True)["tok_embeddings.weight"].dtype == torch.int8 for p in shards
+    )
+    stored, on_load = load(out), load(tiny_q_tied, "int4")
+    assert type(stored.tok_embeddings.weight) is type(on_load.tok_embeddings.weight)
+    assert torch.equal(last_logits(stored, ROWS), last_logits(on_load, ROWS))
+
+
 def test_a_checkpoint_quantized_before_the_vocabulary_was_keeps_it_in_full_precision(
     tiny_q: Path, tmp_path: Path, single_rank: None
 ) -> None:
