@@ -590,6 +590,20 @@ def test_quantize_errors(
         quantize.on_load("int4", 32, Quantization("int8", row_groups=2), args, 2, 2)
 
 
+def test_a_quantized_checkpoint_is_not_converted_to_hugging_face(
+    tiny_q: Path, tmp_path: Path
+) -> None:
+    """A Hugging Face folder holds full-precision weights: converting a quantized
+    checkpoint says so and names the way out (it once stopped at the first int table, with
+    the advice meant for Meta's own quantized releases)."""
+    from mpllama.offline.convert import convert_meta_to_hf
+
+    quantized = quantize_ckpt(tiny_q, tmp_path / "q", "int4")
+    with pytest.raises(CheckpointError, match=r"is quantized \(int4, mpllama quantize\)"):
+        convert_meta_to_hf(quantized, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_a_quantized_shard_needs_its_params_entry(tiny_ckpt: Path, tmp_path: Path) -> None:
     """Without mpllama_quantization, int8 shards are refused as Meta's quantized files are
     (and Meta's own quantization_args stay refused by read_params)."""

@@ -25,6 +25,7 @@ from ..checkpoint import IGNORED_KEYS, check_state, find_shards, generation_axis
 from ..errors import CheckpointError
 from ..hf_config import args_from_hf_config, context_length, generation, hf_config
 from ..model_args import LLAMA3_VOCAB_SIZE, ModelArgs
+from ..quantization import read_quantization
 from ..rank.weights import load_rank_state, load_shard, tensor_shapes, write_checkpoint
 from ..shard_axes import full_shapes
 from ..tokenizer import load_tokenizer
@@ -150,6 +151,12 @@ def convert_meta_to_hf(meta_dir: str | Path, out_dir: str | Path) -> Path:
     """
     folder = Path(meta_dir)
     shards = find_shards(folder)
+    quant = read_quantization(folder)
+    if quant is not None:
+        raise CheckpointError(
+            f"{folder} is quantized ({quant.method}, mpllama quantize): a Hugging Face "
+            "folder holds full-precision weights; convert the checkpoint it was quantized from"
+        )
     args = _vocab_from_shards(read_params(folder), shards)
     tok_path = _find_tokenizer(folder, folder.parent)
     # Without a tokenizer, the kind (for the context length) follows the vocabulary.
