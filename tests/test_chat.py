@@ -129,7 +129,10 @@ def sigint_takers(pid: int) -> list[int]:
         pytest.skip("needs Linux's /proc to read thread signal masks")
     takers = []
     for task in tasks.iterdir():
-        status = (task / "status").read_text()
+        try:
+            status = (task / "status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended since the listing takes no signal
         blocked = int(re.search(r"^SigBlk:\s*([0-9a-f]+)", status, re.M).group(1), 16)
         if not blocked & (1 << (signal.SIGINT - 1)):
             takers.append(int(task.name))
