@@ -131,6 +131,23 @@ def test_an_int4_table_looks_up_the_rows_its_weight_dequantizes_to(
     assert torch.equal(got, Int4Weight(packed, scales).dequantize()[ids])
 
 
+@pytest.mark.parametrize(("method", "groups"), [("int8", 1), ("int8", 2), ("int4", 32)])
+def test_a_weight_quantized_in_runs_of_rows_equals_it_quantized_whole(
+    method: str, groups: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Quantizing takes a weight's rows a few MiB of float32 at a time (``CHUNK_BYTES``),
+    never the whole weight's float copies at once: the same values and scales as all its
+    rows at once, whatever the runs' size (here 7 rows, the last run shorter)."""
+    w = randn(7, 50, 128).bfloat16()
+    fn = {"int8": quantize_int8, "int4": quantize_int4}[method]
+    monkeypatch.setattr(quantize, "CHUNK_BYTES", 1 << 30)
+    whole = fn(w, groups)
+    monkeypatch.setattr(quantize, "CHUNK_BYTES", 7 * 128 * 4)
+    runs = fn(w, groups)
+    for a, b in zip(whole, runs, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 def test_int4_values_round_trip_through_their_packing() -> None:
     w = randn(4, 8, 64)
     packed, scales = quantize_int4(w, 32)

@@ -5,6 +5,7 @@ weights at run time, and their products, are rank/quant.py's."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -14,10 +15,42 @@ from ..model_args import ModelArgs
 from ..quantization import Quantization, int4_group_size
 from ..shard_axes import EMBEDDING, scales_key
 
+# Rows quantized at once: this many bytes of their float32 copy.
+CHUNK_BYTES = 16 << 20
+
+
+def _by_rows(
+    w: torch.Tensor, quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize`` over runs of ``w``'s rows, CHUNK_BYTES of float32 at a time, written
+    into the whole's two outputs. Each row is quantized on its own, so the values are
+    those of every row at once; the temporaries are a run's, not several copies of the
+    whole weight in float32 (Llama 3.2 1B's table, 501 MiB in bf16, grew a process by
+    1.5 GiB quantized at once: RESULTS.md, session 14)."""
+    rows = max(1, CHUNK_BYTES // (w.shape[1] * 4))
+    if w.shape[0] <= rows:
+        return quantize(w)
+    outs: tuple[torch.Tensor, torch.Tensor] | None = None
+    for first in range(0, w.shape[0], rows):
+        parts = quantize(w[first : first + rows])
+        if outs is None:
+            outs = tuple(  # type: ignore[assignment]
+                torch.empty(w.shape[0], *p.shape[1:], dtype=p.dtype) for p in parts
+            )
+        assert outs is not None
+        for out, part in zip(outs, parts, strict=True):
+            out[first : first + len(part)] = part
+    assert outs is not None
+    return outs
+
 
 def quantize_int8(w: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """w [out, in] -> (int8 [out, in], float32 scales [out, groups]): symmetric, one scale
     per output row and each of ``groups`` equal runs of the input."""
+    return _by_rows(w, lambda rows: _int8_rows(rows, groups))
+
+
+def _int8_rows(w: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     out, inp = w.shape
     wg = w.float().reshape(out, groups, inp // groups)
     scales = wg.abs().amax(-1).clamp(min=1e-12) / 127
@@ -28,6 +61,10 @@ def quantize_int8(w: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """w [out, in] -> (uint8 [out, in/2], two 4-bit values a byte, the even column low;
     bf16 [out, in/group_size, 2], scale and zero): w ~ (q - 8) * scale + zero, q in 0..15."""
+    return _by_rows(w, lambda rows: _int4_rows(rows, group_size))
+
+
+def _int4_rows(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     out, inp = w.shape
     wg = w.float().reshape(out, inp // group_size, group_size)
     lo, hi = wg.amin(-1), wg.amax(-1)
