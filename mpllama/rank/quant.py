@@ -49,7 +49,7 @@ from ..shard_axes import scales_key
 from . import cuda_products
 from .cpu_kernels import library
 from .cpu_products import BLOCK, Int4Product, Int8OneRow, int4_product, int8_one_row
-from .quantize import unpack_int4
+from .quantize import dequantize_int4, unpack_int4
 
 log = logging.getLogger(__name__)
 
@@ -281,9 +281,7 @@ class Int4Weight:
 
     def dequantize(self) -> torch.Tensor:
         assert self.kernel == "torch", "dequantize() reads the unpacked weight"
-        q = unpack_int4(self.packed).float().reshape(self.shape[0], -1, self.group_size)
-        scale, zero = self.scales.float().unbind(-1)
-        return ((q - 8) * scale[..., None] + zero[..., None]).reshape(self.shape)
+        return dequantize_int4(self.packed, self.scales)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.product is not None:
@@ -371,10 +369,7 @@ class Int4Table:
             if out is not None:
                 return out
         flat = ids.reshape(-1)
-        q = unpack_int4(F.embedding(flat, self.packed)).float()
-        q = q.view(len(flat), -1, self.group_size)
-        scale, zero = self.scales[flat].float().unbind(-1)
-        rows = (q - 8) * scale[..., None] + zero[..., None]
+        rows = dequantize_int4(F.embedding(flat, self.packed), self.scales[flat])
         return rows.reshape(*ids.shape, self.shape[1])
 
     def nbytes(self) -> int:

@@ -85,6 +85,14 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], -1).reshape(packed.shape[0], -1)
 
 
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``quantize_int4``'s rows back to float32: packed [n, in/2], scales [n, groups, 2]
+    -> [n, in], (q - 8) * scale + zero."""
+    q = unpack_int4(packed).float().reshape(len(packed), scales.shape[1], -1)
+    scale, zero = scales.float().unbind(-1)
+    return ((q - 8) * scale[..., None] + zero[..., None]).reshape(len(packed), -1)
+
+
 def quantize_state(state: dict[str, torch.Tensor], quant: Quantization) -> dict[str, torch.Tensor]:
     """One shard's state dict with its linear weights quantized (``X.weight`` replaced,
     ``X.scales`` added) and every other tensor as it is. One full-precision tensor at a
