@@ -26,22 +26,17 @@ def _by_rows(
     into the whole's two outputs. Each row is quantized on its own, so the values are
     those of every row at once; the temporaries are a run's, not several copies of the
     whole weight in float32 (Llama 3.2 1B's table, 501 MiB in bf16, grew a process by
-    1.5 GiB quantized at once: RESULTS.md, session 14)."""
+    3 GiB quantized at once: RESULTS.md, session 14)."""
     rows = max(1, CHUNK_BYTES // (w.shape[1] * 4))
+    first = quantize(w[:rows])
     if w.shape[0] <= rows:
-        return quantize(w)
-    outs: tuple[torch.Tensor, torch.Tensor] | None = None
-    for first in range(0, w.shape[0], rows):
-        parts = quantize(w[first : first + rows])
-        if outs is None:
-            outs = tuple(  # type: ignore[assignment]
-                torch.empty(w.shape[0], *p.shape[1:], dtype=p.dtype) for p in parts
-            )
-        assert outs is not None
+        return first
+    outs = tuple(torch.empty(w.shape[0], *p.shape[1:], dtype=p.dtype) for p in first)
+    for start in range(0, w.shape[0], rows):
+        parts = first if start == 0 else quantize(w[start : start + rows])
         for out, part in zip(outs, parts, strict=True):
-            out[first : first + len(part)] = part
-    assert outs is not None
-    return outs
+            out[start : start + len(part)] = part
+    return outs[0], outs[1]
 
 
 def quantize_int8(w: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
