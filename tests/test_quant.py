@@ -24,7 +24,7 @@ from mpllama.quantization import (
     int4_group_size,
     read_quantization,
 )
-from mpllama.rank import cpu_kernels, quant, quantize, weights
+from mpllama.rank import cpu_kernels, quant, quantize, vocab_tables, weights
 from mpllama.rank.model import Transformer, materialize
 from mpllama.rank.quant import Int4Weight, Int8Weight
 from mpllama.rank.quantize import quantize_int4, quantize_int8
@@ -102,7 +102,7 @@ def test_an_int8_table_looks_up_each_row_times_its_scale(groups: int) -> None:
     """Int8Table.lookup (one C call on the CPU) gives each named row's int8 values times
     its run's scale, in float32, exactly; 40 values a run exercise the kernel's tail."""
     q, scales = quantize_int8(randn(5, 50, 80), groups)
-    table = quant.Int8Table(q, scales)
+    table = vocab_tables.Int8Table(q, scales)
     ids = torch.tensor([[3, 0, 49], [7, 7, 12]])
     want = (q[ids].float().unflatten(-1, (groups, -1)) * scales[ids][..., None]).flatten(-2)
     got = table.lookup(ids)
@@ -119,11 +119,11 @@ def test_an_int4_table_looks_up_the_rows_its_weight_dequantizes_to(
     shape, repeats and the last row included, exactly the float32 rows
     ``Int4Weight.dequantize`` makes of the same table."""
     if form == "torch":
-        monkeypatch.setattr(quant, "library", lambda: None)
+        monkeypatch.setattr(vocab_tables, "library", lambda: None)
     elif cpu_kernels.library() is None:
         pytest.skip(f"mpllama's CPU kernels do not run here: {cpu_kernels.unavailable()}")
     packed, scales = quantize_int4(randn(6, 50, 192), group_size)
-    table = quant.Int4Table(packed, scales)
+    table = vocab_tables.Int4Table(packed, scales)
     assert table.shape == (50, 192) and table.group_size == group_size
     ids = torch.tensor([[3, 0, 49], [7, 7, 12]])
     got = table.lookup(ids)
@@ -276,7 +276,10 @@ def test_quantizing_on_load_equals_loading_a_quantized_checkpoint(
     table = float_model.tok_embeddings.weight.detach()
     for model in (on_load, stored):
         looked_up = model.tok_embeddings.weight
-        assert type(looked_up) is {"int8": quant.Int8Table, "int4": quant.Int4Table}[method]
+        assert (
+            type(looked_up)
+            is {"int8": vocab_tables.Int8Table, "int4": vocab_tables.Int4Table}[method]
+        )
         rows = looked_up.lookup(torch.arange(table.shape[0]))
         assert rows.dtype == torch.float32
         if method == "int8":
@@ -353,7 +356,7 @@ def test_a_quantized_rank_holds_a_quarter_or_less_of_float32s_bytes(
     int4_layers = sum(w.nbytes() for w in layers)
     assert int4_layers == linears // 2 + linears // 64 * 2 * 4
     table = int4.tok_embeddings.weight
-    assert isinstance(table, quant.Int4Table) and table.group_size == 64
+    assert isinstance(table, vocab_tables.Int4Table) and table.group_size == 64
     rows, dim = full.tok_embeddings.weight.shape
     assert table.nbytes() == rows * dim // 2 + rows * dim // 64 * 2 * 2
     # the rest, the int8 output layer and the norms, as int8's
@@ -375,13 +378,13 @@ def test_a_tied_embedding_reads_its_rows_from_the_output_layer(
     table, int4's in int4."""
     tied = load(tiny_q_tied, method)
     table = tied.tok_embeddings.weight
-    assert isinstance(table, quant.SharedInt8Table) and table.nbytes() == 0
-    untied = {"int8": quant.Int8Table, "int4": quant.Int4Table}[method]
+    assert isinstance(table, vocab_tables.SharedInt8Table) and table.nbytes() == 0
+    untied = {"int8": vocab_tables.Int8Table, "int4": vocab_tables.Int4Table}[method]
     assert type(load(tiny_q, method).tok_embeddings.weight) is untied
     monkeypatch.setattr(Transformer, "share_vocabulary", lambda self: None)
     both = load(tiny_q_tied, method)
     own = both.tok_embeddings.weight
-    assert type(own) is quant.Int8Table
+    assert type(own) is vocab_tables.Int8Table
     assert tied.weight_bytes() == both.weight_bytes() - own.nbytes()
     every = torch.arange(own.shape[0])
     assert torch.equal(table.lookup(every), own.lookup(every))
@@ -463,8 +466,8 @@ def test_an_int4_checkpoint_quantized_before_int4_embeddings_keeps_its_int8_tabl
         out = capsys.readouterr().out
         assert f"quantized: int4 linear weights (groups of 64; embedding {embedding}," in out
     model, new = load(old), load(now)
-    assert type(model.tok_embeddings.weight) is quant.Int8Table
-    assert type(new.tok_embeddings.weight) is quant.Int4Table
+    assert type(model.tok_embeddings.weight) is vocab_tables.Int8Table
+    assert type(new.tok_embeddings.weight) is vocab_tables.Int4Table
     args = checkpoint.read_params(tiny_q)
     states = [
         weights.load_rank_state(checkpoint.find_shards(f), args, 0, 1, read_quantization(f))

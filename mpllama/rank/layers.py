@@ -22,7 +22,8 @@ from torch import nn
 
 from .cpu_products import OneRowProduct
 from .dist import all_gather, all_reduce
-from .quant import Int4Table, Int4Weight, Int8Table, Int8Weight
+from .quant import Int4Weight, Int8Weight
+from .vocab_tables import Int4Table, Int8Table
 
 # fairscale 0.4.13 allocates each parallel layer's weight with the legacy torch.Tensor()
 # constructor (which ignores the meta device) and, with more than one rank, initialises
@@ -113,7 +114,7 @@ class Fused(nn.Module):
 
 def lookup(tokens: torch.Tensor, table: torch.Tensor | Int8Table | Int4Table) -> torch.Tensor:
     """An embedding's rows for ``tokens``: the table's own type, or float32 from a
-    quantized table (``quant.Int8Table``, ``quant.Int4Table``)."""
+    quantized table (``vocab_tables``)."""
     if isinstance(table, (Int8Table, Int4Table)):
         return table.lookup(tokens)
     return F.embedding(tokens, table)

@@ -35,9 +35,10 @@ from .layers import (
     parallel_embedding,
     row_parallel,
 )
-from .quant import Int4Weight, Int8Table, Int8Weight, quantized_bytes, shared_table
+from .quant import Int4Weight, Int8Weight, quantized_bytes
 from .rope import rope_table
 from .row_decode import RowDecoder
+from .vocab_tables import Int8Table, shared_table
 
 # A call per row (CPU attention reading each row on its own) costs about what reading
 # this many bytes of KV cache does; see Transformer.forward.
@@ -213,7 +214,7 @@ class Transformer(nn.Module):
     def share_vocabulary(self) -> None:
         """A tied embedding (Llama 3.2 1B and 3B: the checkpoint stores the output
         layer's matrix again as the embedding) in int8 reads its rows from the output
-        layer's packed weight instead of holding its own (``quant.shared_table``)."""
+        layer's packed weight instead of holding its own (``vocab_tables.shared_table``)."""
         table, output = self.tok_embeddings.weight, self.output.weight
         if isinstance(table, Int8Table) and isinstance(output, Int8Weight):
             shared = shared_table(table, output)

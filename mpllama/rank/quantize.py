@@ -119,7 +119,7 @@ def for_checkpoint(quant: Quantization, shard: dict[str, torch.Tensor]) -> Quant
     """``quant`` for a checkpoint one of whose shards' state is ``shard``: a tied
     vocabulary keeps its embedding int8, the output layer's type, so a rank reads the
     embedding's rows from the output layer and holds none of its own
-    (``quant.shared_table``); an int4 table would cost half the output layer's bytes
+    (``vocab_tables.shared_table``); an int4 table would cost half the output layer's bytes
     again (for Llama 3.2 1B, 140 MB a model)."""
     if quant.embedding == "int8" or not tied_vocabulary(shard):
         return quant
