@@ -45,7 +45,8 @@ Parts (all by default; pick with --only mixed,uniform,...):
   quant     runtime.quantization (bench_quant.py): GFLOP/s of each candidate kernel on a
             2048x8192 layer at 1, 16 and 32 rows (and whether a row's result depends on
             its batch); perplexity of the trained demo model on demo/train.py's held-out
-            documents and greedy agreement with fp32, for fp32, bf16, int8 and int4; tok/s
+            documents and greedy agreement with fp32, for fp32, bf16, int8 and int4, and
+            the same of llama.cpp f32, bf16, q8_0 and q4_0 on the same weights; tok/s
             of bf16, int8 and int4 through the engine against llama.cpp q8_0 and q4_0
   decode    one request's decode step against the machine's memory bandwidth: a stream
             of reads over 256 MiB in each round gives the bound; ms per step of the bench model in-process at

@@ -115,6 +115,17 @@ def run(
     return [(r["seconds"], r["tokens"]) for r in json.loads(out.splitlines()[-1])]
 
 
+def score(
+    gguf: Path, windows: list[list[int]], threads: int, env: Path = BENCH_ENV
+) -> tuple[float, int]:
+    """llama.cpp's loss on ``windows`` (token ids), each scored on its own from position 0
+    as mpllama's perplexity scores them: every token of a window but its last is read, and
+    the next one predicted. (Summed negative log-likelihood, tokens scored.)"""
+    request = {"gguf": str(gguf), "threads": threads, "score": windows}
+    out = json.loads(_child(env, request).splitlines()[-1])
+    return out["nll"], out["count"]
+
+
 def _child(env: Path, request: dict[str, Any]) -> str:
     """This file run as a script on the bench env's interpreter with ``request``; its
     output. A failure (a crash in llama.cpp, e.g. an env built for another CPU) raises
@@ -286,6 +297,47 @@ def _serve(request: dict[str, Any]) -> list[dict[str, Any]]:
     return results
 
 
+def _score(request: dict[str, Any]) -> dict[str, float]:
+    """The child's scoring: each window one ``llama_decode`` from an empty cache, every
+    position's logits kept; the negative log-likelihood of each next token, in float64."""
+    import llama_cpp as llama
+    import numpy as np
+
+    llama.llama_backend_init()
+    model = llama.llama_model_load_from_file(
+        request["gguf"].encode(), llama.llama_model_default_params()
+    )
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {request['gguf']}")
+    n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
+    windows = request["score"]
+    longest = max(map(len, windows))
+    params = llama.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = longest
+    params.n_threads = params.n_threads_batch = request["threads"]
+    ctx = llama.llama_init_from_model(model, params)
+    if not ctx:
+        raise RuntimeError("llama_init_from_model failed")
+    batch = llama.llama_batch_init(longest, 0, 1)
+    nll, count = 0.0, 0
+    try:
+        for window in windows:
+            llama.llama_memory_clear(llama.llama_get_memory(ctx), True)
+            n = len(window) - 1
+            _decode(llama, ctx, batch, [(t, pos, 0, True) for pos, t in enumerate(window[:n])])
+            rows = np.ctypeslib.as_array(llama.llama_get_logits(ctx), shape=(n, n_vocab))
+            logits = rows.astype(np.float64)
+            top = logits.max(axis=1, keepdims=True)
+            log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+            nll += float((log_z - logits[np.arange(n), window[1:]]).sum())
+            count += n
+    finally:
+        llama.llama_batch_free(batch)
+        llama.llama_free(ctx)
+        llama.llama_model_free(model)
+    return {"nll": nll, "count": count}
+
+
 def _quantize(source: str, out: str, ftype: int) -> None:
     """The child's other work: llama.cpp's quantizer, as llama-quantize runs it (its default
     parameters: for q4_0 the output layer in q6_K, the rest q4_0)."""
@@ -302,5 +354,7 @@ if __name__ == "__main__":
     request = json.load(sys.stdin)
     if "quantize" in request:
         _quantize(*request["quantize"])
+    elif "score" in request:
+        print(json.dumps(_score(request)))
     else:
         print(json.dumps(_serve(request)))

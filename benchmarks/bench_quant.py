@@ -11,7 +11,8 @@
   only on the Python it was trained with, which train.py prints): perplexity per
   precision and its ratio to float32, and greedy agreement with float32 (the 299 prompts
   of demo/agreement_prompts.json x 32 tokens: tokens before each prompt's first
-  divergence).
+  divergence); and, where `make bench-env` built llama.cpp, the same of llama.cpp's f32,
+  bf16, q8_0 and q4_0 GGUFs of the same weights, for scale.
 * steps: ms per decode step of the bench model in-process, bf16, int8 and int4
   interleaved in rounds (the ratios the engine's figures blur on a busy machine).
 * speed: the bench model through the engine (MP=1, batches of 1, 16 and 32 requests of
@@ -258,11 +259,7 @@ def quality(quick: bool = False, tmp: Path | None = None) -> dict[str, tuple[flo
     ]
     if tmp is not None and not quick:
         # One shard: wo's 192 inputs take groups of 64 (96 a shard, as shipped, do not).
-        from mpllama.cli import main as cli
-
-        one = tmp / "demo-1shard"
-        if not (one / "params.json").is_file():
-            cli(["reshard", str(DEMO), str(one), "--mp", "1"])
+        one = one_shard_demo(tmp)
         configs += [
             ("int8, 1 shard (1 scale per row)", one, torch.float32, "int8", 32),
             ("int4 g64, 1 shard", one, torch.float32, "int4", 64),
@@ -283,7 +280,75 @@ def quality(quick: bool = False, tmp: Path | None = None) -> dict[str, tuple[flo
         ratio, agreed = ppl / base_ppl, agreement(tokens, base_tokens)
         out[label] = (ratio, agreed)
         print(f"  {label:<34} {ppl:10.3f} {ratio:8.4f} {agreed:13.1%}")
+    if tmp is not None:
+        assert base_tokens is not None
+        one = one_shard_demo(tmp)
+        llamacpp_quality(
+            one, tmp / "gguf-demo", tok, stream, seq_len, windows, base_ppl, base_tokens
+        )
     return out
+
+
+def one_shard_demo(tmp: Path) -> Path:
+    """demo/model resharded to one shard under ``tmp`` (made once)."""
+    one = tmp / "demo-1shard"
+    if not (one / "params.json").is_file():
+        from mpllama.cli import main as cli
+
+        cli(["reshard", str(DEMO), str(one), "--mp", "1"])
+    return one
+
+
+def llamacpp_quality(
+    one_shard: Path,
+    out: Path,
+    tok: Tokenizer,
+    stream: torch.Tensor,
+    seq_len: int,
+    windows: int,
+    fp32_ppl: float,
+    fp32_tokens: list[list[int]],
+) -> dict[str, tuple[float, float]]:
+    """The same measures of llama.cpp on the same weights, for scale: its converter's f32,
+    bf16 and q8_0 GGUFs of the demo model and its quantizer's q4_0, each at llama.cpp's
+    defaults (its f16 KV cache among them), fed mpllama's token ids. Perplexity against
+    llama.cpp's own f32 and mpllama's float32; greedy agreement with both. Returns
+    {type: (perplexity / its f32, greedy agreement with its f32)}; {} where llama.cpp is
+    not built here (said so)."""
+    try:
+        import bench_llamacpp as cpp
+
+        cpp.installed_version()
+        ggufs = cpp.make_ggufs(one_shard, out, kinds=("f32", "bf16", "q8_0", "q4_0"))
+    except Exception as exc:  # noqa: BLE001  (llama.cpp is optional: say why and go on)
+        print(f"  (llama.cpp's quality skipped: {str(exc).splitlines()[0]})")
+        return {}
+    threads = os.cpu_count() or 1
+    scored = [stream[j * seq_len : (j + 1) * seq_len + 1].tolist() for j in range(windows)]
+    prompts = [tok.encode(p, bos=True, eos=False) for p in PROMPTS]
+    # llama.cpp holds at most 256 sequences in a context: the prompts in runs of 64.
+    works = [(prompts[i : i + 64], NEW_TOKENS) for i in range(0, len(prompts), 64)]
+    print(
+        "  llama.cpp on the same weights (its converter's GGUFs, q4_0 from its quantizer; its "
+        "defaults, an f16 KV cache among them), for scale:"
+    )
+    print(
+        f"  {'type':<10} {'perplexity':>10} {'/ its f32':>10} {'/ mpllama fp32':>15} "
+        f"{'greedy = its f32':>17} {'= mpllama fp32':>15}"
+    )
+    base_ppl, base_tokens, result = 0.0, None, {}
+    for kind, gguf in ggufs.items():
+        nll, count = cpp.score(gguf, scored, threads)
+        ppl = math.exp(nll / count)
+        tokens = [t for _, run in cpp.run(gguf, works, threads) for t in run]
+        if base_tokens is None:
+            base_ppl, base_tokens = ppl, tokens
+        result[kind] = (ppl / base_ppl, agreement(tokens, base_tokens))
+        print(
+            f"  {kind:<10} {ppl:10.3f} {ppl / base_ppl:10.4f} {ppl / fp32_ppl:15.4f} "
+            f"{result[kind][1]:17.1%} {agreement(tokens, fp32_tokens):15.1%}"
+        )
+    return result
 
 
 # ------------------------------------------------------------------------ speed
