@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -216,6 +217,29 @@ def detect_embedding_axis(shards: list[Path], args: ModelArgs) -> int:
     if len(shards) == 1:
         return 1
     return embedding_axis(read_shapes(shards[0]), args, len(shards))
+
+
+def copy_tokenizer(tokenizer: Path, out: Path) -> None:
+    """``tokenizer`` copied into ``out`` as tokenizer.model, unless it is that file already
+    (a LLaMA 2 download keeps it one folder above the model's, which may be ``out``)."""
+    target = out / "tokenizer.model"
+    if not (target.exists() and target.samefile(tokenizer)):
+        shutil.copyfile(tokenizer, target)
+
+
+def vocab_from_shards(args: ModelArgs, shards: list[Path]) -> ModelArgs:
+    """``args`` with the vocabulary the shards hold where params.json says -1 (Meta's
+    LLaMA 1 and 2 downloads: the tokenizer's), read from the first shard's index: its
+    embedding is [vocab, dim / N] split on the model dimension, [vocab / N, dim] split on
+    the vocabulary (``embedding_axis``, an int4 table's rows half as wide)."""
+    if args.vocab_size != -1:
+        return args
+    shapes = read_shapes(shards[0])
+    shape = shapes.get(EMBEDDING)
+    if shape is None or len(shape) != 2:
+        raise CheckpointError(f"{shards[0]} has no {EMBEDDING} matrix")
+    split = embedding_axis(shapes, args, len(shards)) == 0
+    return replace(args, vocab_size=shape[0] * len(shards) if split else shape[0])
 
 
 def check_shards(shards: list[Path], args: ModelArgs) -> int:

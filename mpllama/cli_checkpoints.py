@@ -6,7 +6,6 @@ shown as one line by ``cli.main``.
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +58,13 @@ def cmd_convert(ns: argparse.Namespace) -> int:
 
 def cmd_reshard(ns: argparse.Namespace) -> int:
     from .checkpoint import (
+        copy_tokenizer,
         detect_embedding_axis,
         find_shards,
         find_tokenizer,
         generation_axis,
         read_params,
+        vocab_from_shards,
     )
     from .quantization import check_quantization, read_quantization
     from .rank.weights import load_rank_state, write_checkpoint
@@ -72,8 +73,10 @@ def cmd_reshard(ns: argparse.Namespace) -> int:
     src, out = Path(ns.dir), Path(ns.out)
     if out.resolve() == src.resolve():
         raise MpllamaError(f"reshard would overwrite its input {src}; give another OUT folder")
+    if ns.mp < 1:
+        raise MpllamaError(f"--mp {ns.mp}: a checkpoint needs at least one shard")
     shards = find_shards(src)
-    args = read_params(src)
+    args = vocab_from_shards(read_params(src), shards)  # LLaMA 1/2 say -1
     stored = read_quantization(src)  # a quantized checkpoint reshards as stored
     if stored is not None:
         check_quantization(args, stored, ns.mp)
@@ -92,7 +95,7 @@ def cmd_reshard(ns: argparse.Namespace) -> int:
         axis = generation_axis(args, load_tokenizer(tokenizer).kind if tokenizer else None)
     write_checkpoint(out, args, full, ns.mp, embed_axis=axis, quant=stored)
     if tokenizer is not None:
-        shutil.copyfile(tokenizer, out / "tokenizer.model")
+        copy_tokenizer(tokenizer, out)
     print(
         f"wrote {out}: {len(shards)} shard(s) -> {ns.mp}"
         + ("" if tokenizer else " (no tokenizer.model found to copy)")
@@ -107,7 +110,13 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
 
     import torch
 
-    from .checkpoint import detect_embedding_axis, find_shards, find_tokenizer, read_params
+    from .checkpoint import (
+        copy_tokenizer,
+        detect_embedding_axis,
+        find_shards,
+        find_tokenizer,
+        read_params,
+    )
     from .config import RuntimeConfig
     from .errors import ConfigError
     from .quantization import (
@@ -152,7 +161,7 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
     params[QUANTIZATION_KEY] = quant.to_params()
     (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     try:
-        shutil.copyfile(find_tokenizer(src), out / "tokenizer.model")
+        copy_tokenizer(find_tokenizer(src), out)
     except MpllamaError:
         pass  # none beside it: the user passes one when running
     print(
@@ -172,7 +181,7 @@ def cmd_check(ns: argparse.Namespace) -> int:
         resolve_vocab,
     )
     from .hf_config import generation
-    from .quantization import read_quantization
+    from .quantization import check_quantization, read_quantization
     from .shard_axes import check_model_parallel, shard_plan, shard_shapes
     from .tokenizer import load_tokenizer
 
@@ -216,5 +225,7 @@ def cmd_check(ns: argparse.Namespace) -> int:
     if ns.mp is not None:
         check_model_parallel(args, ns.mp)
         shard_plan(len(shards), ns.mp)
+        if quant is not None:  # its groups must fit each rank's part, as a rank checks
+            check_quantization(args, quant, ns.mp)
         print(f"  --mp {ns.mp}: ok ({len(shards)} shard(s) -> {ns.mp} rank(s))")
     return 0

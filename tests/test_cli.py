@@ -160,6 +160,38 @@ def test_init_checkpoint_and_reshard_round_trip(
     error_line(capsys, "reshard")
 
 
+def test_reshard_reads_the_vocabulary_from_the_shards_where_params_say_minus_one(
+    tiny_ckpt: Path, tmp_path: Path
+) -> None:
+    """Meta's LLaMA 1 and 2 params.json say vocab_size -1; reshard takes the vocabulary
+    the shards hold (it failed their shapes against -1), as convert and check do."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_ckpt, src)
+    params = json.loads((src / "params.json").read_text())
+    vocab, params["vocab_size"] = params["vocab_size"], -1
+    (src / "params.json").write_text(json.dumps(params))
+    assert main(["reshard", str(src), str(tmp_path / "one"), "--mp", "1"]) == 0
+    assert read_params(tmp_path / "one").vocab_size == vocab
+    original, merged = full_state(tiny_ckpt), full_state(tmp_path / "one")
+    for key in original:
+        assert torch.equal(original[key], merged[key]), key
+
+
+@pytest.mark.parametrize("command", ["reshard", "quantize"])
+def test_a_checkpoint_written_where_its_tokenizer_already_is(
+    command: str, tiny_ckpt: Path, tmp_path: Path
+) -> None:
+    """LLaMA 2's downloads keep tokenizer.model one folder above the model's; writing into
+    that folder leaves the tokenizer where it is (copying it onto itself failed after
+    every shard was written)."""
+    src = tmp_path / "llama-2-7b"
+    shutil.copytree(tiny_ckpt, src)
+    (src / "tokenizer.model").rename(tmp_path / "tokenizer.model")
+    extra = ["--mp", "1"] if command == "reshard" else ["--to", "int8"]
+    assert main([command, str(src), str(tmp_path), *extra]) == 0
+    assert main(["check", str(tmp_path)]) == 0
+
+
 def test_reshard_keeps_llama3_vocabulary_split(tmp_path: Path) -> None:
     from mpllama.checkpoint import detect_embedding_axis, read_shapes
 

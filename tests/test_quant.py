@@ -337,6 +337,24 @@ def test_a_quantized_checkpoint_reshards_like_any_other(
         assert torch.equal(last_logits(load(tmp_path / folder), ROWS), want)
 
 
+def test_check_mp_says_whether_a_quantized_checkpoints_groups_fit_that_many_ranks(
+    tiny_q: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """int4 in groups of 64 fits 2 ranks of tiny_q (w2 192 inputs each, wo 64) but not 4
+    (96 and 32): `check --mp 4` says so, as a rank and `reshard --mp 4` would, where it
+    said ok; and `reshard --mp 0` of it is a one-line error, not a ZeroDivisionError."""
+    q = quantize_ckpt(tiny_q, tmp_path / "q", "int4", "--group-size", "64")
+    capsys.readouterr()
+    assert main(["check", str(q), "--mp", "2"]) == 0
+    assert main(["check", str(q), "--mp", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "group size 64 does not divide" in err and "Traceback" not in err
+    assert main(["reshard", str(q), str(tmp_path / "r4"), "--mp", "4"]) == 1
+    assert main(["reshard", str(q), str(tmp_path / "r0"), "--mp", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "mpllama reshard: error: --mp 0: a checkpoint needs at least one shard"
+
+
 def test_a_quantized_rank_holds_a_quarter_or_less_of_float32s_bytes(
     tiny_q: Path, single_rank: None
 ) -> None:

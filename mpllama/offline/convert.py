@@ -15,18 +15,25 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import IGNORED_KEYS, check_state, find_shards, generation_axis, read_params
+from ..checkpoint import (
+    IGNORED_KEYS,
+    check_state,
+    copy_tokenizer,
+    find_shards,
+    generation_axis,
+    read_params,
+    vocab_from_shards,
+)
 from ..errors import CheckpointError
 from ..hf_config import args_from_hf_config, context_length, generation, hf_config
 from ..model_args import LLAMA3_VOCAB_SIZE, ModelArgs
 from ..quantization import read_quantization
-from ..rank.weights import load_rank_state, load_shard, tensor_shapes, write_checkpoint
+from ..rank.weights import load_rank_state, tensor_shapes, write_checkpoint
 from ..shard_axes import full_shapes
 from ..tokenizer import load_tokenizer
 
@@ -157,7 +164,7 @@ def convert_meta_to_hf(meta_dir: str | Path, out_dir: str | Path) -> Path:
             f"{folder} is quantized ({quant.method}, mpllama quantize): a Hugging Face "
             "folder holds full-precision weights; convert the checkpoint it was quantized from"
         )
-    args = _vocab_from_shards(read_params(folder), shards)
+    args = vocab_from_shards(read_params(folder), shards)
     tok_path = _find_tokenizer(folder, folder.parent)
     # Without a tokenizer, the kind (for the context length) follows the vocabulary.
     kind = "tiktoken" if args.vocab_size == LLAMA3_VOCAB_SIZE else "sentencepiece"
@@ -198,7 +205,7 @@ def convert_meta_to_hf(meta_dir: str | Path, out_dir: str | Path) -> Path:
         metadata={"format": "pt"},
     )
     if tok_path is not None:
-        shutil.copyfile(tok_path, out / "tokenizer.model")
+        copy_tokenizer(tok_path, out)
     log.info("wrote %s from %s (%d shard(s), %s)", out, meta_dir, len(shards), name)
     return out
 
@@ -229,22 +236,9 @@ def convert_hf_to_meta(hf_dir: str | Path, out_dir: str | Path, parts: int) -> P
     embed_axis = generation_axis(args, kind)
     write_checkpoint(out_dir, args, hf_to_meta(state, args), parts, embed_axis=embed_axis)
     if tok_path is not None:
-        shutil.copyfile(tok_path, Path(out_dir) / "tokenizer.model")
+        copy_tokenizer(tok_path, Path(out_dir))
     log.info("wrote %s from %s (%d shard(s))", out_dir, folder, parts)
     return Path(out_dir)
-
-
-def _vocab_from_shards(args: ModelArgs, shards: list[Path]) -> ModelArgs:
-    """params.json may say vocab_size -1 (= the tokenizer's); the embedding shards say it
-    too: [vocab, dim / N] when split on the model dimension (Llama 2), [vocab / N, dim]
-    when split on the vocabulary (Llama 3)."""
-    if args.vocab_size != -1:
-        return args
-    embedding = load_shard(shards[0]).get("tok_embeddings.weight")
-    if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2:
-        raise CheckpointError(f"{shards[0]} has no tok_embeddings.weight matrix")
-    rows, cols = embedding.shape
-    return replace(args, vocab_size=rows * len(shards) if cols == args.dim else rows)
 
 
 def _find_tokenizer(*folders: Path) -> Path | None:
