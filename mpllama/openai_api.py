@@ -11,7 +11,14 @@ import logging
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .api import RequestOutput
 from .config import SamplingParams
@@ -23,6 +30,8 @@ from .tools import ToolStream
 log = logging.getLogger(__name__)
 
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
+# One of a token's most likely alternatives: its text, log-prob and own bytes.
+Alternative = tuple[str, float, bytes]
 
 # ------------------------------------------------------------------ request bodies
 
@@ -30,6 +39,18 @@ MAX_STOP = 4  # stop strings per request, as OpenAI allows
 class Body(BaseModel):
     # Unknown fields and wrong JSON types are errors (400), never silently coerced.
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        """A known field sent as null is one left out, as OpenAI's reference has it (its
+        client sends null for a None it is given, e.g. ``n=None``): its default holds."""
+        if not isinstance(data, dict):
+            return data
+        known = set(cls.model_fields) | {
+            f.alias for f in cls.model_fields.values() if f.alias is not None
+        }
+        return {k: v for k, v in data.items() if v is not None or k not in known}
 
 
 class StreamOptions(Body):
@@ -140,11 +161,19 @@ class ToolCall(Body):
 
 class ChatMessage(Body):
     # "tool" (a tool's result) needs a Llama 3 model: the Llama 2 format refuses it (400).
-    role: Literal["system", "user", "assistant", "tool"]
+    # "developer": OpenAI's newer name for the system's instructions, taken as "system".
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None  # None: an assistant turn of tool calls
     name: str | None = None  # accepted, unused
     tool_call_id: str | None = None  # accepted, unused (Llama 3's ipython turn has no id)
     tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
+    # An answer sent back as the client parsed it (``message.model_dump()``) carries
+    # these too: accepted, unused. Llama refuses nothing and makes neither audio nor
+    # the functions API's calls, so those two must be null (dropped: ``_null_is_unset``).
+    refusal: str | None = None
+    annotations: list[dict[str, Any]] | None = None
+    audio: None = None
+    function_call: None = None
 
     @property
     def text(self) -> str:
@@ -156,7 +185,8 @@ class ChatMessage(Body):
 
     def plain(self) -> dict[str, Any]:
         calls = [c.model_dump() for c in self.tool_calls or []]
-        return {"role": self.role, "content": self.text, **({"tool_calls": calls} if calls else {})}
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": self.text, **({"tool_calls": calls} if calls else {})}
 
 
 class FunctionDef(Body):
@@ -270,9 +300,10 @@ class Choice:
     decoder: IncrementalDecoder
     out: RequestOutput | None = None
     pieces: list[str] = dataclasses.field(default_factory=list)  # one text per token
+    raw: list[bytes] = dataclasses.field(default_factory=list)  # each token's own bytes
     logprobs: list[float] = dataclasses.field(default_factory=list)
-    # Per token, the most likely tokens' texts and log-probs (top_logprobs > 0).
-    tops: list[list[tuple[str, float]]] = dataclasses.field(default_factory=list)
+    # Per token, the most likely tokens' texts, log-probs and bytes (top_logprobs > 0).
+    tops: list[list[Alternative]] = dataclasses.field(default_factory=list)
     tools: ToolStream | None = None  # a chat answer that may be a tool call
 
     def add(self, out: RequestOutput) -> tuple[list[str], list[float]]:
@@ -284,25 +315,32 @@ class Choice:
         pieces = [self.decoder.add(t) for t in out.delta_token_ids]
         if out.finished and pieces:
             pieces[-1] += self.decoder.flush()
+        tokenizer = self.decoder.tokenizer
         self.pieces += pieces
+        self.raw += [
+            own_bytes(tokenizer, t, piece)
+            for t, piece in zip(out.delta_token_ids, pieces, strict=True)
+        ]
         self.logprobs += new
         if out.top_logprobs is not None:
             # The chosen token among them shows as its own piece (at the start of the
             # text, without the leading space), the others as they read mid-text.
-            tokenizer = self.decoder.tokenizer
             new_tops = out.top_logprobs[len(self.tops) :]
             for token, piece, top in zip(out.delta_token_ids, pieces, new_tops, strict=True):
-                self.tops.append(
-                    [
-                        (piece if t == token else token_text(tokenizer, t), lp)
-                        for t, lp in top.items()
-                    ]
-                )
+                alternatives = []
+                for t, lp in top.items():
+                    text = piece if t == token else token_text(tokenizer, t)
+                    alternatives.append((text, lp, own_bytes(tokenizer, t, text)))
+                self.tops.append(alternatives)
         return pieces, new
 
-    def top(self, pieces: list[str]) -> list[list[tuple[str, float]]]:
+    def top(self, pieces: list[str]) -> list[list[Alternative]]:
         """The alternatives of the last ``len(pieces)`` tokens."""
         return self.tops[len(self.tops) - len(pieces) :] if pieces else []
+
+    def raw_of(self, pieces: list[str]) -> list[bytes]:
+        """The own bytes of the last ``len(pieces)`` tokens."""
+        return self.raw[len(self.raw) - len(pieces) :] if pieces else []
 
 
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:
@@ -314,8 +352,17 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
+def own_bytes(tokenizer: Tokenizer, token_id: int, text: str) -> bytes:
+    """OpenAI's ``bytes`` of a token: the bytes it stands for, so that a character split
+    across tokens shows as its parts, each token with its own (its text there shows
+    nothing until the character is whole); a sentencepiece word piece, whose leading
+    space depends on where it stands, as ``text``, its text where it stands."""
+    raw = tokenizer.token_bytes(token_id)
+    return text.encode() if raw is None else raw
+
+
 def completion_logprobs(
-    pieces: list[str], logprobs: list[float], tops: list[list[tuple[str, float]]], offset: int
+    pieces: list[str], logprobs: list[float], tops: list[list[Alternative]], offset: int
 ) -> dict[str, Any]:
     """OpenAI's completions shape; ``tops`` (one list per token, or none at all) become
     its top_logprobs: each token's alternatives, with the chosen token among them."""
@@ -326,7 +373,7 @@ def completion_logprobs(
     top_logprobs = None
     if tops:
         top_logprobs = [
-            {**dict(alts), piece: lp}
+            {**{text: alp for text, alp, _ in alts}, piece: lp}
             for piece, lp, alts in zip(pieces, logprobs, tops, strict=True)
         ]
     return {
@@ -338,16 +385,19 @@ def completion_logprobs(
 
 
 def chat_logprobs(
-    pieces: list[str], logprobs: list[float], tops: list[list[tuple[str, float]]]
+    pieces: list[str], raw: list[bytes], logprobs: list[float], tops: list[list[Alternative]]
 ) -> dict[str, Any]:
-    def entry(piece: str, lp: float) -> dict[str, Any]:
-        return {"token": piece, "logprob": lp, "bytes": list(piece.encode())}
+    """OpenAI's chat shape: per token its text, log-prob and own bytes (``raw``), and
+    ``tops`` (one list per token, or none at all) as its top_logprobs."""
+
+    def entry(text: str, lp: float, own: bytes) -> dict[str, Any]:
+        return {"token": text, "logprob": lp, "bytes": list(own)}
 
     alternatives = tops or [[] for _ in pieces]
     return {
         "content": [
-            {**entry(p, lp), "top_logprobs": [entry(t, tlp) for t, tlp in alts]}
-            for p, lp, alts in zip(pieces, logprobs, alternatives, strict=True)
+            {**entry(p, lp, own), "top_logprobs": [entry(*alt) for alt in alts]}
+            for p, own, lp, alts in zip(pieces, raw, logprobs, alternatives, strict=True)
         ]
     }
 

@@ -222,7 +222,7 @@ class OpenAIServer:
             return {
                 "index": c.index,
                 "delta": delta,
-                "logprobs": chat_logprobs(pieces, logprobs, c.top(pieces))
+                "logprobs": chat_logprobs(pieces, c.raw_of(pieces), logprobs, c.top(pieces))
                 if c.params.logprobs
                 else None,
                 "finish_reason": "tool_calls"

@@ -127,6 +127,48 @@ def test_a_failure_mid_stream_ends_it_with_an_error_event_then_done() -> None:
     assert events[2:] == ["data: [DONE]\n\n"]
 
 
+@pytest.mark.parametrize("kind", ["tiktoken", "sentencepiece"])
+def test_chat_logprobs_give_each_token_its_own_bytes(kind: str) -> None:
+    """OpenAI's ``bytes`` are each token's own: a character split across tokens shows as
+    its parts (each token's text stays "" until the character is whole, so the texts
+    still join to the answer), and so do alternatives that end partway through one. They
+    were the bytes of the token's text: [] for each part, U+FFFD's for an alternative."""
+    from mpllama.detokenize import IncrementalDecoder
+    from mpllama.openai_api import Choice, chat_logprobs
+    from mpllama.outputs import RequestOutput
+    from mpllama.tokenizer import load_tokenizer
+
+    if kind == "tiktoken":
+        pytest.importorskip("llama_models")
+        from mpllama.offline.fixtures import llama3_tokenizer_path
+
+        tokenizer = load_tokenizer(llama3_tokenizer_path())
+    else:
+        tokenizer = load_tokenizer(REPO / "demo" / "model" / "tokenizer.model")  # byte fallback
+    text = "a 🦙 llama"
+    ids = tokenizer.encode(text, bos=False, eos=False)
+    parts = [tokenizer.token_bytes(t) for t in ids]
+    split = [i for i, raw in enumerate(parts) if raw and b"\xf0" in raw]  # its first byte
+    assert split and parts[split[0] + 1] not in (None, b""), "the llama spans tokens"
+    choice = Choice(0, 0, [], 0, SamplingParams(logprobs=True), IncrementalDecoder(tokenizer))
+    alternative = ids[split[0]]  # a first part, offered beside every token
+    tops = [{t: -0.5, alternative: -1.0} if t != alternative else {t: -0.5} for t in ids]
+    out = RequestOutput(
+        0, None, [], text, ids, [-0.5] * len(ids), "stop",
+        delta_token_ids=ids, finished=True, top_logprobs=tops,
+    )  # fmt: skip
+    choice.add(out)
+    content = chat_logprobs(choice.pieces, choice.raw, choice.logprobs, choice.tops)["content"]
+    assert "".join(e["token"] for e in content) == tokenizer.decode(ids)
+    assert b"".join(bytes(e["bytes"]) for e in content) == tokenizer.decode(ids).encode()
+    for entry, token, raw in zip(content, ids, parts, strict=True):
+        assert bytes(entry["bytes"]) == (entry["token"].encode() if raw is None else raw)
+        offered = {a["logprob"]: bytes(a["bytes"]) for a in entry["top_logprobs"]}
+        assert offered[-0.5] == bytes(entry["bytes"])
+        if token != alternative:
+            assert offered[-1.0] == parts[split[0]]
+
+
 def test_serve_command_fails_fast_on_a_bad_checkpoint(tmp_path: Path, capsys) -> None:
     from mpllama.cli import main
 
@@ -338,6 +380,32 @@ class TestOneReplica:
 
         asyncio.run(run())
 
+    def test_nulls_an_answer_sent_back_as_parsed_and_the_developer_role(
+        self, client, offline
+    ) -> None:
+        """The openai client sends null for a None it is given (n=None): the default
+        holds, as OpenAI's reference has it (400 before); an answer sent back as the
+        client parsed it (``message.model_dump()``: refusal, audio, ... all null) is a
+        turn (400 before); "developer" is the system's role. Unknown fields stay errors."""
+        reply = client.chat.completions.create(
+            model=MODEL, messages=DIALOG, temperature=0, n=None, stream=None, logprobs=None
+        )
+        assert reply.choices[0].message.content == offline["chat"].text
+        completion = client.completions.create(
+            model=MODEL, prompt=PROMPTS[0], temperature=0, n=None, echo=None, max_tokens=None
+        )
+        assert completion.choices[0].text == offline["greedy"][0].text
+        developer = [{"role": "developer", "content": DIALOG[0]["content"]}, DIALOG[1]]
+        again = client.chat.completions.create(model=MODEL, messages=developer, temperature=0)
+        assert again.choices[0].message.content == offline["chat"].text
+        sent_back = reply.choices[0].message.model_dump()
+        assert "refusal" in sent_back and sent_back["refusal"] is None
+        turn = [DIALOG[1], sent_back, {"role": "user", "content": "Go on"}]
+        later = client.chat.completions.create(model=MODEL, messages=turn, temperature=0)
+        assert later.choices[0].finish_reason == "length"
+        with pytest.raises(openai.BadRequestError, match="bogus"):
+            client.chat.completions.create(model=MODEL, messages=DIALOG, extra_body={"bogus": None})
+
     def test_n_choices_each_with_its_own_seed(self, client, offline) -> None:
         kwargs = {"model": MODEL, "prompt": PROMPTS[1], "temperature": 0.8, "top_p": 0.9}
         reply = client.completions.create(**kwargs, n=2, seed=1234)
@@ -523,7 +591,11 @@ class TestOneReplica:
             assert len(values) == 4 and values == sorted(values, reverse=True)
             assert values[0] == pytest.approx(item.logprob)
             assert item.top_logprobs[0].token == item.token
-            assert all(t.bytes == list(t.token.encode()) for t in item.top_logprobs)
+            # A token's own bytes: its text's (after the U+FFFD of an earlier token's
+            # unfinished character, shown with it), or one byte of a character.
+            for t in item.top_logprobs:
+                own = bytes(t.bytes)
+                assert own == t.token.lstrip("\ufffd").encode() or (len(own) == 1 and own[0] > 127)
         with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
             client.chat.completions.create(model=MODEL, messages=DIALOG, top_logprobs=2)
 
