@@ -113,19 +113,39 @@ def guided_for(tools: list[dict[str, Any]], choice: str | dict[str, Any]) -> Gui
         functions = [f for f in functions if f["name"] == name]
         if not functions:
             raise ValueError(f"tool_choice names the function {name!r}, which is not in tools")
+    at = (
+        ["/properties/parameters"]
+        if len(functions) == 1
+        else [f"/anyOf/{i}/properties/parameters" for i in range(len(functions))]
+    )
     calls = [
         {
             "type": "object",
             "properties": {
                 "name": {"const": f["name"]},
-                "parameters": f.get("parameters") or {"type": "object"},
+                "parameters": rerooted(f.get("parameters") or {"type": "object"}, where),
             },
             "required": ["name", "parameters"],
             "additionalProperties": False,
         }
-        for f in functions
+        for f, where in zip(functions, at, strict=True)
     ]
     return Guided(json_schema=calls[0] if len(calls) == 1 else {"anyOf": calls})
+
+
+def rerooted(schema: Any, where: str) -> Any:
+    """A function's parameters schema placed at JSON pointer ``where`` of the call's: its
+    own local references ("#/$defs/City", as pydantic writes a nested model, or "#" for
+    itself) point there too, where they were read from the combined schema's root."""
+    if isinstance(schema, list):
+        return [rerooted(item, where) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: rerooted(v, where) for k, v in schema.items()}
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        out["$ref"] = "#" + where + ref[1:]
+    return out
 
 
 def parse_call(text: str, names: set[str]) -> Call | None:

@@ -162,3 +162,47 @@ def test_tool_choice_rules() -> None:
         tool_use([], "required")
     with pytest.raises(ValueError, match="must differ"):
         tool_use([TIME, TIME], "auto")
+
+
+def test_a_tool_whose_parameters_refer_to_their_own_definitions_is_enforced() -> None:
+    """A nested pydantic model's parameters (openai.pydantic_function_tool) refer to their
+    own $defs ("#/$defs/City"); placed inside the call's schema those pointers must move
+    with them. Before, "required" and named calls failed to compile (400: "Pointer
+    '/$defs/City' does not exist"). The grammar takes a call of either tool and refuses
+    one that breaks the nested model."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from mpllama.rank.constrain import Grammars
+
+    city = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    trip = {
+        "type": "function",
+        "function": {
+            "name": "plan_trip",
+            "parameters": {
+                "$defs": {"City": city},
+                "type": "object",
+                "properties": {
+                    "to": {"$ref": "#/$defs/City"},
+                    "stops": {"type": "array", "items": {"$ref": "#/$defs/City"}},
+                },
+                "required": ["to", "stops"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    good = '{"name": "plan_trip", "parameters": {"to": {"name": "Oslo"}, "stops": []}}'
+    bad = '{"name": "plan_trip", "parameters": {"to": {"town": "Oslo"}, "stops": []}}'
+    tokenizer = load_tokenizer(LLAMA3_MODEL)
+    grammars = Grammars(tokenizer, tokenizer.n_words)
+    named = {"type": "function", "function": {"name": "plan_trip"}}
+    for tools, choice in (([trip], "required"), ([WEATHER, trip], "required"), ([trip], named)):
+        guided = guided_for(tools, choice)
+        assert guided is not None and guided.problem() is None
+        jsonschema.validate(json.loads(good), guided.json_schema)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(json.loads(bad), guided.json_schema)
+        for text, takes in ((good, True), (bad, False)):
+            matcher = grammars.matcher(guided)
+            ids = tokenizer.encode(text, bos=False, eos=False)
+            assert matcher.consume_tokens(ids) == takes, text
+            assert matcher.is_accepting() or not takes
