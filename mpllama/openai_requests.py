@@ -14,7 +14,7 @@ from .openai_api import ApiError, ChatRequest, Choice, SamplingBody
 from .protocol import Request as EngineRequest
 from .protocol import check_params, check_request
 from .tokenizer import IncrementalDecoder, Tokenizer
-from .tools import ToolUse, parse_call, tool_use
+from .tools import ToolUse, forced_call, parse_call, tool_use
 
 
 class RequestBuilder:
@@ -40,7 +40,11 @@ class RequestBuilder:
         assert c.out is not None
         message: dict[str, Any] = {"role": "assistant", "content": c.out.text}
         finish = c.out.finish_reason
-        call = parse_call(c.out.text, c.tools.names) if c.tools is not None else None
+        call = None
+        if c.tools is not None and c.tools.forced:  # a call, however far it got
+            call = forced_call(c.out.text)
+        elif c.tools is not None:
+            call = parse_call(c.out.text, c.tools.names)
         if call is not None:
             message = {"role": "assistant", "content": None, "tool_calls": [call.openai()]}
             finish = "tool_calls" if finish == "stop" else finish

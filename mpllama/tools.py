@@ -165,6 +165,20 @@ def parse_call(text: str, names: set[str]) -> Call | None:
     return Call(call["name"], arguments_of(text, head.end()))
 
 
+def forced_call(text: str) -> Call | None:
+    """The call a constrained answer ("required", a named function) is, whole or as far
+    as it got (cut short by max_tokens: its arguments as written, perhaps not yet valid
+    JSON, as OpenAI gives them); None while not even its name is complete."""
+    head = _CALL_HEAD.match(text)
+    if head is None:
+        return None
+    try:
+        args = arguments_of(text, head.end())
+    except json.JSONDecodeError:
+        args = text[head.end() :]
+    return Call(json.loads(f'"{head.group("name")}"'), args)
+
+
 def arguments_of(text: str, start: int) -> str:
     """The parameters' JSON text as the model wrote it, from ``start``."""
     _, end = json.JSONDecoder().raw_decode(text, start)
@@ -222,20 +236,21 @@ class ToolStream:
     def _forced(self, finished: bool) -> dict[str, Any] | None:
         head = _CALL_HEAD.match(self.text)
         if head is None:
+            if finished:  # cut short before its name was whole: the text, as not streamed
+                self.content = True
+                return self._content()
             return None
         out: dict[str, Any] = {"index": 0}
         if self.call is None:
             self.call = Call(json.loads(f'"{head.group("name")}"'), "")
             out.update(self.call.openai())
-        start = head.end()
         if finished:
-            try:
-                args = arguments_of(self.text, start)
-            except json.JSONDecodeError:
-                args = self.text[start:]  # cut short (max_tokens): what there is
+            final = forced_call(self.text)
+            assert final is not None
+            args = final.arguments
         else:
             # Trailing "}" may close the call rather than its arguments: held back.
-            args = self.text[start:].rstrip("} \t\r\n")
+            args = self.text[head.end() :].rstrip("} \t\r\n")
         piece = args[self.sent_args :]
         self.sent_args = max(self.sent_args, len(args))
         if piece:

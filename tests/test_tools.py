@@ -135,6 +135,43 @@ def test_a_forced_call_streams_deltas_that_add_up_to_its_arguments() -> None:
     assert args == '{"city": "Par}is", "unit": "C"}' and stream.made_call
 
 
+def test_a_forced_call_cut_short_is_the_same_answer_streamed_or_not() -> None:
+    """max_tokens may end a "required" call anywhere. Streamed and not, the answer is the
+    same: a call with its arguments as far as they got once its name is whole, the text
+    as content before. Before, the whole answer gave content where streaming gave a call,
+    and a stream cut before the name was whole sent nothing at all."""
+    from types import SimpleNamespace
+
+    from mpllama.openai_requests import RequestBuilder
+
+    full = '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "C"}}'
+    for cut in range(1, len(full) + 1):
+        text, finish = full[:cut], "length" if cut < len(full) else "stop"
+        stream = ToolStream({"get_weather"}, forced=True)
+        deltas = [stream.delta(text[i : i + 4], i + 4 >= len(text)) for i in range(0, cut, 4)]
+        content = "".join(d.get("content", "") for d in deltas if d)
+        calls = [d["tool_calls"][0] for d in deltas if d and "tool_calls" in d]
+        whole = RequestBuilder.message(
+            SimpleNamespace(
+                index=0,
+                out=SimpleNamespace(text=text, finish_reason=finish),
+                tools=ToolStream({"get_weather"}, forced=True),
+            ),
+            None,
+        )
+        message = whole["message"]
+        if "tool_calls" in message:
+            function = message["tool_calls"][0]["function"]
+            assert not content and calls[0]["function"]["name"] == function["name"], cut
+            assert (
+                "".join(c["function"].get("arguments", "") for c in calls) == function["arguments"]
+            ), cut
+            assert whole["finish_reason"] == ("tool_calls" if finish == "stop" else "length")
+        else:
+            assert not calls and content == message["content"] == text, cut
+    assert function["arguments"] == '{"city": "Paris", "unit": "C"}'
+
+
 def test_an_auto_answer_is_content_at_once_or_a_call_held_to_the_end() -> None:
     plain = ToolStream({"get_time"}, forced=False)
     assert plain.delta("  It", False) == {"content": "  It"}
