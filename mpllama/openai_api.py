@@ -175,6 +175,19 @@ class ChatMessage(Body):
     audio: None = None
     function_call: None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        """Name what is wrong with a part that is not text (pydantic would say only that
+        the content is not a string)."""
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind is not None and kind != "text":
+                raise ValueError(
+                    f"content parts of type {kind!r} are not supported; Llama reads text"
+                )
+        return content
+
     @property
     def text(self) -> str:
         if self.content is None:

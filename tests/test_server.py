@@ -481,6 +481,10 @@ class TestOneReplica:
             assert got == status, (path, body, reply)
             assert set(reply["error"]) == {"message", "type", "param", "code"}, reply
             assert reply["error"]["message"]
+        image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+        looking = [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, image]}]
+        got, _, reply = http(url + "/chat/completions", {**chat, "messages": looking})
+        assert got == 400 and "type 'image_url' are not supported" in reply["error"]["message"]
         assert http(url + "/completions", base, key=None)[0] == 401
         assert http(url + "/completions", base, key="sk-nope")[0] == 401
         # The openai client sees the same statuses as its own exception types.
