@@ -79,8 +79,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.seed is not None and self.seed < 0:
-            raise ValueError(f"seed must be >= 0 or None, got {self.seed}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:  # what torch's generators take
+            raise ValueError(f"seed must be in [0, 2**64) or None, got {self.seed}")
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must not be empty")
         if any(i < 0 for i in self.stop_token_ids):

@@ -341,7 +341,9 @@ def test_non_string_prompt(llm: LLM, good) -> None:
         ("top_p", 0.0, "top_p must be in (0, 1], got 0.0"),
         ("top_p", 1.5, "top_p must be in (0, 1], got 1.5"),
         ("top_k", -1, "top_k must be >= 0 (0 = off), got -1"),
-        ("seed", -3, "seed must be >= 0 or None, got -3"),
+        ("seed", -3, "seed must be in [0, 2**64) or None, got -3"),
+        # A rank's generator cannot take it: it stopped the step loop, failing everyone's.
+        ("seed", 2**64, "seed must be in [0, 2**64) or None, got 18446744073709551616"),
         ("stop", [""], "stop strings must not be empty"),
     ],
 )
