@@ -153,6 +153,39 @@ def test_the_leads_submits_and_aborts_leave_from_the_engines_own_thread(
     assert {thread for _, thread in calls} == {"mpllama-engine-control"}
 
 
+def test_an_id_aborted_and_at_once_reused_names_only_the_new_request(llm2: LLM) -> None:
+    """A caller may reuse a request id as soon as it aborted it (AsyncLLM's request_id,
+    as in vLLM). The lead may still be sending the old request's events, and may take the
+    abort and the new submit in one turn; under one id the new request got the old one's
+    tokens and "abort", or the lead refused it as "already running". Each hand-over to
+    the lead now has an id of its own."""
+    engine, params = llm2.engine, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    prompt = [1, 5, 9, 13]
+    want = llm2.generate(prompt_token_ids=[prompt], sampling_params=params)[0].token_ids
+    for trial in range(8):
+        rid, got, done = f"reused-{trial}", [], threading.Event()
+
+        def sink(e: Event | BaseException, got: list = got, done: threading.Event = done) -> None:
+            got.append(e)
+            if not isinstance(e, Event) or e.finish_reason is not None:
+                done.set()
+
+        old: list[Event | BaseException] = []
+        long = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+        engine.submit([Request(rid, [1, 7, 7, 7, 2], long)], old.append)
+        while not any(isinstance(e, Event) and e.token_ids for e in old):  # it runs
+            assert not any(isinstance(e, BaseException) for e in old), old
+            threading.Event().wait(0.005)
+        engine.abort([rid])
+        engine.submit([Request(rid, prompt, params)], sink)
+        assert done.wait(60), got
+        events = [e for e in got if isinstance(e, Event)]
+        assert len(events) == len(got) and all(e.id == rid for e in events), got
+        assert events[-1].finish_reason == "length", events[-1]
+        assert [t for e in events for t in e.token_ids] == want, trial
+        assert old[-1].finish_reason == "abort"  # the old one ended once, by the abort
+
+
 def test_seeded_sampling_repeats_and_fixed_seed_ignores_batch_company(llm2: LLM) -> None:
     sampled = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=8, ignore_eos=True)
     first = llm2.generate(PROMPTS, sampled)
