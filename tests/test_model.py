@@ -285,7 +285,9 @@ def test_rows_at_different_positions_equal_running_them_alone(
 ) -> None:
     """A right-padded prefill whose padding must not touch either row's blocks, then more
     tokens, then a decode step: each row gets the logits it gets alone, wherever its
-    blocks are and however attention reads them."""
+    blocks are and however attention reads them. On a CPU the prompts' steps read each
+    row as it reads alone (``CacheIndex.own_pieces``; bit for bit on packed weights:
+    test_runner's test_prompts_beside_others_are_bit_for_bit_what_they_are_alone)."""
     runs, read = LAYOUTS[layout]
     batched = read != "per row"
     monkeypatch.setattr(model_module, "ROW_CALL_BYTES", 1 << 40 if batched else 0)
@@ -321,8 +323,10 @@ def test_rows_at_different_positions_equal_running_them_alone(
     got = tiny(torch.stack([a_next, b_next]), pos + 3, runs, logits_at=zero)
     torch.testing.assert_close(got[0], want_a[2], atol=1e-5, rtol=0)
     torch.testing.assert_close(got[1], want_b[2], atol=1e-5, rtol=0)
-    assert [at.strided for at in seen] == [read == "strided"] * 3
-    assert [at.gather is not None for at in seen] == [read == "gathered"] * 3
+    # The prompts' steps read each row as alone; the decode step as the layout says.
+    assert [len(at.own) for at in seen] == [2, 2, 0]
+    assert [at.strided for at in seen] == [False, False, read == "strided"]
+    assert [at.gather is not None for at in seen] == [False, False, read == "gathered"]
     assert all((len(at.segments[0]) > 1) == (runs is SCATTERED) for at in seen)
 
 

@@ -139,6 +139,37 @@ def test_full_batch_rows_equal_each_prompt_alone(model: Transformer, tok: Tokeni
         assert all(lp <= 0 for lp in got.logprobs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prompts_beside_others_are_bit_for_bit_what_they_are_alone(
+    tiny_ckpt: Path, tok: Tokenizer, dtype: torch.dtype, single_rank: None
+) -> None:
+    """Weights packed as a rank packs them, prompts of 1 to 90 tokens prefilled in one
+    step, more than 64 rows in all: the prefill's log-prob is what the prompt gets alone,
+    to the last bit, and in bf16 every later one too. Padded beside longer prompts,
+    attention's call had another shape: log-probs moved by 1e-6 in float32 and 0.1-0.8%
+    in bf16, where greedy tokens parted (session 15); now each row's attention is its own
+    call. (float32's decode steps of several rows run oneDNN's product, one row alone
+    mpllama's one-row kernel: those differ in the last bits; bf16's batched decode product
+    sums each row as its one-row kernel does.)"""
+    args = checkpoint.read_params(tiny_ckpt)
+    state = weights.load_rank_state(checkpoint.find_shards(tiny_ckpt), args, 0, 1)
+    model = materialize(Transformer(args), state, torch.device("cpu"), dtype)
+    model.pack_linears()
+    sized(model, 6, 128)
+    texts = ["A", "The quick brown fox", "def f(x):\n    return x", PROMPTS[0] * 6, "Hi", "x = 1"]
+    requests = [req(tok, t) for t in texts]
+    assert sum(len(r.prompt_token_ids) for r in requests) > 64
+    assert max(len(r.prompt_token_ids) for r in requests) < 100
+    for got, want in zip(run(model, tok, requests), alone(model, tok, requests), strict=True):
+        assert got.token_ids == want.token_ids
+        assert got.logprobs is not None and want.logprobs is not None
+        assert got.logprobs[0] == want.logprobs[0]  # the prefill's
+        if dtype == torch.bfloat16:
+            assert got.logprobs == want.logprobs
+        else:
+            assert_same(got, want, atol=1e-5)
+
+
 def test_admitted_mid_flight_equals_alone(model: Transformer, tok: Tokenizer) -> None:
     """Requests join while others sit at arbitrary positions, and take whichever slots
     are free (not consecutive), yet each gets the tokens it gets alone."""

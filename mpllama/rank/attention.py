@@ -88,7 +88,14 @@ class Attention(nn.Module):
         # enable_gqa shares them without materialising repeated copies of the cache.
         gqa = self.n_local_heads != self.n_local_kv_heads
         q = q.transpose(1, 2)  # [B,H,T,D]
-        if at.gather is not None:  # every row's positions gathered, one call
+        if at.own:  # prompts on a CPU: each row (or rows of one shape) as it runs alone
+            assert at.mask is not None
+            out = q.new_zeros(q.shape)  # the padding's queries stay zero
+            for lo, hi, n, S in at.own:
+                k_rows, v_rows = at.view(self.cache_k, lo, hi, S), at.view(self.cache_v, lo, hi, S)
+                mask = at.mask[lo:hi, :, :n, :S]
+                out[lo:hi, :, :n] = attend(q[lo:hi, :, :n], k_rows, v_rows, mask, gqa)
+        elif at.gather is not None:  # every row's positions gathered, one call
             k_rows = self.cache_k[at.gather].transpose(1, 2)  # [B,S,K,D] -> [B,K,S,D]
             v_rows = self.cache_v[at.gather].transpose(1, 2)
             out = attend(q, k_rows, v_rows, at.mask, gqa)

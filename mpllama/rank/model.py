@@ -331,6 +331,11 @@ class Transformer(nn.Module):
             # One new token per row on a CPU (bf16 or float32): every row's segments in
             # one call per layer (cpu_kernels.attend_decode), whatever blocks they sit in.
             at.decode = Segments.of(at.segments)
+        elif T > 1 and device.type == "cpu":
+            # Prompts on a CPU: each row's attention the call it makes alone, so its
+            # result does not depend on the prompts beside it (``own_pieces``).
+            at.own = at.own_pieces()
+            at.mask = (torch.arange(S, device=device) <= positions[:, :, None])[:, None]
         else:
             # Evenly spaced rows read as one view where the padding costs less than a
             # call per row; rows that are not, at lengths close enough, are gathered
