@@ -86,14 +86,13 @@ def test_one_row_product_reads_onednns_packed_weight(
 def test_a_bf16_batch_of_rows_gives_each_row_its_one_row_result(
     rows: int, inner: int, products_on: str
 ) -> None:
-    """The bf16 product of several rows (``batched``, taken by ``linear`` for any number
-    past one, 64 at a time): each row bit for bit its one-row product, so a row's result
-    does not depend on its batch, and within bf16's rounding of oneDNN's product. Past 64
-    rows it was oneDNN's, whose sums differ on some shapes (session 15)."""
+    """The bf16 product of a decode step's rows (``batched``, taken by ``linear`` for 2 to
+    64 rows): each row bit for bit its one-row product, so a row's result does not depend
+    on its batch, and within bf16's rounding of oneDNN's batched product."""
     packed = pack(randn(rows, inner).bfloat16())
     product = cpu_products.one_row_product(packed)
     assert product is not None
-    for m in (2, 5, 20, 64, 65, 150):  # 20: a run of 16 rows, then one of 4; 150: 64+64+22
+    for m in (2, 5, 20, 64):  # 20: a run of 16 rows, then one of 4
         x = randn(m, inner, seed=m).bfloat16()
         assert product.batches(x)
         got = layers.linear(x, packed, product)
@@ -103,8 +102,9 @@ def test_a_bf16_batch_of_rows_gives_each_row_its_one_row_result(
         onednn = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "").float()
         atol = 1e-2 * float(onednn.abs().max())
         torch.testing.assert_close(got.float(), onednn, atol=atol, rtol=0)
-    # oneDNN keeps float32, and weights whose blocks (64 rows, or 32 where oneDNN packs
-    # for AMX) outgrow L2
+    # oneDNN keeps prefill chunks, float32, and weights whose blocks (64 rows, or 32 where
+    # oneDNN packs for AMX) outgrow L2
+    assert not product.batches(randn(65, inner).bfloat16())
     fp32 = cpu_products.one_row_product(pack(randn(rows, inner)))
     assert fp32 is not None and not fp32.batches(randn(4, inner))
     wide = cpu_products.one_row_product(pack(randn(64, 16384).bfloat16()))

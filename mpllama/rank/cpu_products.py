@@ -66,24 +66,15 @@ class OneRowProduct:
         return BATCH_ROWS if fits else 1
 
     def batches(self, x: torch.Tensor) -> bool:
-        """Whether ``batched`` takes x's rows: any number past one, on a weight it takes
-        at all (``most_rows`` > 1)."""
-        return x.numel() // self.inner > 1 and self.most_rows > 1
+        """Whether ``batched`` takes x's rows (see ``most_rows``)."""
+        return 1 < x.numel() // self.inner <= self.most_rows
 
     def batched(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ w.T for rows of bf16 x (``gemm_bf16_bf16``), ``most_rows`` at a time: each
-        row's sums are the one-row kernel's, in the same order, so a row's result does
-        not depend on the batch it ran in. It runs faster than oneDNN's product at a
-        decode step's few rows (benchmarks/RESULTS.md, "Figures behind the code") and
-        about as fast at a prefill's hundreds (on AMX, session 15), where oneDNN's
-        product sums some weights' rows otherwise (Llama's FFN shapes): a prompt beside
-        others past 64 rows in all got other logits than alone."""
-        rows = x.reshape(-1, self.inner)
-        if len(rows) <= self.most_rows:
-            return _gemm("gemm_bf16_bf16", self.dtype, self, x)
-        parts = [rows[i : i + self.most_rows] for i in range(0, len(rows), self.most_rows)]
-        y = torch.cat([_gemm("gemm_bf16_bf16", self.dtype, self, part) for part in parts])
-        return y.view(*x.shape[:-1], self.rows)
+        """x @ w.T for a few rows of bf16 x (``gemm_bf16_bf16``): each row's sums are
+        the one-row kernel's, in the same order, so a row's result does not depend on
+        the batch it ran in; and it runs faster than oneDNN's product here (benchmarks/
+        RESULTS.md, "Figures behind the code")."""
+        return _gemm("gemm_bf16_bf16", self.dtype, self, x)
 
 
 def one_row_product(packed: torch.Tensor) -> OneRowProduct | None:
