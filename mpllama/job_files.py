@@ -39,7 +39,7 @@ def read_requests(path: Path, defaults: SamplingParams) -> tuple[list[JobRequest
     A duplicate id keeps its first line and reports the later ones.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not content
     except OSError as exc:
         raise ConfigError(f"cannot read job input {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
@@ -47,7 +47,10 @@ def read_requests(path: Path, defaults: SamplingParams) -> tuple[list[JobRequest
     requests: list[JobRequest] = []
     problems: list[str] = []
     first_line: dict[str, int] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # JSON lines end at "\n" alone: splitlines would also cut at U+2028, U+2029, U+0085
+    # and the like, which JSON strings may hold as they are.
+    for number, line in enumerate(text.split("\n"), start=1):
+        raw = line.removesuffix("\r")
         if not raw.strip():
             continue  # blank lines carry no request
         try:
@@ -125,13 +128,16 @@ def read_done_ids(path: Path) -> set[str]:
         complete = i < len(lines) - 1  # the last piece has no newline after it
         if raw.strip():
             record = _parse_result(raw) if complete else None
+            # Only the last piece, with no newline after it, can be a killed run's torn
+            # line: a whole line that is no record was not written by mpllama, and
+            # cutting it off would empty someone's file.
+            if record is None and (complete or any(rest.strip() for rest in lines[i + 1 :])):
+                raise MpllamaError(
+                    f"{path}: line {i + 1} is not a result record; the file was not written "
+                    "by mpllama or was edited. Repair or move it away (or name another "
+                    "job.output), then run again"
+                )
             if record is None:
-                if any(rest.strip() for rest in lines[i + 1 :]):
-                    raise MpllamaError(
-                        f"{path}: line {i + 1} is not a result record but more lines follow; "
-                        "the file was not written by mpllama or was edited. Repair or move it "
-                        "away, then run again"
-                    )
                 break  # torn tail: redo that request
             done.add(request_key(record["id"]))
         if complete:

@@ -93,6 +93,8 @@ def run_job(
             "results); set them in the YAML or with --set job.input=..."
         )
     in_path, out_path = Path(job.input).resolve(), Path(job.output).resolve()
+    if in_path == out_path:  # every request would read as done, and results join it
+        raise ConfigError(f"job.output is job.input ({in_path}); name another file")
     requests, problems = read_requests(in_path, config.sampling)
     if problems and job.on_bad_line == "stop":
         raise ConfigError(

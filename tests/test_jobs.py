@@ -154,9 +154,41 @@ def test_torn_line_only_at_the_end(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "out.jsonl", ['{"id": 1}', "garbage", '{"id": 2}'])
     with pytest.raises(Exception, match="line 2"):
         read_done_ids(path)
-    path = write_jsonl(tmp_path / "out2.jsonl", ['{"id": 1}', '{"id": "x", "te'])
+    path = tmp_path / "out2.jsonl"
+    path.write_text('{"id": 1}\n{"id": "x", "te')  # killed mid-write: no newline after it
     assert read_done_ids(path) == {"1"}
     assert path.read_text() == '{"id": 1}\n'
+    # A whole last line that is no record is someone's file, not a torn write: it was
+    # cut off, and a one-line file emptied.
+    for lines in (["my notes"], ['{"id": 1}', '{"a": 1}']):
+        path = write_jsonl(tmp_path / "notes.jsonl", lines)
+        with pytest.raises(Exception, match=f"line {len(lines)} is not a result record"):
+            read_done_ids(path)
+        assert path.read_text() == "".join(f"{line}\n" for line in lines)
+
+
+def test_input_lines_are_json_lines_whatever_else_they_hold(tmp_path: Path) -> None:
+    """A byte-order mark starts the file, and U+2028, U+2029 and U+0085 (which JSON strings
+    hold as they are) stay inside their line: splitlines cut there, and each such
+    request failed as two bad lines. CRLF endings still read."""
+    from mpllama.config import SamplingParams
+    from mpllama.job_files import read_requests
+
+    path = tmp_path / "in.jsonl"
+    prompts = ["one\u2028two", "three\u2029four", "five\x85six", "plain"]
+    lines = [json.dumps({"id": i, "prompt": p}, ensure_ascii=False) for i, p in enumerate(prompts)]
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    requests, problems = read_requests(path, SamplingParams())
+    assert problems == []
+    assert [r.prompt for r in requests] == prompts
+
+
+def test_a_job_writing_into_its_own_input_is_refused(tmp_path: Path) -> None:
+    config = load_run_config(
+        job(tmp_path, [{"id": "a", "prompt": "Hi"}], job={"output": "in.jsonl"})
+    )
+    with pytest.raises(ConfigError, match="job.output is job.input"):
+        run_job(config, no_llm)
 
 
 BAD_ROWS: list[Any] = [

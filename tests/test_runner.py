@@ -144,7 +144,8 @@ def test_prompts_beside_others_are_bit_for_bit_what_they_are_alone(
     tiny_ckpt: Path, tok: Tokenizer, dtype: torch.dtype, single_rank: None
 ) -> None:
     """Weights packed as a rank packs them, prompts of 1 to 90 tokens prefilled in one
-    step, more than 64 rows in all: the prefill's log-prob is what the prompt gets alone,
+    step, more than 64 rows in all (tiny's shapes, where oneDNN's sums past 64 rows are
+    mpllama's; on others they may differ: README): the prefill's log-prob is what it gets alone,
     to the last bit, and in bf16 every later one too. Padded beside longer prompts,
     attention's call had another shape: log-probs moved by 1e-6 in float32 and 0.1-0.8%
     in bf16, where greedy tokens parted (session 15); now each row's attention is its own
