@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import ray_session
+from . import checkpoint, ray_session
 from .config import RunConfig, SamplingParams, load_run_config, ray_address_from_env
 from .errors import ConfigError
 from .protocol import derive_seed
@@ -146,6 +146,22 @@ def _dialog(messages: Any) -> list[Any]:
     return [dict(m) if isinstance(m, dict) else m for m in messages]
 
 
+# What a Completer actor itself reserves: it only waits on its gang, whose ranks hold theirs.
+COMPLETER_CPUS = 0.01
+
+
+def cpus_needed(config: RunConfig) -> float:
+    """CPUs a local runtime needs for a Parquet job: every gang's ranks and Completer
+    actor, and a whole one besides for Ray Data's own read and write tasks. Sized for the machine alone, two 1-CPU ranks
+    took both CPUs of a 2-core machine and the read task waited for good (the shipped
+    configs/jobs/parquet.yaml hung there)."""
+    world = config.parallel.model_parallel_size or len(
+        checkpoint.find_shards(config.model.checkpoint_dir)
+    )
+    gang = world * (config.parallel.cpus_per_rank or 1) + COMPLETER_CPUS
+    return int(config.parallel.replicas) * gang + 1
+
+
 def run_dataset(config: RunConfig) -> dict[str, Any]:
     """A YAML job over a Parquet dataset: read ``job.input``, complete every row on
     ``parallel.replicas`` gangs, write Parquet files to ``job.output`` (a folder)."""
@@ -162,11 +178,18 @@ def run_dataset(config: RunConfig) -> dict[str, Any]:
             "replicas: auto is not supported for Parquet jobs: Ray Data needs the number "
             "of gangs up front; give parallel.replicas a number"
         )
+    out = Path(job.output)
+    earlier = sorted(out.glob("*.parquet")) if out.is_dir() else []
+    if earlier:  # Ray Data adds files beside them: every row would be there twice
+        raise ConfigError(
+            f"job.output {out} already holds {len(earlier)} Parquet file(s) of an earlier "
+            "run; move them away or name another folder"
+        )
     started = time.perf_counter()
     # As LLM does: the configured cluster, $RAY_ADDRESS, or a local Ray of our own, started
     # on a thread that outlives it (ray_session.py).
     address = config.parallel.ray_address or ray_address_from_env()
-    hold = ray_session.acquire(address, ray_session.local_cpus(1))
+    hold = ray_session.acquire(address, ray_session.local_cpus(cpus_needed(config)))
     try:
         # Several blocks per gang, so every gang gets work even from a single file.
         ds = ray.data.read_parquet(job.input).repartition(int(replicas) * 4)
@@ -174,7 +197,7 @@ def run_dataset(config: RunConfig) -> dict[str, Any]:
             Completer,
             concurrency=int(replicas),
             batch_size=max(1, config.runtime.max_batch_size * 4),
-            num_cpus=0.01,
+            num_cpus=COMPLETER_CPUS,
             fn_constructor_kwargs={"config": config},
         )
         Path(job.output).mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import pytest
 
 from mpllama import LLM, SamplingParams
 from mpllama.config import load_run_config
+from mpllama.errors import ConfigError
 
 PROMPTS = [f"Row {i} says " + "hello " * (i % 3) for i in range(10)]
 BAD = {3: "", 7: "word " * 200}  # empty; too long for max_seq_len=64
@@ -59,6 +60,27 @@ def test_parquet_job_through_ray_data(
     assert "empty" in by_id[3]["error"] and by_id[3]["finish_reason"] == "error"
     assert "max_seq_len" in by_id[7]["error"] and by_id[7]["generated_text"] == ""
     assert stats["completion_tokens"] == 5 * len(good)
+    # Run again into the same folder: Ray Data would add files beside the first run's,
+    # every row twice; refused before any work.
+    with pytest.raises(ConfigError, match=r"already holds \d+ Parquet file"):
+        run_dataset(config)
+
+
+def test_a_local_runtime_for_a_parquet_job_holds_its_ranks_and_ray_datas_tasks(
+    tiny_ckpt: Path, tmp_path: Path
+) -> None:
+    """Two 1-CPU ranks and Ray Data's read task: sized for a 2-core machine alone, the
+    ranks took both CPUs and the read task waited for good."""
+    from mpllama.data import cpus_needed
+
+    yaml = tmp_path / "job.yaml"
+    yaml.write_text(
+        f"model: {{checkpoint_dir: {tiny_ckpt}}}\n"
+        "parallel: {replicas: 2, cpus_per_rank: 1}\n"
+        "job: {input: in.parquet, output: out}\n"
+    )
+    # tiny_ckpt: 2 shards; each gang's Completer actor takes 0.01
+    assert cpus_needed(load_run_config(yaml)) == pytest.approx(2 * (2 * 1 + 0.01) + 1)
 
 
 def test_completer_on_a_batch_with_dialogs(tiny_ckpt: Path, ray_runtime) -> None:
