@@ -7,6 +7,8 @@ YAML. No torch, no Ray: the driver, the CLI and the tests read settings without 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,7 @@ class ModelConfig:
     rope_scale_factor: float | None = None
 
     def __post_init__(self) -> None:
+        _finite(self)
         if self.rope_scale_factor is not None and self.rope_scale_factor < 1:
             raise ConfigError(
                 f"rope_scale_factor must be >= 1 (or null for Meta's rule), got "
@@ -76,6 +79,7 @@ class ParallelConfig:
     restart_backoff_s: float = 1.0
 
     def __post_init__(self) -> None:
+        _finite(self)
         if self.model_parallel_size is not None and self.model_parallel_size < 1:
             raise ConfigError(f"model_parallel_size must be >= 1, got {self.model_parallel_size}")
         _one_of("backend", self.backend, BACKENDS)
@@ -99,6 +103,10 @@ class ParallelConfig:
                 raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.max_restarts < 0:
             raise ConfigError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        if self.restart_backoff_s < 0:
+            raise ConfigError(f"restart_backoff_s must be >= 0, got {self.restart_backoff_s}")
+        if self.gpus_per_rank is not None and self.gpus_per_rank < 0:
+            raise ConfigError(f"gpus_per_rank must be >= 0, got {self.gpus_per_rank}")
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,7 @@ class RuntimeConfig:
     seed: int = 1
 
     def __post_init__(self) -> None:
+        _finite(self)
         _one_of("device", self.device, DEVICES)
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("cpu_linear", self.cpu_linear, CPU_LINEARS)
@@ -182,6 +191,7 @@ class ServeConfig:
     drain_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
+        _finite(self)
         if not self.host:
             raise ConfigError("host must be an address to bind, e.g. 127.0.0.1 or 0.0.0.0")
         if not 1 <= self.port <= 65535:
@@ -308,6 +318,15 @@ def _resolve_paths(data: dict[str, Any], base: Path, source: str) -> dict[str, A
             expanded = Path(os.path.expanduser(os.path.expandvars(value)))
             out[section][key] = str(expanded if expanded.is_absolute() else base / expanded)
     return out
+
+
+def _finite(section: object) -> None:
+    """Every number of a section finite: YAML reads .inf and .nan as floats, and none of
+    them means anything here (an infinite KV budget crashed sizing the cache)."""
+    for f in dataclasses.fields(section):  # type: ignore[arg-type]
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

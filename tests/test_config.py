@@ -10,6 +10,7 @@ from helpers import LLAMA3_RELEASES
 
 from mpllama.config import (
     JobConfig,
+    ModelConfig,
     ParallelConfig,
     RunConfig,
     RuntimeConfig,
@@ -319,6 +320,14 @@ def test_replace_validates() -> None:
         (RuntimeConfig, {"max_batch_size": 0}, "max_batch_size.*0"),
         (RuntimeConfig, {"max_seq_len": 1}, "max_seq_len.*1"),
         (JobConfig, {"on_bad_line": "ignore"}, "on_bad_line.*'ignore'"),
+        # YAML's .inf and .nan: an infinite KV budget crashed sizing the cache, a NaN
+        # timeout converting it; -1 GPUs waited 60 s for a placement that cannot be.
+        (RuntimeConfig, {"kv_cache_memory_gb": float("inf")}, "kv_cache_memory_gb.*finite"),
+        (ParallelConfig, {"placement_timeout_s": float("nan")}, "placement_timeout_s.*finite"),
+        (ParallelConfig, {"cpus_per_rank": float("inf")}, "cpus_per_rank.*finite"),
+        (ParallelConfig, {"gpus_per_rank": -1.0}, "gpus_per_rank.*-1"),
+        (ParallelConfig, {"restart_backoff_s": -5.0}, "restart_backoff_s.*-5"),
+        (ModelConfig, {"rope_scale_factor": float("nan")}, "rope_scale_factor.*finite"),
     ],
 )
 def test_run_settings_reject_impossible_values(cls: type, kwargs: dict, words: str) -> None:
