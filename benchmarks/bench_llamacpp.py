@@ -248,18 +248,21 @@ def _most_tokens(prompts: list[list[int]], sequences: int) -> int:
     return sequences + sum(sorted(map(len, prompts))[-sequences:])
 
 
+def _load(llama: Any, gguf: str) -> tuple[Any, int]:
+    """llama.cpp's model of ``gguf`` and its vocabulary's size."""
+    llama.llama_backend_init()
+    model = llama.llama_model_load_from_file(gguf.encode(), llama.llama_model_default_params())
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {gguf}")
+    return model, llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
+
+
 def _serve(request: dict[str, Any]) -> list[dict[str, Any]]:
     """The child's work: load the GGUF once, then per workload a context with one
     sequence per prompt, a warm-up, a cleared cache and the timed pass."""
     import llama_cpp as llama
 
-    llama.llama_backend_init()
-    model = llama.llama_model_load_from_file(
-        request["gguf"].encode(), llama.llama_model_default_params()
-    )
-    if not model:
-        raise RuntimeError(f"llama.cpp could not load {request['gguf']}")
-    n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
+    model, n_vocab = _load(llama, request["gguf"])
     results = []
     slots = request.get("slots")
     for prompts, new_tokens in request["works"]:
@@ -303,13 +306,7 @@ def _score(request: dict[str, Any]) -> dict[str, float]:
     import llama_cpp as llama
     import numpy as np
 
-    llama.llama_backend_init()
-    model = llama.llama_model_load_from_file(
-        request["gguf"].encode(), llama.llama_model_default_params()
-    )
-    if not model:
-        raise RuntimeError(f"llama.cpp could not load {request['gguf']}")
-    n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
+    model, n_vocab = _load(llama, request["gguf"])
     windows = request["score"]
     longest = max(map(len, windows))
     params = llama.llama_context_default_params()
