@@ -115,11 +115,15 @@ def request_key(rid: str | int) -> str:
 
 
 def read_done_ids(path: Path) -> set[str]:
-    """Ids already in the output; a torn last line (a killed run) is cut off the file."""
+    """Ids already in the output; a torn last line (a killed run) is cut off the file, and
+    the error records of requests that failed are taken out of it, so that they run
+    again (an error may say to raise a setting; the rerun then gives its result)."""
     if not path.exists():
         return set()
     data = path.read_bytes()
     done: set[str] = set()
+    kept: list[bytes] = []  # the complete lines of requests done
+    failed = 0
     good_end = 0  # byte offset just past the last complete, parseable line
     offset = 0
     lines = data.split(b"\n")
@@ -139,10 +143,18 @@ def read_done_ids(path: Path) -> set[str]:
                 )
             if record is None:
                 break  # torn tail: redo that request
-            done.add(request_key(record["id"]))
+            if record.get("finish_reason") == "error":
+                failed += 1
+            else:
+                done.add(request_key(record["id"]))
+                kept.append(raw)
         if complete:
             good_end = end
         offset = end
+    if failed:
+        log.info("%s: %d request(s) that failed run again", path, failed)
+        _rewrite(path, b"".join(line + b"\n" for line in kept))
+        return done
     if good_end < len(data):
         log.warning(
             "%s: dropping a torn last line (%d bytes) left by an interrupted run; "
@@ -155,6 +167,17 @@ def read_done_ids(path: Path) -> set[str]:
             f.flush()
             os.fsync(f.fileno())
     return done
+
+
+def _rewrite(path: Path, data: bytes) -> None:
+    """``path`` holding ``data`` instead, whole or not at all (a new file, synced, then
+    renamed over it)."""
+    part = path.with_name(path.name + ".part")
+    with open(part, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
 
 
 def _parse_result(raw: bytes) -> dict[str, Any] | None:

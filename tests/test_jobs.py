@@ -150,6 +150,27 @@ def test_resume_after_torn_line(tmp_path: Path, llm: Any) -> None:
     assert summary.already_done == 2 and summary.completed == 4
 
 
+def test_a_rerun_runs_the_requests_that_failed_again(tmp_path: Path, llm: Any) -> None:
+    """An error record may say what to change ("raise runtime.max_seq_len"); the rerun
+    runs that request again and its record replaces the error, each id once. Before,
+    error records counted as done: the rerun ran nothing and kept the error."""
+    rows = [{"id": "a", "prompt": PROMPTS[0]}, {"id": "b", "prompt": PROMPTS[1]}]
+    config = load_run_config(job(tmp_path, rows))
+    out_path = write_jsonl(
+        tmp_path / "out.jsonl",
+        [
+            {"id": "a", "error": "too long: raise runtime.max_seq_len", "finish_reason": "error"},
+            {"id": "b", "text": "KEPT", "token_ids": [], "finish_reason": "stop"},
+        ],
+    )
+    summary = run_job(config, llm=llm)
+    out = results(out_path)
+    assert [r["id"] for r in out] == ["b", "a"] and out[0]["text"] == "KEPT"
+    assert out[1]["finish_reason"] == "length" and out[1]["token_ids"]
+    assert summary.already_done == 1 and summary.completed == 1
+    assert not (tmp_path / "out.jsonl.part").exists()
+
+
 def test_torn_line_only_at_the_end(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "out.jsonl", ['{"id": 1}', "garbage", '{"id": 2}'])
     with pytest.raises(Exception, match="line 2"):
