@@ -6,17 +6,17 @@ the last one) and watches each rank's loop. When a rank fails, the gang is torn 
 rebuilt, and every unfinished request is replayed: on the rebuilt gang, or, when the
 engine is one replica of several, at once on the healthy ones (``on_failure``). Replay is
 exact (each request samples from its own seed), and events carry offsets, so the pump
-drops what a consumer has already seen: each consumer gets every token exactly once.
+drops what a consumer has already seen: each consumer gets every token exactly once
+(``live_requests``: the unfinished requests, what each consumer has seen, and the id each
+went to the lead under).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
@@ -26,39 +26,13 @@ from .config import ParallelConfig
 from .control_sender import ControlSender
 from .errors import MpllamaError, PlacementError, WorkerError
 from .gang import Gang, Heartbeats, worker_error
+from .live_requests import Live, LiveTable, Sink
 from .protocol import Event, RankSpec, Request
 
 log = logging.getLogger(__name__)
 
-# Receives a request's events on the pump thread (or the caller's, for aborts), then an
-# exception instead if the request can no longer finish. Must not block.
-Sink = Callable[[Event | BaseException], None]
-
 # How long one poll waits on the lead for a step to finish before answering empty.
 POLL_WAIT_S = 0.2
-
-# Each time a request is handed to a lead it goes under an id of its own, its caller's
-# with a number: a caller may reuse an id as soon as it aborted the request, while the
-# lead may still be sending the old one's events; under the same id they would reach the
-# new request (its tokens, its "abort"), and the lead would refuse it as still running.
-_sent = itertools.count()
-
-
-@dataclass
-class Live:
-    """A request an engine owes events to, and how much of it the consumer has seen."""
-
-    request: Request  # as its caller made it
-    sink: Sink
-    tokens: int = 0  # tokens already delivered
-    text: int = 0  # characters already delivered
-    wire: Request | None = None  # as its engine sent it to the lead (``Engine._put``)
-
-    @property
-    def outstanding(self) -> int:
-        """Tokens it may still make: the load it puts on a gang."""
-        return self.request.params.max_tokens - self.tokens
-
 
 # Given the requests of an engine whose gang just failed, place what it can elsewhere and
 # return the rest, which the engine replays itself once rebuilt.
@@ -90,8 +64,7 @@ class Engine:
         self.keep_up = keep_up
         self.gang = Gang(spec, parallel, node_id, placement_group)
         self._lock = threading.RLock()
-        self._live: dict[str, Live] = {}  # by the caller's request id
-        self._wire: dict[str, Live] = {}  # the same, by the id the lead knows it by
+        self._live = LiveTable()
         self._up = False
         self._closed = False
         self._gone: MpllamaError | None = None  # why the engine can no longer run (lose)
@@ -133,34 +106,11 @@ class Engine:
             self._add(lives)
 
     def _add(self, lives: list[Live]) -> None:
-        for live in lives:
-            self._put(live)
+        sent = [self._live.put(live) for live in lives]
         if self._up:
-            self._control.send(self.gang.lead, "submit", [self._sent(live) for live in lives])
+            self._control.send(self.gang.lead, "submit", sent)
         else:
             self._wake.set()  # the pump rebuilds the gang and replays them
-
-    def _put(self, live: Live) -> None:
-        """Hold ``live`` under its caller's id and a new id for the lead (lock held)."""
-        live.wire = replace(live.request, id=f"{live.request.id}#{next(_sent)}")
-        self._live[live.request.id] = live
-        self._wire[live.wire.id] = live
-
-    @staticmethod
-    def _sent(live: Live) -> Request:
-        assert live.wire is not None
-        return live.wire
-
-    def _drop(self, live: Live) -> None:
-        """Forget ``live`` (lock held)."""
-        del self._live[live.request.id]
-        del self._wire[self._sent(live).id]
-
-    def _drop_all(self) -> list[Live]:
-        """Forget every request; return them (lock held)."""
-        live = list(self._live.values())
-        self._live, self._wire = {}, {}
-        return live
 
     def abort(self, ids: Iterable[str]) -> None:
         """Give up requests: their sinks get a final "abort" event now, and the lead
@@ -170,10 +120,10 @@ class Engine:
             for rid in ids:
                 live = self._live.get(rid)
                 if live is not None:
-                    self._drop(live)
+                    self._live.drop(live)
                     gone.append(live)
             if gone and self._up:
-                self._control.send(self.gang.lead, "abort", [self._sent(g).id for g in gone])
+                self._control.send(self.gang.lead, "abort", [g.sent.id for g in gone])
         for g in gone:
             g.sink(Event(g.request.id, [], None, "", g.tokens, g.text, "abort"))
 
@@ -245,7 +195,7 @@ class Engine:
             self._up = False
             if gone is not None:
                 self._gone = gone
-            live = self._drop_all()
+            live = self._live.drop_all()
             self._control.close()
         self._wake.set()
         if threading.current_thread() is not self._thread:
@@ -263,9 +213,7 @@ class Engine:
         self._poll = self.gang.lead.poll.remote(POLL_WAIT_S)
         self._control.new_lead()
         if self._live:
-            self._control.send(
-                self.gang.lead, "submit", [self._sent(e) for e in self._live.values()]
-            )
+            self._control.send(self.gang.lead, "submit", [e.sent for e in self._live.values()])
         self._up = True
 
     def _pump(self) -> None:
@@ -275,7 +223,7 @@ class Engine:
             log.exception("the engine's pump thread failed")
             with self._lock:
                 self._closed = True
-                live = self._drop_all()
+                live = self._live.drop_all()
             self.gang.shutdown()
             error = WorkerError(f"the engine failed and was stopped: {exc!r}")
             for entry in live:
@@ -359,14 +307,14 @@ class Engine:
             for events in groups:
                 self.steps_seen += 1
                 for e in events:
-                    live = self._wire.get(e.id)
+                    live = self._live.of_event(e)
                     if live is None:
                         continue  # aborted by the caller meanwhile
-                    new = _unseen(e, live, self.replica)
+                    new = live.unseen(e, self.replica)
                     if new is None:
                         continue
                     if new.finish_reason is not None:
-                        self._drop(live)
+                        self._live.drop(live)
                     deliveries.append((live.sink, new))
             if groups:
                 self._failures = 0
@@ -382,7 +330,7 @@ class Engine:
             self._failures += 1
             self._last_error = error
             self.failures.append(str(error).splitlines()[0])
-            moving = self._drop_all() if self.on_failure and self._live else []
+            moving = self._live.drop_all() if self.on_failure and self._live else []
         log.warning("%s; the gang was stopped", str(error).splitlines()[0])
         self.gang.shutdown()
         if moving:
@@ -391,7 +339,7 @@ class Engine:
             if kept:
                 with self._lock:
                     for live in kept:
-                        self._put(live)
+                        self._live.put(live)
 
     def _where(self, error: MpllamaError) -> MpllamaError:
         """Name the replica and the failed rank's node in the message."""
@@ -449,7 +397,7 @@ class Engine:
 
     def _give_up(self, error: MpllamaError) -> None:
         with self._lock:
-            live = self._drop_all()
+            live = self._live.drop_all()
             self._failures = 0
             self.down = True
         if live:
@@ -458,26 +406,3 @@ class Engine:
             log.error("replica %d stays down: %s", self.replica, str(error).splitlines()[0])
         for entry in live:
             entry.sink(error)
-
-
-def _unseen(e: Event, live: Live, replica: int) -> Event | None:
-    """The part of ``e`` its consumer has not seen yet (all of it, unless replayed)."""
-    skip = max(0, live.tokens - e.token_offset)
-    tokens = e.token_ids[skip:]
-    text = e.text[max(0, live.text - e.text_offset) :]
-    if not tokens and not text and e.finish_reason is None:
-        return None
-    live.tokens = max(live.tokens, e.token_offset + len(e.token_ids))
-    live.text = max(live.text, e.text_offset + len(e.text))
-    return Event(
-        live.request.id,
-        tokens,
-        e.logprobs[skip:] if e.logprobs is not None else None,
-        text,
-        e.token_offset + skip,
-        e.text_offset + len(e.text) - len(text),
-        e.finish_reason,
-        e.error,
-        replica,
-        e.top_logprobs[skip:] if e.top_logprobs is not None else None,
-    )

@@ -13,9 +13,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from .config import ParallelConfig
-from .engine import Engine, Live, Sink
+from .engine import Engine
 from .errors import ConfigError, PlacementError, WorkerError
 from .gang import node_fits, rank_bundle
+from .live_requests import Live, Sink
 from .protocol import RankSpec, Request
 
 log = logging.getLogger(__name__)
