@@ -130,23 +130,12 @@ class CacheIndex:
         """Group consecutive one-segment rows whose segments are evenly spaced (rows
         admitted together, placed in runs of the same size) into one view each, where
         ``pays(ends)`` says reading them together pays; every other row alone."""
-        B, spare = self.shape[0], self.spare
         pieces: list[tuple[int, int, int]] = []
         lo = 0
-        while lo < B:
-            hi = lo + 1
-            if self.firsts[lo] >= 0:
-                stride = -1
-                while hi < B and self.firsts[hi] >= 0:
-                    step = self.firsts[hi] - self.firsts[hi - 1]
-                    S = max(self.ends[lo : hi + 1])
-                    if step <= 0 or stride not in (-1, step):
-                        break
-                    if self.firsts[lo] + (hi - lo) * step + S > spare:
-                        break
-                    stride, hi = step, hi + 1
-                if hi - lo > 1 and not pays(self.ends[lo:hi]):
-                    hi = lo + 1
+        while lo < self.shape[0]:
+            hi = self._strided_run(lo, lambda row: True)
+            if hi - lo > 1 and not pays(self.ends[lo:hi]):
+                hi = lo + 1
             pieces.append((lo, hi, max(self.ends[lo:hi])))
             lo = hi
         return pieces
@@ -160,27 +149,35 @@ class CacheIndex:
         row's result with it (session 15: 1e-6 of a log-prob in float32, 0.1-0.8% in
         bf16, and greedy tokens parted). Rows of one shape in one call give each row what
         it gets alone (SDPA on a CPU splits its work by row and head)."""
-        B, spare = self.shape[0], self.spare
-        news = [e - s for s, e in zip(self.starts, self.ends, strict=True)]
         pieces: list[tuple[int, int, int, int]] = []
         lo = 0
-        while lo < B:
-            hi, S = lo + 1, self.ends[lo]
-            if self.firsts[lo] >= 0:
-                step = -1
-                while (
-                    hi < B
-                    and self.firsts[hi] >= 0
-                    and (self.starts[hi], news[hi]) == (self.starts[lo], news[lo])
-                    and self.firsts[hi] - self.firsts[hi - 1] > 0
-                    and step in (-1, self.firsts[hi] - self.firsts[hi - 1])
-                    and self.firsts[lo] + (hi - lo) * (self.firsts[hi] - self.firsts[hi - 1]) + S
-                    <= spare
-                ):
-                    step, hi = self.firsts[hi] - self.firsts[hi - 1], hi + 1
-            pieces.append((lo, hi, news[lo], S))
+        while lo < self.shape[0]:
+            shape = (self.starts[lo], self.ends[lo])
+            hi = self._strided_run(
+                lo, lambda row, shape=shape: (self.starts[row], self.ends[row]) == shape
+            )
+            pieces.append((lo, hi, self.ends[lo] - self.starts[lo], self.ends[lo]))
             lo = hi
         return pieces
+
+    def _strided_run(self, lo: int, joins: Callable[[int], bool]) -> int:
+        """Where the run of rows from ``lo`` ends: one-segment rows, each after ``lo`` one
+        that ``joins`` accepts, whose segments are evenly spaced, so that one strided view
+        as long as the run's longest row reads them all without passing the spare block
+        (``view``)."""
+        B, hi = self.shape[0], lo + 1
+        if self.firsts[lo] < 0:
+            return hi
+        stride = -1
+        while hi < B and self.firsts[hi] >= 0 and joins(hi):
+            step = self.firsts[hi] - self.firsts[hi - 1]
+            S = max(self.ends[lo : hi + 1])
+            if step <= 0 or stride not in (-1, step):
+                break
+            if self.firsts[lo] + (hi - lo) * step + S > self.spare:
+                break
+            stride, hi = step, hi + 1
+        return hi
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[B,T,F] -> the real tokens, [N,F] (or [B,T,F] as it is when none is padding)."""

@@ -331,18 +331,19 @@ class Transformer(nn.Module):
             # One new token per row on a CPU (bf16 or float32): every row's segments in
             # one call per layer (cpu_kernels.attend_decode), whatever blocks they sit in.
             at.decode = Segments.of(at.segments)
-        elif T > 1 and device.type == "cpu":
-            # Prompts on a CPU: each row's attention the call it makes alone, so its
-            # result does not depend on the prompts beside it (``own_pieces``).
-            at.own = at.own_pieces()
-            at.mask = (torch.arange(S, device=device) <= positions[:, :, None])[:, None]
         else:
-            # Evenly spaced rows read as one view where the padding costs less than a
-            # call per row; rows that are not, at lengths close enough, are gathered
-            # into one batch where that costs less than a call per row (always, on a GPU).
-            at.pieces = at.read_pieces(self.batched_read_pays)
-            if len(at.pieces) > 1 and self.batched_read_pays(ends) and self.gather_pays(S):
-                at.gather = at.gather_index(S, device)
+            if T > 1 and device.type == "cpu":
+                # Prompts on a CPU: each row's attention the call it makes alone, so its
+                # result does not depend on the prompts beside it (``own_pieces``).
+                at.own = at.own_pieces()
+            else:
+                # Evenly spaced rows read as one view where the padding costs less than a
+                # call per row; rows that are not, at lengths close enough, are gathered
+                # into one batch where that costs less than a call per row (always, on a
+                # GPU).
+                at.pieces = at.read_pieces(self.batched_read_pays)
+                if len(at.pieces) > 1 and self.batched_read_pays(ends) and self.gather_pays(S):
+                    at.gather = at.gather_index(S, device)
             if len(at.pieces) < B or at.gather is not None or T > 1:
                 # A query at position p sees keys at positions <= p of its row: [B,1,T,S].
                 at.mask = (torch.arange(S, device=device) <= positions[:, :, None])[:, None]
