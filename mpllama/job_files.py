@@ -121,49 +121,41 @@ def read_done_ids(path: Path) -> set[str]:
     if not path.exists():
         return set()
     data = path.read_bytes()
+    # Each record ends with its newline, so only what follows the last one can be a
+    # killed run's torn line: a whole line that is no record was not written by mpllama,
+    # and cutting it off would empty someone's file.
+    *whole, tail = data.split(b"\n")
     done: set[str] = set()
-    kept: list[bytes] = []  # the complete lines of requests done
+    kept: list[bytes] = []  # the lines of requests done
     failed = 0
-    good_end = 0  # byte offset just past the last complete, parseable line
-    offset = 0
-    lines = data.split(b"\n")
-    for i, raw in enumerate(lines):
-        end = offset + len(raw) + 1
-        complete = i < len(lines) - 1  # the last piece has no newline after it
-        if raw.strip():
-            record = _parse_result(raw) if complete else None
-            # Only the last piece, with no newline after it, can be a killed run's torn
-            # line: a whole line that is no record was not written by mpllama, and
-            # cutting it off would empty someone's file.
-            if record is None and (complete or any(rest.strip() for rest in lines[i + 1 :])):
-                raise MpllamaError(
-                    f"{path}: line {i + 1} is not a result record; the file was not written "
-                    "by mpllama or was edited. Repair or move it away (or name another "
-                    "job.output), then run again"
-                )
-            if record is None:
-                break  # torn tail: redo that request
-            if record.get("finish_reason") == "error":
-                failed += 1
-            else:
-                done.add(request_key(record["id"]))
-                kept.append(raw)
-        if complete:
-            good_end = end
-        offset = end
-    if failed:
-        log.info("%s: %d request(s) that failed run again", path, failed)
-        _rewrite(path, b"".join(line + b"\n" for line in kept))
-        return done
-    if good_end < len(data):
+    for i, raw in enumerate(whole):
+        if not raw.strip():
+            continue
+        record = _parse_result(raw)
+        if record is None:
+            raise MpllamaError(
+                f"{path}: line {i + 1} is not a result record; the file was not written "
+                "by mpllama or was edited. Repair or move it away (or name another "
+                "job.output), then run again"
+            )
+        if record.get("finish_reason") == "error":
+            failed += 1
+        else:
+            done.add(request_key(record["id"]))
+            kept.append(raw)
+    if tail:
         log.warning(
             "%s: dropping a torn last line (%d bytes) left by an interrupted run; "
             "that request runs again",
             path,
-            len(data) - good_end,
+            len(tail),
         )
+    if failed:
+        log.info("%s: %d request(s) that failed run again", path, failed)
+        _rewrite(path, b"".join(line + b"\n" for line in kept))
+    elif tail:  # the rest stays where it is
         with open(path, "r+b") as f:
-            f.truncate(good_end)
+            f.truncate(len(data) - len(tail))
             f.flush()
             os.fsync(f.fileno())
     return done
