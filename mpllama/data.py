@@ -152,9 +152,9 @@ COMPLETER_CPUS = 0.01
 
 def cpus_needed(config: RunConfig) -> float:
     """CPUs a local runtime needs for a Parquet job: every gang's ranks and Completer
-    actor, and a whole one besides for Ray Data's own read and write tasks. Sized for the machine alone, two 1-CPU ranks
-    took both CPUs of a 2-core machine and the read task waited for good (the shipped
-    configs/jobs/parquet.yaml hung there)."""
+    actor, and a whole one besides for Ray Data's own read and write tasks. Sized for the
+    machine alone, two 1-CPU ranks took both CPUs of a 2-core machine and the read task
+    waited for good (the shipped configs/jobs/parquet.yaml hung there)."""
     world = config.parallel.model_parallel_size or len(
         checkpoint.find_shards(config.model.checkpoint_dir)
     )
